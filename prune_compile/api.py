@@ -1,0 +1,267 @@
+"""The Python API behind the CLI: load a model from any supported source, and run the job.
+
+`load_model` accepts an `.onnx` file, a `.pt2` ExportedProgram, `package.module:factory` (a callable returning an
+`nn.Module`), or an `nn.Module` object. Torch sources are imported through torch.export and keep their
+`state_dict` names; ONNX sources keep their initializer names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import PruneCompileError, UnsupportedModelError, UsageError
+from .ir import Graph, export_onnx, import_onnx
+
+InputShapes = Mapping[str, Sequence[int]]
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass
+class LoadedModel:
+    """An imported graph plus what is needed to check it against the original."""
+
+    graph: Graph
+    kind: str  # "onnx" | "torch"
+    source: str
+    onnx_model: Any = None  # the original ModelProto (ONNX sources)
+    module: Any = None  # the nn.Module or ExportedProgram module (torch sources)
+    example_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
+    """Parse `NAME=d0,d1,...` strings (the --input-shape option)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--input-shape '{spec}': expected NAME=d0,d1,...")
+        try:
+            values = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError:
+            raise UsageError(f"--input-shape '{spec}': dims must be integers") from None
+        if not values or any(d <= 0 for d in values):
+            raise UsageError(f"--input-shape '{spec}': dims must be positive integers")
+        shapes[name] = values
+    return shapes
+
+
+def load_model(model: Any, input_shapes: InputShapes | None = None, seed: int = 0) -> LoadedModel:
+    """Import `model` into the IR. See the module docstring for what `model` may be."""
+    input_shapes = dict(input_shapes or {})
+    if isinstance(model, (str, os.PathLike)):
+        spec = os.fspath(model)
+        if spec.endswith(".onnx") or (os.path.isfile(spec) and not spec.endswith(".pt2")):
+            if not spec.endswith(".onnx"):
+                raise UsageError(f"'{spec}': unknown model file type (expected .onnx or .pt2)")
+            return _load_onnx(spec, input_shapes, seed)
+        if spec.endswith(".pt2"):
+            return _load_pt2(spec, input_shapes, seed)
+        if _FACTORY.match(spec):
+            return _load_torch(_call_factory(spec), spec, input_shapes, seed)
+        if not os.path.exists(spec):
+            raise UsageError(f"model '{spec}' is neither an existing file nor a 'package.module:factory' spec")
+        raise UsageError(f"'{spec}': unknown model file type (expected .onnx or .pt2)")
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is part of the pinned set
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return _load_torch(model, type(model).__name__, input_shapes, seed)
+    raise UsageError(f"cannot load a model from {type(model).__name__}")
+
+
+def _load_onnx(path: str, input_shapes: InputShapes, seed: int) -> LoadedModel:
+    from .ir.onnx_importer import load_onnx_model
+
+    proto = load_onnx_model(path)
+    graph = import_onnx(proto, input_shapes)
+    graph.source = path
+    feeds = _random_feeds(graph, seed)
+    return LoadedModel(graph, "onnx", path, onnx_model=proto, example_inputs=feeds)
+
+
+def _call_factory(spec: str) -> Any:
+    module_name, attr = spec.split(":")
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"'{spec}': cannot import module '{module_name}': {e}") from e
+    factory = getattr(mod, attr, None)
+    if factory is None or not callable(factory):
+        raise UsageError(f"'{spec}': '{module_name}' has no callable '{attr}'")
+    try:
+        return factory()
+    except Exception as e:
+        raise UsageError(f"'{spec}': calling the factory failed: {e}") from e
+
+
+def _load_torch(module: Any, source: str, input_shapes: InputShapes, seed: int) -> LoadedModel:
+    import inspect
+
+    import torch
+
+    from .ir.fx_importer import import_torch_module
+
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"'{source}' did not return a torch.nn.Module (got {type(module).__name__})")
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not input_shapes:
+        raise UsageError(f"'{source}' is a torch model: pass --input-shape {params[0].name if params else 'x'}=..."
+                         " for each forward() input")
+    names = [p.name for p in params]
+    if len(input_shapes) == 1 and len(names) == 1:
+        input_shapes = {names[0]: next(iter(input_shapes.values()))}
+    missing = [n for n in names if n not in input_shapes]
+    if missing:
+        raise UsageError(f"--input-shape is missing for forward() inputs {missing} of '{source}'")
+    gen = torch.Generator().manual_seed(seed)
+    example = [torch.randn(*input_shapes[n], generator=gen) for n in names]
+    graph = import_torch_module(module, example, name=type(module).__name__)
+    graph.source = source
+    feeds = {v.name: t.numpy() for v, t in zip(graph.inputs, example, strict=True)}
+    return LoadedModel(graph, "torch", source, module=module.eval(), example_inputs=feeds)
+
+
+def _load_pt2(path: str, input_shapes: InputShapes, seed: int) -> LoadedModel:
+    import torch
+
+    from .ir.fx_importer import import_exported_program
+
+    if not os.path.isfile(path):
+        raise UsageError(f"model file '{path}' does not exist")
+    if input_shapes:
+        raise UsageError("--input-shape does not apply to a .pt2 ExportedProgram (its shapes are fixed at export)")
+    try:
+        ep = torch.export.load(path)
+    except Exception as e:
+        from .errors import ModelFormatError
+
+        raise ModelFormatError(f"'{path}' is not a readable torch.export archive: {str(e).splitlines()[0]}") from e
+    graph = import_exported_program(ep, name=os.path.splitext(os.path.basename(path))[0])
+    graph.source = path
+    feeds = _random_feeds(graph, seed)
+    return LoadedModel(graph, "torch", path, module=ep.module(), example_inputs=feeds)
+
+
+def _random_feeds(graph: Graph, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for v in graph.inputs:
+        shape = v.static_shape()
+        if v.dtype.kind == "f":
+            feeds[v.name] = rng.standard_normal(shape).astype(v.dtype)
+        else:
+            feeds[v.name] = rng.integers(0, 2, size=shape).astype(v.dtype)
+    return feeds
+
+
+def reference_outputs(loaded: LoadedModel) -> list[np.ndarray]:
+    """Outputs of the *original* model (ORT on the input file, or eager torch) on the example inputs."""
+    from .backends import ort
+
+    if loaded.kind == "onnx":
+        return ort.run(loaded.onnx_model, _feeds_for(loaded.onnx_model, loaded.example_inputs))
+    import torch
+
+    with torch.no_grad():
+        out = loaded.module(*[torch.from_numpy(a) for a in loaded.example_inputs.values()])
+    flat = out if isinstance(out, (tuple, list)) else [out]
+    return [t.detach().numpy() for t in flat]
+
+
+def _feeds_for(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    return {n: feeds[n] for n in names}
+
+
+# -- the job ----------------------------------------------------------------------------------------------
+OUTPUT_ONNX = "model.pruned.onnx"
+OUTPUT_REPORT = "report.json"
+TARGETS = ("none", "cpu", "gpu", "arm")
+
+
+@dataclass
+class RunResult:
+    outdir: str
+    files: dict[str, str]
+    report: dict[str, Any]
+
+
+def run(
+    model: Any,
+    outdir: str | os.PathLike,
+    input_shapes: InputShapes | None = None,
+    ratio: float = 0.0,
+    targets: Sequence[str] = ("none",),
+    verify: bool = True,
+) -> RunResult:
+    """Import, (prune), export: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s."""
+    if not 0.0 <= ratio < 1.0:
+        raise UsageError(f"--ratio {ratio}: must be in [0, 1)")
+    for t in targets:
+        if t not in TARGETS:
+            raise UsageError(f"--target {t}: must be one of {', '.join(TARGETS)}")
+    if ratio > 0.0:
+        raise UsageError("--ratio > 0 needs the channel dependency analysis, which this build does not have yet")
+    compile_targets = [t for t in targets if t != "none"]
+    if compile_targets:
+        raise UsageError(f"--target {compile_targets[0]}: the TVM backend is not in this build yet; use --target none")
+    outdir = os.fspath(outdir)
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UsageError(f"output directory '{outdir}' exists and is not a directory")
+
+    loaded = load_model(model, input_shapes)
+    graph = loaded.graph
+    graph.verify()
+    proto = export_onnx(graph)
+    report: dict[str, Any] = {
+        "format": "prune-compile.report/1",
+        "model": {"source": loaded.source, "kind": loaded.kind},
+        "input_shapes": {v.name: list(v.shape) for v in graph.inputs},
+        "graph": graph.summary(),
+        "pruning": {"ratio": ratio, "groups": []},
+        "outputs": {"onnx": OUTPUT_ONNX},
+    }
+    if verify:
+        from .backends import ort
+
+        got = ort.run(proto, _feeds_for(proto, loaded.example_inputs))
+        report["verification"] = {
+            "oracle": "exported model vs original on seeded random inputs",
+            "max_relative_error": float(f"{ort.relative_error(reference_outputs(loaded), got):.3e}"),
+        }
+    data = proto.SerializeToString(deterministic=True)
+    report["outputs"]["onnx_sha256"] = hashlib.sha256(data).hexdigest()
+    from .util import atomic_write_bytes, atomic_write_text
+
+    _prepare_outdir(outdir)  # only now: a failed run leaves nothing behind
+    files = {"onnx": os.path.join(outdir, OUTPUT_ONNX), "report": os.path.join(outdir, OUTPUT_REPORT)}
+    atomic_write_bytes(files["onnx"], data)
+    atomic_write_text(files["report"], json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return RunResult(outdir, files, report)
+
+
+def _prepare_outdir(outdir: str) -> None:
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UsageError(f"output directory '{outdir}' exists and is not a directory")
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory '{outdir}': {e.strerror}") from e
+    if not os.access(outdir, os.W_OK):
+        raise UsageError(f"output directory '{outdir}' is not writable")
+
+
+__all__ = ["LoadedModel", "PruneCompileError", "RunResult", "UnsupportedModelError", "load_model",
+           "parse_input_shapes", "reference_outputs", "run"]

@@ -1,0 +1,76 @@
+"""ONNX Runtime: the reference runner (correctness oracles) and latency baseline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from ..errors import BackendError
+
+
+def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | None = None):
+    """An ORT CPU session; warnings silenced (ORT's optimizer is chatty about shapes it re-derives)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = os.fspath(model)
+    try:
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise BackendError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}") from e
+
+
+def run(model, feeds: Mapping[str, np.ndarray], threads: int | None = 2) -> list[np.ndarray]:
+    """Run `model` once on `feeds`; returns outputs in graph order."""
+    sess = model if hasattr(model, "run") else session(model, threads)
+    try:
+        return sess.run(None, dict(feeds))
+    except Exception as e:
+        raise BackendError(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from e
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs for every graph input (all dims must be static)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds: dict[str, np.ndarray] = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if dtype.kind == "f":
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        else:
+            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def relative_error(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """max |a - r| / max |r| over all outputs (relative to each output's scale)."""
+    worst = 0.0
+    for r, a in zip(reference, actual, strict=True):
+        r = np.asarray(r, dtype=np.float64)
+        a = np.asarray(a, dtype=np.float64)
+        if r.shape != a.shape:
+            return float("inf")
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        diff = float(np.abs(r - a).max()) if r.size else 0.0
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst

@@ -1,0 +1,73 @@
+"""The `prune-compile` command. All logic lives in `prune_compile.api`; this file parses and reports.
+
+Exit codes: 0 ok, 2 usage error, 3 unsupported model/op, 4 backend/toolchain failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import api
+from .errors import PruneCompileError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep its one-line form
+        self.print_usage(sys.stderr)
+        print(f"prune-compile: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="prune-compile", description="Structural pruning compiler for PyTorch and ONNX models.")
+    p.add_argument("model", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="directory for the outputs")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=d0,d1,...",
+                   help="static shape of a model input (repeatable); required for dynamic dims and torch models")
+    p.add_argument("--ratio", type=float, default=0.0, help="fraction of channels to remove per group, in [0, 1)")
+    p.add_argument("--target", action="append", choices=api.TARGETS, default=None,
+                   help="compile target (repeatable); 'none' only exports ONNX")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the exported model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        shapes = api.parse_input_shapes(args.input_shape)
+        result = api.run(args.model, args.output, input_shapes=shapes, ratio=args.ratio,
+                         targets=args.target or ["none"], verify=not args.no_verify)
+    except PruneCompileError as e:
+        print(f"prune-compile: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.json:
+        print(json.dumps(result.report, indent=2, sort_keys=True))
+    elif not args.quiet:
+        print(_summary(result))
+    return 0
+
+
+def _summary(result: api.RunResult) -> str:
+    r = result.report
+    g = r["graph"]
+    lines = [
+        f"model      {r['model']['source']} ({r['model']['kind']})",
+        f"inputs     " + ", ".join(f"{k}{v}" for k, v in r["input_shapes"].items()),
+        f"graph      {g['nodes']} nodes, {g['constants']} constants, {g['parameters']:,} parameters, "
+        f"{g['opaque']} opaque",
+        "ops        " + ", ".join(f"{k}x{v}" for k, v in sorted(g["ops"].items(), key=lambda kv: -kv[1])[:12]),
+    ]
+    if "verification" in r:
+        lines.append(f"verified   max relative error vs original: {r['verification']['max_relative_error']:.2e}")
+    for key, path in sorted(result.files.items()):
+        lines.append(f"wrote      {path}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
