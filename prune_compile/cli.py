@@ -57,14 +57,14 @@ def _summary(result: api.RunResult) -> str:
     g = r["graph"]
     lines = [
         f"model      {r['model']['source']} ({r['model']['kind']})",
-        f"inputs     " + ", ".join(f"{k}{v}" for k, v in r["input_shapes"].items()),
+        "inputs     " + ", ".join(f"{k}{v}" for k, v in r["input_shapes"].items()),
         f"graph      {g['nodes']} nodes, {g['constants']} constants, {g['parameters']:,} parameters, "
         f"{g['opaque']} opaque",
         "ops        " + ", ".join(f"{k}x{v}" for k, v in sorted(g["ops"].items(), key=lambda kv: -kv[1])[:12]),
     ]
     if "verification" in r:
         lines.append(f"verified   max relative error vs original: {r['verification']['max_relative_error']:.2e}")
-    for key, path in sorted(result.files.items()):
+    for _, path in sorted(result.files.items()):
         lines.append(f"wrote      {path}")
     return "\n".join(lines)
 

@@ -8,8 +8,8 @@ paths see the same graph. Every other ATen op maps to normalized ops (`ATEN` tab
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -420,7 +420,8 @@ def _conv_like(imp, node, x, w, b, stride, padding, dilation, groups, transposed
     return imp.emit(node, "conv", ins, attrs)
 
 
-@_aten(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+@_aten(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
+       aten.conv3d.padding)
 def _conv(imp, node):
     x, w = imp.v(node.args[0]), imp.v(node.args[1])
     b = _arg(node, 2, "bias")
@@ -473,7 +474,8 @@ def _affine_or_default(imp, node, arg: Any, channels: int, fill: float, hint: st
 
 
 @_aten(aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default,
-       aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
+       aten.native_batch_norm.default, aten._native_batch_norm_legit.default,
+       aten._native_batch_norm_legit_functional.default)
 def _batch_norm(imp, node):
     x = imp.v(node.args[0])
     if node.target is aten._native_batch_norm_legit_no_training.default:
@@ -676,7 +678,8 @@ def _max_pool(imp, node):
     stride = _expand(_arg(node, 2, "stride", None) or kernel, nsp)
     pad = _expand(_arg(node, 3, "padding", 0), nsp)
     attrs = {"kernel_shape": kernel, "strides": stride, "pads": pad + pad,
-             "dilations": _expand(_arg(node, 4, "dilation", 1), nsp), "ceil_mode": int(bool(_arg(node, 5, "ceil_mode", False)))}
+             "dilations": _expand(_arg(node, 4, "dilation", 1), nsp),
+             "ceil_mode": int(bool(_arg(node, 5, "ceil_mode", False)))}
     return imp.emit(node, "max_pool", [x], attrs)
 
 
@@ -775,3 +778,25 @@ def _expand(v: Any, n: int) -> list[int]:
 
 def _listify(v: Any) -> list[Any]:
     return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+@_aten(aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default)
+def _upsample_nearest(imp, node):
+    x = imp.v(node.args[0])
+    out = imp.out(node)
+    attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor",
+             "cubic_coeff_a": -0.75, "exclude_outside": 0, "extrapolation_value": 0.0, "antialias": 0,
+             "keep_aspect_ratio_policy": "stretch", "sizes": list(out.shape)}
+    return imp.emit(node, "resize", [x], attrs, out=out)
+
+
+@_aten(aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default)
+def _upsample_bilinear(imp, node):
+    x = imp.v(node.args[0])
+    out = imp.out(node)
+    align = bool(_arg(node, 2, "align_corners", False))
+    attrs = {"mode": "linear", "coordinate_transformation_mode": "align_corners" if align else "pytorch_half_pixel",
+             "nearest_mode": "round_prefer_floor", "cubic_coeff_a": -0.75, "exclude_outside": 0,
+             "extrapolation_value": 0.0, "antialias": 0, "keep_aspect_ratio_policy": "stretch",
+             "sizes": list(out.shape)}
+    return imp.emit(node, "resize", [x], attrs, out=out)

@@ -23,6 +23,7 @@ from .graph import Graph, OpaqueInfo, Provenance, Value
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 MIN_OPSET = 17  # older models are converted up to this (LayerNormalization, Split/Reduce forms settle here)
 SUPPORTED_OPSETS = range(7, 22)
+_MAX_FOLD_ROUNDS = 12
 
 
 def load_onnx_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -56,8 +57,14 @@ def import_onnx(
 def _prepare(
     model: onnx.ModelProto, overrides: dict[str, Sequence[int]], where: str
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
+    # onnx 1.23's checker wants a shape on every graph output, which many exporters omit: let shape
+    # inference fill them in first (an inference failure is reported by the checker or by the strict pass later).
     try:
-        onnx.checker.check_model(model)
+        checked = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        checked = model
+    try:
+        onnx.checker.check_model(checked)
     except onnx.checker.ValidationError as e:
         raise ModelFormatError(f"'{where}' fails the ONNX checker: {_first_line(e)}") from e
     opsets = {o.domain: o.version for o in model.opset_import}
@@ -102,7 +109,8 @@ def _fix_input_shapes(model: onnx.ModelProto, overrides: dict[str, Sequence[int]
         if inp.name in overrides:
             new = [int(d) for d in overrides[inp.name]]
             if dims and len(new) != len(dims):
-                raise UsageError(f"--input-shape {inp.name}: rank {len(new)} given, the model's input has rank {len(dims)}")
+                raise UsageError(
+                    f"--input-shape {inp.name}: rank {len(new)} given, the model's input has rank {len(dims)}")
             tt.shape.ClearField("dim")
             for d in new:
                 tt.shape.dim.add().dim_value = d
@@ -122,18 +130,27 @@ def _fix_input_shapes(model: onnx.ModelProto, overrides: dict[str, Sequence[int]
 
 def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, dict[str, str]]:
     import onnx_graphsurgeon as gs
+    import onnxruntime
 
+    onnxruntime.set_default_logger_severity(3)  # gs evaluates folded subgraphs with ORT, which is chatty
+    # Folding a Shape needs its input's shape, which is known only after the subgraph before it folded and
+    # shape inference ran again: iterate to a fixpoint (swin_t's ONNX export needs 5 rounds).
+    folded = model
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        g = gs.import_onnx(model)
-        g.fold_constants(error_ok=True).cleanup().toposort()
-        folded = gs.export_onnx(g, do_type_check=False)
+        for _ in range(_MAX_FOLD_ROUNDS):
+            before = len(folded.graph.node)
+            folded = onnx.shape_inference.infer_shapes(folded, data_prop=True)
+            g = gs.import_onnx(folded)
+            g.fold_constants(error_ok=True).cleanup().toposort()
+            folded = gs.export_onnx(g, do_type_check=False)
+            folded.graph.ClearField("value_info")
+            if len(folded.graph.node) == before:
+                break
     except Exception as e:
         raise UnsupportedModelError(f"'{where}': constant folding failed: {_first_line(e)}") from e
     folded.ir_version = model.ir_version
     del folded.opset_import[:]
     folded.opset_import.extend(model.opset_import)
-    folded.graph.ClearField("value_info")
     for out in folded.graph.output:
         out.type.tensor_type.ClearField("shape")
     return folded, _constant_origins(model, folded)
@@ -635,7 +652,8 @@ def _resize(ctx, n, attrs, inputs):
     if any(v is not None and not v.is_constant for v in inputs[1:]) or "axes" in attrs:
         return None
     roi = inputs[1] if len(inputs) > 1 else None
-    if roi is not None and roi.data.size and _str(attrs.get("coordinate_transformation_mode", "")) == "tf_crop_and_resize":
+    mode = _str(attrs.get("coordinate_transformation_mode", ""))
+    if roi is not None and roi.data.size and mode == "tf_crop_and_resize":
         return None
     new: dict[str, Any] = {k: _str(attrs.get(k, d)) for k, d in _RESIZE_DEFAULTS.items()}
     scales = inputs[2] if len(inputs) > 2 else None

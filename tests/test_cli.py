@@ -1,0 +1,139 @@
+"""End-to-end CLI: outputs, determinism, exit codes, and no half-written files on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from prune_compile.cli import main
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "..", "prune_compile", "data", "default_model.onnx")
+
+
+def _cli(*args: str) -> int:
+    return main(list(args))
+
+
+def test_default_model_writes_pruned_onnx_and_report(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert _cli(DEFAULT_MODEL, "-o", str(out), "--ratio", "0", "--target", "none") == 0
+    assert sorted(os.listdir(out)) == ["model.pruned.onnx", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["graph"]["opaque"] == 0
+    assert report["verification"]["max_relative_error"] <= 1e-5
+    assert report["input_shapes"] == {"image": [1, 3, 64, 64]}
+    model = onnx.load(out / "model.pruned.onnx")
+    onnx.checker.check_model(model)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_outputs_are_byte_identical_across_runs(tmp_path) -> None:
+    for name in ("a", "b"):
+        assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / name), "-q") == 0
+    for f in ("model.pruned.onnx", "report.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_torch_factory_model_and_json_output(tmp_path, capsys) -> None:
+    code = _cli("torchvision.models:squeezenet1_1", "-o", str(tmp_path / "o"), "--input-shape", "x=1,3,64,64",
+                "--json")
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["kind"] == "torch"
+    assert report["verification"]["max_relative_error"] <= 1e-5
+
+
+def test_console_script_runs_as_a_process(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "prune_compile.cli", DEFAULT_MODEL, "-o", str(tmp_path / "o"),
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outputs"]["onnx"] == "model.pruned.onnx"
+
+
+def _dynamic_model(path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def _custom_domain_model(path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="org.acme", name="frob")],
+                              "g", [x], [y])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("org.acme", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), path)
+
+
+def _truncated(path) -> None:
+    data = open(DEFAULT_MODEL, "rb").read()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def _wrong_type(path) -> None:
+    path.write_text("not a model")
+
+
+@pytest.mark.parametrize("make,name,extra,code,message", [
+    (_truncated, "cut.onnx", [], 3, "not a readable ONNX model"),
+    (_wrong_type, "model.txt", [], 2, "unknown model file type"),
+    (_custom_domain_model, "custom.onnx", [], 3, "'org.acme'"),
+    (_dynamic_model, "dyn.onnx", [], 3, "dynamic dim 'batch'.*--input-shape x=N,4"),
+    (_dynamic_model, "dyn.onnx", ["--input-shape", "x=2,4"], 0, ""),
+    (_dynamic_model, "dyn.onnx", ["--input-shape", "x=2"], 2, "rank 1"),
+    (_dynamic_model, "dyn.onnx", ["--input-shape", "x=a,b"], 2, "integers"),
+    (None, "missing.onnx", [], 2, "does not exist"),
+    (None, "not_a_module_anywhere:factory", [], 2, "cannot import module"),
+    (_dynamic_model, "dyn.onnx", ["--input-shape", "x=2,4", "--ratio", "1.0"], 2, r"--ratio 1.0: must be in \[0, 1\)"),
+    (_dynamic_model, "dyn.onnx", ["--input-shape", "x=2,4", "--ratio", "-0.1"], 2, "must be in"),
+])
+def test_bad_input_gives_one_line_error_exit_code_and_no_outputs(tmp_path, capsys, make, name, extra, code,
+                                                                  message) -> None:
+    import re
+
+    path = tmp_path / name
+    if make is not None:
+        make(path)
+    out = tmp_path / "out"
+    spec = str(path) if make is not None or name.endswith(".onnx") else name
+    assert _cli(spec, "-o", str(out), *extra) == code
+    err = capsys.readouterr().err
+    if code:
+        assert err.startswith("prune-compile: error:") and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), err
+        assert "Traceback" not in err
+        assert not out.exists(), "a failed run must leave no output directory behind"
+    else:
+        assert sorted(os.listdir(out)) == ["model.pruned.onnx", "report.json"]
+
+
+def test_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert _cli(DEFAULT_MODEL, "-o", str(target)) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert target.read_text() == "x"
+
+
+def test_unimplemented_options_are_refused_honestly(tmp_path, capsys) -> None:
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--ratio", "0.5") == 2
+    assert "dependency analysis" in capsys.readouterr().err
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--target", "cpu") == 2
+    assert "TVM backend" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_argparse_usage_errors_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        _cli(DEFAULT_MODEL)  # no -o
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        _cli(DEFAULT_MODEL, "-o", "x", "--target", "tpu")
+    assert e.value.code == 2

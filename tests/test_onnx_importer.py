@@ -1,0 +1,152 @@
+"""ONNX importer: folding, provenance, opset conversion, shape overrides, opaque ops, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from prune_compile.backends import ort
+from prune_compile.errors import ModelFormatError, UnsupportedModelError, UsageError
+from prune_compile.ir import export_onnx, import_onnx
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17, domains=()):
+    graph = helper.make_graph(nodes, "m", inputs, outputs, initializer=list(inits))
+    opsets = [helper.make_opsetid("", opset), *[helper.make_opsetid(d, 1) for d in domains]]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+def _conv_model(opset: int = 17, batch: int | str = 1):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "conv.weight")
+    # A weight subgraph: the bias is ConstantOfShape(...) + Constant, which must fold into one constant.
+    shape = helper.make_node("Constant", [], ["bias_shape"], value=numpy_helper.from_array(np.array([8], np.int64)))
+    zeros = helper.make_node("ConstantOfShape", ["bias_shape"], ["bias_zeros"],
+                             value=numpy_helper.from_array(np.array([0.5], np.float32)))
+    offset = helper.make_node("Constant", [], ["bias_offset"], value=numpy_helper.from_array(np.float32(0.25)))
+    bias = helper.make_node("Add", ["bias_zeros", "bias_offset"], ["conv.bias"])
+    conv = helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], pads=[1, 1, 1, 1], name="conv")
+    relu = helper.make_node("Relu", ["c"], ["y"], name="relu")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return _model([shape, zeros, offset, bias, conv, relu], [x], [y], [w], opset=opset)
+
+
+def _roundtrip_error(model: onnx.ModelProto, shapes=None) -> float:
+    graph = import_onnx(model, shapes)
+    exported = export_onnx(graph)
+    feeds = ort.random_feeds(exported)
+    return ort.relative_error(ort.run(model, feeds), ort.run(exported, feeds))
+
+
+def test_weight_subgraph_folds_into_a_constant_with_provenance() -> None:
+    g = import_onnx(_conv_model())
+    assert [n.op for n in g.nodes] == ["conv", "relu"]
+    weight, bias = g.nodes[0].inputs[1], g.nodes[0].inputs[2]
+    assert weight.provenance.kind == "onnx_initializer" and weight.provenance.name == "conv.weight"
+    assert bias.provenance.kind == "folded"
+    assert set(bias.provenance.sources) == {"bias_shape", "bias_offset"}
+    np.testing.assert_allclose(bias.data, np.full(8, 0.75, np.float32))
+    assert _roundtrip_error(_conv_model()) <= 1e-6
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 18, 21])
+def test_opsets_9_to_21_import_and_roundtrip(opset: int) -> None:
+    assert _roundtrip_error(_conv_model(opset)) <= 1e-6
+
+
+def test_symbolic_dim_needs_an_override_and_the_error_says_so() -> None:
+    model = _conv_model(batch="N")
+    with pytest.raises(UnsupportedModelError, match=r"input 'x' has dynamic dim 'N' at axis 0.*--input-shape x="):
+        import_onnx(model)
+    g = import_onnx(model, {"x": [2, 3, 8, 8]})
+    assert g.inputs[0].shape == (2, 3, 8, 8)
+    assert g.outputs[0].shape == (2, 8, 8, 8)
+
+
+def test_override_for_unknown_input_or_wrong_rank_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="names 'image'"):
+        import_onnx(_conv_model(), {"image": [1, 3, 8, 8]})
+    with pytest.raises(UsageError, match="rank 2"):
+        import_onnx(_conv_model(), {"x": [1, 3]})
+
+
+def test_unknown_op_becomes_opaque_and_is_written_back_unchanged() -> None:
+    # `Hardmax` has no normalized form: it must survive import → export with its attributes.
+    node = helper.make_node("Hardmax", ["x"], ["y"], axis=1, name="mystery")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = _model([node], [x], [y])
+    g = import_onnx(model)
+    assert g.nodes[0].op == "opaque" and g.nodes[0].opaque.op_type == "Hardmax"
+    exported = export_onnx(g)
+    assert exported.graph.node[0].op_type == "Hardmax"
+    assert helper.get_attribute_value(exported.graph.node[0].attribute[0]) == 1
+    assert _roundtrip_error(model) == 0.0
+
+
+def test_unknown_opset_domain_is_refused_with_the_node_name() -> None:
+    node = helper.make_node("FancyOp", ["x"], ["y"], domain="com.example.custom", name="fancy")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])
+    model = _model([node], [x], [y], domains=["com.example.custom"])
+    with pytest.raises(UnsupportedModelError, match="'fancy'.*'com.example.custom'"):
+        import_onnx(model)
+
+
+def test_truncated_and_garbage_files_are_format_errors(tmp_path) -> None:
+    good = _conv_model().SerializeToString()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ModelFormatError, match="truncated.onnx"):
+        import_onnx(truncated)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf at all \x00\xff" * 10)
+    with pytest.raises(ModelFormatError):
+        import_onnx(garbage)
+    with pytest.raises(UsageError, match="does not exist"):
+        import_onnx(tmp_path / "missing.onnx")
+
+
+def test_model_failing_the_checker_is_a_format_error() -> None:
+    node = helper.make_node("Relu", ["nowhere"], ["y"])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    with pytest.raises(ModelFormatError, match="checker"):
+        import_onnx(_model([node], [x], [y]))
+
+
+def test_auto_pad_same_becomes_explicit_pads() -> None:
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 7, 7])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = _model([conv], [x], [y], [w])
+    g = import_onnx(model)
+    assert g.nodes[0].attrs["pads"] == [1, 1, 1, 1]
+    assert g.outputs[0].shape == (1, 4, 4, 4)
+    assert _roundtrip_error(model) <= 1e-6
+
+
+def test_lifted_operands_become_attributes() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4])
+    y1 = helper.make_tensor_value_info("a", TensorProto.FLOAT, None)
+    y2 = helper.make_tensor_value_info("b", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(np.array([2, 4], np.int64), "sizes"),
+             numpy_helper.from_array(np.array([0, -1], np.int64), "target"),
+             numpy_helper.from_array(np.array([1], np.int64), "s0"),
+             numpy_helper.from_array(np.array([100], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    nodes = [helper.make_node("Split", ["x", "sizes"], ["p", "q"], axis=1),
+             helper.make_node("Reshape", ["p", "target"], ["a"]),
+             helper.make_node("Slice", ["q", "s0", "s1", "ax"], ["b"])]
+    model = _model(nodes, [x], [y1, y2], inits)
+    g = import_onnx(model)
+    split, reshape, slc = g.nodes
+    assert split.attrs == {"axis": 1, "split": [2, 4]} and len(split.inputs) == 1
+    assert reshape.attrs == {"shape": [1, 8]}
+    assert slc.attrs == {"starts": [1], "ends": [4], "axes": [1], "steps": [1]}
+    assert _roundtrip_error(model) == 0.0

