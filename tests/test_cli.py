@@ -137,3 +137,20 @@ def test_argparse_usage_errors_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         _cli(DEFAULT_MODEL, "-o", "x", "--target", "tpu")
     assert e.value.code == 2
+
+
+def test_pt2_exported_program(tmp_path, capsys) -> None:
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    model.eval()
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 6, 6),)), str(path))
+    assert _cli(str(path), "-o", str(tmp_path / "o"), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["kind"] == "torch"
+    assert report["input_shapes"] == {"input": [1, 3, 6, 6]}
+    assert report["verification"]["max_relative_error"] <= 1e-5
+    assert _cli(str(path), "-o", str(tmp_path / "p"), "--input-shape", "input=1,3,8,8") == 2
+    assert "fixed at export" in capsys.readouterr().err
