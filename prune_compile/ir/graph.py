@@ -8,6 +8,7 @@ Op semantics follow ONNX (opset 18) with normalized lower-case names and constan
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,6 +249,26 @@ class Graph:
         yield from self.outputs
 
     # -- whole-graph operations ---------------------------------------------------------------------------
+    def clone(self) -> Graph:
+        """A deep copy (constant arrays copied too), so a pass can rewrite it and leave this graph intact."""
+        vmap: dict[int, Value] = {}
+
+        def copy_value(v: Value | None) -> Value | None:
+            if v is None:
+                return None
+            if id(v) not in vmap:
+                data = None if v.data is None else v.data.copy()
+                vmap[id(v)] = Value(v.name, v.shape, v.dtype, data=data, provenance=v.provenance)
+            return vmap[id(v)]
+
+        g = Graph(self.name, [], [copy_value(v) for v in self.inputs], [], dict(self.opset_imports),
+                  self.ir_version, self.source)
+        for n in self.nodes:
+            g.nodes.append(Node(n.op, n.name, [copy_value(v) for v in n.inputs], [copy_value(v) for v in n.outputs],
+                                copy.deepcopy(n.attrs), n.origin, n.opaque))
+        g.outputs = [copy_value(v) for v in self.outputs]
+        return g
+
     def toposort(self) -> None:
         """Reorder nodes topologically, keeping the current order among independent nodes (stable)."""
         position = {id(n): i for i, n in enumerate(self.nodes)}

@@ -1,0 +1,87 @@
+"""Plans: which root channels of which group are removed. A plan is data; it serializes to `plan.json`.
+
+This module holds the minimal uniform planner (per-group ratio, group-level L2 magnitude); the planning issue
+adds the other importances and policies on top of the same `Plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import UsageError
+from .deps import DependencyResult, Group, Member
+
+PLAN_FORMAT = "prune-compile.plan/1"
+
+
+@dataclass
+class Plan:
+    """group id → sorted root indices to remove. Groups not listed keep everything."""
+
+    removed: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def removed_of(self, group: Group) -> np.ndarray:
+        return self.removed.get(group.id, np.zeros(0, dtype=np.int64))
+
+    def is_empty(self) -> bool:
+        return not any(len(r) for r in self.removed.values())
+
+
+def l2_importance(group: Group) -> np.ndarray:
+    """Group-level L2 score per root channel: the sum over parameter members of each channel's squared norm,
+    each member normalized by its mean so no single layer dominates."""
+    score = np.zeros(group.size, dtype=np.float64)
+    for m in group.params:
+        data = np.asarray(m.value.data, dtype=np.float64)
+        moved = np.moveaxis(data, m.axis, 0).reshape(data.shape[m.axis], -1)
+        per_index = (moved**2).sum(axis=1)
+        per_root = per_index[m.indices].sum(axis=1)
+        mean = per_root.mean()
+        score += per_root / mean if mean > 0 else per_root
+    return score
+
+
+def uniform_plan(deps: DependencyResult, ratio: float, min_channels: int = 1) -> Plan:
+    """Remove `floor(ratio * size)` lowest-L2 channels from every prunable group (keeping at least `min_channels`)."""
+    if not 0.0 <= ratio < 1.0:
+        raise UsageError(f"ratio {ratio}: must be in [0, 1)")
+    plan = Plan()
+    for g in deps.prunable():
+        n_remove = min(math.floor(ratio * g.size), g.size - min_channels)
+        if n_remove <= 0:
+            continue
+        score = l2_importance(g)
+        order = np.lexsort((np.arange(g.size), score))  # ties broken by index: deterministic
+        plan.removed[g.id] = np.sort(order[:n_remove]).astype(np.int64)
+    return plan
+
+
+def param_name(m: Member) -> str:
+    """The parameter's name in the input model (state_dict key / ONNX initializer or Constant name)."""
+    p = m.value.provenance
+    if p is None:
+        return m.value.name
+    if p.kind == "folded":
+        return f"folded({'+'.join(p.sources)})" if p.sources else m.value.name
+    return p.name
+
+
+def plan_to_json(deps: DependencyResult, plan: Plan) -> dict[str, Any]:
+    """The `plan.json` document: every group, prunable or not, with per-parameter removed indices."""
+    groups = []
+    for g in deps.groups:
+        removed = plan.removed_of(g)
+        members = []
+        for m in g.params:
+            idx = np.sort(m.indices[removed].ravel()) if len(removed) else np.zeros(0, np.int64)
+            members.append({"param": param_name(m), "axis": int(m.axis), "role": m.role,
+                            "removed": [int(i) for i in idx]})
+        members.sort(key=lambda d: (d["param"], d["axis"]))
+        groups.append({"id": g.id, "prunable": g.prunable, "reason": g.reason, "channels": g.size,
+                       "removed": [int(i) for i in removed], "exact": g.exact,
+                       "inexact_reason": g.inexact_reason, "members": members})
+    return {"format": PLAN_FORMAT, "groups": groups}

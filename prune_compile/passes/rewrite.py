@@ -1,0 +1,137 @@
+"""Rewrite: apply a plan to the graph in place. Constants are sliced, shapes updated, attributes that encode
+channel counts rewritten (conv groups, split sizes, slice bounds, reshape/expand/resize targets, gather indices,
+attention scale), then `Graph.verify()` re-checks every shape rule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import GraphError
+from ..ir.graph import Graph, Node, Value
+from .deps import DependencyResult
+from .plan import Plan
+
+SlotKey = tuple[int, int]
+
+
+def removed_by_slot(deps: DependencyResult, plan: Plan) -> dict[SlotKey, tuple[Value, int, np.ndarray]]:
+    """(value id, axis) → (value, axis, sorted unique indices removed along that axis)."""
+    acc: dict[SlotKey, tuple[Value, int, list[np.ndarray]]] = {}
+    for g in deps.groups:
+        removed = plan.removed_of(g)
+        if not len(removed):
+            continue
+        if not g.prunable:
+            raise GraphError(f"plan removes channels of group {g.id}, which is frozen: {g.reason}")
+        if removed.min() < 0 or removed.max() >= g.size:
+            raise GraphError(f"plan for group {g.id} names channels outside 0..{g.size - 1}")
+        if len(np.unique(removed)) >= g.size:
+            raise GraphError(f"plan removes every channel of group {g.id}")
+        for m in g.members:
+            key = (id(m.value), m.axis)
+            acc.setdefault(key, (m.value, m.axis, []))[2].append(m.indices[removed].ravel())
+    return {k: (v, a, np.unique(np.concatenate(parts))) for k, (v, a, parts) in acc.items()}
+
+
+def apply_plan(graph: Graph, deps: DependencyResult, plan: Plan) -> int:
+    """Remove the planned channels from `graph`. Returns how many slots changed."""
+    removed = removed_by_slot(deps, plan)
+    if not removed:
+        return 0
+
+    def kept(v: Value | None, axis: int) -> np.ndarray | None:
+        """Kept indices along (v, axis), or None when nothing is removed there."""
+        if v is None:
+            return None
+        entry = removed.get((id(v), axis % len(v.shape)))
+        if entry is None:
+            return None
+        return np.setdiff1d(np.arange(v.shape[axis]), entry[2])
+
+    for node in graph.nodes:
+        fix = _ATTR_FIXES.get(node.op)
+        if fix is not None:
+            fix(node, kept)
+    for v, axis, idx in removed.values():
+        keep = np.setdiff1d(np.arange(v.shape[axis]), idx)
+        if v.is_constant:
+            v.data = np.take(v.data, keep, axis=axis)
+        shape = list(v.shape)
+        shape[axis] = len(keep)
+        v.shape = tuple(shape)
+    for node in graph.nodes:
+        if node.op in ("reshape", "expand"):
+            node.attrs["shape"] = list(node.outputs[0].shape)
+        elif node.op == "resize" and "sizes" in node.attrs:
+            node.attrs["sizes"] = list(node.outputs[0].shape)
+    graph.verify()
+    return len(removed)
+
+
+Kept = Callable[[Value | None, int], np.ndarray | None]
+
+
+def _fix_conv(node: Node, kept: Kept) -> None:
+    x = node.inputs[0]
+    k = kept(x, 1)
+    if k is not None and node.attrs["group"] == x.shape[1] and node.attrs["group"] > 1:
+        node.attrs["group"] = len(k)  # depthwise: one group per remaining input channel
+
+
+def _fix_split(node: Node, kept: Kept) -> None:
+    axis = node.attrs["axis"]
+    sizes = []
+    for out, size in zip(node.outputs, node.attrs["split"], strict=True):
+        k = kept(out, axis)
+        sizes.append(size if k is None else len(k))
+    node.attrs["split"] = sizes
+
+
+def _fix_slice(node: Node, kept: Kept) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    a = node.attrs
+    starts, ends = list(a["starts"]), list(a["ends"])
+    for i, axis in enumerate(a["axes"]):
+        kx = kept(x, axis)
+        if kx is None:
+            continue
+        ky = kept(y, axis)
+        new_start = int(np.count_nonzero(kx < starts[i]))
+        new_len = y.shape[axis] if ky is None else len(ky)
+        starts[i], ends[i] = new_start, new_start + new_len
+    a["starts"], a["ends"] = starts, ends
+
+
+def _fix_gather(node: Node, kept: Kept) -> None:
+    data, indices = node.inputs
+    axis = node.attrs["axis"] % len(data.shape)
+    kd = kept(data, axis)
+    ky = kept(node.outputs[0], axis)
+    if kd is None and ky is None:
+        return
+    if not indices.is_constant:
+        raise GraphError(f"node '{node.name}': cannot rewrite gather with computed indices")
+    old = np.asarray(indices.data, dtype=np.int64) % data.shape[axis]
+    new_pos = np.full(data.shape[axis], -1, dtype=np.int64)
+    keep_data = kd if kd is not None else np.arange(data.shape[axis])
+    new_pos[keep_data] = np.arange(len(keep_data))
+    new = new_pos[old]
+    # Entries of removed output positions are dropped by the generic slicing (indices are a group member).
+    if (new[ky if ky is not None else slice(None)] < 0).any():
+        raise GraphError(f"node '{node.name}': gather reads a removed channel")
+    indices.data = new.astype(indices.dtype)
+
+
+def _fix_attention(node: Node, kept: Kept) -> None:
+    if node.attrs.get("scale") is None and kept(node.inputs[0], -1) is not None:
+        # The default scale is 1/sqrt(head_dim): pin the original so removing head_dim channels is exact.
+        node.attrs["scale"] = 1.0 / math.sqrt(node.inputs[0].shape[-1])
+
+
+_ATTR_FIXES: dict[str, Callable[[Node, Kept], None]] = {
+    "conv": _fix_conv, "split": _fix_split, "slice": _fix_slice, "gather": _fix_gather,
+    "attention": _fix_attention,
+}
