@@ -141,7 +141,7 @@ def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto
             before = len(folded.graph.node)
             folded = onnx.shape_inference.infer_shapes(folded, data_prop=True)
             g = gs.import_onnx(folded)
-            g.fold_constants(error_ok=True).cleanup().toposort()
+            g.fold_constants(error_ok=True, should_exclude_node=_is_weight_transpose).cleanup().toposort()
             folded = gs.export_onnx(g, do_type_check=False)
             folded.graph.ClearField("value_info")
             if len(folded.graph.node) == before:
@@ -154,6 +154,19 @@ def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto
     for out in folded.graph.output:
         out.type.tensor_type.ClearField("shape")
     return folded, _constant_origins(model, folded)
+
+
+def _is_weight_transpose(node) -> bool:
+    """Transpose(W) → MatMul: how exporters write `linear` on rank > 2. Kept unfolded so that the importer can
+    recover `linear(x, W, b)` with W under its own name (plan.json and path agreement rely on it)."""
+    import onnx_graphsurgeon as gs
+
+    if node.op != "Transpose" or not isinstance(node.inputs[0], gs.Constant) or len(node.inputs[0].shape) != 2:
+        return False
+    users = node.outputs[0].outputs
+    # A MatMul whose other operand is constant too is a weight-only subgraph: let it fold.
+    return bool(users) and all(u.op == "MatMul" and u.inputs[1] is node.outputs[0]
+                               and not isinstance(u.inputs[0], gs.Constant) for u in users)
 
 
 def _constant_origins(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, str]:
@@ -181,7 +194,14 @@ def _constant_origins(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[s
         if init.name in inits:
             continue
         n = producer.get(init.name)
-        if n is not None and n.op_type == "Constant":
+        root = init.name
+        while n is not None and n.op_type == "Identity" and n.input[0] not in inits:
+            root = n.input[0]
+            n = producer.get(root)
+        if n is not None and n.op_type == "Identity" and n.input[0] in inits:
+            # torch.onnx writes parameters with equal values once and the others as Identity(first): an alias.
+            origins[init.name] = "alias:" + n.input[0]
+        elif n is not None and n.op_type == "Constant":
             origins[init.name] = "constant_node:" + (n.name or init.name)
         else:
             origins[init.name] = "folded:" + "|".join(sorted(sources(init.name, set())))
@@ -228,6 +248,8 @@ def _build_graph(model: onnx.ModelProto, source: str, origins: dict[str, str]) -
             prov = Provenance("onnx_initializer", init.name)
         elif origin.startswith("constant_node:"):
             prov = Provenance("onnx_constant_node", origin.split(":", 1)[1])
+        elif origin.startswith("alias:"):
+            prov = Provenance("onnx_initializer", init.name, (origin.split(":", 1)[1],))
         else:
             srcs = tuple(s for s in origin.split(":", 1)[1].split("|") if s)
             prov = Provenance("folded", init.name, srcs)
@@ -245,6 +267,7 @@ def _build_graph(model: onnx.ModelProto, source: str, origins: dict[str, str]) -
         if out.name not in ctx.values:
             raise GraphError(f"graph output '{out.name}' is produced by no node")
         g.outputs.append(ctx.values[out.name])
+    _recognize_linear(g)
     for n in g.nodes:
         for v in n.outputs:
             if v.shape is None and (v.users or v in g.outputs):
@@ -253,6 +276,34 @@ def _build_graph(model: onnx.ModelProto, source: str, origins: dict[str, str]) -
                     "check --input-shape")
     g.verify()
     return g
+
+
+def _recognize_linear(g: Graph) -> None:
+    """matmul(x, transpose(W)) [+ b] → linear(x, W, b), W and b constants (W: [out, in], b: [out])."""
+    for t in list(g.nodes):
+        if t.op != "transpose" or t.attrs["perm"] != [1, 0] or not t.inputs[0].is_constant:
+            continue
+        wt = t.outputs[0]
+        if not wt.users or any(u.op != "matmul" or u.inputs[1] is not wt for u in wt.users):
+            continue
+        w = t.inputs[0]
+        for mm in list(wt.users):
+            out = mm.outputs[0]
+            inputs = [mm.inputs[0], w]
+            add = out.users[0] if len(out.users) == 1 and out not in g.outputs else None
+            if add is not None and add.op == "add":
+                bias = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+                if bias.is_constant and bias.shape == (w.shape[0],):
+                    inputs.append(bias)
+                    final = add.outputs[0]
+                    add.detach()
+                    g.nodes.remove(add)
+                    mm.outputs = [final]
+                    out = final
+            mm.op, mm.attrs = "linear", {}
+            mm.inputs = inputs
+        t.detach()
+        g.nodes.remove(t)
 
 
 def _import_node(ctx: _Ctx, n: onnx.NodeProto, index: int) -> None:

@@ -41,6 +41,10 @@ class RuleSink:
     def mixing(self, v: Value, axis: int, reason: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def carrier(self, node: Node, block: int, candidates: list[tuple[Value, int]]) -> int:
+        """Which of `candidates` (best first) carries the channels of a reshape block; see `reshape_couple`."""
+        return 0
+
 
 Rule = Callable[[RuleSink, Node], None]
 RULES: dict[str, Rule] = {}
@@ -128,11 +132,17 @@ def _conv(sink: RuleSink, node: Node) -> None:
         if b is not None:
             sink.role(b, 0, PRODUCER)
     else:
-        reason = f"node '{node.name}': grouped conv (groups={group}, {cin // group} channels per group)"
-        for v, axis in ((x, 1), (y, 1), (w, 0), (w, 1)):
-            sink.freeze(v, axis, reason)
+        # Grouped conv: a dense grouped weight needs the same channel count in every group, so local index j
+        # is removed from every group at once (ResNeXt, RegNet): input channel i ≡ weight column i mod (cin/g),
+        # output channel o ≡ output channel o mod (cout/g). The group count stays.
+        per_in, per_out = cin // group, cout // group
+        in_idx, out_idx = np.arange(cin), np.arange(cout)
+        sink.couple_pairs(x, 1, in_idx, w, 1, in_idx % per_in)
+        sink.couple_pairs(y, 1, out_idx, y, 1, out_idx % per_out)
+        sink.role(w, 1, CONSUMER)
+        sink.role(w, 0, PRODUCER)
         if b is not None:
-            sink.freeze(b, 0, reason)
+            sink.role(b, 0, PRODUCER)
     for axis in range(2, len(w.shape)):
         sink.freeze(w, axis, f"node '{node.name}': kernel axis")
 
@@ -353,14 +363,16 @@ def reshape_couple(sink: RuleSink, node: Node, x: Value, y: Value) -> None:
     """Couple the axes of a reshape block by block (blocks = runs of axes with equal products).
 
     A block of one axis on each side is an identity. A block that merges or splits axes carries channels on one
-    axis per side, the largest (ties: the outermost): e.g. flatten [C,H,W]→[C·H·W] maps channel c to the H·W
-    output indices whose C-digit is c; qkv [3C]→[3,C] maps output c to input {k·C + c}; a head split [C]→[h,d]
-    maps d-index j to {k·d + j}. Every other axis of the block is frozen (its removals are not expressible).
+    axis of the split side: e.g. flatten [C,H,W]→[C·H·W] maps channel c to the H·W output indices whose C-digit is
+    c; qkv [3C]→[3,C] maps output c to input {k·C + c}; a head split [C]→[h,d] maps d-index j to {k·d + j} when
+    head_dim carries, or head i to [i·d, (i+1)·d) when heads carry. Every other axis of the block is frozen (its
+    removals are not expressible). Candidates are tried largest first; the analysis moves a block to the next
+    candidate when the carried channels end up frozen (swin_v2 normalizes q and k over head_dim: heads carry).
     """
     xs, ys = list(x.shape), list(y.shape)
     xi = [i for i, d in enumerate(xs) if d != 1]
     yi = [i for i, d in enumerate(ys) if d != 1]
-    i = j = 0
+    i = j = block = 0
     while i < len(xi) or j < len(yi):
         if i >= len(xi) or j >= len(yi):
             _freeze_rest(sink, node, x, xi[i:], y, yi[j:])
@@ -381,10 +393,12 @@ def reshape_couple(sink: RuleSink, node: Node, x: Value, y: Value) -> None:
             else:
                 _freeze_rest(sink, node, x, bx + xi[i:], y, by + yi[j:])
                 return
-        _couple_block(sink, node, x, bx, y, by)
+        _couple_block(sink, node, x, bx, y, by, block)
+        block += 1
 
 
-def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value, by: list[int]) -> None:
+def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value, by: list[int],
+                  block: int) -> None:
     if len(bx) == 1 and len(by) == 1:
         sink.couple(x, bx[0], y, by[0])
         return
@@ -394,7 +408,8 @@ def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value,
     # One side is a single axis (the merged one); the other side has several (the split ones).
     single, single_axis, multi, multi_axes = (x, bx[0], y, by) if len(bx) == 1 else (y, by[0], x, bx)
     sizes = [multi.shape[a] for a in multi_axes]
-    carrier = max(range(len(sizes)), key=lambda k: (sizes[k], -k))
+    ranked = sorted(range(len(sizes)), key=lambda k: (-sizes[k], k))
+    carrier = ranked[sink.carrier(node, block, [(multi, multi_axes[k]) for k in ranked])]
     inner = int(np.prod(sizes[carrier + 1:], dtype=np.int64))
     flat = np.arange(single.shape[single_axis])
     digit = (flat // inner) % sizes[carrier]

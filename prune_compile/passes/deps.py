@@ -68,9 +68,14 @@ class DependencyResult:
         return self.groups[gid]
 
 
+_MAX_CARRIER_ROUNDS = 6
+
+
 class _Analysis(RuleSink):
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, carriers: dict[tuple[str, int], int] | None = None) -> None:
         self.graph = graph
+        self.carriers = dict(carriers or {})
+        self.blocks: dict[tuple[str, int], list[tuple[Value, int]]] = {}
         self.slot_of: dict[tuple[int, int], int] = {}
         self.slots: list[tuple[Value, int]] = []
         bases, sizes = [], []
@@ -124,6 +129,11 @@ class _Analysis(RuleSink):
         if _ROLE_RANK[role] > _ROLE_RANK.get(self.roles.get(s, ""), 0):
             self.roles[s] = role
 
+    def carrier(self, node, block: int, candidates: list[tuple[Value, int]]) -> int:
+        key = (node.name, block)
+        self.blocks[key] = candidates
+        return min(self.carriers.get(key, 0), len(candidates) - 1)
+
     def _mark(self, arr: np.ndarray, v: Value, axis: int, reason: str) -> None:
         s = self._slot(v, axis)
         lo, hi = self.base[s], self.base[s] + self.size[s]
@@ -160,10 +170,10 @@ class _Analysis(RuleSink):
         adj = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(self.n, self.n))
         _, labels = connected_components(adj, directed=False)
 
-        role_slots = np.asarray(sorted(self.roles), dtype=np.int64)
+        role_slots = np.asarray(sorted(s for s, r in self.roles.items() if r != PASSTHROUGH), dtype=np.int64)
         if not len(role_slots):
             return []
-        # Components that touch a parameter slot: only those can ever be pruned or reported.
+        # Components that touch a weight's rows or columns: only those can ever be pruned or reported.
         param_elems = np.concatenate([np.arange(self.base[s], self.base[s] + self.size[s]) for s in role_slots])
         keep_labels = np.unique(labels[param_elems])
         elems = np.nonzero(np.isin(labels, keep_labels))[0]
@@ -223,7 +233,10 @@ class _Analysis(RuleSink):
         mixed_ids = self.mixed[flat]
         has_producer = any(m.role == PRODUCER for m in members)
         group = Group(id=-1, size=len(comps), members=members, prunable=True)
-        if (frozen_ids >= 0).any():
+        if len(comps) < 2:
+            group.prunable = False
+            group.reason = "a single channel: removing it would remove the tensor"
+        elif (frozen_ids >= 0).any():
             group.prunable = False
             group.reason = self.reasons[int(frozen_ids[frozen_ids >= 0][0])]
         elif not has_producer:
@@ -241,7 +254,19 @@ class _Analysis(RuleSink):
 def analyze(graph: Graph) -> DependencyResult:
     """Find every channel group of `graph` (which must have static shapes)."""
     t0 = time.perf_counter()
-    analysis = _Analysis(graph)
-    groups = analysis.run()
+    carriers: dict[tuple[str, int], int] = {}
+    for _ in range(_MAX_CARRIER_ROUNDS):
+        analysis = _Analysis(graph, carriers)
+        groups = analysis.run()
+        prunable_slots = {(id(m.value), m.axis) for g in groups if g.prunable for m in g.members}
+        moved = False
+        for key, candidates in analysis.blocks.items():
+            choice = min(carriers.get(key, 0), len(candidates) - 1)
+            v, axis = candidates[choice]
+            if (id(v), axis) not in prunable_slots and choice + 1 < len(candidates):
+                carriers[key] = choice + 1
+                moved = True
+        if not moved:
+            break
     return DependencyResult(groups, time.perf_counter() - t0,
                             {"channels": int(analysis.n), "slots": len(analysis.slots), "groups": len(groups)})

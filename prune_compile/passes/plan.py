@@ -65,9 +65,17 @@ def param_name(m: Member) -> str:
     p = m.value.provenance
     if p is None:
         return m.value.name
-    if p.kind == "folded":
+    if p.kind == "folded" and not p.name:  # torch: a folded subgraph has no name of its own
         return f"folded({'+'.join(p.sources)})" if p.sources else m.value.name
     return p.name
+
+
+def _is_folded(m: Member) -> bool:
+    return m.value.provenance is not None and m.value.provenance.kind == "folded"
+
+
+def _named(g: Group) -> list[Member]:
+    return [m for m in g.params if not _is_folded(m)]
 
 
 def plan_to_json(deps: DependencyResult, plan: Plan) -> dict[str, Any]:
@@ -78,10 +86,51 @@ def plan_to_json(deps: DependencyResult, plan: Plan) -> dict[str, Any]:
         members = []
         for m in g.params:
             idx = np.sort(m.indices[removed].ravel()) if len(removed) else np.zeros(0, np.int64)
-            members.append({"param": param_name(m), "axis": int(m.axis), "role": m.role,
-                            "removed": [int(i) for i in idx]})
+            entry = {"param": param_name(m), "axis": int(m.axis), "role": m.role, "removed": [int(i) for i in idx]}
+            if _is_folded(m):
+                entry["folded"] = True
+            members.append(entry)
         members.sort(key=lambda d: (d["param"], d["axis"]))
         groups.append({"id": g.id, "prunable": g.prunable, "reason": g.reason, "channels": g.size,
                        "removed": [int(i) for i in removed], "exact": g.exact,
                        "inexact_reason": g.inexact_reason, "members": members})
     return {"format": PLAN_FORMAT, "groups": groups}
+
+
+def plan_from_json(deps: DependencyResult, doc: dict[str, Any]) -> Plan:
+    """Replay a `plan.json` on `deps` (same model, through either importer). Groups are matched by their
+    parameter members; removed channels by the member's own indices, so group numbering may differ."""
+    from ..errors import UnsupportedModelError
+
+    if doc.get("format") != PLAN_FORMAT:
+        raise UsageError(f"not a prune-compile plan (format {doc.get('format')!r}, expected {PLAN_FORMAT!r})")
+    # Folded weight subgraphs are named differently by each importer: match groups on named parameters.
+    by_key: dict[frozenset, Group] = {}
+    for g in deps.groups:
+        by_key[frozenset((param_name(m), m.axis) for m in _named(g))] = g
+    plan = Plan()
+    for entry in doc["groups"]:
+        if not entry.get("removed"):
+            continue
+        key = frozenset((m["param"], m["axis"]) for m in entry["members"] if not m.get("folded"))
+        g = by_key.get(key)
+        if g is None:
+            names = sorted(m["param"] for m in entry["members"])[:3]
+            raise UnsupportedModelError(f"plan group {entry['id']} ({', '.join(names)}, ...) matches no channel group "
+                                        "of this model: the plan was made for a different model")
+        removed_roots = None
+        for m in _named(g):
+            want = next(x for x in entry["members"] if x["param"] == param_name(m) and x["axis"] == m.axis)
+            hit = np.isin(m.indices, np.asarray(want["removed"], dtype=np.int64))
+            if not (hit.all(axis=1) | ~hit.any(axis=1)).all():
+                raise UnsupportedModelError(f"plan removes part of a channel of '{want['param']}' (group "
+                                            f"{entry['id']}): the plan does not fit this model")
+            roots = np.flatnonzero(hit.all(axis=1))
+            if removed_roots is None:
+                removed_roots = roots
+            elif not np.array_equal(roots, removed_roots):
+                raise UnsupportedModelError(f"plan group {entry['id']} removes different channels from its members: "
+                                            "the plan does not fit this model")
+        if removed_roots is not None and len(removed_roots):
+            plan.removed[g.id] = removed_roots.astype(np.int64)
+    return plan

@@ -135,3 +135,15 @@ _ATTR_FIXES: dict[str, Callable[[Node, Kept], None]] = {
     "conv": _fix_conv, "split": _fix_split, "slice": _fix_slice, "gather": _fix_gather,
     "attention": _fix_attention,
 }
+
+
+def pruned_copy(graph: Graph, plan: Plan, deps: DependencyResult | None = None) -> Graph:
+    """A pruned copy of `graph`; `graph` itself is left intact. `plan` refers to the groups of `analyze(graph)`."""
+    from .deps import analyze
+
+    copy = graph.clone()
+    copy_deps = analyze(copy)
+    if deps is not None and len(deps.groups) != len(copy_deps.groups):
+        raise GraphError("internal: the copy's channel groups differ from the original's")
+    apply_plan(copy, copy_deps, plan)
+    return copy

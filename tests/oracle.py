@@ -1,0 +1,61 @@
+"""Oracle helpers shared by the pass tests (design §5)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from prune_compile.backends import ort
+from prune_compile.ir import Graph, export_onnx, import_onnx
+from prune_compile.passes.deps import DependencyResult, analyze
+from prune_compile.passes.oracle import zeroed_constants
+from prune_compile.passes.plan import Plan
+from prune_compile.passes.rewrite import pruned_copy
+
+
+def zeroed_model(graph: Graph, deps: DependencyResult, plan: Plan) -> onnx.ModelProto:
+    model = export_onnx(graph)
+    zeroed = zeroed_constants(deps, plan)
+    for init in model.graph.initializer:
+        if init.name in zeroed:
+            init.CopyFrom(numpy_helper.from_array(zeroed[init.name], init.name))
+    return model
+
+
+def oracle_error(graph: Graph, deps: DependencyResult, plan: Plan, feeds: dict[str, np.ndarray]) -> float:
+    """Relative error between the pruned model and the consumer-zeroed original (0 when the oracle holds)."""
+    pruned = pruned_copy(graph, plan, deps)
+    return ort.relative_error(ort.run(zeroed_model(graph, deps, plan), feeds), ort.run(export_onnx(pruned), feeds))
+
+
+def exact_plan(deps: DependencyResult, ratio: float, only: int | None = None) -> Plan:
+    """Uniform L2 plan restricted to exact prunable groups (and to one group when `only` is given)."""
+    from prune_compile.passes.plan import uniform_plan
+
+    plan = uniform_plan(deps, ratio)
+    keep = {g.id for g in deps.prunable() if g.exact and (only is None or g.id == only)}
+    return Plan({gid: r for gid, r in plan.removed.items() if gid in keep})
+
+
+def torch_onnx_graph(model, x) -> Graph:
+    """The ONNX path: torch.onnx export (TorchScript exporter, names kept), then our ONNX importer."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE)
+    return import_onnx(onnx.load_from_string(buf.getvalue()))
+
+
+def sample(items: list, n: int) -> list:
+    """Up to n items spread evenly over the list (first and last included)."""
+    if len(items) <= n:
+        return items
+    picks = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in sorted(set(picks.tolist()))]
+
+
+__all__ = ["analyze", "exact_plan", "oracle_error", "sample", "torch_onnx_graph", "zeroed_model"]
