@@ -188,6 +188,7 @@ def _feeds_for(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
 # -- the job ----------------------------------------------------------------------------------------------
 OUTPUT_ONNX = "model.pruned.onnx"
 OUTPUT_REPORT = "report.json"
+OUTPUT_PLAN = "plan.json"
 TARGETS = ("none", "cpu", "gpu", "arm")
 
 
@@ -212,8 +213,6 @@ def run(
     for t in targets:
         if t not in TARGETS:
             raise UsageError(f"--target {t}: must be one of {', '.join(TARGETS)}")
-    if ratio > 0.0:
-        raise UsageError("--ratio > 0 needs the channel dependency analysis, which this build does not have yet")
     compile_targets = [t for t in targets if t != "none"]
     if compile_targets:
         raise UsageError(f"--target {compile_targets[0]}: the TVM backend is not in this build yet; use --target none")
@@ -224,32 +223,83 @@ def run(
     loaded = load_model(model, input_shapes)
     graph = loaded.graph
     graph.verify()
-    proto = export_onnx(graph)
+
+    from .passes.cost import graph_cost
+    from .passes.deps import analyze
+    from .passes.plan import plan_to_json, uniform_plan
+    from .passes.rewrite import pruned_copy
+
+    deps = analyze(graph)
+    plan = uniform_plan(deps, ratio)
+    pruned = pruned_copy(graph, plan, deps)
+    proto = export_onnx(pruned)
+    plan_doc = plan_to_json(deps, plan)
+    before, after = graph_cost(graph), graph_cost(pruned)
     report: dict[str, Any] = {
         "format": "prune-compile.report/1",
         "model": {"source": loaded.source, "kind": loaded.kind},
         "input_shapes": {v.name: list(v.shape) for v in graph.inputs},
         "graph": graph.summary(),
-        "pruning": {"ratio": ratio, "groups": []},
-        "outputs": {"onnx": OUTPUT_ONNX},
+        "pruning": _pruning_summary(deps, plan, ratio),
+        "cost": {"before": before, "after": after,
+                 "macs_ratio": round(before["macs"] / after["macs"], 4) if after["macs"] else None,
+                 "parameters_ratio": round(before["parameters"] / after["parameters"], 4)
+                 if after["parameters"] else None},
+        "outputs": {"onnx": OUTPUT_ONNX, "plan": OUTPUT_PLAN},
     }
     if verify:
-        from .backends import ort
-
-        got = ort.run(proto, _feeds_for(proto, loaded.example_inputs))
-        report["verification"] = {
-            "oracle": "exported model vs original on seeded random inputs",
-            "max_relative_error": float(f"{ort.relative_error(reference_outputs(loaded), got):.3e}"),
-        }
+        report["verification"] = _verify(loaded, graph, deps, plan, proto)
     data = proto.SerializeToString(deterministic=True)
     report["outputs"]["onnx_sha256"] = hashlib.sha256(data).hexdigest()
     from .util import atomic_write_bytes, atomic_write_text
 
     _prepare_outdir(outdir)  # only now: a failed run leaves nothing behind
-    files = {"onnx": os.path.join(outdir, OUTPUT_ONNX), "report": os.path.join(outdir, OUTPUT_REPORT)}
+    files = {"onnx": os.path.join(outdir, OUTPUT_ONNX), "plan": os.path.join(outdir, OUTPUT_PLAN),
+             "report": os.path.join(outdir, OUTPUT_REPORT)}
     atomic_write_bytes(files["onnx"], data)
+    atomic_write_text(files["plan"], json.dumps(plan_doc, indent=1, sort_keys=True) + "\n")
     atomic_write_text(files["report"], json.dumps(report, indent=2, sort_keys=True) + "\n")
     return RunResult(outdir, files, report)
+
+
+def _pruning_summary(deps, plan, ratio: float) -> dict[str, Any]:
+    frozen: dict[str, int] = {}
+    for g in deps.groups:
+        if not g.prunable:
+            frozen[g.reason] = frozen.get(g.reason, 0) + 1
+    pruned = [g for g in deps.groups if len(plan.removed_of(g))]
+    return {
+        "ratio": ratio,
+        "policy": "uniform",
+        "importance": "l2",
+        "groups": len(deps.groups),
+        "prunable": len(deps.prunable()),
+        "frozen": sum(frozen.values()),
+        "frozen_reasons": dict(sorted(frozen.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "pruned_groups": len(pruned),
+        "inexact_pruned_groups": sum(1 for g in pruned if not g.exact),
+        "channels_removed": int(sum(len(plan.removed_of(g)) for g in pruned)),
+        "channels_total": int(sum(g.size for g in deps.groups)),
+    }
+
+
+def _verify(loaded: LoadedModel, graph: Graph, deps, plan, proto) -> dict[str, Any]:
+    """Check the output model on seeded random inputs: against the original when nothing was removed, else
+    against the consumer-zeroed original (design §5.1), which it must match for exact groups."""
+    from .backends import ort
+    from .passes.oracle import zeroed_graph
+
+    got = ort.run(proto, _feeds_for(proto, loaded.example_inputs))
+    if plan.is_empty():
+        return {"oracle": "exported model vs original on seeded random inputs",
+                "max_relative_error": float(f"{ort.relative_error(reference_outputs(loaded), got):.3e}")}
+    zeroed = export_onnx(zeroed_graph(graph, deps, plan))
+    err = ort.relative_error(ort.run(zeroed, _feeds_for(zeroed, loaded.example_inputs)), got)
+    inexact = sum(1 for g in deps.groups if len(plan.removed_of(g)) and not g.exact)
+    return {"oracle": "pruned model vs consumer-zeroed original on seeded random inputs",
+            "max_relative_error": float(f"{err:.3e}"), "exact": inexact == 0,
+            "note": "" if inexact == 0 else f"{inexact} pruned groups pass through a normalization over their "
+                                            "channels (LayerNorm): outputs are expected to differ"}
 
 
 def _prepare_outdir(outdir: str) -> None:

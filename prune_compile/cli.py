@@ -62,8 +62,18 @@ def _summary(result: api.RunResult) -> str:
         f"{g['opaque']} opaque",
         "ops        " + ", ".join(f"{k}x{v}" for k, v in sorted(g["ops"].items(), key=lambda kv: -kv[1])[:12]),
     ]
+    p, c = r["pruning"], r["cost"]
+    lines.append(f"groups     {p['groups']} found, {p['prunable']} prunable, {p['frozen']} frozen; "
+                 f"{p['pruned_groups']} pruned at ratio {p['ratio']} ({p['channels_removed']} channels)")
+    for reason, count in list(p["frozen_reasons"].items())[:5]:
+        lines.append(f"  frozen   {count}x {reason}")
+    lines.append(f"cost       MACs {c['before']['macs']:,} -> {c['after']['macs']:,} ({c['macs_ratio'] or '-'}x), "
+                 f"parameters {c['before']['parameters']:,} -> {c['after']['parameters']:,}")
     if "verification" in r:
-        lines.append(f"verified   max relative error vs original: {r['verification']['max_relative_error']:.2e}")
+        v = r["verification"]
+        what = "original" if "original on" in v["oracle"] and "zeroed" not in v["oracle"] else "consumer-zeroed original"
+        lines.append(f"verified   max relative error vs {what}: {v['max_relative_error']:.2e}"
+                     + (f" ({v['note']})" if v.get("note") else ""))
     for _, path in sorted(result.files.items()):
         lines.append(f"wrote      {path}")
     return "\n".join(lines)

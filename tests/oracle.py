@@ -6,23 +6,17 @@ import io
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from prune_compile.backends import ort
 from prune_compile.ir import Graph, export_onnx, import_onnx
 from prune_compile.passes.deps import DependencyResult, analyze
-from prune_compile.passes.oracle import zeroed_constants
+from prune_compile.passes.oracle import zeroed_graph
 from prune_compile.passes.plan import Plan
 from prune_compile.passes.rewrite import pruned_copy
 
 
 def zeroed_model(graph: Graph, deps: DependencyResult, plan: Plan) -> onnx.ModelProto:
-    model = export_onnx(graph)
-    zeroed = zeroed_constants(deps, plan)
-    for init in model.graph.initializer:
-        if init.name in zeroed:
-            init.CopyFrom(numpy_helper.from_array(zeroed[init.name], init.name))
-    return model
+    return export_onnx(zeroed_graph(graph, deps, plan))
 
 
 def oracle_error(graph: Graph, deps: DependencyResult, plan: Plan, feeds: dict[str, np.ndarray]) -> float:

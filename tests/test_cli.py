@@ -23,7 +23,7 @@ def _cli(*args: str) -> int:
 def test_default_model_writes_pruned_onnx_and_report(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert _cli(DEFAULT_MODEL, "-o", str(out), "--ratio", "0", "--target", "none") == 0
-    assert sorted(os.listdir(out)) == ["model.pruned.onnx", "report.json"]
+    assert sorted(os.listdir(out)) == ["model.pruned.onnx", "plan.json", "report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["graph"]["opaque"] == 0
     assert report["verification"]["max_relative_error"] <= 1e-5
@@ -36,7 +36,7 @@ def test_default_model_writes_pruned_onnx_and_report(tmp_path, capsys) -> None:
 def test_outputs_are_byte_identical_across_runs(tmp_path) -> None:
     for name in ("a", "b"):
         assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / name), "-q") == 0
-    for f in ("model.pruned.onnx", "report.json"):
+    for f in ("model.pruned.onnx", "plan.json", "report.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
@@ -111,7 +111,7 @@ def test_bad_input_gives_one_line_error_exit_code_and_no_outputs(tmp_path, capsy
         assert "Traceback" not in err
         assert not out.exists(), "a failed run must leave no output directory behind"
     else:
-        assert sorted(os.listdir(out)) == ["model.pruned.onnx", "report.json"]
+        assert sorted(os.listdir(out)) == ["model.pruned.onnx", "plan.json", "report.json"]
 
 
 def test_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys) -> None:
@@ -122,9 +122,32 @@ def test_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys) -> None:
     assert target.read_text() == "x"
 
 
-def test_unimplemented_options_are_refused_honestly(tmp_path, capsys) -> None:
-    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--ratio", "0.5") == 2
-    assert "dependency analysis" in capsys.readouterr().err
+def test_pruning_writes_plan_and_passes_the_oracle(tmp_path) -> None:
+    out = tmp_path / "o"
+    assert _cli(DEFAULT_MODEL, "-o", str(out), "--ratio", "0.5", "-q") == 0
+    report = json.loads((out / "report.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert report["pruning"]["pruned_groups"] > 0
+    assert report["cost"]["macs_ratio"] > 2.5
+    assert report["verification"]["exact"] and report["verification"]["max_relative_error"] <= 1e-4
+    removed = [g for g in plan["groups"] if g["removed"]]
+    assert removed and all(g["prunable"] for g in removed)
+    # Names are the input model's own initializer names, checkable against the original file.
+    names = {i.name for i in onnx.load(DEFAULT_MODEL).graph.initializer}
+    assert all(m["param"] in names for g in plan["groups"] for m in g["members"])
+    # Each parameter shrinks along each axis by what the groups touching it removed there (a consumer can read
+    # several groups, e.g. after a concat).
+    removed_per_axis: dict[tuple[str, int], set[int]] = {}
+    for g in removed:
+        for m in g["members"]:
+            removed_per_axis.setdefault((m["param"], m["axis"]), set()).update(m["removed"])
+    original = {i.name: i for i in onnx.load(DEFAULT_MODEL).graph.initializer}
+    pruned = {i.name: i for i in onnx.load(out / "model.pruned.onnx").graph.initializer}
+    for (param, axis), idx in removed_per_axis.items():
+        assert pruned[param].dims[axis] == original[param].dims[axis] - len(idx), (param, axis)
+
+
+def test_unimplemented_targets_are_refused_honestly(tmp_path, capsys) -> None:
     assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--target", "cpu") == 2
     assert "TVM backend" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

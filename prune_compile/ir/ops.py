@@ -238,6 +238,12 @@ def _where(node, shapes):
     return _broadcast(node, shapes)
 
 
+def _gather(node, shapes):
+    data, indices = shapes
+    axis = node.attrs["axis"] % len(data)
+    return [(*data[:axis], *indices, *data[axis + 1:])]
+
+
 def _attention(node, shapes):
     q, _, v = shapes[:3]
     return [(*q[:-1], v[-1])]
@@ -287,7 +293,7 @@ _TABLE: list[OpDef] = [
       ("reduce_mean", "reduce_sum", "reduce_max", "reduce_min", "reduce_l2", "reduce_prod")),
     OpDef("pad", OpKind.PAD, _pad),
     OpDef("resize", OpKind.RESIZE),
-    OpDef("gather", OpKind.GATHER),
+    OpDef("gather", OpKind.GATHER, _gather),
     OpDef("attention", OpKind.ATTENTION, _attention),
     OpDef("einsum", OpKind.EINSUM),
     OpDef("expand", OpKind.BROADCAST, _expand),

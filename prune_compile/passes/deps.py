@@ -233,10 +233,7 @@ class _Analysis(RuleSink):
         mixed_ids = self.mixed[flat]
         has_producer = any(m.role == PRODUCER for m in members)
         group = Group(id=-1, size=len(comps), members=members, prunable=True)
-        if len(comps) < 2:
-            group.prunable = False
-            group.reason = "a single channel: removing it would remove the tensor"
-        elif (frozen_ids >= 0).any():
+        if (frozen_ids >= 0).any():
             group.prunable = False
             group.reason = self.reasons[int(frozen_ids[frozen_ids >= 0][0])]
         elif not has_producer:
@@ -258,7 +255,8 @@ def analyze(graph: Graph) -> DependencyResult:
     for _ in range(_MAX_CARRIER_ROUNDS):
         analysis = _Analysis(graph, carriers)
         groups = analysis.run()
-        prunable_slots = {(id(m.value), m.axis) for g in groups if g.prunable for m in g.members}
+        # A carrier is useful when its channels land in a prunable group with a choice (more than one channel).
+        prunable_slots = {(id(m.value), m.axis) for g in groups if g.prunable and g.size > 1 for m in g.members}
         moved = False
         for key, candidates in analysis.blocks.items():
             choice = min(carriers.get(key, 0), len(candidates) - 1)

@@ -32,3 +32,13 @@ def zeroed_constants(deps: DependencyResult, plan: Plan) -> dict[str, np.ndarray
             index[m.axis] = m.indices[removed].ravel()
             arr[tuple(index)] = 0
     return out
+
+
+def zeroed_graph(graph, deps: DependencyResult, plan: Plan):
+    """A copy of `graph` with the removed channels silenced (see `zeroed_constants`)."""
+    zeroed = zeroed_constants(deps, plan)
+    copy = graph.clone()
+    for v in copy.constants():
+        if v.name in zeroed:
+            v.data = zeroed[v.name]
+    return copy

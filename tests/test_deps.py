@@ -1,0 +1,118 @@
+"""Dependency analysis on hand-built graphs: the groups a reader can check by eye, fail-closed behaviour,
+and the rewrite of channel-count attributes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from prune_compile.errors import GraphError
+from prune_compile.ir import Value
+from prune_compile.ir.fx_importer import import_torch_module
+from prune_compile.passes.deps import analyze
+from prune_compile.passes.plan import Plan, param_name, plan_to_json, uniform_plan
+from prune_compile.passes.rewrite import apply_plan, pruned_copy
+
+from .oracle import exact_plan, oracle_error
+from .random_arch import Builder
+
+
+def _groups_by_producer(deps) -> dict[str, object]:
+    return {param_name(g.producers()[0]): g for g in deps.groups if g.producers()}
+
+
+def test_fail_closed_freezes_exactly_what_touches_the_unknown_op() -> None:
+    b = Builder(0)
+    x = Value("x", (1, 3, 4, 4), np.float32)
+    b.graph.inputs.append(x)
+    a = b.conv(x, 8)  # group A: feeds the opaque op → frozen
+    from prune_compile.ir import OpaqueInfo
+
+    frozen_out = Value("mystery_out", a.shape, np.float32)
+    b.graph.add_node("opaque", [a], [frozen_out], name="mystery", opaque=OpaqueInfo("Softsign"))
+    c = b.conv(frozen_out, 6)  # group C: free
+    d = b.conv(c, 5)  # group D: free
+    out = b.op("linear", [b.op("flatten", [b.op("global_avg_pool", [d])], axis=1), b.const((4, 5))])
+    b.graph.outputs.append(out)
+    deps = analyze(b.graph)
+    frozen = [g for g in deps.groups if not g.prunable]
+    assert any("node 'mystery': op 'Softsign' has no channel rule" == g.reason for g in frozen)
+    sizes = sorted(g.size for g in deps.prunable())
+    assert sizes == [5, 6]
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 4)).astype(np.float32)}
+    assert oracle_error(b.graph, deps, exact_plan(deps, 0.5), feeds) <= 1e-5
+    with pytest.raises(GraphError, match="frozen"):
+        apply_plan(b.graph.clone(), deps, Plan({frozen[0].id: np.array([0])}))
+
+
+class _Dense(nn.Module):
+    """A DenseNet-style block: each concat output is split into per-producer groups, not one giant group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c1 = nn.Conv2d(4, 5, 3, padding=1)
+        self.c2 = nn.Conv2d(9, 6, 3, padding=1)
+        self.head = nn.Conv2d(15, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.c0(x))
+        b = torch.cat([a, torch.relu(self.c1(a))], 1)
+        return self.head(torch.cat([b, torch.relu(self.c2(b))], 1))
+
+
+def test_concat_channels_stay_with_their_producers() -> None:
+    graph = import_torch_module(_Dense(), (torch.randn(1, 3, 5, 5),))
+    deps = analyze(graph)
+    groups = _groups_by_producer(deps)
+    assert {k: g.size for k, g in groups.items() if g.prunable} == {"c0.weight": 4, "c1.weight": 5, "c2.weight": 6}
+    consumers = {param_name(m): m.indices[:, 0].tolist() for m in groups["c1.weight"].members if m.role == "consumer"}
+    assert consumers == {"c2.weight": [4, 5, 6, 7, 8], "head.weight": [4, 5, 6, 7, 8]}
+
+
+def test_flatten_linear_maps_each_channel_to_its_spatial_block() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    graph = import_torch_module(model, (torch.randn(1, 3, 4, 4),))
+    deps = analyze(graph)
+    (g,) = deps.prunable()
+    fc = next(m for m in g.members if param_name(m) == "3.weight")
+    assert fc.role == "consumer" and fc.indices.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11],
+                                                             [12, 13, 14, 15]]
+    doc = plan_to_json(deps, uniform_plan(deps, 0.5))
+    entry = doc["groups"][g.id]
+    assert entry["removed"] and len({m["param"] for m in entry["members"]}) == 3
+    fc_entry = next(m for m in entry["members"] if m["param"] == "3.weight")
+    assert len(fc_entry["removed"]) == 2 * 4 and fc_entry["axis"] == 1
+
+
+def test_rewrite_updates_split_slice_groups_and_gather() -> None:
+    b = Builder(1)
+    x = Value("x", (1, 3, 4, 4), np.float32)
+    b.graph.inputs.append(x)
+    y = b.conv(x, 8)
+    left, right = b.op("split", [y], axis=1, split=[5, 3])
+    s = b.op("slice", [left], starts=[1], ends=[5], axes=[1], steps=[1])  # channels 1..4 of the first producer
+    dw = b.conv(s, 4, group=4)  # depthwise on the slice
+    idx = Value("idx", (3,), np.int64, data=np.array([2, 0, 1]))
+    g = b.op("gather", [right, idx], axis=1)  # permuted copy of the last 3 channels
+    z = b.op("concat", [dw, g], axis=1)
+    out = b.op("linear", [b.op("flatten", [b.op("global_avg_pool", [z])], axis=1), b.const((2, 7))])
+    b.graph.outputs.append(out)
+    deps = analyze(b.graph)
+    # The producer's 8 channels fall into segments: 0 (read by nothing), 1..4 (slice → depthwise), 5..7 (gather).
+    by_first = {int(g.members[0].indices[0, 0]): g for g in deps.prunable() if param_name(g.members[0]) == "w_1"}
+    assert {k: g.size for k, g in by_first.items()} == {0: 1, 1: 4, 5: 3}
+    plan = Plan({by_first[1].id: np.array([1, 3]), by_first[5].id: np.array([0])})  # channels 2, 4 and 5
+    pruned = pruned_copy(b.graph, plan, deps)
+    ops = {n.op: n for n in pruned.nodes}
+    assert ops["split"].attrs["split"] == [3, 2]
+    assert ops["slice"].attrs["starts"] == [1] and ops["slice"].attrs["ends"] == [3]  # keeps channels 1, 3
+    assert ops["gather"].inputs[1].data.tolist() == [1, 0]  # [7, 6] of the kept [6, 7]
+    assert [n.attrs["group"] for n in pruned.nodes if n.op == "conv"] == [1, 2]  # depthwise follows its input
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 4)).astype(np.float32)}
+    assert oracle_error(b.graph, deps, plan, feeds) <= 1e-5
+    # Removing every channel of a group is refused.
+    with pytest.raises(GraphError, match="every channel"):
+        apply_plan(b.graph.clone(), analyze(b.graph.clone()), Plan({by_first[1].id: np.arange(4)}))
