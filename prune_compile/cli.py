@@ -71,7 +71,7 @@ def _summary(result: api.RunResult) -> str:
                  f"parameters {c['before']['parameters']:,} -> {c['after']['parameters']:,}")
     if "verification" in r:
         v = r["verification"]
-        what = "original" if "original on" in v["oracle"] and "zeroed" not in v["oracle"] else "consumer-zeroed original"
+        what = "consumer-zeroed original" if "zeroed" in v["oracle"] else "original"
         lines.append(f"verified   max relative error vs {what}: {v['max_relative_error']:.2e}"
                      + (f" ({v['note']})" if v.get("note") else ""))
     for _, path in sorted(result.files.items()):

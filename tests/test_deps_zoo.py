@@ -54,7 +54,7 @@ def test_each_exact_group_alone(name: str, size: int, request) -> None:
     deps = analyze(graph)
     groups = [g for g in deps.prunable() if g.exact]
     big = request.config.getoption("--run-big")
-    for g in sample(groups, 40 if big else 6):
+    for g in sample(groups, 12 if big else 4):
         err = oracle_error(graph, deps, exact_plan(deps, 0.5, only=g.id), feeds)
         assert err <= RTOL, f"group {g.id} ({[param_name(m) for m in g.producers()][:2]}): {err:.2e}"
 

@@ -109,7 +109,8 @@ def _fix_gather(node: Node, kept: Kept) -> None:
     data, indices = node.inputs
     axis = node.attrs["axis"] % len(data.shape)
     kd = kept(data, axis)
-    ky = kept(node.outputs[0], axis)
+    # Only 1-D indices keep the gathered axis (at `axis` of the output); other output axes need no fix here.
+    ky = kept(node.outputs[0], axis) if len(indices.shape) == 1 else None
     if kd is None and ky is None:
         return
     if not indices.is_constant:
