@@ -206,6 +206,7 @@ def run(
     ratio: float = 0.0,
     targets: Sequence[str] = ("none",),
     verify: bool = True,
+    attention: str = "head_dim",
 ) -> RunResult:
     """Import, (prune), export: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s."""
     if not 0.0 <= ratio < 1.0:
@@ -229,11 +230,11 @@ def run(
     from .passes.plan import plan_to_json, uniform_plan
     from .passes.rewrite import pruned_copy
 
-    deps = analyze(graph)
+    deps = analyze(graph, attention=attention)
     plan = uniform_plan(deps, ratio)
     pruned = pruned_copy(graph, plan, deps)
     proto = export_onnx(pruned)
-    plan_doc = plan_to_json(deps, plan)
+    plan_doc = plan_to_json(deps, plan, attention=attention)
     before, after = graph_cost(graph), graph_cost(pruned)
     report: dict[str, Any] = {
         "format": "prune-compile.report/1",
@@ -271,6 +272,7 @@ def _pruning_summary(deps, plan, ratio: float) -> dict[str, Any]:
     return {
         "ratio": ratio,
         "policy": "uniform",
+        "attention": deps.attention,
         "importance": "l2",
         "groups": len(deps.groups),
         "prunable": len(deps.prunable()),

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of channels to remove per group, in [0, 1)")
     p.add_argument("--target", action="append", choices=api.TARGETS, default=None,
                    help="compile target (repeatable); 'none' only exports ONNX")
+    p.add_argument("--attention", choices=("head_dim", "heads"), default="head_dim",
+                   help="what attention pruning removes first: the same head_dim in every head, or whole heads")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the exported model")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -41,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shapes = api.parse_input_shapes(args.input_shape)
         result = api.run(args.model, args.output, input_shapes=shapes, ratio=args.ratio,
-                         targets=args.target or ["none"], verify=not args.no_verify)
+                         targets=args.target or ["none"], verify=not args.no_verify,
+                         attention=args.attention)
     except PruneCompileError as e:
         print(f"prune-compile: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -116,3 +116,20 @@ def test_rewrite_updates_split_slice_groups_and_gather() -> None:
     # Removing every channel of a group is refused.
     with pytest.raises(GraphError, match="every channel"):
         apply_plan(b.graph.clone(), analyze(b.graph.clone()), Plan({by_first[1].id: np.arange(4)}))
+
+
+def test_attention_heads_mode_prunes_whole_heads() -> None:
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=8, batch_first=True, dropout=0.0)
+    graph = import_torch_module(layer, (torch.randn(1, 5, 16),))
+    for unit, size in (("head_dim", 8), ("heads", 2)):
+        deps = analyze(graph, attention=unit)
+        att = [g for g in deps.prunable() if any("in_proj" in param_name(m) for m in g.params)]
+        assert att and {g.size for g in att} == {size}, unit
+        in_proj = next(m for g in att for m in g.params if param_name(m) == "self_attn.in_proj_weight")
+        rows = in_proj.indices[0]
+        # head_dim: dim 0 of every head, for q, k and v; heads: every dim of head 0, for q, k and v.
+        expected = ([h * 8 + k * 16 for k in range(3) for h in range(2)] if unit == "head_dim"
+                    else [d + k * 16 for k in range(3) for d in range(8)])
+        assert sorted(rows.tolist()) == sorted(expected), unit
+        feeds = {graph.inputs[0].name: np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)}
+        assert oracle_error(graph, deps, exact_plan(deps, 0.5), feeds) <= 1e-5

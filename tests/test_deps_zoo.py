@@ -79,3 +79,15 @@ def test_torch_and_onnx_paths_agree(name: str, size: int) -> None:
     out_torch = ort.run(export_onnx(pruned_copy(g_torch, plan, d_torch)), feeds)
     out_onnx = ort.run(export_onnx(pruned_copy(g_onnx, replayed, d_onnx)), feeds)
     assert ort.relative_error(out_torch, out_onnx) <= RTOL
+
+
+@pytest.mark.big
+def test_vit_heads_and_hidden_dim_are_pruned() -> None:
+    graph, feeds = _graphs("vit_b_16", 224, "torch")
+    for unit, attn_size in (("head_dim", 64), ("heads", 12)):
+        deps = analyze(graph, attention=unit)
+        attention = [g for g in deps.prunable() if any("in_proj" in param_name(m) for m in g.params)]
+        assert len(attention) == 12 and {g.size for g in attention} == {attn_size}
+        hidden = [g for g in deps.prunable() if any(param_name(m) == "conv_proj.weight" for m in g.params)]
+        assert len(hidden) == 1 and hidden[0].size == 768 and not hidden[0].exact  # through every LayerNorm
+        assert oracle_error(graph, deps, exact_plan(deps, 0.5), feeds) <= RTOL

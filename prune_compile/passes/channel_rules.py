@@ -20,6 +20,7 @@ import numpy as np
 from ..ir.graph import Node, Value
 
 PRODUCER, CONSUMER, PASSTHROUGH = "producer", "consumer", "passthrough"
+RESHAPE_FREEZE = "reshape splits or merges this axis with the one that carries the channels"
 
 
 class RuleSink:
@@ -409,6 +410,8 @@ def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value,
     single, single_axis, multi, multi_axes = (x, bx[0], y, by) if len(bx) == 1 else (y, by[0], x, bx)
     sizes = [multi.shape[a] for a in multi_axes]
     ranked = sorted(range(len(sizes)), key=lambda k: (-sizes[k], k))
+    if getattr(sink, "prefer_outer", False):  # attention="heads": the head axis before head_dim
+        ranked = list(range(len(sizes)))
     carrier = ranked[sink.carrier(node, block, [(multi, multi_axes[k]) for k in ranked])]
     inner = int(np.prod(sizes[carrier + 1:], dtype=np.int64))
     flat = np.arange(single.shape[single_axis])
@@ -416,7 +419,7 @@ def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value,
     sink.couple_pairs(multi, multi_axes[carrier], digit, single, single_axis, flat)
     for k, a in enumerate(multi_axes):
         if k != carrier:
-            sink.freeze(multi, a, f"node '{node.name}': reshape splits/merges this axis with a larger one")
+            sink.freeze(multi, a, f"node '{node.name}': {RESHAPE_FREEZE}")
 
 
 def _freeze_rest(sink: RuleSink, node: Node, x: Value, xa: list[int], y: Value, ya: list[int]) -> None:

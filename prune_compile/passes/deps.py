@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import GraphError
+from ..errors import GraphError, UsageError
 from ..ir.graph import Graph, Value
-from .channel_rules import CONSUMER, PASSTHROUGH, PRODUCER, RuleSink, apply_rule
+from .channel_rules import CONSUMER, PASSTHROUGH, PRODUCER, RESHAPE_FREEZE, RuleSink, apply_rule
 
 _ROLE_RANK = {PRODUCER: 3, CONSUMER: 2, PASSTHROUGH: 1}
 
@@ -60,6 +60,7 @@ class DependencyResult:
     groups: list[Group]
     seconds: float = 0.0
     stats: dict[str, int] = field(default_factory=dict)
+    attention: str = "head_dim"
 
     def prunable(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
@@ -69,11 +70,14 @@ class DependencyResult:
 
 
 _MAX_CARRIER_ROUNDS = 6
+NO_PRODUCER = "no producer: these channels are not created by any prunable layer"
 
 
 class _Analysis(RuleSink):
-    def __init__(self, graph: Graph, carriers: dict[tuple[str, int], int] | None = None) -> None:
+    def __init__(self, graph: Graph, carriers: dict[tuple[str, int], int] | None = None,
+                 prefer_outer: bool = False) -> None:
         self.graph = graph
+        self.prefer_outer = prefer_outer
         self.carriers = dict(carriers or {})
         self.blocks: dict[tuple[str, int], list[tuple[Value, int]]] = {}
         self.slot_of: dict[tuple[int, int], int] = {}
@@ -238,7 +242,7 @@ class _Analysis(RuleSink):
             group.reason = self.reasons[int(frozen_ids[frozen_ids >= 0][0])]
         elif not has_producer:
             group.prunable = False
-            group.reason = "no producer: these channels are not created by any prunable layer"
+            group.reason = NO_PRODUCER
         elif not singles:
             group.prunable = False
             group.reason = "no slot maps its channels one to one"
@@ -248,23 +252,44 @@ class _Analysis(RuleSink):
         return group
 
 
-def analyze(graph: Graph) -> DependencyResult:
-    """Find every channel group of `graph` (which must have static shapes)."""
+ATTENTION_UNITS = ("head_dim", "heads")
+
+
+def analyze(graph: Graph, attention: str = "head_dim") -> DependencyResult:
+    """Find every channel group of `graph` (which must have static shapes).
+
+    `attention` picks what a split [C] → [heads, head_dim] prunes first: "head_dim" (the same dims in every head)
+    or "heads" (whole heads). Either falls back to the other where its channels end up frozen."""
+    if attention not in ATTENTION_UNITS:
+        raise UsageError(f"attention unit '{attention}': must be one of {', '.join(ATTENTION_UNITS)}")
     t0 = time.perf_counter()
     carriers: dict[tuple[str, int], int] = {}
     for _ in range(_MAX_CARRIER_ROUNDS):
-        analysis = _Analysis(graph, carriers)
+        analysis = _Analysis(graph, carriers, prefer_outer=attention == "heads")
         groups = analysis.run()
-        # A carrier is useful when its channels land in a prunable group with a choice (more than one channel).
-        prunable_slots = {(id(m.value), m.axis) for g in groups if g.prunable and g.size > 1 for m in g.members}
-        moved = False
+        # Move a block's carrier on when its channels land in single-channel groups (no choice to make) or in a
+        # frozen group. A freeze that comes from another reshape's non-carried axis waits one round: that block
+        # may move first (qkv [3C] → [3, C] must carry C before [C] → [heads, d] can carry heads). A group that
+        # only lacks a producer may gain one when another block moves: keep it.
+        bad: dict[tuple[int, int], str] = {}
+        for g in groups:
+            if g.size <= 1 or (not g.prunable and g.reason != NO_PRODUCER):
+                for m in g.members:
+                    bad[(id(m.value), m.axis)] = "" if g.size <= 1 else g.reason
+        moves = []
         for key, candidates in analysis.blocks.items():
             choice = min(carriers.get(key, 0), len(candidates) - 1)
             v, axis = candidates[choice]
-            if (id(v), axis) not in prunable_slots and choice + 1 < len(candidates):
-                carriers[key] = choice + 1
-                moved = True
+            reason = bad.get((id(v), axis))
+            if reason is not None and choice + 1 < len(candidates):
+                foreign = reason.endswith(RESHAPE_FREEZE) and not reason.startswith(f"node '{key[0]}'")
+                moves.append((key, choice + 1, foreign))
+        direct = [m for m in moves if not m[2]]
+        for key, choice, _ in direct or moves:
+            carriers[key] = choice
+        moved = bool(moves)
         if not moved:
             break
     return DependencyResult(groups, time.perf_counter() - t0,
-                            {"channels": int(analysis.n), "slots": len(analysis.slots), "groups": len(groups)})
+                            {"channels": int(analysis.n), "slots": len(analysis.slots), "groups": len(groups)},
+                            attention)

@@ -78,7 +78,7 @@ def _named(g: Group) -> list[Member]:
     return [m for m in g.params if not _is_folded(m)]
 
 
-def plan_to_json(deps: DependencyResult, plan: Plan) -> dict[str, Any]:
+def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = None) -> dict[str, Any]:
     """The `plan.json` document: every group, prunable or not, with per-parameter removed indices."""
     groups = []
     for g in deps.groups:
@@ -94,7 +94,7 @@ def plan_to_json(deps: DependencyResult, plan: Plan) -> dict[str, Any]:
         groups.append({"id": g.id, "prunable": g.prunable, "reason": g.reason, "channels": g.size,
                        "removed": [int(i) for i in removed], "exact": g.exact,
                        "inexact_reason": g.inexact_reason, "members": members})
-    return {"format": PLAN_FORMAT, "groups": groups}
+    return {"format": PLAN_FORMAT, "analysis": {"attention": attention or deps.attention}, "groups": groups}
 
 
 def plan_from_json(deps: DependencyResult, doc: dict[str, Any]) -> Plan:

@@ -139,12 +139,15 @@ _ATTR_FIXES: dict[str, Callable[[Node, Kept], None]] = {
 
 
 def pruned_copy(graph: Graph, plan: Plan, deps: DependencyResult | None = None) -> Graph:
-    """A pruned copy of `graph`; `graph` itself is left intact. `plan` refers to the groups of `analyze(graph)`."""
+    """A pruned copy of `graph`; `graph` itself is left intact. `plan` refers to the groups of `deps`
+    (by default `analyze(graph)`), which are rebound to the copy's values by name."""
+    from dataclasses import replace
+
     from .deps import analyze
 
+    deps = deps if deps is not None else analyze(graph)
     copy = graph.clone()
-    copy_deps = analyze(copy)
-    if deps is not None and len(deps.groups) != len(copy_deps.groups):
-        raise GraphError("internal: the copy's channel groups differ from the original's")
-    apply_plan(copy, copy_deps, plan)
+    by_name = {v.name: v for v in copy.values()}
+    groups = [replace(g, members=[replace(m, value=by_name[m.value.name]) for m in g.members]) for g in deps.groups]
+    apply_plan(copy, DependencyResult(groups, deps.seconds, deps.stats, deps.attention), plan)
     return copy
