@@ -56,7 +56,7 @@ def fetch_model(cache_dir: str, model_id: str) -> tuple[str, dict[str, list[int]
     return target, shapes
 
 
-def realistic_feeds(model_id: str, shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:
+def realistic_feeds(model_id: str, shapes: dict[str, list[int]], seed: int = 0) -> dict:
     """Inputs in the distribution each model was trained on, so its outputs are not saturated and an oracle's
     relative error is measured on a meaningful scale: a synthetic document (dark text-like boxes on paper,
     normalized as PaddleOCR does) for the OCR models, random byte values for Magika."""
