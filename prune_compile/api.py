@@ -214,9 +214,9 @@ def run(
     for t in targets:
         if t not in TARGETS:
             raise UsageError(f"--target {t}: must be one of {', '.join(TARGETS)}")
-    compile_targets = [t for t in targets if t != "none"]
+    compile_targets = sorted({t for t in targets if t != "none"})
     if compile_targets:
-        raise UsageError(f"--target {compile_targets[0]}: the TVM backend is not in this build yet; use --target none")
+        _check_toolchains(compile_targets)
     outdir = os.fspath(outdir)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UsageError(f"output directory '{outdir}' exists and is not a directory")
@@ -254,13 +254,70 @@ def run(
     report["outputs"]["onnx_sha256"] = hashlib.sha256(data).hexdigest()
     from .util import atomic_write_bytes, atomic_write_text
 
-    _prepare_outdir(outdir)  # only now: a failed run leaves nothing behind
-    files = {"onnx": os.path.join(outdir, OUTPUT_ONNX), "plan": os.path.join(outdir, OUTPUT_PLAN),
-             "report": os.path.join(outdir, OUTPUT_REPORT)}
-    atomic_write_bytes(files["onnx"], data)
-    atomic_write_text(files["plan"], json.dumps(plan_doc, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(files["report"], json.dumps(report, indent=2, sort_keys=True) + "\n")
+    staged = _build_targets(proto, compile_targets, outdir, loaded, report, verify)
+    try:
+        _prepare_outdir(outdir)  # only now: a failed run leaves nothing behind
+        files = {"onnx": os.path.join(outdir, OUTPUT_ONNX), "plan": os.path.join(outdir, OUTPUT_PLAN),
+                 "report": os.path.join(outdir, OUTPUT_REPORT)}
+        atomic_write_bytes(files["onnx"], data)
+        atomic_write_text(files["plan"], json.dumps(plan_doc, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(files["report"], json.dumps(report, indent=2, sort_keys=True) + "\n")
+        for target, tmp_path in staged.items():
+            files[target] = os.path.join(outdir, library_name(target))
+            os.replace(tmp_path, files[target])
+    finally:
+        for tmp_path in staged.values():
+            if os.path.exists(tmp_path):
+                os.unlink(tmp_path)
     return RunResult(outdir, files, report)
+
+
+def library_name(target: str) -> str:
+    return f"model.{target}.so"
+
+
+def _check_toolchains(targets: Sequence[str]) -> None:
+    """Fail before any work when a target cannot be built here (exit 2 or 4, with what to install)."""
+    from .backends import tvm as tvm_backend
+
+    for t in targets:
+        tvm_backend.check_toolchain(t)
+
+
+def _build_targets(proto, targets: Sequence[str], outdir: str, loaded: LoadedModel, report: dict[str, Any],
+                   verify: bool) -> dict[str, str]:
+    """Compile each target into a temp file beside OUTDIR; returns target → temp path (moved in by the caller)."""
+    if not targets:
+        return {}
+    import tempfile
+
+    from .backends import ort
+    from .backends import tvm as tvm_backend
+
+    parent = os.path.dirname(os.path.abspath(outdir)) or "."
+    staged: dict[str, str] = {}
+    report["targets"] = {}
+    try:
+        for target in targets:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target}-", suffix=".so", dir=parent)
+            os.close(fd)
+            staged[target] = tmp
+            result = tvm_backend.build(proto, target, tmp)
+            entry: dict[str, Any] = {"library": library_name(target), "target": result.target_json,
+                                     "pipeline": "default (untuned)"}
+            if verify and target == "cpu":
+                feeds = _feeds_for(proto, loaded.example_inputs)
+                got = tvm_backend.run_library(tmp, feeds, list(feeds))
+                err = ort.relative_error(ort.run(proto, feeds), got)
+                entry["verification"] = {"oracle": "TVM vs ONNX Runtime on the output model",
+                                         "max_relative_error": float(f"{err:.3e}")}
+            report["targets"][target] = entry
+    except BaseException:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return staged
 
 
 def _pruning_summary(deps, plan, ratio: float) -> dict[str, Any]:

@@ -77,6 +77,10 @@ def _summary(result: api.RunResult) -> str:
         what = "consumer-zeroed original" if "zeroed" in v["oracle"] else "original"
         lines.append(f"verified   max relative error vs {what}: {v['max_relative_error']:.2e}"
                      + (f" ({v['note']})" if v.get("note") else ""))
+    for target, t in sorted(r.get("targets", {}).items()):
+        check = t.get("verification")
+        lines.append(f"compiled   {target}: {t['library']} ({t['pipeline']})"
+                     + (f", max relative error vs ONNX Runtime {check['max_relative_error']:.2e}" if check else ""))
     for _, path in sorted(result.files.items()):
         lines.append(f"wrote      {path}")
     return "\n".join(lines)

@@ -147,10 +147,19 @@ def test_pruning_writes_plan_and_passes_the_oracle(tmp_path) -> None:
         assert pruned[param].dims[axis] == original[param].dims[axis] - len(idx), (param, axis)
 
 
-def test_unimplemented_targets_are_refused_honestly(tmp_path, capsys) -> None:
-    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--target", "cpu") == 2
-    assert "TVM backend" in capsys.readouterr().err
+def test_gpu_target_is_refused_honestly(tmp_path, capsys) -> None:
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--target", "gpu") == 2
+    assert "--target gpu" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_arm_without_cross_compiler_exits_4_naming_the_package(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no aarch64-linux-gnu-gcc on this PATH
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--target", "arm") == 4
+    err = capsys.readouterr().err
+    assert "apt-get install gcc-aarch64-linux-gnu" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".so")]
 
 
 def test_argparse_usage_errors_exit_2(capsys) -> None:
