@@ -18,7 +18,8 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m prune_compile.cli prune_compile/data/default_model.onnx -o demo-out --ratio 0 --target none
+	$(PY) -m prune_compile.cli prune_compile/data/default_model.onnx -o demo-out --ratio 0.5 --target cpu
+	@echo "report: demo-out/report.json (plan: demo-out/plan.json)"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_FLAGS) $(PYTEST_ARGS)

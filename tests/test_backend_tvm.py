@@ -46,7 +46,7 @@ def test_cli_compiles_for_cpu_and_tvm_agrees_with_onnx_runtime(tmp_path, ratio: 
 
 
 @pytest.mark.big
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vit_b_16"])
 def test_pruned_torchvision_model_tvm_equals_ort_equals_torch(tmp_path, name: str) -> None:
     import torch
 
@@ -58,13 +58,31 @@ def test_pruned_torchvision_model_tvm_equals_ort_equals_torch(tmp_path, name: st
     with torch.no_grad():
         torch_out = model(x).numpy()
     deps = analyze(graph)
-    for plan in (None, uniform_plan(deps, 0.5)):
+    for label, plan in (("full", None), ("pruned", uniform_plan(deps, 0.5))):
         g = graph if plan is None else pruned_copy(graph, plan, deps)
         proto = export_onnx(g)
-        lib = str(tmp_path / f"{name}.so")
+        lib = str(tmp_path / f"{name}.{label}.so")  # dlopen caches by path: never reuse one in a process
         tvm_backend.build(proto, "cpu", lib)
         feeds = {g.inputs[0].name: x.numpy()}
         ort_out = ort.run(proto, feeds)
         assert ort.relative_error(ort_out, tvm_backend.run_library(lib, feeds, list(feeds))) <= RTOL
         if plan is None:
             assert ort.relative_error([torch_out], ort_out) <= RTOL
+
+
+@pytest.mark.parametrize("model_id", ["ppocr_cls", "ppocrv4_rec"])
+def test_pruned_third_party_model_tvm_equals_ort(tmp_path, model_cache_dir: str, model_id: str) -> None:
+    import onnx
+
+    from prune_compile.ir import import_onnx
+
+    from .third_party import fetch_model, realistic_feeds
+
+    path, shapes = fetch_model(model_cache_dir, model_id)
+    graph = import_onnx(onnx.load(path), shapes)
+    deps = analyze(graph)
+    proto = export_onnx(pruned_copy(graph, uniform_plan(deps, 0.5), deps))
+    lib = str(tmp_path / f"{model_id}.so")
+    tvm_backend.build(proto, "cpu", lib)
+    feeds = realistic_feeds(model_id, shapes)
+    assert ort.relative_error(ort.run(proto, feeds), tvm_backend.run_library(lib, feeds, list(feeds))) <= RTOL
