@@ -48,13 +48,18 @@ def test_all_exact_groups_at_half(name: str, size: int, path: str) -> None:
         assert len(prunable) >= 10
 
 
+# Transformers need their training resolution; convnets give the same groups on a small input, 10x cheaper.
+_FIXED_SIZE = {"vit_b_16", "swin_t", "swin_v2_t", "maxvit_t"}
+
+
 @pytest.mark.parametrize("name,size", CASES)
 def test_each_exact_group_alone(name: str, size: int, request) -> None:
-    graph, feeds = _graphs(name, size, "torch")
+    small = size if name in _FIXED_SIZE else (96 if name == "inception_v3" else 64)
+    graph, feeds = _graphs(name, small, "torch")
     deps = analyze(graph)
     groups = [g for g in deps.prunable() if g.exact]
-    big = request.config.getoption("--run-big")
-    for g in sample(groups, 12 if big else 4):
+    # CI (--run-big) checks every exact group; the default run a spread of four.
+    for g in groups if request.config.getoption("--run-big") else sample(groups, 4):
         err = oracle_error(graph, deps, exact_plan(deps, 0.5, only=g.id), feeds)
         assert err <= RTOL, f"group {g.id} ({[param_name(m) for m in g.producers()][:2]}): {err:.2e}"
 
