@@ -91,7 +91,7 @@ def test_vit_heads_and_hidden_dim_are_pruned() -> None:
     graph, feeds = _graphs("vit_b_16", 224, "torch")
     for unit, attn_size in (("head_dim", 64), ("heads", 12)):
         deps = analyze(graph, attention=unit)
-        attention = [g for g in deps.prunable() if any("in_proj" in param_name(m) for m in g.params)]
+        attention = [g for g in deps.prunable() if any("in_proj" in param_name(m) for m in g.producers())]
         assert len(attention) == 12 and {g.size for g in attention} == {attn_size}
         hidden = [g for g in deps.prunable() if any(param_name(m) == "conv_proj.weight" for m in g.params)]
         assert len(hidden) == 1 and hidden[0].size == 768 and not hidden[0].exact  # through every LayerNorm
