@@ -210,10 +210,8 @@ class _Importer:
             shape.append(int(d))
         return Value(self.unique(name), shape, _np_dtype(val.dtype))
 
-    def out(self, node: torch.fx.Node, suffix: str = "") -> Value:
-        """A fresh value for `node`'s (single) result, or an intermediate when `suffix` is given."""
-        if suffix:
-            return Value(self.unique(f"{node.name}_{suffix}"), None, np.float32)
+    def out(self, node: torch.fx.Node) -> Value:
+        """A fresh value for `node`'s (single) result."""
         return self._value_from_meta(node.name, node)
 
     def _add(self, op, ins, outs, attrs, node, opaque=None):
@@ -540,25 +538,22 @@ def _cat(imp, node):
 
 @_aten(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
 def _split(imp, node):
+    """split/chunk → split; unbind → split into size-1 pieces, each squeezed."""
     x = imp.v(node.args[0])
     vals = node.meta["val"]
-    if node.target is aten.unbind.int:
-        dim = int(_arg(node, 1, "dim", 0)) % x.rank
-    else:
-        dim = int(_arg(node, 2, "dim", 0)) % x.rank
-    sizes = [int(t.shape[dim]) if node.target is not aten.unbind.int else 1 for t in vals]
-    outs = [Value(imp.unique(f"{node.name}_{i}"), tuple(t.shape) if node.target is not aten.unbind.int else
-                  tuple(1 if a == dim else d for a, d in enumerate(x.shape)), _np_dtype(t.dtype))
-            for i, t in enumerate(vals)]
-    imp._add("split", [x], outs, {"axis": dim, "split": sizes}, node)
-    if node.target is aten.unbind.int:
-        squeezed = []
-        for i, (o, t) in enumerate(zip(outs, vals, strict=True)):
-            sq = Value(imp.unique(f"{node.name}_sq{i}"), tuple(t.shape), _np_dtype(t.dtype))
-            imp._add("squeeze", [o], [sq], {"axes": [dim]}, node)
-            squeezed.append(sq)
-        return tuple(squeezed)
-    return tuple(outs)
+    unbind = node.target is aten.unbind.int
+    dim = int(_arg(node, 1 if unbind else 2, "dim", 0)) % x.rank
+    pieces = [tuple(1 if a == dim else d for a, d in enumerate(x.shape)) if unbind else tuple(t.shape) for t in vals]
+    outs = [Value(imp.unique(f"{node.name}_{i}"), shape, x.dtype) for i, shape in enumerate(pieces)]
+    imp._add("split", [x], outs, {"axis": dim, "split": [p[dim] for p in pieces]}, node)
+    if not unbind:
+        return tuple(outs)
+    squeezed = []
+    for i, (piece, t) in enumerate(zip(outs, vals, strict=True)):
+        sq = Value(imp.unique(f"{node.name}_sq{i}"), tuple(t.shape), x.dtype)
+        imp._add("squeeze", [piece], [sq], {"axes": [dim]}, node)
+        squeezed.append(sq)
+    return tuple(squeezed)
 
 
 @_aten(aten.slice.Tensor)
