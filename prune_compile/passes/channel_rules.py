@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -23,24 +24,26 @@ PRODUCER, CONSUMER, PASSTHROUGH = "producer", "consumer", "passthrough"
 RESHAPE_FREEZE = "reshape splits or merges this axis with the one that carries the channels"
 
 
-class RuleSink:
+class RuleSink(Protocol):
     """What a rule talks to; implemented by the dependency pass."""
 
-    def couple(self, a: Value, axis_a: int, b: Value, axis_b: int) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    prefer_outer: bool  # attention="heads": a split block carries its outer axis (heads) before the largest
+
+    def couple(self, a: Value, axis_a: int, b: Value, axis_b: int) -> None:
+        ...
 
     def couple_pairs(self, a: Value, axis_a: int, ia: np.ndarray, b: Value, axis_b: int,
-                     ib: np.ndarray) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+                     ib: np.ndarray) -> None:
+        ...
 
-    def role(self, const: Value, axis: int, role: str) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def role(self, const: Value, axis: int, role: str) -> None:
+        ...
 
-    def freeze(self, v: Value, axis: int, reason: str) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def freeze(self, v: Value, axis: int, reason: str) -> None:
+        ...
 
-    def mixing(self, v: Value, axis: int, reason: str) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def mixing(self, v: Value, axis: int, reason: str) -> None:
+        ...
 
     def carrier(self, node: Node, block: int, candidates: list[tuple[Value, int]]) -> int:
         """Which of `candidates` (best first) carries the channels of a reshape block; see `reshape_couple`."""
@@ -410,7 +413,7 @@ def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value,
     single, single_axis, multi, multi_axes = (x, bx[0], y, by) if len(bx) == 1 else (y, by[0], x, bx)
     sizes = [multi.shape[a] for a in multi_axes]
     ranked = sorted(range(len(sizes)), key=lambda k: (-sizes[k], k))
-    if getattr(sink, "prefer_outer", False):  # attention="heads": the head axis before head_dim
+    if sink.prefer_outer:
         ranked = list(range(len(sizes)))
     carrier = ranked[sink.carrier(node, block, [(multi, multi_axes[k]) for k in ranked])]
     inner = int(np.prod(sizes[carrier + 1:], dtype=np.int64))
