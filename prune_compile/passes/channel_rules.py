@@ -110,6 +110,20 @@ def _binary(sink: RuleSink, node: Node) -> None:
 
 
 # -- producers and consumers -----------------------------------------------------------------------------------
+def _weight_roles(sink: RuleSink, w: Value, b: Value | None, out_axis: int, in_axis: int | None) -> None:
+    """Weight rows along `out_axis` (and the bias) produce channels; columns along `in_axis` consume them."""
+    sink.role(w, out_axis, PRODUCER)
+    if in_axis is not None:
+        sink.role(w, in_axis, CONSUMER)
+    if b is not None:
+        sink.role(b, 0, PRODUCER)
+
+
+def _freeze_kernel(sink: RuleSink, node: Node, w: Value) -> None:
+    for axis in range(2, len(w.shape)):
+        sink.freeze(w, axis, f"node '{node.name}': kernel axis")
+
+
 @rule("conv")
 def _conv(sink: RuleSink, node: Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
@@ -123,18 +137,13 @@ def _conv(sink: RuleSink, node: Node) -> None:
         sink.couple(b, 0, y, 1)
     if group == 1:
         sink.couple(x, 1, w, 1)
-        sink.role(w, 1, CONSUMER)
-        sink.role(w, 0, PRODUCER)
-        if b is not None:
-            sink.role(b, 0, PRODUCER)
+        _weight_roles(sink, w, b, 0, 1)
     elif group == cin and cout % cin == 0:
         # Depthwise (with multiplier m): output channel c*m + j reads input channel c only.
         m = cout // cin
         out_idx = np.arange(cout)
         sink.couple_pairs(x, 1, out_idx // m, y, 1, out_idx)
-        sink.role(w, 0, PRODUCER)
-        if b is not None:
-            sink.role(b, 0, PRODUCER)
+        _weight_roles(sink, w, b, 0, None)
     else:
         # Grouped conv: a dense grouped weight needs the same channel count in every group, so local index j
         # is removed from every group at once (ResNeXt, RegNet): input channel i ≡ weight column i mod (cin/g),
@@ -143,12 +152,8 @@ def _conv(sink: RuleSink, node: Node) -> None:
         in_idx, out_idx = np.arange(cin), np.arange(cout)
         sink.couple_pairs(x, 1, in_idx, w, 1, in_idx % per_in)
         sink.couple_pairs(y, 1, out_idx, y, 1, out_idx % per_out)
-        sink.role(w, 1, CONSUMER)
-        sink.role(w, 0, PRODUCER)
-        if b is not None:
-            sink.role(b, 0, PRODUCER)
-    for axis in range(2, len(w.shape)):
-        sink.freeze(w, axis, f"node '{node.name}': kernel axis")
+        _weight_roles(sink, w, b, 0, 1)
+    _freeze_kernel(sink, node, w)
 
 
 @rule("conv_transpose")
@@ -163,18 +168,14 @@ def _conv_transpose(sink: RuleSink, node: Node) -> None:
     if group == 1:
         sink.couple(x, 1, w, 0)
         sink.couple(w, 1, y, 1)
-        sink.role(w, 0, CONSUMER)
-        sink.role(w, 1, PRODUCER)
-        if b is not None:
-            sink.role(b, 0, PRODUCER)
+        _weight_roles(sink, w, b, 1, 0)
     else:
         reason = f"node '{node.name}': grouped conv_transpose (groups={group})"
         for v, axis in ((x, 1), (y, 1), (w, 0), (w, 1)):
             sink.freeze(v, axis, reason)
         if b is not None:
             sink.freeze(b, 0, reason)
-    for axis in range(2, len(w.shape)):
-        sink.freeze(w, axis, f"node '{node.name}': kernel axis")
+    _freeze_kernel(sink, node, w)
 
 
 @rule("linear")
@@ -187,11 +188,9 @@ def _linear(sink: RuleSink, node: Node) -> None:
         sink.couple(x, axis, y, axis)
     sink.couple(x, last, w, 1)
     sink.couple(w, 0, y, last)
-    sink.role(w, 1, CONSUMER)
-    sink.role(w, 0, PRODUCER)
     if b is not None:
         sink.couple(b, 0, y, last)
-        sink.role(b, 0, PRODUCER)
+    _weight_roles(sink, w, b, 0, 1)
 
 
 @rule("gemm")
