@@ -207,16 +207,38 @@ def run(
     targets: Sequence[str] = ("none",),
     verify: bool = True,
     attention: str = "head_dim",
+    tune: int = 0,
+    tune_db: str | os.PathLike | None = None,
+    rpc: Any = None,
+    target_options: Any = None,
+    progress: Any = None,
 ) -> RunResult:
-    """Import, (prune), export: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s."""
+    """Import, (prune), export, compile: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s.
+
+    `tune` is the MetaSchedule trial budget per target (0: default schedules); `tune_db` the database root
+    (default: ~/.cache/prune-compile/tuning); `rpc` a `backends.tvm.RPCSettings` to measure on a remote device;
+    `target_options` a `backends.tvm.TargetOptions` (ARM board, GPU arch, cores); `progress(line, final)` receives
+    status lines of long steps."""
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio {ratio}: must be in [0, 1)")
     for t in targets:
         if t not in TARGETS:
             raise UsageError(f"--target {t}: must be one of {', '.join(TARGETS)}")
+    if tune < 0:
+        raise UsageError(f"--tune {tune}: must be >= 0")
     compile_targets = sorted({t for t in targets if t != "none"})
+    backend = None
     if compile_targets:
-        _check_toolchains(compile_targets)
+        from .backends import tvm as tvm_backend
+
+        backend = _Backend(target_options or tvm_backend.TargetOptions(),
+                           tvm_backend.TuningOptions(trials=tune, database=os.fspath(tune_db) if tune_db else None,
+                                                     rpc=rpc, progress=progress) if tune else None)
+        for t in compile_targets:
+            tvm_backend.check_toolchain(t, backend.target_options)
+            if tune and t != "cpu" and rpc is None:
+                raise UsageError(f"--tune for --target {t} measures candidates on that device: pass --rpc-tracker "
+                                 "HOST:PORT and --rpc-key KEY")
     outdir = os.fspath(outdir)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UsageError(f"output directory '{outdir}' exists and is not a directory")
@@ -254,7 +276,7 @@ def run(
     report["outputs"]["onnx_sha256"] = hashlib.sha256(data).hexdigest()
     from .util import atomic_write_bytes, atomic_write_text
 
-    staged = _build_targets(proto, compile_targets, outdir, loaded, report, verify)
+    staged = _build_targets(proto, compile_targets, outdir, loaded, report, verify, backend)
     try:
         _prepare_outdir(outdir)  # only now: a failed run leaves nothing behind
         files = {"onnx": os.path.join(outdir, OUTPUT_ONNX), "plan": os.path.join(outdir, OUTPUT_PLAN),
@@ -276,16 +298,14 @@ def library_name(target: str) -> str:
     return f"model.{target}.so"
 
 
-def _check_toolchains(targets: Sequence[str]) -> None:
-    """Fail before any work when a target cannot be built here (exit 2 or 4, with what to install)."""
-    from .backends import tvm as tvm_backend
-
-    for t in targets:
-        tvm_backend.check_toolchain(t)
+@dataclass
+class _Backend:
+    target_options: Any
+    tuning: Any
 
 
 def _build_targets(proto, targets: Sequence[str], outdir: str, loaded: LoadedModel, report: dict[str, Any],
-                   verify: bool) -> dict[str, str]:
+                   verify: bool, backend: _Backend | None) -> dict[str, str]:
     """Compile each target into a temp file beside OUTDIR; returns target → temp path (moved in by the caller)."""
     if not targets:
         return {}
@@ -302,9 +322,13 @@ def _build_targets(proto, targets: Sequence[str], outdir: str, loaded: LoadedMod
             fd, tmp = tempfile.mkstemp(prefix=f".{target}-", suffix=".so", dir=parent)
             os.close(fd)
             staged[target] = tmp
-            result = tvm_backend.build(proto, target, tmp)
+            result = tvm_backend.build(proto, target, tmp, backend.target_options, backend.tuning)
             entry: dict[str, Any] = {"library": library_name(target), "target": result.target_json,
-                                     "pipeline": "default (untuned)"}
+                                     "pipeline": result.pipeline}
+            if result.tuning is not None:
+                entry["tuning"] = result.tuning
+            if result.device_code:
+                entry["device_code"] = result.device_code
             if verify and target == "cpu":
                 feeds = _feeds_for(proto, loaded.example_inputs)
                 got = tvm_backend.run_library(tmp, feeds, list(feeds))

@@ -30,6 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of channels to remove per group, in [0, 1)")
     p.add_argument("--target", action="append", choices=api.TARGETS, default=None,
                    help="compile target (repeatable); 'none' only exports ONNX")
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="MetaSchedule trial budget per target, split across tasks by FLOPs (0: default schedules)")
+    p.add_argument("--tune-db", metavar="DIR", default=None,
+                   help="tuning database root, shared across runs (default: ~/.cache/prune-compile/tuning); "
+                        "a rebuild of the same graph and target runs 0 trials")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", default=None,
+                   help="measure tuning candidates on devices registered with this TVM RPC tracker")
+    p.add_argument("--rpc-key", metavar="KEY", default=None, help="device key at the RPC tracker")
+    p.add_argument("--arm-board", default="generic", metavar="BOARD",
+                   help="aarch64 board the arm target schedules for: generic, rasp4, rasp5, graviton2, graviton3, "
+                        "jetson-orin")
+    p.add_argument("--gpu-arch", default="sm_90", metavar="sm_XX", help="CUDA architecture of the gpu target")
+    p.add_argument("--num-cores", type=int, default=None, metavar="N",
+                   help="threads the compiled code uses (default: this machine's cores; the board's for arm)")
     p.add_argument("--attention", choices=("head_dim", "heads"), default="head_dim",
                    help="what attention pruning removes first: the same head_dim in every head, or whole heads")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the exported model")
@@ -44,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = api.parse_input_shapes(args.input_shape)
         result = api.run(args.model, args.output, input_shapes=shapes, ratio=args.ratio,
                          targets=args.target or ["none"], verify=not args.no_verify,
-                         attention=args.attention)
+                         attention=args.attention, tune=args.tune, tune_db=args.tune_db,
+                         rpc=_rpc_settings(args), target_options=_target_options(args),
+                         progress=None if args.quiet else _progress())
     except PruneCompileError as e:
         print(f"prune-compile: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -53,6 +69,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not args.quiet:
         print(_summary(result))
     return 0
+
+
+def _rpc_settings(args: argparse.Namespace):
+    if (args.rpc_tracker is None) != (args.rpc_key is None):
+        raise api.UsageError("--rpc-tracker and --rpc-key go together")
+    if args.rpc_tracker is None:
+        return None
+    from .backends.tvm.tuning import RPCSettings
+
+    settings = RPCSettings(args.rpc_tracker, args.rpc_key)
+    settings.host_port()  # validates HOST:PORT
+    return settings
+
+
+def _target_options(args: argparse.Namespace):
+    from .backends.tvm.targets import TargetOptions
+
+    if args.num_cores is not None and args.num_cores <= 0:
+        raise api.UsageError(f"--num-cores {args.num_cores}: must be positive")
+    return TargetOptions(arm_board=args.arm_board, gpu_arch=args.gpu_arch, num_cores=args.num_cores)
+
+
+def _progress():
+    from .backends.tvm.tuning import terminal_progress
+
+    return terminal_progress()
 
 
 def _summary(result: api.RunResult) -> str:
@@ -81,6 +123,13 @@ def _summary(result: api.RunResult) -> str:
         check = t.get("verification")
         lines.append(f"compiled   {target}: {t['library']} ({t['pipeline']})"
                      + (f", max relative error vs ONNX Runtime {check['max_relative_error']:.2e}" if check else ""))
+        if "tuning" in t:
+            tu = t["tuning"]
+            lines.append(f"  tuning   {tu['trials_run']} trials run on {tu['tasks_tuned']}/{tu['tasks']} tasks "
+                         f"(budget {tu['trials_requested']}); database {tu['database']}")
+        if t.get("device_code"):
+            d = t["device_code"]
+            lines.append(f"  device   {d['format']} for {d['arch']} ({d['bytes']:,} bytes, {d['compiler']})")
     for _, path in sorted(result.files.items()):
         lines.append(f"wrote      {path}")
     return "\n".join(lines)

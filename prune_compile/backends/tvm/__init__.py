@@ -1,0 +1,22 @@
+"""Apache TVM (Relax) backend: target presets, MetaSchedule tuning with a persistent database, build and export.
+
+TVM is imported lazily by each function: `import prune_compile` stays fast, and MetaSchedule's worker processes,
+which import this package to find the builder function, do not pay for it twice.
+"""
+
+from .build import BuildResult, build, compile_model, load_library, run_library
+from .targets import (
+    ARM_APT_PACKAGE,
+    ARM_BOARDS,
+    ARM_CROSS_COMPILER,
+    TARGET_NAMES,
+    TargetOptions,
+    check_toolchain,
+    make_target,
+    target_dict,
+)
+from .tuning import RPCSettings, TuningOptions, TuningSummary, allocate_trials, default_database_root
+
+__all__ = ["ARM_APT_PACKAGE", "ARM_BOARDS", "ARM_CROSS_COMPILER", "TARGET_NAMES", "BuildResult", "RPCSettings",
+           "TargetOptions", "TuningOptions", "TuningSummary", "allocate_trials", "build", "check_toolchain",
+           "compile_model", "default_database_root", "load_library", "make_target", "run_library", "target_dict"]

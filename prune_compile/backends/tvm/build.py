@@ -1,0 +1,150 @@
+"""Build an ONNX model (the pruned output) with TVM Relax for a target preset and export a shared library.
+
+Pipeline: Relax ONNX frontend (weights bound as constants) → for tuned builds: DecomposeOpsForInference,
+CanonicalizeBindings, the zero pipeline (legalize, fold, fuse), MetaSchedule, apply the database → `tvm.compile`
+(default pipeline; for CUDA it schedules whatever is left with dlight) → `export_library`. `arm` links with the
+aarch64 cross compiler; `gpu` embeds a fatbin compiled by nvcc (see cuda_embed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ...errors import BackendError, UsageError
+from .targets import ARM_CROSS_COMPILER, TargetOptions, check_toolchain, find_nvcc, make_target
+from .tuning import TuningOptions, tune
+
+
+@dataclass
+class BuildResult:
+    target: str
+    path: str
+    target_json: str
+    pipeline: str
+    tuning: dict[str, Any] | None = None
+    device_code: dict[str, Any] = field(default_factory=dict)
+
+
+def _last_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+@contextlib.contextmanager
+def _cuda_env() -> Any:
+    """TVM's CUDA helpers find the toolkit from CUDA_PATH; point it at the nvcc we found."""
+    saved = os.environ.get("CUDA_PATH")
+    nvcc = find_nvcc()
+    if saved is None and nvcc:
+        os.environ["CUDA_PATH"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    try:
+        yield nvcc
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_PATH", None)
+
+
+def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = TargetOptions(),
+                  tuning: TuningOptions | None = None):
+    """Compile to an in-memory Relax executable. Returns (executable, tvm target, pipeline name, tuning summary)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    tvm_target = make_target(target, target_options)
+    try:
+        mod = from_onnx(model, keep_params_in_input=False)
+    except Exception as e:
+        raise BackendError(f"TVM's ONNX frontend rejected the model: {_last_line(e)}") from e
+    summary = None
+    pipeline = "default (untuned)"
+    try:
+        if tuning is not None and tuning.trials > 0:
+            with tvm_target:
+                mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                                relax.transform.CanonicalizeBindings(),
+                                                relax.get_pipeline("zero")])(mod)
+            database, summary = tune(mod, tvm_target, target, tuning)
+            with tvm_target, database:
+                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+            pipeline = "metaschedule"
+        with tvm_target:
+            executable = tvm.compile(mod, target=tvm_target)
+    except (UsageError, BackendError):
+        raise
+    except Exception as e:
+        raise BackendError(f"TVM failed to build for {target}: {_last_line(e)}") from e
+    return executable, tvm_target, pipeline, summary
+
+
+def build(model: onnx.ModelProto, target: str, path: str, target_options: TargetOptions = TargetOptions(),
+          tuning: TuningOptions | None = None) -> BuildResult:
+    """Compile `model` for `target` and write the shared library to `path` atomically."""
+    check_toolchain(target, target_options)
+    with _cuda_env() if target == "gpu" else contextlib.nullcontext() as nvcc:
+        executable, tvm_target, pipeline, summary = compile_model(model, target, target_options, tuning)
+        export_kwargs: dict[str, Any] = {}
+        device_code: dict[str, Any] = {}
+        if target == "arm":
+            from tvm.contrib import cc
+
+            export_kwargs["fcompile"] = cc.cross_compiler(ARM_CROSS_COMPILER)
+        if target == "gpu":
+            from .cuda_embed import compile_fatbin, cuda_source_of, make_fpack_imports
+
+            source = cuda_source_of(executable.mod)
+            if source is not None:
+                fatbin = compile_fatbin(source, target_options.gpu_arch, nvcc)
+                export_kwargs["fpack_imports"] = make_fpack_imports(source, fatbin)
+                device_code = {"format": "fatbin", "arch": target_options.gpu_arch, "bytes": len(fatbin),
+                               "compiler": "nvcc"}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=directory)
+        os.close(fd)
+        try:
+            executable.export_library(tmp, **export_kwargs)
+            os.replace(tmp, path)
+        except (UsageError, BackendError):
+            raise
+        except Exception as e:
+            raise BackendError(f"TVM failed to export the {target} library: {_last_line(e)}") from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return BuildResult(target, path, str(tvm_target), pipeline, summary.to_json() if summary else None, device_code)
+
+
+def load_library(path: str, device: str = "cpu"):
+    """A Relax VirtualMachine over a library built by `build` (never reload a rewritten path in-process: dlopen
+    caches by path)."""
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cpu() if device == "cpu" else tvm.cuda()
+    try:
+        return relax.VirtualMachine(tvm.runtime.load_module(path), dev), dev
+    except Exception as e:
+        raise BackendError(f"TVM failed to load '{path}': {_last_line(e)}") from e
+
+
+def run_library(path: str, inputs: Mapping[str, np.ndarray], input_order: list[str],
+                device: str = "cpu") -> list[np.ndarray]:
+    """Load a library built by `build` on this machine and run it once."""
+    import tvm
+
+    vm, dev = load_library(path, device)
+    try:
+        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), dev) for name in input_order]
+        out = vm["main"](*args)
+    except Exception as e:
+        raise BackendError(f"TVM failed to run '{path}': {_last_line(e)}") from e
+    outs = [out] if hasattr(out, "numpy") else list(out)  # one output: a tensor; several: a tuple
+    return [o.numpy() for o in outs]

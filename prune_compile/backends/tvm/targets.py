@@ -1,0 +1,98 @@
+"""Target presets (`cpu`, `arm`, `gpu`) and the toolchain checks that run before any work is done.
+
+A preset turns a short name plus a few options into a TVM target dict. TVM 0.27 only accepts targets as JSON dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+from ...errors import BackendError, UsageError
+
+TARGET_NAMES = ("cpu", "arm", "gpu")
+ARM_CROSS_COMPILER = "aarch64-linux-gnu-gcc"
+ARM_APT_PACKAGE = "gcc-aarch64-linux-gnu"
+CUDA_APT_PACKAGE = "nvidia-cuda-toolkit"
+DEFAULT_GPU_ARCH = "sm_90"
+
+# Named aarch64 boards: the core LLVM should schedule for, its extensions, and how many cores it has.
+ARM_BOARDS: dict[str, dict] = {
+    "generic": {"mcpu": None, "mattr": ["+neon"], "cores": None},
+    "rasp4": {"mcpu": "cortex-a72", "mattr": ["+neon"], "cores": 4},
+    "rasp5": {"mcpu": "cortex-a76", "mattr": ["+neon"], "cores": 4},
+    "graviton2": {"mcpu": "neoverse-n1", "mattr": ["+neon"], "cores": None},
+    "graviton3": {"mcpu": "neoverse-v1", "mattr": ["+neon", "+sve"], "cores": None},
+    "jetson-orin": {"mcpu": "cortex-a78ae", "mattr": ["+neon"], "cores": None},
+}
+_SM = re.compile(r"^sm_(\d{2,3})[a-z]?$")
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Per-target knobs the CLI exposes (`--arm-board`, `--gpu-arch`, `--num-cores`)."""
+
+    arm_board: str = "generic"
+    gpu_arch: str = DEFAULT_GPU_ARCH
+    num_cores: int | None = None
+
+
+def target_dict(name: str, options: TargetOptions = TargetOptions()) -> dict:
+    """The JSON-dict form of a preset; validates the options (UsageError on a bad one)."""
+    if name == "cpu":
+        from tvm.target import codegen
+
+        return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
+                "num-cores": options.num_cores or os.cpu_count() or 1}
+    if name == "arm":
+        board = ARM_BOARDS.get(options.arm_board)
+        if board is None:
+            raise UsageError(f"--arm-board {options.arm_board}: unknown board ({', '.join(ARM_BOARDS)})")
+        d = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": list(board["mattr"])}
+        if board["mcpu"]:
+            d["mcpu"] = board["mcpu"]
+        cores = options.num_cores or board["cores"]
+        if cores:
+            d["num-cores"] = cores
+        return d
+    if name == "gpu":
+        if not _SM.match(options.gpu_arch):
+            raise UsageError(f"--gpu-arch {options.gpu_arch}: expected sm_XX (for example sm_90)")
+        return {"kind": "cuda", "arch": options.gpu_arch, "host": {"kind": "llvm"}}
+    raise UsageError(f"--target {name}: unknown target ({', '.join(TARGET_NAMES)})")
+
+
+def make_target(name: str, options: TargetOptions = TargetOptions()):
+    import tvm
+
+    return tvm.target.Target(target_dict(name, options))
+
+
+def find_nvcc() -> str | None:
+    """nvcc from PATH, else from CUDA_PATH/CUDA_HOME, else the usual install prefix."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
+            return os.path.join(root, "bin", "nvcc")
+    return None
+
+
+def check_toolchain(name: str, options: TargetOptions = TargetOptions()) -> None:
+    """Raise the error a build would hit (missing compiler, bad option) before any work is done."""
+    if name not in TARGET_NAMES:
+        raise UsageError(f"--target {name}: unknown target ({', '.join(TARGET_NAMES)})")
+    if name == "arm" and shutil.which(ARM_CROSS_COMPILER) is None:
+        raise BackendError(f"--target arm needs the cross compiler {ARM_CROSS_COMPILER}: "
+                           f"apt-get install {ARM_APT_PACKAGE}")
+    if name == "gpu" and find_nvcc() is None:
+        raise BackendError(f"--target gpu needs nvcc (the CUDA toolkit) to compile device code: "
+                           f"apt-get install {CUDA_APT_PACKAGE}, or put a CUDA toolkit's bin/ on PATH")
+    try:
+        import tvm  # noqa: F401
+    except Exception as e:
+        raise BackendError(f"Apache TVM cannot be imported: {e}") from e
+    target_dict(name, options)  # option errors (board, arch) surface here too

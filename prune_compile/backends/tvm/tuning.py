@@ -1,0 +1,262 @@
+"""MetaSchedule tuning with a persistent database, sized for small machines.
+
+- **Builder**: MetaSchedule's default builder imports `tvm.s_tir.tensor_intrin` in every worker (~25 s here) and
+  hits its 30 s timeout. Ours (`_build_candidate`) only strips layout-rewrite blocks and calls `tvm.tirx.build`,
+  with a longer timeout.
+- **Budget**: the trial budget is split across tasks by their share of FLOPs (× how often each runs), with a floor
+  so that every task that gets trials gets enough for one search round. Tasks are tuned one at a time, which gives
+  an honest progress bar and keeps each task to its share.
+- **Database**: one directory per target (JSON workloads + records, shared by every graph built for that target,
+  so pruned variants with repeated shapes reuse records) plus a ledger of trials already spent per task. A rebuild
+  asks only for the trials a task has not had yet: the same graph and target a second time runs 0 trials.
+- **Runner**: local, or TVM RPC through a tracker (`RPCSettings`) to measure on a real board or a device farm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ...errors import BackendError, UsageError
+
+MIN_TRIALS_PER_TASK = 8
+BUILD_TIMEOUT_S = 180.0
+RUN_TIMEOUT_S = 60.0
+LEDGER = "ledger.json"
+
+
+@dataclass(frozen=True)
+class RPCSettings:
+    """Where candidates are measured when not on this machine: a TVM RPC tracker and the device key."""
+
+    tracker: str  # host:port
+    key: str
+    session_timeout_s: int = 120
+
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.tracker.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise UsageError(f"--rpc-tracker {self.tracker}: expected HOST:PORT")
+        return host, int(port)
+
+
+@dataclass
+class TuningOptions:
+    trials: int = 0
+    database: str | None = None  # root directory; default: default_database_root()
+    rpc: RPCSettings | None = None
+    seed: int = 0
+    progress: Callable[[str, bool], None] | None = None  # (status line, final) per step
+
+
+@dataclass
+class TuningSummary:
+    trials_requested: int
+    trials_run: int
+    tasks: int
+    tasks_tuned: int
+    database: str
+    per_task: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"trials_requested": self.trials_requested, "trials_run": self.trials_run, "tasks": self.tasks,
+                "tasks_tuned": self.tasks_tuned, "database": self.database, "per_task": self.per_task}
+
+
+def default_database_root() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "prune-compile", "tuning")
+
+
+def database_dir(root: str, target_name: str, target_json: str) -> str:
+    """One database per target: the records of a target are only valid for exactly that target."""
+    digest = hashlib.sha256(target_json.encode()).hexdigest()[:12]
+    return os.path.join(root, f"{target_name}-{digest}")
+
+
+def allocate_trials(weights: list[float], total: int, floor: int = MIN_TRIALS_PER_TASK) -> list[int]:
+    """Split `total` trials across tasks in proportion to `weights` (FLOPs × calls), at least `floor` for each
+    task that gets any. When the budget cannot give every task its floor, the heaviest tasks get it first."""
+    n = len(weights)
+    alloc = [0] * n
+    if total <= 0 or n == 0:
+        return alloc
+    order = sorted(range(n), key=lambda i: (-weights[i], i))
+    chosen = order[: max(1, min(n, total // floor))]
+    wsum = sum(max(weights[i], 0.0) for i in chosen)
+    # Proportional shares above the floor, by largest remainder, so the sum is exactly `total`.
+    spare = total - floor * len(chosen)
+    if spare < 0:  # fewer trials than one floor: all to the heaviest task
+        alloc[order[0]] = total
+        return alloc
+    shares = {i: spare * (max(weights[i], 0.0) / wsum if wsum else 1.0 / len(chosen)) for i in chosen}
+    for i in chosen:
+        alloc[i] = floor + int(shares[i])
+    left = total - sum(alloc)
+    for i in sorted(chosen, key=lambda i: (-(shares[i] - int(shares[i])), i))[:left]:
+        alloc[i] += 1
+    return alloc
+
+
+def _build_candidate(mod, target, _params):
+    """MetaSchedule builder function: what the default does, minus importing every tensor intrinsic."""
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm.tirx.build(mod, target=target)
+
+
+def _export_aarch64(mod) -> str:
+    """MetaSchedule export function for remote aarch64 boards: a shared library linked here, not on the board."""
+    import tempfile
+
+    from tvm.contrib import cc
+
+    from .targets import ARM_CROSS_COMPILER
+
+    path = os.path.join(tempfile.mkdtemp(prefix="prune-compile-ms-"), "candidate.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(ARM_CROSS_COMPILER))
+    return path
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """Serialize tuning runs that share a database (parallel builds in a build system)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _quiet_meta_schedule() -> None:
+    """MetaSchedule prints every task table to stdout (which --json owns). Its console handler takes the level of
+    the `tvm.s_tir.meta_schedule` logger when each task's loggers are configured, and configuring resets that
+    level to DEBUG: so this runs before each task. The per-task log files in the database's logs/ keep it all."""
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+
+
+def _load_ledger(directory: str) -> dict[str, int]:
+    path = os.path.join(directory, LEDGER)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return {str(k): int(v) for k, v in data.get("trials", {}).items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise BackendError(f"tuning database ledger '{path}' is unreadable: {e}") from e
+
+
+def _save_ledger(directory: str, ledger: dict[str, int]) -> None:
+    from ...util import atomic_write_text
+
+    atomic_write_text(os.path.join(directory, LEDGER),
+                      json.dumps({"format": "prune-compile.tuning-ledger/1", "trials": ledger}, indent=1,
+                                 sort_keys=True) + "\n")
+
+
+def task_key(task) -> str:
+    import tvm_ffi
+
+    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _runner(target_name: str, rpc: RPCSettings | None):
+    from tvm.s_tir import meta_schedule as ms
+
+    if rpc is None:
+        if target_name != "cpu":
+            raise UsageError(f"tuning for --target {target_name} measures on that device: pass --rpc-tracker "
+                             "HOST:PORT and --rpc-key KEY of a TVM RPC tracker that has it")
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+    host, port = rpc.host_port()
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc.key,
+                                 session_timeout_sec=rpc.session_timeout_s)
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=1)
+
+
+def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object, TuningSummary]:
+    """Tune the legalized, fused Relax module `mod` and return (database, summary). Runs under the database lock
+    only for the tasks whose ledger says they still need trials."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    root = options.database or default_database_root()
+    directory = database_dir(root, target_name, str(target))
+    report = options.progress or (lambda _line, _final=False: None)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    weights = [max(float(estimate_tir_flops(t.dispatched[0])), 1.0) * int(t.weight) for t in tasks]
+    alloc = allocate_trials(weights, options.trials)
+    with _locked(directory):
+        database = ms.database.JSONDatabase(path_workload=os.path.join(directory, "database_workload.json"),
+                                            path_tuning_record=os.path.join(directory, "database_tuning_record.json"),
+                                            allow_missing=True)
+        ledger = _load_ledger(directory)
+        todo = []
+        per_task = []
+        for task, budget, w in zip(tasks, alloc, weights, strict=True):
+            key = task_key(task)
+            done = ledger.get(key, 0)
+            need = budget - done if budget - done >= min(MIN_TRIALS_PER_TASK, budget) else 0
+            per_task.append({"task": task.task_name, "flops": int(w), "budget": budget, "already": done,
+                             "run": max(need, 0)})
+            if need > 0:
+                todo.append((task, need, key))
+        before = len(database)
+        if todo:
+            runner = _runner(target_name, options.rpc)
+            f_export = _export_aarch64 if target_name == "arm" else None
+            builder = ms.builder.LocalBuilder(f_build=_build_candidate, f_export=f_export,
+                                              timeout_sec=BUILD_TIMEOUT_S, max_workers=os.cpu_count() or 1)
+            work_dir = os.path.join(directory, "logs")
+            started = time.monotonic()
+            for i, (task, need, key) in enumerate(todo):
+                report(f"tuning {target_name}: task {i + 1}/{len(todo)} {task.task_name} ({need} trials, "
+                       f"{time.monotonic() - started:.0f} s)", False)
+                _quiet_meta_schedule()
+                # A population sized to the budget: the default (512) costs minutes per round on 2 cores.
+                strategy = ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 8 * need)),
+                                                                 init_min_unmeasured=min(50, max(16, need)))
+                contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    [task], work_dir, strategy=strategy, seed=options.seed)
+                if not contexts:  # already scheduled (TVM skips it)
+                    continue
+                try:
+                    ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=work_dir,
+                                  max_trials_global=need, max_trials_per_task=need,
+                                  num_trials_per_iter=min(need, 32), builder=builder, runner=runner,
+                                  database=database, task_scheduler="round-robin")
+                except tvm.error.TVMError as e:
+                    raise BackendError(f"MetaSchedule failed on task {task.task_name}: "
+                                       f"{str(e).strip().splitlines()[-1][:300]}") from e
+                ledger[key] = ledger.get(key, 0) + need
+                _save_ledger(directory, ledger)
+            report(f"tuning {target_name}: done, {len(todo)} tasks in {time.monotonic() - started:.0f} s", True)
+        summary = TuningSummary(options.trials, len(database) - before, len(tasks), len(todo), directory, per_task)
+    return database, summary
+
+
+def terminal_progress(stream=None) -> Callable[[str, bool], None] | None:
+    """A one-line progress display on a terminal; None (no output) when stderr is not a TTY."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        return None
+
+    def show(line: str, final: bool = False) -> None:
+        stream.write("\r\033[K" + line[:200] + ("\n" if final else ""))
+        stream.flush()
+
+    return show

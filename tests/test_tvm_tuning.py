@@ -1,0 +1,134 @@
+"""MetaSchedule tuning: budget allocation, a tiny model tuned end to end (TVM == ONNX Runtime on the tuned
+library), the persistent database (a second build of the same graph + target runs 0 trials, in a fresh process
+through the CLI), and the RPC runner through a local tracker."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from prune_compile.backends import ort
+from prune_compile.backends import tvm as tvm_backend
+from prune_compile.backends.tvm import allocate_trials
+
+RTOL = 1e-4
+
+
+def tiny_model_onnx(path: str) -> None:
+    """Conv-BN-ReLU, a residual conv, pooling and a classifier: 4-6 tuning tasks, seconds per trial."""
+    import torch
+
+    from prune_compile.ir import export_onnx
+    from prune_compile.ir.fx_importer import import_torch_module
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+            self.bn1 = torch.nn.BatchNorm2d(16)
+            self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, image):
+            y = torch.relu(self.bn1(self.conv1(image)))
+            y = torch.relu(self.conv2(y) + y)
+            return self.fc(y.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    graph = import_torch_module(model, (torch.randn(1, 3, 32, 32),), name="Tiny")
+    with open(path, "wb") as f:
+        f.write(export_onnx(graph).SerializeToString())
+
+
+@pytest.mark.parametrize("weights,total,expected_sum", [([5.0, 1.0, 1.0], 64, 64), ([1.0] * 10, 24, 24),
+                                                        ([3.0, 2.0], 5, 5), ([1.0], 0, 0)])
+def test_allocate_trials_spends_the_budget_exactly(weights, total, expected_sum) -> None:
+    alloc = allocate_trials(weights, total, floor=8)
+    assert sum(alloc) == expected_sum
+    given = [a for a in alloc if a]
+    if total >= 8:
+        assert all(a >= 8 for a in given)  # every tuned task gets one search round
+    # Heavier tasks never get fewer trials than lighter ones.
+    order = sorted(range(len(weights)), key=lambda i: -weights[i])
+    assert all(alloc[a] >= alloc[b] for a, b in zip(order, order[1:]) if weights[a] > weights[b])
+
+
+def test_allocate_trials_prefers_heavy_tasks_when_short() -> None:
+    alloc = allocate_trials([1.0, 100.0, 10.0, 0.5], 16, floor=8)
+    assert alloc == [0, 8, 8, 0]
+
+
+def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
+    model = str(tmp_path / "tiny.onnx")
+    tiny_model_onnx(model)
+    db = str(tmp_path / "db")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    started = time.monotonic()
+    first = subprocess.run([sys.executable, "-m", "prune_compile.cli", model, "-o", str(tmp_path / "a"),
+                            "--ratio", "0.5", "--target", "cpu", "--tune", "24", "--tune-db", db, "--json"],
+                           capture_output=True, text=True, env=env, timeout=900)
+    elapsed = time.monotonic() - started
+    assert first.returncode == 0, first.stderr[-2000:]
+    report = json.loads(first.stdout)  # stdout is the JSON alone: MetaSchedule's tables stay in its logs
+    tuning = report["targets"]["cpu"]["tuning"]
+    assert report["targets"]["cpu"]["pipeline"] == "metaschedule"
+    assert tuning["trials_requested"] == 24 and tuning["trials_run"] >= 8 and tuning["tasks_tuned"] >= 1
+    assert report["targets"]["cpu"]["verification"]["max_relative_error"] <= RTOL
+    assert elapsed < 300, f"tuning the tiny model took {elapsed:.0f} s"
+
+    second = subprocess.run([sys.executable, "-m", "prune_compile.cli", model, "-o", str(tmp_path / "b"),
+                             "--ratio", "0.5", "--target", "cpu", "--tune", "24", "--tune-db", db, "--json"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    again = json.loads(second.stdout)["targets"]["cpu"]
+    assert again["tuning"]["trials_run"] == 0 and again["tuning"]["tasks_tuned"] == 0
+    assert again["pipeline"] == "metaschedule"
+    # Same records applied: the two libraries compute the same function as ONNX Runtime.
+    x = {"image": np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    expected = ort.run(str(tmp_path / "b" / "model.pruned.onnx"), x)
+    got = tvm_backend.run_library(str(tmp_path / "b" / "model.cpu.so"), x, ["image"])
+    assert ort.relative_error(expected, got) <= RTOL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.big
+def test_tuning_measures_through_an_rpc_tracker(tmp_path) -> None:
+    """The runner path used for real boards: a tracker and a server on loopback, candidates measured remotely."""
+    import onnx
+
+    model = str(tmp_path / "tiny.onnx")
+    tiny_model_onnx(model)
+    port = _free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        time.sleep(3)
+        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+                                   "--key", "test-board", "--host", "127.0.0.1", "--port", str(_free_port())],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(5)
+        options = tvm_backend.TuningOptions(trials=8, database=str(tmp_path / "db"),
+                                            rpc=tvm_backend.RPCSettings(f"127.0.0.1:{port}", "test-board"))
+        result = tvm_backend.build(onnx.load(model), "cpu", str(tmp_path / "m.so"), tuning=options)
+        assert result.tuning["trials_run"] >= 1
+        x = {"image": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+        assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(result.path, x, ["image"])) <= RTOL
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
