@@ -147,9 +147,28 @@ def test_pruning_writes_plan_and_passes_the_oracle(tmp_path) -> None:
         assert pruned[param].dims[axis] == original[param].dims[axis] - len(idx), (param, axis)
 
 
-def test_gpu_target_is_refused_honestly(tmp_path, capsys) -> None:
-    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--target", "gpu") == 2
-    assert "--target gpu" in capsys.readouterr().err
+def test_gpu_without_nvcc_exits_4_naming_the_toolkit(tmp_path, capsys, monkeypatch) -> None:
+    from prune_compile.backends.tvm import targets
+
+    monkeypatch.setattr(targets, "find_nvcc", lambda: None)
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--target", "gpu") == 4
+    err = capsys.readouterr().err
+    assert "nvcc" in err and "nvidia-cuda-toolkit" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,needle", [(["--target", "gpu", "--gpu-arch", "volta"], "--gpu-arch"),
+                                         (["--target", "cpu", "--tune", "-1"], "--tune"),
+                                         (["--target", "cpu", "--rpc-tracker", "localhost:9190"], "--rpc-key"),
+                                         (["--target", "cpu", "--rpc-tracker", "nohost", "--rpc-key", "k"],
+                                          "HOST:PORT")])
+def test_backend_option_errors_exit_2(tmp_path, capsys, args, needle) -> None:
+    from prune_compile.backends.tvm import targets
+
+    if targets.find_nvcc() is None and "gpu" in args:
+        pytest.skip("no nvcc: the toolchain check (exit 4) comes first")
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), *args) == 2
+    assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

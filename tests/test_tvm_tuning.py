@@ -58,7 +58,7 @@ def test_allocate_trials_spends_the_budget_exactly(weights, total, expected_sum)
         assert all(a >= 8 for a in given)  # every tuned task gets one search round
     # Heavier tasks never get fewer trials than lighter ones.
     order = sorted(range(len(weights)), key=lambda i: -weights[i])
-    assert all(alloc[a] >= alloc[b] for a, b in zip(order, order[1:]) if weights[a] > weights[b])
+    assert all(alloc[a] >= alloc[b] for a, b in zip(order, order[1:], strict=False) if weights[a] > weights[b])
 
 
 def test_allocate_trials_prefers_heavy_tasks_when_short() -> None:
@@ -80,7 +80,7 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     report = json.loads(first.stdout)  # stdout is the JSON alone: MetaSchedule's tables stay in its logs
     tuning = report["targets"]["cpu"]["tuning"]
     assert report["targets"]["cpu"]["pipeline"] == "metaschedule"
-    assert tuning["trials_requested"] == 24 and tuning["trials_run"] >= 8 and tuning["tasks_tuned"] >= 1
+    assert tuning["trials_requested"] == 24 and tuning["trials_run"] >= 8 and tuning["trials_valid"] >= 8 and tuning["tasks_tuned"] >= 1
     assert report["targets"]["cpu"]["verification"]["max_relative_error"] <= RTOL
     assert elapsed < 300, f"tuning the tiny model took {elapsed:.0f} s"
 
@@ -124,7 +124,7 @@ def test_tuning_measures_through_an_rpc_tracker(tmp_path) -> None:
         options = tvm_backend.TuningOptions(trials=8, database=str(tmp_path / "db"),
                                             rpc=tvm_backend.RPCSettings(f"127.0.0.1:{port}", "test-board"))
         result = tvm_backend.build(onnx.load(model), "cpu", str(tmp_path / "m.so"), tuning=options)
-        assert result.tuning["trials_run"] >= 1
+        assert result.tuning["trials_valid"] >= 4  # measured on the RPC server, not failed
         x = {"image": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
         assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(result.path, x, ["image"])) <= RTOL
     finally:

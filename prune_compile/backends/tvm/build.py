@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from ...errors import BackendError, UsageError
-from .targets import ARM_CROSS_COMPILER, TargetOptions, check_toolchain, find_nvcc, make_target
+from .targets import ARM_CROSS_COMPILER, DEFAULT_OPTIONS, TargetOptions, check_toolchain, find_nvcc, make_target
 from .tuning import TuningOptions, tune
 
 
@@ -52,7 +52,7 @@ def _cuda_env() -> Any:
             os.environ.pop("CUDA_PATH", None)
 
 
-def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = TargetOptions(),
+def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = DEFAULT_OPTIONS,
                   tuning: TuningOptions | None = None):
     """Compile to an in-memory Relax executable. Returns (executable, tvm target, pipeline name, tuning summary)."""
     import tvm
@@ -85,7 +85,7 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
     return executable, tvm_target, pipeline, summary
 
 
-def build(model: onnx.ModelProto, target: str, path: str, target_options: TargetOptions = TargetOptions(),
+def build(model: onnx.ModelProto, target: str, path: str, target_options: TargetOptions = DEFAULT_OPTIONS,
           tuning: TuningOptions | None = None) -> BuildResult:
     """Compile `model` for `target` and write the shared library to `path` atomically."""
     check_toolchain(target, target_options)
@@ -94,7 +94,7 @@ def build(model: onnx.ModelProto, target: str, path: str, target_options: Target
         export_kwargs: dict[str, Any] = {}
         device_code: dict[str, Any] = {}
         if target == "arm":
-            from tvm.contrib import cc
+            from tvm.support import cc
 
             export_kwargs["fcompile"] = cc.cross_compiler(ARM_CROSS_COMPILER)
         if target == "gpu":

@@ -39,7 +39,10 @@ class TargetOptions:
     num_cores: int | None = None
 
 
-def target_dict(name: str, options: TargetOptions = TargetOptions()) -> dict:
+DEFAULT_OPTIONS = TargetOptions()
+
+
+def target_dict(name: str, options: TargetOptions = DEFAULT_OPTIONS) -> dict:
     """The JSON-dict form of a preset; validates the options (UsageError on a bad one)."""
     if name == "cpu":
         from tvm.target import codegen
@@ -64,7 +67,7 @@ def target_dict(name: str, options: TargetOptions = TargetOptions()) -> dict:
     raise UsageError(f"--target {name}: unknown target ({', '.join(TARGET_NAMES)})")
 
 
-def make_target(name: str, options: TargetOptions = TargetOptions()):
+def make_target(name: str, options: TargetOptions = DEFAULT_OPTIONS):
     import tvm
 
     return tvm.target.Target(target_dict(name, options))
@@ -81,7 +84,7 @@ def find_nvcc() -> str | None:
     return None
 
 
-def check_toolchain(name: str, options: TargetOptions = TargetOptions()) -> None:
+def check_toolchain(name: str, options: TargetOptions = DEFAULT_OPTIONS) -> None:
     """Raise the error a build would hit (missing compiler, bad option) before any work is done."""
     if name not in TARGET_NAMES:
         raise UsageError(f"--target {name}: unknown target ({', '.join(TARGET_NAMES)})")

@@ -61,13 +61,15 @@ class TuningOptions:
 class TuningSummary:
     trials_requested: int
     trials_run: int
+    trials_valid: int  # candidates that built and ran (the rest failed to build, run or verify)
     tasks: int
     tasks_tuned: int
     database: str
     per_task: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"trials_requested": self.trials_requested, "trials_run": self.trials_run, "tasks": self.tasks,
+        return {"trials_requested": self.trials_requested, "trials_run": self.trials_run,
+                "trials_valid": self.trials_valid, "tasks": self.tasks,
                 "tasks_tuned": self.tasks_tuned, "database": self.database, "per_task": self.per_task}
 
 
@@ -119,7 +121,7 @@ def _export_aarch64(mod) -> str:
     """MetaSchedule export function for remote aarch64 boards: a shared library linked here, not on the board."""
     import tempfile
 
-    from tvm.contrib import cc
+    from tvm.support import cc
 
     from .targets import ARM_CROSS_COMPILER
 
@@ -216,6 +218,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
             if need > 0:
                 todo.append((task, need, key))
         before = len(database)
+        valid_before = _valid_records(database, todo)
         if todo:
             runner = _runner(target_name, options.rpc)
             f_export = _export_aarch64 if target_name == "arm" else None
@@ -245,8 +248,23 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
                 ledger[key] = ledger.get(key, 0) + need
                 _save_ledger(directory, ledger)
             report(f"tuning {target_name}: done, {len(todo)} tasks in {time.monotonic() - started:.0f} s", True)
-        summary = TuningSummary(options.trials, len(database) - before, len(tasks), len(todo), directory, per_task)
+        valid = _valid_records(database, todo) - valid_before
+        if todo and valid == 0:
+            raise BackendError(f"MetaSchedule measured no valid candidate in {len(database) - before} trials "
+                               f"(every build or run failed); see the logs in {os.path.join(directory, 'logs')}")
+        summary = TuningSummary(options.trials, len(database) - before, valid, len(tasks), len(todo), directory,
+                                per_task)
     return database, summary
+
+
+def _valid_records(database, todo) -> int:
+    """Records with measured run times for the tasks being tuned (failed candidates are stored too)."""
+    count = 0
+    for task, _, _ in todo:
+        mod = task.dispatched[0]
+        if database.has_workload(mod):
+            count += len(database.get_top_k(database.commit_workload(mod), 1 << 30))
+    return count
 
 
 def terminal_progress(stream=None) -> Callable[[str, bool], None] | None:
