@@ -104,6 +104,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_server(port: int, key: str, timeout: float = 60) -> None:
+    from tvm import rpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if key in str(rpc.connect_tracker("127.0.0.1", port).summary()):
+                return
+        except Exception:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"no RPC server registered as {key!r} within {timeout} s")
+
+
 @pytest.mark.big
 def test_tuning_measures_through_an_rpc_tracker(tmp_path) -> None:
     """The runner path used for real boards: a tracker and a server on loopback, candidates measured remotely."""
@@ -113,14 +127,14 @@ def test_tuning_measures_through_an_rpc_tracker(tmp_path) -> None:
     tiny_model_onnx(model)
     port = _free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--port", str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = None
     try:
         time.sleep(3)
         server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
-                                   "--key", "test-board", "--host", "127.0.0.1", "--port", str(_free_port())],
+                                   "--key", "test-board", "--host", "127.0.0.1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(5)
+        _wait_for_server(port, "test-board")
         options = tvm_backend.TuningOptions(trials=8, database=str(tmp_path / "db"),
                                             rpc=tvm_backend.RPCSettings(f"127.0.0.1:{port}", "test-board"))
         result = tvm_backend.build(onnx.load(model), "cpu", str(tmp_path / "m.so"), tuning=options)

@@ -1,0 +1,191 @@
+"""Latency of the unpruned and pruned model in each engine, each measured in its own process (TVM's thread pool
+distorts whatever else runs in the same process). Prints JSON with the MACs, the latencies, and the ratios that
+matter: speedup ÷ MACs ratio per engine, and TVM ÷ ONNX Runtime.
+
+Engines: ONNX Runtime, TVM default pipeline (untuned), TVM MetaSchedule-tuned (with --tune N trials; the database
+is reused, so a rerun measures without re-tuning), eager PyTorch (unpruned only, until torch surgery lands).
+All engines use the same thread count (--threads, default: all cores).
+
+Run: .venv/bin/python tools/bench_latency.py resnet18 --ratio 0.5 --tune 2000 [--tune-db DIR] [--repeat 50]
+     MODEL is a torchvision name (random weights) or an .onnx file (then pass --input-shape for dynamic dims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": round(float(np.median(times)), 4), "p10_ms": round(float(np.percentile(times, 10)), 4),
+            "p90_ms": round(float(np.percentile(times, 90)), 4), "runs": repeat}
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One measurement in this (fresh) process."""
+    feeds = dict(np.load(args.feeds))
+    if args.engine == "ort":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(args.artifact, opts, providers=["CPUExecutionProvider"])
+        return _median_ms(lambda: sess.run(None, feeds), args.repeat)
+    if args.engine == "tvm":
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+        import tvm
+
+        from prune_compile.backends.tvm import load_library
+
+        vm, dev = load_library(args.artifact)
+        inputs = [tvm.runtime.tensor(feeds[k], dev) for k in json.loads(args.order)]
+        f = vm["main"]
+        return _median_ms(lambda: f(*inputs), args.repeat)
+    if args.engine == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        module = torch.load(args.artifact, weights_only=False).eval()
+        xs = [torch.from_numpy(feeds[k]) for k in json.loads(args.order)]
+        with torch.inference_mode():
+            return _median_ms(lambda: module(*xs), args.repeat)
+    raise SystemExit(f"unknown engine {args.engine}")
+
+
+def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: int, repeat: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--artifact", artifact, "--feeds", feeds,
+           "--order", json.dumps(order), "--threads", str(threads), "--repeat", str(repeat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _build_tvm(onnx_path: str, lib: str, threads: int, trials: int, db: str | None) -> dict:
+    """Compile in a child process too: tuning spawns its own workers, and the parent stays free of TVM."""
+    code = ("import json, onnx, sys\n"
+            "from prune_compile.backends import tvm as T\n"
+            "tuning = T.TuningOptions(trials=int(sys.argv[3]), database=sys.argv[4] or None) "
+            "if int(sys.argv[3]) else None\n"
+            "r = T.build(onnx.load(sys.argv[1]), 'cpu', sys.argv[2], T.TargetOptions(num_cores=int(sys.argv[5])), "
+            "tuning)\n"
+            "print(json.dumps({'pipeline': r.pipeline, 'tuning': r.tuning}))\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code, onnx_path, lib, str(trials), db or "", str(threads)],
+                          capture_output=True, text=True, timeout=6 * 3600)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info["build_seconds"] = round(time.monotonic() - t0, 1)
+    if info.get("tuning"):
+        info["tuning"].pop("per_task", None)
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per variant (0: skip tuned TVM)")
+    ap.add_argument("--tune-db", default=None)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--input-shape", action="append", default=[])
+    ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--artifact", help=argparse.SUPPRESS)
+    ap.add_argument("--feeds", help=argparse.SUPPRESS)
+    ap.add_argument("--order", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        args.engine = args.worker
+        print(json.dumps(worker(args)))
+        return
+
+    from prune_compile.api import load_model, parse_input_shapes
+    from prune_compile.ir import export_onnx
+    from prune_compile.passes.cost import graph_cost
+    from prune_compile.passes.deps import analyze
+    from prune_compile.passes.plan import uniform_plan
+    from prune_compile.passes.rewrite import pruned_copy
+
+    engines = set(args.engines.split(","))
+    work = tempfile.mkdtemp(prefix="bench-latency-")
+    torch_module = None
+    if args.model.endswith(".onnx"):
+        loaded = load_model(args.model, parse_input_shapes(args.input_shape))
+    else:
+        import torch
+
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+        from tests.zoo import torchvision_model
+
+        torch_module = torchvision_model(args.model)
+        loaded = load_model(torch_module, {"x": [1, 3, 224, 224]})
+        torch.save(torch_module, os.path.join(work, "unpruned.pt"))
+    graph = loaded.graph
+    deps = analyze(graph)
+    variants = {"unpruned": graph, "pruned": pruned_copy(graph, uniform_plan(deps, args.ratio), deps)}
+    feeds_path = os.path.join(work, "feeds.npz")
+    np.savez(feeds_path, **loaded.example_inputs)
+    order = [v.name for v in graph.inputs]
+    result: dict = {"model": args.model, "ratio": args.ratio, "threads": args.threads, "repeat": args.repeat,
+                    "tune_trials": args.tune, "macs": {}, "params": {}, "latency_ms": {}, "builds": {}}
+    for label, g in variants.items():
+        cost = graph_cost(g)
+        result["macs"][label], result["params"][label] = cost["macs"], cost["parameters"]
+        onnx_path = os.path.join(work, f"{label}.onnx")
+        with open(onnx_path, "wb") as f:
+            f.write(export_onnx(g).SerializeToString())
+        lat = result["latency_ms"]
+        if "ort" in engines:
+            lat.setdefault("ort", {})[label] = _measure("ort", onnx_path, feeds_path, order, args.threads,
+                                                        args.repeat)
+        if "tvm_untuned" in engines:
+            lib = os.path.join(work, f"{label}.untuned.so")
+            result["builds"][f"tvm_untuned.{label}"] = _build_tvm(onnx_path, lib, args.threads, 0, None)
+            lat.setdefault("tvm_untuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
+                                                                max(3, args.repeat // 10))
+        if "tvm_tuned" in engines and args.tune:
+            lib = os.path.join(work, f"{label}.tuned.so")
+            result["builds"][f"tvm_tuned.{label}"] = _build_tvm(onnx_path, lib, args.threads, args.tune,
+                                                                args.tune_db)
+            lat.setdefault("tvm_tuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
+                                                              args.repeat)
+        if "torch" in engines and torch_module is not None and label == "unpruned":
+            lat.setdefault("torch", {})[label] = _measure("torch", os.path.join(work, "unpruned.pt"), feeds_path,
+                                                          order, args.threads, args.repeat)
+    macs_ratio = result["macs"]["unpruned"] / result["macs"]["pruned"]
+    result["macs_ratio"] = round(macs_ratio, 4)
+    result["speedup"], result["speedup_over_macs_ratio"], result["tvm_tuned_over_ort"] = {}, {}, {}
+    for engine, by in result["latency_ms"].items():
+        if "median_ms" in by.get("unpruned", {}) and "median_ms" in by.get("pruned", {}):
+            s = by["unpruned"]["median_ms"] / by["pruned"]["median_ms"]
+            result["speedup"][engine] = round(s, 4)
+            result["speedup_over_macs_ratio"][engine] = round(s / macs_ratio, 4)
+    for label in variants:
+        tuned = result["latency_ms"].get("tvm_tuned", {}).get(label, {}).get("median_ms")
+        ref = result["latency_ms"].get("ort", {}).get(label, {}).get("median_ms")
+        if tuned and ref:
+            result["tvm_tuned_over_ort"][label] = round(tuned / ref, 4)
+    result["notes"] = "torch: unpruned only (pruned torch modules need torch surgery, issue 5)"
+    print(json.dumps(result, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
