@@ -72,7 +72,8 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     db = str(tmp_path / "db")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     started = time.monotonic()
-    first = subprocess.run([sys.executable, "-m", "prune_compile.cli", model, "-o", str(tmp_path / "a"),
+    cli = [sys.executable, "-m", "prune_compile.cli", model]
+    first = subprocess.run([*cli, "-o", str(tmp_path / "a"),
                             "--ratio", "0.5", "--target", "cpu", "--tune", "24", "--tune-db", db, "--json"],
                            capture_output=True, text=True, env=env, timeout=900)
     elapsed = time.monotonic() - started
@@ -80,11 +81,12 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     report = json.loads(first.stdout)  # stdout is the JSON alone: MetaSchedule's tables stay in its logs
     tuning = report["targets"]["cpu"]["tuning"]
     assert report["targets"]["cpu"]["pipeline"] == "metaschedule"
-    assert tuning["trials_requested"] == 24 and tuning["trials_run"] >= 8 and tuning["trials_valid"] >= 8 and tuning["tasks_tuned"] >= 1
+    assert tuning["trials_requested"] == 24 and tuning["tasks_tuned"] >= 1
+    assert tuning["trials_run"] >= 8 and tuning["trials_valid"] >= 8
     assert report["targets"]["cpu"]["verification"]["max_relative_error"] <= RTOL
     assert elapsed < 300, f"tuning the tiny model took {elapsed:.0f} s"
 
-    second = subprocess.run([sys.executable, "-m", "prune_compile.cli", model, "-o", str(tmp_path / "b"),
+    second = subprocess.run([*cli, "-o", str(tmp_path / "b"),
                              "--ratio", "0.5", "--target", "cpu", "--tune", "24", "--tune-db", db, "--json"],
                             capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -127,7 +129,8 @@ def test_tuning_measures_through_an_rpc_tracker(tmp_path) -> None:
     tiny_model_onnx(model)
     port = _free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                "--port", str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--port", str(port), "--port-end", str(port + 1)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = None
     try:
         time.sleep(3)
@@ -138,7 +141,7 @@ def test_tuning_measures_through_an_rpc_tracker(tmp_path) -> None:
         options = tvm_backend.TuningOptions(trials=8, database=str(tmp_path / "db"),
                                             rpc=tvm_backend.RPCSettings(f"127.0.0.1:{port}", "test-board"))
         result = tvm_backend.build(onnx.load(model), "cpu", str(tmp_path / "m.so"), tuning=options)
-        assert result.tuning["trials_valid"] >= 4  # measured on the RPC server, not failed
+        assert result.tuning["trials_valid"] >= 4  # measured on the RPC server (failed candidates do not count)
         x = {"image": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
         assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(result.path, x, ["image"])) <= RTOL
     finally:
