@@ -212,15 +212,22 @@ def run(
     rpc: Any = None,
     target_options: Any = None,
     progress: Any = None,
+    planning: Any = None,
 ) -> RunResult:
     """Import, (prune), export, compile: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s.
 
     `tune` is the MetaSchedule trial budget per target (0: default schedules); `tune_db` the database root
     (default: ~/.cache/prune-compile/tuning); `rpc` a `backends.tvm.RPCSettings` to measure on a remote device;
     `target_options` a `backends.tvm.TargetOptions` (ARM board, GPU arch, cores); `progress(line, final)` receives
-    status lines of long steps."""
+    status lines of long steps. `planning` is a `passes.policy.PlanningOptions` (policy, importance, round_to,
+    ignore globs, overrides, target MACs reduction); its ratio is `ratio`."""
+    from .passes.policy import PlanningOptions
+
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio {ratio}: must be in [0, 1)")
+    planning = planning or PlanningOptions()
+    planning.ratio = ratio
+    planning.validate()
     for t in targets:
         if t not in TARGETS:
             raise UsageError(f"--target {t}: must be one of {', '.join(TARGETS)}")
@@ -249,11 +256,13 @@ def run(
 
     from .passes.cost import graph_cost
     from .passes.deps import analyze
-    from .passes.plan import plan_to_json, uniform_plan
+    from .passes.plan import plan_to_json
+    from .passes.policy import make_plan
     from .passes.rewrite import pruned_copy
 
     deps = analyze(graph, attention=attention)
-    plan = uniform_plan(deps, ratio)
+    planned = make_plan(graph, deps, planning)
+    plan = planned.plan
     pruned = pruned_copy(graph, plan, deps)
     proto = export_onnx(pruned)
     plan_doc = plan_to_json(deps, plan, attention=attention)
@@ -263,7 +272,7 @@ def run(
         "model": {"source": loaded.source, "kind": loaded.kind},
         "input_shapes": {v.name: list(v.shape) for v in graph.inputs},
         "graph": graph.summary(),
-        "pruning": _pruning_summary(deps, plan, ratio),
+        "pruning": _pruning_summary(deps, plan, planning, planned),
         "cost": {"before": before, "after": after,
                  "macs_ratio": round(before["macs"] / after["macs"], 4) if after["macs"] else None,
                  "parameters_ratio": round(before["parameters"] / after["parameters"], 4)
@@ -344,17 +353,17 @@ def _build_targets(proto, targets: Sequence[str], outdir: str, loaded: LoadedMod
     return staged
 
 
-def _pruning_summary(deps, plan, ratio: float) -> dict[str, Any]:
+def _pruning_summary(deps, plan, planning, planned) -> dict[str, Any]:
     frozen: dict[str, int] = {}
     for g in deps.groups:
         if not g.prunable:
             frozen[g.reason] = frozen.get(g.reason, 0) + 1
     pruned = [g for g in deps.groups if len(plan.removed_of(g))]
-    return {
-        "ratio": ratio,
-        "policy": "uniform",
+    summary = {
+        "ratio": planning.ratio,
+        "policy": planning.policy,
         "attention": deps.attention,
-        "importance": "l2",
+        "importance": planning.importance,
         "groups": len(deps.groups),
         "prunable": len(deps.prunable()),
         "frozen": sum(frozen.values()),
@@ -364,6 +373,27 @@ def _pruning_summary(deps, plan, ratio: float) -> dict[str, Any]:
         "channels_removed": int(sum(len(plan.removed_of(g)) for g in pruned)),
         "channels_total": int(sum(g.size for g in deps.groups)),
     }
+    if planning.round_to > 1:
+        summary["round_to"] = planning.round_to
+    if planning.min_channels > 1:
+        summary["min_channels"] = planning.min_channels
+    if planning.policy == "global":
+        summary["max_ratio"] = planning.max_ratio
+    if planning.ignore:
+        summary["ignore"] = list(planning.ignore)
+        summary["ignored_groups"] = len(planned.ignored_groups)
+    if planning.overrides:
+        summary["overrides"] = dict(planning.overrides)
+    if planning.target_macs is not None:
+        summary["target_macs"] = planning.target_macs
+        summary["ratio_found"] = round(planned.ratio_used, 6)
+    warnings = [f"--ignore {g} matches no parameter of a prunable group" for g in planned.unmatched_ignores]
+    warnings += [f"--override {g} matches no parameter of a prunable group" for g in planned.unmatched_overrides]
+    if warnings:
+        summary["warnings"] = warnings
+    if planned.importance_notes:
+        summary["importance_fallbacks"] = planned.importance_notes
+    return summary
 
 
 def _verify(loaded: LoadedModel, graph: Graph, deps, plan, proto) -> dict[str, Any]:

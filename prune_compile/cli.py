@@ -30,6 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of channels to remove per group, in [0, 1)")
     p.add_argument("--target", action="append", choices=api.TARGETS, default=None,
                    help="compile target (repeatable); 'none' only exports ONNX")
+    p.add_argument("--policy", choices=("uniform", "global"), default="uniform",
+                   help="uniform: every group loses the ratio; global: channels ranked across groups")
+    p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random"), default="l2",
+                   help="channel importance (group-level, over all members)")
+    p.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="kept channel counts are multiples of N (groups smaller than N excepted)")
+    p.add_argument("--min-channels", type=int, default=1, metavar="N", help="channels every group keeps at least")
+    p.add_argument("--max-ratio", type=float, default=0.9, metavar="R",
+                   help="global policy: the most any one group may lose")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="leave groups whole that contain a parameter matching GLOB (repeatable)")
+    p.add_argument("--override", action="append", default=[], metavar="GLOB=R",
+                   help="uniform policy: ratio R for groups with a parameter matching GLOB (repeatable)")
+    p.add_argument("--target-macs", type=float, default=None, metavar="X",
+                   help="prune until MACs fall by X times (e.g. 2.5); replaces --ratio")
     p.add_argument("--tune", type=int, default=0, metavar="N",
                    help="MetaSchedule trial budget per target, split across tasks by FLOPs (0: default schedules)")
     p.add_argument("--tune-db", metavar="DIR", default=None,
@@ -60,15 +75,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                          targets=args.target or ["none"], verify=not args.no_verify,
                          attention=args.attention, tune=args.tune, tune_db=args.tune_db,
                          rpc=_rpc_settings(args), target_options=_target_options(args),
-                         progress=None if args.quiet else _progress())
+                         progress=None if args.quiet else _progress(), planning=_planning(args))
     except PruneCompileError as e:
         print(f"prune-compile: error: {e}", file=sys.stderr)
         return e.exit_code
+    for warning in result.report["pruning"].get("warnings", []):
+        print(f"prune-compile: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.report, indent=2, sort_keys=True))
     elif not args.quiet:
         print(_summary(result))
     return 0
+
+
+def _planning(args: argparse.Namespace):
+    from .passes.policy import PlanningOptions
+
+    overrides = {}
+    for spec in args.override:
+        glob, sep, value = spec.rpartition("=")
+        try:
+            overrides[glob] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not glob:
+            raise api.UsageError(f"--override '{spec}': expected GLOB=RATIO")
+    return PlanningOptions(policy=args.policy, importance=args.importance, round_to=args.round_to,
+                           min_channels=args.min_channels, max_ratio=args.max_ratio, ignore=tuple(args.ignore),
+                           overrides=overrides, target_macs=args.target_macs)
 
 
 def _rpc_settings(args: argparse.Namespace):

@@ -147,6 +147,31 @@ def test_pruning_writes_plan_and_passes_the_oracle(tmp_path) -> None:
         assert pruned[param].dims[axis] == original[param].dims[axis] - len(idx), (param, axis)
 
 
+def test_policy_options_reach_the_report(tmp_path, capsys) -> None:
+    out = tmp_path / "o"
+    assert _cli(DEFAULT_MODEL, "-o", str(out), "--policy", "global", "--importance", "bn_scale", "--round-to", "8",
+                "--target-macs", "2.5", "--ignore", "nothing.matches.*", "-q") == 0
+    err = capsys.readouterr().err
+    assert "warning: --ignore nothing.matches.* matches no parameter" in err
+    pruning = json.loads((out / "report.json").read_text())["pruning"]
+    assert pruning["policy"] == "global" and pruning["importance"] == "bn_scale" and pruning["round_to"] == 8
+    assert pruning["warnings"] and pruning["target_macs"] == 2.5
+    macs_ratio = json.loads((out / "report.json").read_text())["cost"]["macs_ratio"]
+    assert macs_ratio >= 2.5 * 0.98
+
+
+@pytest.mark.parametrize("args,needle", [(["--round-to", "0"], "--round-to"), (["--override", "conv*"], "--override"),
+                                         (["--override", "conv*=1.5"], "--override"),
+                                         (["--target-macs", "0.5"], "--target-macs"),
+                                         (["--max-ratio", "1.0"], "--max-ratio"),
+                                         (["--policy", "global", "--target-macs", "900"], "unreachable")])
+def test_planning_option_errors_exit_2(tmp_path, capsys, args, needle) -> None:
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), *args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_gpu_without_nvcc_exits_4_naming_the_toolkit(tmp_path, capsys, monkeypatch) -> None:
     from prune_compile.backends.tvm import targets
 

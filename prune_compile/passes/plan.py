@@ -34,15 +34,9 @@ class Plan:
 def l2_importance(group: Group) -> np.ndarray:
     """Group-level L2 score per root channel: the sum over parameter members of each channel's squared norm,
     each member normalized by its mean so no single layer dominates."""
-    score = np.zeros(group.size, dtype=np.float64)
-    for m in group.params:
-        data = np.asarray(m.value.data, dtype=np.float64)
-        moved = np.moveaxis(data, m.axis, 0).reshape(data.shape[m.axis], -1)
-        per_index = (moved**2).sum(axis=1)
-        per_root = per_index[m.indices].sum(axis=1)
-        mean = per_root.mean()
-        score += per_root / mean if mean > 0 else per_root
-    return score
+    from .importance import group_importance
+
+    return group_importance(group, "l2")
 
 
 def uniform_plan(deps: DependencyResult, ratio: float, min_channels: int = 1) -> Plan:

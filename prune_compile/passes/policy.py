@@ -1,0 +1,195 @@
+"""Planning policies: turn groups + importance into a Plan.
+
+- `uniform`: every prunable group loses `floor(r * size)` channels, r = the ratio or a per-parameter override.
+- `global`: all prunable channels ranked together by normalized importance; the lowest go first until the
+  ratio of all prunable channels is reached, with a per-group cap (`max_ratio`).
+Both honour `min_channels`, `round_to` (kept counts are multiples of N, except in groups smaller than N) and
+`ignore` globs (a group with any parameter matching is left whole). A `target_macs` reduction (e.g. 2.5 for 2.5x
+fewer MACs) replaces the ratio: the ratio (uniform) or the global cut is found by bisection on the real MAC count
+of the rewritten graph.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UsageError
+from .deps import DependencyResult, Group
+from .importance import CRITERIA, ImportanceStats, group_importance, normalized
+from .plan import Plan, param_name
+
+POLICIES = ("uniform", "global")
+
+
+@dataclass
+class PlanningOptions:
+    ratio: float = 0.0
+    policy: str = "uniform"
+    importance: str = "l2"
+    round_to: int = 1
+    min_channels: int = 1
+    max_ratio: float = 0.9  # global: no group loses more than this fraction
+    ignore: Sequence[str] = ()
+    overrides: Mapping[str, float] = field(default_factory=dict)  # parameter glob → ratio (uniform)
+    target_macs: float | None = None  # wanted MACs reduction factor (before / after), replaces `ratio`
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise UsageError(f"--policy {self.policy}: unknown policy ({', '.join(POLICIES)})")
+        if self.importance not in CRITERIA:
+            raise UsageError(f"--importance {self.importance}: unknown criterion ({', '.join(CRITERIA)})")
+        if not 0.0 <= self.ratio < 1.0:
+            raise UsageError(f"--ratio {self.ratio}: must be in [0, 1)")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to {self.round_to}: must be >= 1")
+        if self.min_channels < 1:
+            raise UsageError(f"--min-channels {self.min_channels}: must be >= 1")
+        if not 0.0 < self.max_ratio < 1.0:
+            raise UsageError(f"--max-ratio {self.max_ratio}: must be in (0, 1)")
+        for glob, r in self.overrides.items():
+            if not 0.0 <= r < 1.0:
+                raise UsageError(f"--override {glob}={r}: ratio must be in [0, 1)")
+        if self.target_macs is not None and self.target_macs < 1.0:
+            raise UsageError(f"--target-macs {self.target_macs}: must be >= 1 (a reduction factor, e.g. 2.5)")
+
+
+@dataclass
+class PlanningResult:
+    plan: Plan
+    ignored_groups: list[int] = field(default_factory=list)
+    unmatched_ignores: list[str] = field(default_factory=list)
+    unmatched_overrides: list[str] = field(default_factory=list)
+    importance_notes: dict[str, int] = field(default_factory=dict)
+    ratio_used: float | None = None
+    macs_ratio: float | None = None
+
+
+def _matches(group: Group, globs: Sequence[str]) -> set[str]:
+    names = {param_name(m) for m in group.params}
+    return {g for g in globs if any(fnmatch.fnmatchcase(n, g) for n in names)}
+
+
+def kept_after_rounding(size: int, kept: int, round_to: int, min_channels: int) -> int:
+    """Kept count rounded *up* to a multiple of `round_to` (never past `size`); groups smaller than `round_to`
+    keep their count. Rounding up keeps the plan at or below the requested removal."""
+    kept = max(kept, min(min_channels, size))
+    if round_to > 1 and size >= round_to:
+        kept = min(size, max(round_to, math.ceil(kept / round_to) * round_to))
+    return kept
+
+
+def _lowest(score: np.ndarray, n: int) -> np.ndarray:
+    order = np.lexsort((np.arange(score.size), score))  # ties broken by index: deterministic
+    return np.sort(order[:n]).astype(np.int64)
+
+
+class _Planner:
+    def __init__(self, deps: DependencyResult, options: PlanningOptions, gradients=None) -> None:
+        options.validate()
+        self.deps, self.options = deps, options
+        self.result = PlanningResult(Plan())
+        stats = ImportanceStats()
+        used_ignores: set[str] = set()
+        used_overrides: set[str] = set()
+        self.groups: list[Group] = []
+        self.override: dict[int, float] = {}
+        for g in deps.prunable():
+            hit = _matches(g, options.ignore)
+            if hit:
+                used_ignores |= hit
+                self.result.ignored_groups.append(g.id)
+                continue
+            hits = _matches(g, list(options.overrides))
+            if hits:
+                used_overrides |= hits
+                self.override[g.id] = max(options.overrides[h] for h in hits)
+            self.groups.append(g)
+        self.scores = {g.id: group_importance(g, options.importance, gradients=gradients, seed=options.seed,
+                                              stats=stats, name_of=param_name) for g in self.groups}
+        self.result.unmatched_ignores = [g for g in options.ignore if g not in used_ignores]
+        self.result.unmatched_overrides = [g for g in options.overrides if g not in used_overrides]
+        self.result.importance_notes = stats.fallbacks
+
+    def uniform(self, ratio: float) -> Plan:
+        o = self.options
+        plan = Plan()
+        for g in self.groups:
+            r = self.override.get(g.id, ratio)
+            kept = kept_after_rounding(g.size, g.size - math.floor(r * g.size), o.round_to, o.min_channels)
+            if kept < g.size:
+                plan.removed[g.id] = _lowest(self.scores[g.id], g.size - kept)
+        return plan
+
+    def global_(self, ratio: float) -> Plan:
+        """Remove the globally lowest normalized scores until `ratio` of all prunable channels is gone."""
+        o = self.options
+        total = sum(g.size for g in self.groups)
+        budget = math.floor(ratio * total)
+        entries = []  # (score, group id, channel)
+        for g in self.groups:
+            s = normalized(self.scores[g.id])
+            entries.extend((float(s[c]), g.id, c) for c in range(g.size))
+        entries.sort(key=lambda e: (e[0], e[1], e[2]))
+        cap = {g.id: min(math.floor(o.max_ratio * g.size), g.size - min(o.min_channels, g.size)) for g in self.groups}
+        count = {g.id: 0 for g in self.groups}
+        taken = 0
+        for _, gid, _c in entries:
+            if taken >= budget:
+                break
+            if count[gid] < cap[gid]:
+                count[gid] += 1
+                taken += 1
+        plan = Plan()
+        for g in self.groups:
+            kept = kept_after_rounding(g.size, g.size - count[g.id], o.round_to, o.min_channels)
+            if kept < g.size:
+                plan.removed[g.id] = _lowest(self.scores[g.id], g.size - kept)
+        return plan
+
+    def make(self, ratio: float) -> Plan:
+        return self.uniform(ratio) if self.options.policy == "uniform" else self.global_(ratio)
+
+
+def make_plan(graph, deps: DependencyResult, options: PlanningOptions, gradients=None) -> PlanningResult:
+    """Plan under `options`; with `target_macs`, bisect the ratio until the rewritten graph meets it (≤ 2%)."""
+    planner = _Planner(deps, options, gradients)
+    result = planner.result
+    if options.target_macs is None:
+        result.plan = planner.make(options.ratio)
+        result.ratio_used = options.ratio
+        return result
+    from .cost import graph_cost
+    from .rewrite import pruned_copy
+
+    before = graph_cost(graph)["macs"]
+
+    def reduction(ratio: float) -> tuple[float, Plan]:
+        plan = planner.make(ratio)
+        after = graph_cost(pruned_copy(graph, plan, deps))["macs"] if not plan.is_empty() else before
+        return before / max(after, 1), plan
+
+    lo, hi = 0.0, 0.99
+    best_plan, best_red, best_ratio = Plan(), 1.0, 0.0
+    top, top_plan = reduction(hi)
+    if top < options.target_macs * 0.98:
+        raise UsageError(f"--target-macs {options.target_macs}: unreachable, at most {top:.2f}x with this policy "
+                         "(ignored or frozen groups, min channels, max ratio)")
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        red, plan = reduction(mid)
+        if red >= options.target_macs:
+            hi, best_plan, best_red, best_ratio = mid, plan, red, mid
+        else:
+            lo = mid
+        if best_red and abs(best_red / options.target_macs - 1) <= 0.01:
+            break
+    if best_ratio == 0.0 and best_red == 1.0:
+        best_plan, best_red, best_ratio = top_plan, top, hi
+    result.plan, result.ratio_used, result.macs_ratio = best_plan, best_ratio, best_red
+    return result

@@ -1,0 +1,139 @@
+"""Planning policies and importance criteria: round_to, MACs targets (uniform and global within 2%), the global
+cap, ignore globs and overrides, BN-scale/Taylor/random importance, and the zeroing oracle on policy plans."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prune_compile.errors import UsageError
+from prune_compile.ir.fx_importer import import_torch_module
+from prune_compile.passes.cost import graph_cost
+from prune_compile.passes.deps import analyze
+from prune_compile.passes.importance import group_importance
+from prune_compile.passes.plan import param_name
+from prune_compile.passes.policy import PlanningOptions, kept_after_rounding, make_plan
+from prune_compile.passes.rewrite import pruned_copy
+
+from .oracle import oracle_error
+from .zoo import example_input, torchvision_model
+
+
+@pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
+def model(request):
+    module = torchvision_model(request.param)
+    graph = import_torch_module(module, (example_input(64),))
+    return request.param, module, graph, analyze(graph)
+
+
+def _kept(plan, deps):
+    return {g.id: g.size - len(plan.removed_of(g)) for g in deps.prunable()}
+
+
+def test_round_to_8_gives_multiples_of_8(model) -> None:
+    _, _, graph, deps = model
+    for policy in ("uniform", "global"):
+        plan = make_plan(graph, deps, PlanningOptions(ratio=0.45, policy=policy, round_to=8)).plan
+        assert not plan.is_empty()
+        for g in deps.prunable():
+            kept = g.size - len(plan.removed_of(g))
+            if g.size >= 8:
+                assert kept % 8 == 0, (policy, g.id, g.size, kept)
+            assert kept >= 1
+
+
+def test_kept_after_rounding() -> None:
+    assert kept_after_rounding(64, 29, 8, 1) == 32
+    assert kept_after_rounding(64, 0, 8, 1) == 8
+    assert kept_after_rounding(6, 3, 8, 1) == 3  # group smaller than round_to keeps its count
+    assert kept_after_rounding(20, 17, 8, 1) == 20  # never past the group size
+    assert kept_after_rounding(16, 1, 1, 4) == 4
+
+
+@pytest.mark.parametrize("policy", ["uniform", "global"])
+def test_macs_target_met_within_2_percent(model, policy: str) -> None:
+    _, _, graph, deps = model
+    result = make_plan(graph, deps, PlanningOptions(policy=policy, target_macs=2.5))
+    before, after = graph_cost(graph)["macs"], graph_cost(pruned_copy(graph, result.plan, deps))["macs"]
+    assert abs((before / after) / 2.5 - 1) <= 0.02, before / after
+    assert result.macs_ratio == pytest.approx(before / after)
+
+
+def test_unreachable_macs_target_is_a_usage_error(model) -> None:
+    _, _, graph, deps = model
+    with pytest.raises(UsageError, match="unreachable"):
+        make_plan(graph, deps, PlanningOptions(policy="global", target_macs=500.0))
+
+
+def test_global_policy_caps_each_group_and_prunes_unevenly(model) -> None:
+    _, _, graph, deps = model
+    plan = make_plan(graph, deps, PlanningOptions(ratio=0.5, policy="global", max_ratio=0.7)).plan
+    fractions = []
+    for g in deps.prunable():
+        removed = len(plan.removed_of(g))
+        assert removed <= math.floor(0.7 * g.size)
+        fractions.append(removed / g.size)
+    total = sum(g.size for g in deps.prunable())
+    assert sum(len(plan.removed_of(g)) for g in deps.prunable()) == math.floor(0.5 * total)
+    assert max(fractions) - min(fractions) > 0.1  # it is not the uniform plan
+
+
+def test_policy_plans_pass_the_zeroing_oracle(model) -> None:
+    _, _, graph, deps = model
+    feeds = {graph.inputs[0].name: example_input(64).numpy()}
+    for options in (PlanningOptions(ratio=0.5, policy="global", importance="bn_scale"),
+                    PlanningOptions(ratio=0.4, policy="uniform", importance="l1", round_to=8)):
+        assert oracle_error(graph, deps, make_plan(graph, deps, options).plan, feeds) <= 1e-4
+
+
+def test_ignore_and_overrides(model) -> None:
+    name, _, graph, deps = model
+    glob = "layer1.*" if name == "resnet18" else "features.1.*"
+    result = make_plan(graph, deps, PlanningOptions(ratio=0.5, ignore=(glob, "no.such.*")))
+    hit = [g for g in deps.prunable() if any(fnmatch.fnmatchcase(param_name(m), glob) for m in g.params)]
+    assert hit and set(result.ignored_groups) == {g.id for g in hit}
+    assert all(len(result.plan.removed_of(g)) == 0 for g in hit)
+    assert result.unmatched_ignores == ["no.such.*"]
+    over = make_plan(graph, deps, PlanningOptions(ratio=0.5, overrides={glob: 0.25})).plan
+    for g in hit:
+        assert len(over.removed_of(g)) == math.floor(0.25 * g.size)
+
+
+def test_bn_scale_removes_the_smallest_gammas() -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, bias=False)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.head = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.conv(x))))
+
+    net = Net().eval()
+    with torch.no_grad():
+        net.bn.weight.copy_(torch.tensor([1.0, -0.01, 2.0, 0.02, 3.0, -4.0, 0.5, 0.03]))
+    graph = import_torch_module(net, (torch.randn(1, 3, 8, 8),))
+    deps = analyze(graph)
+    plan = make_plan(graph, deps, PlanningOptions(ratio=0.5, importance="bn_scale")).plan
+    (g,) = [g for g in deps.prunable() if any(param_name(m) == "bn.weight" for m in g.params)]
+    assert plan.removed_of(g).tolist() == [1, 3, 6, 7]
+
+
+def test_taylor_uses_gradients_and_random_is_seeded(model) -> None:
+    _, module, graph, deps = model
+    x = example_input(64)
+    module.zero_grad()
+    module(x).square().mean().backward()
+    grads = {n: p.grad.numpy().copy() for n, p in module.named_parameters() if p.grad is not None}
+    g = max(deps.prunable(), key=lambda g: g.size)
+    taylor = group_importance(g, "taylor", gradients=grads, name_of=param_name)
+    assert np.all(taylor >= 0) and not np.allclose(taylor, group_importance(g, "l2"))
+    with pytest.raises(UsageError, match="taylor"):
+        group_importance(g, "taylor")
+    a, b = group_importance(g, "random", seed=1), group_importance(g, "random", seed=1)
+    assert np.array_equal(a, b) and not np.array_equal(a, group_importance(g, "random", seed=2))
