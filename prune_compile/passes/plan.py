@@ -83,6 +83,7 @@ def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = Non
             entry = {"param": param_name(m), "axis": int(m.axis), "role": m.role, "removed": [int(i) for i in idx]}
             if _is_folded(m):
                 entry["folded"] = True
+                entry["shape"] = [int(d) for d in m.value.shape]  # lets torch surgery map it to its source
             members.append(entry)
         members.sort(key=lambda d: (d["param"], d["axis"]))
         groups.append({"id": g.id, "prunable": g.prunable, "reason": g.reason, "channels": g.size,

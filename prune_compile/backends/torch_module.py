@@ -1,0 +1,225 @@
+"""Torch surgery: apply a plan to the user's own `nn.Module`, in place, so it can be fine-tuned.
+
+Input is the `plan.json` document (made on this module through either importer). Each parameter or buffer named
+in the plan is sliced along the planned axes (a new `nn.Parameter` keeps `requires_grad`); then the modules'
+shape attributes are made consistent with their tensors: Conv (in/out channels, groups of depthwise convs), Linear,
+BatchNorm/InstanceNorm (num_features), LayerNorm (normalized_shape), GroupNorm (num_channels), Embedding,
+MultiheadAttention (embed_dim, head_dim; heads when whole heads went), and integer attributes that name a pruned
+width (`hidden_dim`, `embed_dim`, `dim`, `num_features`, `channels`: torchvision's ViT reshapes with one).
+
+Constants the importer folded from a parameter (an expand, unsqueeze or transpose of it) map back to that
+parameter when the axis mapping is unambiguous, else this fails naming the parameter: never a guess.
+Finally the module runs on the example inputs; a shape error names the module path (model code that hard-codes
+a width cannot be fixed by slicing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnsupportedModelError, UsageError
+
+WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "dim", "num_features", "channels")
+
+
+def removals_from_plan(doc: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, dict[int, set]]:
+    """state_dict name → axis → removed indices (union over the groups touching that axis)."""
+    out: dict[str, dict[int, set]] = {}
+    for group in doc.get("groups", []):
+        if not group.get("removed"):
+            continue
+        for m in group["members"]:
+            if not m["removed"]:
+                continue
+            if m.get("folded"):
+                name, axis = _unfold(m, shapes)
+            else:
+                name, axis = m["param"], m["axis"]
+            if name not in shapes:
+                raise UnsupportedModelError(f"plan names '{name}', which this module does not have: the plan was "
+                                            "made for a different model")
+            out.setdefault(name, {}).setdefault(axis, set()).update(m["removed"])
+    return out
+
+
+def _unfold(member: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> tuple[str, int]:
+    """Map a folded constant's axis back to its single source parameter (broadcast or 2-D transpose only)."""
+    param = member["param"]
+    sources = param[len("folded("):-1].split("+") if param.startswith("folded(") else []
+    if len(sources) != 1 or sources[0] not in shapes:
+        raise UnsupportedModelError(f"plan prunes '{param}', a constant folded from {sources or 'unknown'}: cannot "
+                                    "map it back to one parameter for torch surgery")
+    src = sources[0]
+    src_shape = tuple(shapes[src])
+    folded_shape = member.get("shape")
+    axis = member["axis"]
+    if folded_shape is not None:
+        folded_shape = tuple(folded_shape)
+        lead = len(folded_shape) - len(src_shape)
+        if lead >= 0 and axis - lead >= 0 and folded_shape[lead:] == src_shape:
+            return src, axis - lead
+        if len(src_shape) == 2 and folded_shape == src_shape[::-1] and src_shape[0] != src_shape[1]:
+            return src, 1 - axis
+    raise UnsupportedModelError(f"plan prunes '{param}' (axis {axis}), folded from '{src}' by an operation whose "
+                                "axis mapping is ambiguous: torch surgery cannot apply it")
+
+
+def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequence[Any] | None = None):
+    """Slice `module` in place according to the plan document; returns the module. See the module docstring."""
+    import torch
+
+    if doc.get("format") != "prune-compile.plan/1":
+        raise UsageError(f"not a prune-compile plan (format {doc.get('format')!r})")
+    state = dict(module.named_parameters()) | dict(module.named_buffers())
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    removals = removals_from_plan(doc, shapes)
+    old_sizes: dict[tuple[str, int], int] = {}
+    for name, axes in sorted(removals.items()):
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        tensor = getattr(owner, attr)
+        new = tensor.detach()
+        for axis, removed in sorted(axes.items()):
+            size = new.shape[axis]
+            if max(removed) >= size:
+                raise UnsupportedModelError(f"plan removes index {max(removed)} of '{name}' axis {axis} (size {size})")
+            keep = torch.as_tensor(np.setdiff1d(np.arange(size), sorted(removed)), dtype=torch.long,
+                                   device=new.device)
+            old_sizes[(name, axis)] = size
+            new = new.index_select(axis, keep)
+        new = new.contiguous().clone()
+        if isinstance(tensor, torch.nn.Parameter):
+            setattr(owner, attr, torch.nn.Parameter(new, requires_grad=tensor.requires_grad))
+        else:
+            owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
+    _fix_module_attributes(module, old_sizes, doc.get("analysis", {}).get("attention") == "heads")
+    if example_inputs is not None:
+        _check_runs(module, example_inputs)
+    return module
+
+
+def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads_mode: bool) -> None:
+    from torch import nn
+
+    handled = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+               nn.Embedding, nn.MultiheadAttention)
+    shrunk_from: dict[str, dict[int, int]] = {}  # per module path: old width → new width
+    for (name, axis), old in old_sizes.items():
+        path, _, attr = name.rpartition(".")
+        owner = root.get_submodule(path) if path else root
+        shrunk_from.setdefault(path, {})[old] = getattr(owner, attr).shape[axis]
+    for path, m in root.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight
+            out_axis, in_axis = (1, 0) if m.transposed else (0, 1)
+            old_in = m.in_channels
+            if m.groups > 1 and m.groups == old_in and w.shape[in_axis] == 1:  # depthwise: one channel per group
+                m.groups = w.shape[out_axis] if not m.transposed else w.shape[0]
+            if m.transposed:
+                m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+            else:
+                m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+            if m.in_channels % m.groups or m.out_channels % m.groups:
+                raise UnsupportedModelError(f"'{path}': channels {m.in_channels}->{m.out_channels} are not divisible "
+                                            f"by groups={m.groups} after pruning")
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.Bilinear):
+            m.out_features, m.in1_features, m.in2_features = m.weight.shape
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            ref = m.weight if m.weight is not None else m.running_mean
+            if ref is not None:
+                m.num_features = ref.shape[0]
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+            m.num_channels = m.weight.shape[0]
+            if m.num_channels % m.num_groups:
+                raise UnsupportedModelError(f"'{path}': {m.num_channels} channels are not divisible by "
+                                            f"num_groups={m.num_groups} after pruning")
+        elif isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif isinstance(m, nn.MultiheadAttention):
+            _fix_attention(path, m, heads_mode, old_sizes)
+        elif type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2") and hasattr(m, "qkv"):
+            _fix_window_attention(path, m, heads_mode, old_sizes)
+        for attr in WIDTH_ATTRIBUTES if path in shrunk_from and not isinstance(m, handled) else ():
+            value = getattr(m, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value in shrunk_from[path]:
+                setattr(m, attr, shrunk_from[path][value])
+
+
+def _rescale_queries(weight, bias, width: int, factor: float) -> None:
+    """Multiply the query rows (the first `width` of a fused qkv projection) by `factor`, in place."""
+    import torch
+
+    with torch.no_grad():
+        weight[:width].mul_(factor)
+        if bias is not None:
+            bias[:width].mul_(factor)
+
+
+def _fix_window_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
+    """torchvision's Swin attention: num_heads is an attribute; v1 scales queries by (C // num_heads) ** -0.5
+    computed at run time, so a smaller head_dim would change the scale: fold the original scale into q."""
+    old = old_sizes.get((f"{path}.qkv.weight", 0))
+    if old is None:
+        return
+    old_c, new_c = old // 3, m.qkv.weight.shape[0] // 3
+    old_head_dim = old_c // m.num_heads
+    if heads_mode:
+        if new_c % old_head_dim:
+            raise UnsupportedModelError(f"'{path}': width {new_c} is not a whole number of heads of {old_head_dim}")
+        m.num_heads = new_c // old_head_dim
+    elif new_c % m.num_heads:
+        raise UnsupportedModelError(f"'{path}': width {new_c} is not divisible by num_heads={m.num_heads}")
+    new_head_dim = new_c // m.num_heads
+    if type(m).__name__ == "ShiftedWindowAttention" and new_head_dim != old_head_dim:
+        _rescale_queries(m.qkv.weight, m.qkv.bias, new_c, (new_head_dim / old_head_dim) ** 0.5)
+
+
+def _fix_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
+    if m._qkv_same_embed_dim:
+        inner = m.in_proj_weight.shape[0] // 3
+        embed_in = m.in_proj_weight.shape[1]
+    else:
+        inner = m.q_proj_weight.shape[0]
+        embed_in = m.q_proj_weight.shape[1]
+    embed_out = m.out_proj.weight.shape[0]
+    if not (inner == embed_in == embed_out == m.out_proj.weight.shape[1]):
+        raise UnsupportedModelError(f"'{path}': nn.MultiheadAttention needs one width for its input, projections "
+                                    f"and output; the plan gives {embed_in}/{inner}/{embed_out} (prune the "
+                                    "attention and the residual stream by the same ratio, or ignore one of them)")
+    if heads_mode and inner != m.embed_dim:  # whole heads went: head_dim stays
+        if inner % m.head_dim:
+            raise UnsupportedModelError(f"'{path}': width {inner} is not a whole number of heads of {m.head_dim}")
+        m.num_heads = inner // m.head_dim
+    if inner % m.num_heads:
+        raise UnsupportedModelError(f"'{path}': width {inner} is not divisible by num_heads={m.num_heads}")
+    old_head_dim = m.head_dim
+    m.embed_dim = m.kdim = m.vdim = inner
+    m.head_dim = inner // m.num_heads
+    if m.head_dim != old_head_dim:  # attention scales by head_dim ** -0.5 at run time: keep the original scale
+        factor = (m.head_dim / old_head_dim) ** 0.5
+        if m._qkv_same_embed_dim:
+            _rescale_queries(m.in_proj_weight, m.in_proj_bias, inner, factor)
+        else:
+            _rescale_queries(m.q_proj_weight, m.in_proj_bias, inner, factor)
+
+
+def _check_runs(module, example_inputs: Sequence[Any]) -> None:
+    import torch
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(*example_inputs)
+    except Exception as e:
+        raise UnsupportedModelError(f"the pruned module does not run: {str(e).splitlines()[0][:300]} (model code "
+                                    "that hard-codes a width cannot be fixed by slicing tensors)") from e
+    finally:
+        module.train(was_training)
