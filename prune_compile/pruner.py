@@ -1,0 +1,145 @@
+"""Pruning a user's PyTorch module in place: one shot, iteratively with training between steps, and the group
+sparsity regularizer (DepGraph's sparse training) to add to a training loss.
+
+    from prune_compile.pruner import prune_module, iterative_prune
+    result = prune_module(model, [x], PlanningOptions(policy="global", target_macs=2.5))
+    history = iterative_prune(model, [x], target_macs=2.5, steps=4, train_fn=lambda m, step: finetune(m))
+
+Each step captures the module with torch.export, finds the channel groups, plans, and slices the module (torch
+surgery); the module object stays the same, so optimizers must be recreated after a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import UsageError
+from .passes.policy import PlanningOptions
+
+
+@dataclass
+class PruneResult:
+    module: Any
+    plan: dict  # the plan.json document applied
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+
+def _capture(module, example_inputs: Sequence[Any], attention: str):
+    from .ir.fx_importer import import_torch_module
+    from .passes.deps import analyze
+
+    was_training = module.training
+    module.eval()
+    try:
+        graph = import_torch_module(module, tuple(example_inputs), name=type(module).__name__)
+    finally:
+        module.train(was_training)
+    return graph, analyze(graph, attention=attention)
+
+
+def _gradients(module, loss_fn: Callable[[Any], Any]) -> dict:
+    """dL/dw by state_dict name, from the user's loss on the current module (for Taylor importance)."""
+    module.zero_grad(set_to_none=True)
+    loss_fn(module).backward()
+    grads = {n: p.grad.detach().cpu().numpy().copy() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return grads
+
+
+def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOptions, *, attention: str = "head_dim",
+                 loss_fn: Callable[[Any], Any] | None = None) -> PruneResult:
+    """Plan on `module` and slice it in place. `loss_fn(module) -> scalar` supplies gradients for Taylor."""
+    from .backends.torch_module import apply_plan_to_module
+    from .passes.cost import graph_cost
+    from .passes.plan import plan_to_json
+    from .passes.policy import make_plan
+    from .passes.rewrite import pruned_copy
+
+    if planning.importance == "taylor" and loss_fn is None:
+        raise UsageError("importance 'taylor' needs loss_fn(module) -> loss to compute gradients")
+    gradients = _gradients(module, loss_fn) if planning.importance == "taylor" else None
+    graph, deps = _capture(module, example_inputs, attention)
+    planned = make_plan(graph, deps, planning, gradients=gradients)
+    doc = plan_to_json(deps, planned.plan, attention=attention)
+    before = graph_cost(graph)
+    after = graph_cost(pruned_copy(graph, planned.plan, deps)) if not planned.plan.is_empty() else before
+    apply_plan_to_module(module, doc, example_inputs)
+    return PruneResult(module, doc, before["macs"], after["macs"], before["parameters"], after["parameters"])
+
+
+def iterative_prune(module, example_inputs: Sequence[Any], *, target_macs: float, steps: int,
+                    train_fn: Callable[[Any, int], Any] | None = None, planning: PlanningOptions | None = None,
+                    attention: str = "head_dim", loss_fn: Callable[[Any], Any] | None = None) -> list[PruneResult]:
+    """Reach `target_macs` (reduction factor vs the module as given) in `steps` geometric steps, calling
+    `train_fn(module, step)` after each (fine-tuning; recreate optimizers there)."""
+    if steps < 1:
+        raise UsageError(f"steps {steps}: must be >= 1")
+    if target_macs < 1.0:
+        raise UsageError(f"target_macs {target_macs}: must be >= 1")
+    planning = planning or PlanningOptions(policy="global")
+    history: list[PruneResult] = []
+    original = None
+    for step in range(1, steps + 1):
+        graph, _ = _capture(module, example_inputs, attention)
+        from .passes.cost import graph_cost
+
+        current = graph_cost(graph)["macs"]
+        original = original or current
+        wanted = original / (target_macs ** (step / steps))
+        factor = current / wanted
+        if factor > 1.0 + 1e-6:
+            result = prune_module(module, example_inputs, replace(planning, ratio=0.0, target_macs=factor),
+                                  attention=attention, loss_fn=loss_fn)
+        else:
+            result = PruneResult(module, {}, current, current, 0, 0)
+        history.append(result)
+        if train_fn is not None:
+            train_fn(module, step)
+    return history
+
+
+class GroupSparsity:
+    """Group-lasso penalty over the module's prunable channel groups: for every group and root channel, the L2
+    norm of all its coupled weights; summed. Add `lam * penalty(module)` to the training loss so whole coupled
+    channels go to zero together (and the magnitude importances then remove them). Rebuild after surgery."""
+
+    def __init__(self, module, example_inputs: Sequence[Any], attention: str = "head_dim") -> None:
+        import torch
+
+        from .passes.plan import param_name
+
+        _, deps = _capture(module, example_inputs, attention)
+        names = dict(module.named_parameters())
+        self.terms: list[tuple[int, list[tuple[str, int, Any]]]] = []
+        for g in deps.prunable():
+            members = [(param_name(m), m.axis, torch.as_tensor(m.indices, dtype=torch.long)) for m in g.params
+                       if param_name(m) in names]
+            if members:
+                self.terms.append((g.size, members))
+
+    def __call__(self, module):
+        import torch
+
+        params = dict(module.named_parameters())
+        total = None
+        for size, members in self.terms:
+            sq = None
+            for name, axis, idx in members:
+                w = params[name]
+                per_index = w.movedim(axis, 0).reshape(w.shape[axis], -1).pow(2).sum(dim=1)
+                part = per_index[idx].sum(dim=1)
+                sq = part if sq is None else sq + part
+            term = torch.sqrt(sq + 1e-12).sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return total
