@@ -131,7 +131,7 @@ class GroupSparsity:
 
         params = dict(module.named_parameters())
         total = None
-        for size, members in self.terms:
+        for _size, members in self.terms:
             sq = None
             for name, axis, idx in members:
                 w = params[name]
