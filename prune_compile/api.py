@@ -261,7 +261,7 @@ def run(
     from .passes.rewrite import pruned_copy
 
     deps = analyze(graph, attention=attention)
-    planned = make_plan(graph, deps, planning)
+    planned = make_plan(graph, deps, planning, calibration=loaded.example_inputs, progress=progress)
     plan = planned.plan
     pruned = pruned_copy(graph, plan, deps)
     proto = export_onnx(pruned)
@@ -393,6 +393,12 @@ def _pruning_summary(deps, plan, planning, planned) -> dict[str, Any]:
         summary["warnings"] = warnings
     if planned.importance_notes:
         summary["importance_fallbacks"] = planned.importance_notes
+    if planned.curves:
+        summary["sensitivity"] = {"calibration": "the seeded example inputs",
+                                  "damage": "relative L2 change of the outputs",
+                                  "curves": planned.curves,
+                                  "chosen_ratios": {str(k): round(v, 6) for k, v in
+                                                    sorted(planned.group_ratios.items())}}
     return summary
 
 

@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of channels to remove per group, in [0, 1)")
     p.add_argument("--target", action="append", choices=api.TARGETS, default=None,
                    help="compile target (repeatable); 'none' only exports ONNX")
-    p.add_argument("--policy", choices=("uniform", "global"), default="uniform",
-                   help="uniform: every group loses the ratio; global: channels ranked across groups")
+    p.add_argument("--policy", choices=("uniform", "global", "sensitivity"), default="uniform",
+                   help="uniform: every group loses the ratio; global: channels ranked across groups; "
+                        "sensitivity: measure each group's damage, prune where it hurts least")
     p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random"), default="l2",
                    help="channel importance (group-level, over all members)")
     p.add_argument("--round-to", type=int, default=1, metavar="N",

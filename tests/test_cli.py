@@ -160,6 +160,17 @@ def test_policy_options_reach_the_report(tmp_path, capsys) -> None:
     assert macs_ratio >= 2.5 * 0.98
 
 
+def test_sensitivity_policy_reports_curves(tmp_path) -> None:
+    out = tmp_path / "o"
+    assert _cli(DEFAULT_MODEL, "-o", str(out), "--policy", "sensitivity", "--target-macs", "2", "-q") == 0
+    report = json.loads((out / "report.json").read_text())
+    curves = report["pruning"]["sensitivity"]["curves"]
+    assert len(curves) == report["pruning"]["prunable"]
+    assert all(c["ratios"] and len(c["damage"]) == len(c["ratios"]) == len(c["macs_saved"]) for c in curves)
+    assert abs(report["cost"]["macs_ratio"] / 2 - 1) <= 0.02
+    assert report["verification"]["max_relative_error"] <= 1e-4
+
+
 @pytest.mark.parametrize("args,needle", [(["--round-to", "0"], "--round-to"), (["--override", "conv*"], "--override"),
                                          (["--override", "conv*=1.5"], "--override"),
                                          (["--target-macs", "0.5"], "--target-macs"),

@@ -23,7 +23,7 @@ from .deps import DependencyResult, Group
 from .importance import CRITERIA, ImportanceStats, group_importance, normalized
 from .plan import Plan, param_name
 
-POLICIES = ("uniform", "global")
+POLICIES = ("uniform", "global", "sensitivity")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class PlanningOptions:
     overrides: Mapping[str, float] = field(default_factory=dict)  # parameter glob → ratio (uniform)
     target_macs: float | None = None  # wanted MACs reduction factor (before / after), replaces `ratio`
     seed: int = 0
+    sensitivity_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -68,6 +69,8 @@ class PlanningResult:
     importance_notes: dict[str, int] = field(default_factory=dict)
     ratio_used: float | None = None
     macs_ratio: float | None = None
+    curves: list = field(default_factory=list)  # sensitivity: per-group damage curves (Curve.to_json())
+    group_ratios: dict[int, float] = field(default_factory=dict)
 
 
 def _matches(group: Group, globs: Sequence[str]) -> set[str]:
@@ -156,10 +159,14 @@ class _Planner:
         return self.uniform(ratio) if self.options.policy == "uniform" else self.global_(ratio)
 
 
-def make_plan(graph, deps: DependencyResult, options: PlanningOptions, gradients=None) -> PlanningResult:
-    """Plan under `options`; with `target_macs`, bisect the ratio until the rewritten graph meets it (≤ 2%)."""
+def make_plan(graph, deps: DependencyResult, options: PlanningOptions, gradients=None, calibration=None,
+              metric=None, progress=None) -> PlanningResult:
+    """Plan under `options`; with `target_macs`, bisect the ratio until the rewritten graph meets it (≤ 2%).
+    `sensitivity` measures each group on `calibration` feeds (or `metric(outputs)`) first."""
     planner = _Planner(deps, options, gradients)
     result = planner.result
+    if options.policy == "sensitivity":
+        return _sensitivity(graph, deps, options, planner, calibration, metric, progress)
     if options.target_macs is None:
         result.plan = planner.make(options.ratio)
         result.ratio_used = options.ratio
@@ -192,4 +199,27 @@ def make_plan(graph, deps: DependencyResult, options: PlanningOptions, gradients
     if best_ratio == 0.0 and best_red == 1.0:
         best_plan, best_red, best_ratio = top_plan, top, hi
     result.plan, result.ratio_used, result.macs_ratio = best_plan, best_ratio, best_red
+    return result
+
+
+def _sensitivity(graph, deps, options: PlanningOptions, planner: _Planner, calibration, metric, progress):
+    from .sensitivity import allocate, measure_curves
+
+    result = planner.result
+    if options.overrides:
+        raise UsageError("--override applies to the uniform policy only")
+    if calibration is None:
+        raise UsageError("the sensitivity policy needs calibration inputs")
+    if options.target_macs is None and options.ratio == 0.0:
+        result.plan, result.ratio_used = Plan(), 0.0
+        return result
+    curves = measure_curves(graph, deps, planner.groups, calibration, grid=options.sensitivity_grid,
+                            min_channels=options.min_channels, round_to=options.round_to, metric=metric,
+                            progress=progress, scores=planner.scores)
+    allocated = allocate(graph, deps, curves, planner.scores, target_macs=options.target_macs,
+                         ratio=None if options.target_macs is not None else options.ratio,
+                         min_channels=options.min_channels, round_to=options.round_to)
+    result.plan, result.curves = allocated.plan, [c.to_json() for c in curves]
+    result.group_ratios, result.macs_ratio = allocated.ratios, allocated.macs_ratio
+    result.ratio_used = options.ratio
     return result

@@ -1,0 +1,166 @@
+"""Sensitivity analysis and the `sensitivity` policy.
+
+For every prunable group and every ratio of a grid, prune only that group (lowest importance first) and measure
+the damage: the relative L2 change of the model's outputs on calibration inputs (ONNX Runtime), or a user metric
+`metric(outputs) -> damage` (e.g. accuracy drop). Allocation then spends the reduction where it hurts least: one
+damage threshold for all groups, each group taking the largest grid ratio whose damage stays under it; the
+threshold is found by bisection on the real MAC count (or channel fraction) of the rewritten graph, and the last
+step is interpolated so a MACs target lands within 1%.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UsageError
+from .deps import DependencyResult, Group
+from .importance import group_importance
+from .plan import Plan, param_name
+
+DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class Curve:
+    group: int
+    params: list[str]
+    channels: int
+    ratios: list[float]
+    damage: list[float]
+    macs_saved: list[int]
+
+    def to_json(self) -> dict:
+        return {"group": self.group, "params": self.params, "channels": self.channels, "ratios": self.ratios,
+                "damage": [float(f"{d:.6g}") for d in self.damage], "macs_saved": self.macs_saved}
+
+
+@dataclass
+class SensitivityResult:
+    plan: Plan
+    curves: list[Curve] = field(default_factory=list)
+    ratios: dict[int, float] = field(default_factory=dict)  # group id → chosen ratio
+    macs_ratio: float | None = None
+
+
+def _removal(group: Group, score: np.ndarray, ratio: float, min_channels: int, round_to: int) -> np.ndarray:
+    from .policy import kept_after_rounding
+
+    kept = kept_after_rounding(group.size, group.size - math.floor(ratio * group.size), round_to, min_channels)
+    order = np.lexsort((np.arange(group.size), score))
+    return np.sort(order[: group.size - kept]).astype(np.int64)
+
+
+def _relative_change(reference: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+    num = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)) for a, b in
+              zip(reference, got, strict=True))
+    den = sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in reference)
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+def measure_curves(graph, deps: DependencyResult, groups: Sequence[Group], feeds: Mapping[str, np.ndarray], *,
+                   importance: str = "l2", grid: Sequence[float] = DEFAULT_GRID, min_channels: int = 1,
+                   round_to: int = 1, metric: Callable[[list[np.ndarray]], float] | None = None,
+                   progress: Callable[[str, bool], None] | None = None, scores=None) -> list[Curve]:
+    """Damage and MACs saved for each group pruned alone at each grid ratio."""
+    from ..backends import ort
+    from ..ir import export_onnx
+    from .cost import graph_cost
+    from .rewrite import pruned_copy
+
+    base_proto = export_onnx(graph)
+    reference = ort.run(base_proto, dict(feeds))
+    base_damage = metric(reference) if metric else 0.0
+    base_macs = graph_cost(graph)["macs"]
+    curves = []
+    for i, g in enumerate(groups):
+        if progress:
+            progress(f"sensitivity: group {i + 1}/{len(groups)} ({g.size} channels)", False)
+        score = scores[g.id] if scores is not None else group_importance(g, importance)
+        ratios, damage, saved = [], [], []
+        for r in grid:
+            removed = _removal(g, score, r, min_channels, round_to)
+            if len(removed) == 0:
+                continue
+            pruned = pruned_copy(graph, Plan({g.id: removed}), deps)
+            outputs = ort.run(export_onnx(pruned), dict(feeds))
+            ratios.append(float(r))
+            damage.append(metric(outputs) - base_damage if metric else _relative_change(reference, outputs))
+            saved.append(int(base_macs - graph_cost(pruned)["macs"]))
+        curves.append(Curve(g.id, sorted(param_name(m) for m in g.params)[:4], g.size, ratios, damage, saved))
+    if progress:
+        progress(f"sensitivity: {len(groups)} groups measured", True)
+    return curves
+
+
+def allocate(graph, deps: DependencyResult, curves: Sequence[Curve], scores: Mapping[int, np.ndarray], *,
+             target_macs: float | None = None, ratio: float | None = None, min_channels: int = 1,
+             round_to: int = 1) -> SensitivityResult:
+    """Choose a ratio per group: least damage for the MACs reduction (or the fraction of channels) asked for."""
+    from .cost import graph_cost
+    from .rewrite import pruned_copy
+
+    if (target_macs is None) == (ratio is None):
+        raise UsageError("sensitivity allocation needs exactly one of a MACs target or a channel ratio")
+    groups = {g.id: g for g in deps.groups}
+    base_macs = graph_cost(graph)["macs"]
+    total_channels = sum(groups[c.group].size for c in curves)
+
+    def plan_for(ratios: Mapping[int, float]) -> Plan:
+        plan = Plan()
+        for gid, r in ratios.items():
+            removed = _removal(groups[gid], scores[gid], r, min_channels, round_to)
+            if len(removed):
+                plan.removed[gid] = removed
+        return plan
+
+    def achieved(ratios: Mapping[int, float]) -> float:
+        plan = plan_for(ratios)
+        if target_macs is not None:
+            after = graph_cost(pruned_copy(graph, plan, deps))["macs"] if not plan.is_empty() else base_macs
+            return base_macs / max(after, 1)
+        return sum(len(r) for r in plan.removed.values()) / max(total_channels, 1)
+
+    goal = target_macs if target_macs is not None else ratio
+
+    def at(threshold: float) -> dict[int, float]:
+        """Each group's largest grid ratio whose damage stays under `threshold` (the lecture's method)."""
+        out = {}
+        for c in curves:
+            ok = [r for r, d in zip(c.ratios, c.damage, strict=True) if d <= threshold]
+            if ok:
+                out[c.group] = max(ok)
+        return out
+
+    thresholds = sorted({float(d) for c in curves for d in c.damage})
+    if not thresholds or achieved(at(thresholds[-1])) < goal:
+        reached = achieved(at(thresholds[-1])) if thresholds else 1.0
+        raise UsageError(f"sensitivity: target {goal} unreachable within the ratio grid (at most {reached:.3f})")
+    lo, hi = -1, len(thresholds) - 1  # at(thresholds[hi]) meets the goal; at(thresholds[lo]) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if achieved(at(thresholds[mid])) >= goal:
+            hi = mid
+        else:
+            lo = mid
+    ratios = at(thresholds[hi])
+    current = achieved(ratios)
+    if current > goal * 1.01:
+        # Between the last threshold that falls short and the first that meets the goal, move the groups that
+        # changed only part of the way (one common fraction, bisected) so the target lands within 1%.
+        below = at(thresholds[lo]) if lo >= 0 else {}
+        t_lo, t_hi = 0.0, 1.0
+        for _ in range(20):
+            t = (t_lo + t_hi) / 2
+            trial = {g: below.get(g, 0.0) + t * (r - below.get(g, 0.0)) for g, r in ratios.items()}
+            if achieved(trial) >= goal:
+                t_hi = t
+            else:
+                t_lo = t
+        ratios = {g: below.get(g, 0.0) + t_hi * (r - below.get(g, 0.0)) for g, r in ratios.items()}
+        ratios = {g: r for g, r in ratios.items() if r > 0}
+        current = achieved(ratios)
+    return SensitivityResult(plan_for(ratios), list(curves), ratios, current if target_macs is not None else None)
