@@ -146,6 +146,8 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads
             _fix_attention(path, m, heads_mode, old_sizes)
         elif type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2") and hasattr(m, "qkv"):
             _fix_window_attention(path, m, heads_mode, old_sizes)
+        elif isinstance(getattr(m, "head_dim", None), int):
+            _fix_head_attributes(path, m, heads_mode, old_sizes)
         for attr in WIDTH_ATTRIBUTES if path in shrunk_from and not isinstance(m, handled) else ():
             value = getattr(m, attr, None)
             if isinstance(value, int) and not isinstance(value, bool) and value in shrunk_from[path]:
@@ -179,6 +181,28 @@ def _fix_window_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
     new_head_dim = new_c // m.num_heads
     if type(m).__name__ == "ShiftedWindowAttention" and new_head_dim != old_head_dim:
         _rescale_queries(m.qkv.weight, m.qkv.bias, new_c, (new_head_dim / old_head_dim) ** 0.5)
+
+
+def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
+    """Attention modules that keep `head_dim` and a head count as attributes and project q, k, v with one fused
+    Linear (`qkv`/`to_qkv`, e.g. torchvision's MaxViT): update whichever the plan shrank."""
+    heads_attr = next((a for a in ("n_heads", "num_heads", "heads") if isinstance(getattr(m, a, None), int)), None)
+    proj = next((a for a in ("to_qkv", "qkv") if hasattr(m, a) and hasattr(getattr(m, a), "weight")), None)
+    if heads_attr is None or proj is None:
+        return
+    old = old_sizes.get((f"{path}.{proj}.weight", 0))
+    if old is None:
+        return
+    new_width = getattr(m, proj).weight.shape[0] // 3
+    heads, head_dim = getattr(m, heads_attr), m.head_dim
+    if heads_mode:
+        if new_width % head_dim:
+            raise UnsupportedModelError(f"'{path}': width {new_width} is not a whole number of heads of {head_dim}")
+        setattr(m, heads_attr, new_width // head_dim)
+    else:
+        if new_width % heads:
+            raise UnsupportedModelError(f"'{path}': width {new_width} is not divisible by {heads_attr}={heads}")
+        m.head_dim = new_width // heads
 
 
 def _fix_attention(path: str, m, heads_mode: bool, old_sizes) -> None:

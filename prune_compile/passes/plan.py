@@ -78,7 +78,9 @@ def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = Non
     for g in deps.groups:
         removed = plan.removed_of(g)
         members = []
-        for m in g.params:
+        # Parameters in a weight role, and constants the group flows through as data (a class token
+        # concatenated to the tokens): torch surgery must slice those too. The latter have role null.
+        for m in [m for m in g.members if m.is_param and (m.role is not None or m.value.provenance is not None)]:
             idx = np.sort(m.indices[removed].ravel()) if len(removed) else np.zeros(0, np.int64)
             entry = {"param": param_name(m), "axis": int(m.axis), "role": m.role, "removed": [int(i) for i in idx]}
             if _is_folded(m):
@@ -107,7 +109,8 @@ def plan_from_json(deps: DependencyResult, doc: dict[str, Any]) -> Plan:
     for entry in doc["groups"]:
         if not entry.get("removed"):
             continue
-        key = frozenset((m["param"], m["axis"]) for m in entry["members"] if not m.get("folded"))
+        key = frozenset((m["param"], m["axis"]) for m in entry["members"]
+                        if not m.get("folded") and m.get("role") is not None)
         g = by_key.get(key)
         if g is None:
             names = sorted(m["param"] for m in entry["members"])[:3]
