@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from .errors import UsageError
 from .passes.policy import PlanningOptions
 
@@ -56,8 +58,11 @@ def _gradients(module, loss_fn: Callable[[Any], Any]) -> dict:
 
 
 def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOptions, *, attention: str = "head_dim",
-                 loss_fn: Callable[[Any], Any] | None = None) -> PruneResult:
-    """Plan on `module` and slice it in place. `loss_fn(module) -> scalar` supplies gradients for Taylor."""
+                 loss_fn: Callable[[Any], Any] | None = None,
+                 metric: Callable[[list], float] | None = None) -> PruneResult:
+    """Plan on `module` and slice it in place. `loss_fn(module) -> scalar` supplies gradients for Taylor. The
+    sensitivity policy measures on `example_inputs` (pass a real calibration batch) with the relative output
+    change, or `metric(outputs) -> damage` (numpy outputs of the model on them, e.g. error rate)."""
     from .backends.torch_module import apply_plan_to_module
     from .passes.cost import graph_cost
     from .passes.plan import plan_to_json
@@ -68,7 +73,9 @@ def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOption
         raise UsageError("importance 'taylor' needs loss_fn(module) -> loss to compute gradients")
     gradients = _gradients(module, loss_fn) if planning.importance == "taylor" else None
     graph, deps = _capture(module, example_inputs, attention)
-    planned = make_plan(graph, deps, planning, gradients=gradients)
+    calibration = {v.name: np.asarray(t.detach().cpu().numpy()) for v, t in zip(graph.inputs, example_inputs,
+                                                                                strict=True)}
+    planned = make_plan(graph, deps, planning, gradients=gradients, calibration=calibration, metric=metric)
     doc = plan_to_json(deps, planned.plan, attention=attention)
     before = graph_cost(graph)
     after = graph_cost(pruned_copy(graph, planned.plan, deps)) if not planned.plan.is_empty() else before
@@ -78,7 +85,8 @@ def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOption
 
 def iterative_prune(module, example_inputs: Sequence[Any], *, target_macs: float, steps: int,
                     train_fn: Callable[[Any, int], Any] | None = None, planning: PlanningOptions | None = None,
-                    attention: str = "head_dim", loss_fn: Callable[[Any], Any] | None = None) -> list[PruneResult]:
+                    attention: str = "head_dim", loss_fn: Callable[[Any], Any] | None = None,
+                    metric: Callable[[list], float] | None = None) -> list[PruneResult]:
     """Reach `target_macs` (reduction factor vs the module as given) in `steps` geometric steps, calling
     `train_fn(module, step)` after each (fine-tuning; recreate optimizers there)."""
     if steps < 1:
@@ -98,7 +106,7 @@ def iterative_prune(module, example_inputs: Sequence[Any], *, target_macs: float
         factor = current / wanted
         if factor > 1.0 + 1e-6:
             result = prune_module(module, example_inputs, replace(planning, ratio=0.0, target_macs=factor),
-                                  attention=attention, loss_fn=loss_fn)
+                                  attention=attention, loss_fn=loss_fn, metric=metric)
         else:
             result = PruneResult(module, {}, current, current, 0, 0)
         history.append(result)
