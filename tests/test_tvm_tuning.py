@@ -61,6 +61,11 @@ def test_allocate_trials_spends_the_budget_exactly(weights, total, expected_sum)
     assert all(alloc[a] >= alloc[b] for a, b in zip(order, order[1:], strict=False) if weights[a] > weights[b])
 
 
+def test_allocate_trials_skips_negligible_tasks() -> None:
+    alloc = allocate_trials([1000.0, 500.0, 1.0, 0.5], 200, floor=8)
+    assert alloc[2] == alloc[3] == 0 and sum(alloc) == 200
+
+
 def test_allocate_trials_prefers_heavy_tasks_when_short() -> None:
     alloc = allocate_trials([1.0, 100.0, 10.0, 0.5], 16, floor=8)
     assert alloc == [0, 8, 8, 0]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from ...errors import BackendError, UsageError
 
 MIN_TRIALS_PER_TASK = 8
+MIN_SHARE = 0.005  # of the model's FLOPs: lighter tasks keep TVM's default schedule
 BUILD_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 60.0
 LEDGER = "ledger.json"
@@ -92,7 +93,10 @@ def allocate_trials(weights: list[float], total: int, floor: int = MIN_TRIALS_PE
     if total <= 0 or n == 0:
         return alloc
     order = sorted(range(n), key=lambda i: (-weights[i], i))
-    chosen = order[: max(1, min(n, total // floor))]
+    # Tasks under MIN_SHARE of the work (reshapes, tiny reductions) are not worth a search round.
+    wtotal = sum(max(w, 0.0) for w in weights)
+    worth = [i for i in order if wtotal <= 0 or weights[i] >= MIN_SHARE * wtotal] or order[:1]
+    chosen = worth[: max(1, min(len(worth), total // floor))]
     wsum = sum(max(weights[i], 0.0) for i in chosen)
     # Proportional shares above the floor, by largest remainder, so the sum is exactly `total`.
     spare = total - floor * len(chosen)
