@@ -140,7 +140,17 @@ def main() -> None:
         torch.save(torch_module, os.path.join(work, "unpruned.pt"))
     graph = loaded.graph
     deps = analyze(graph)
-    variants = {"unpruned": graph, "pruned": pruned_copy(graph, uniform_plan(deps, args.ratio), deps)}
+    plan = uniform_plan(deps, args.ratio)
+    variants = {"unpruned": graph, "pruned": pruned_copy(graph, plan, deps)}
+    if torch_module is not None:  # the same plan applied to the module by torch surgery
+        import copy
+
+        from prune_compile.backends.torch_module import apply_plan_to_module
+        from prune_compile.passes.plan import plan_to_json
+
+        pruned_module = apply_plan_to_module(copy.deepcopy(torch_module), plan_to_json(deps, plan),
+                                             [torch.from_numpy(a) for a in loaded.example_inputs.values()])
+        torch.save(pruned_module, os.path.join(work, "pruned.pt"))
     feeds_path = os.path.join(work, "feeds.npz")
     np.savez(feeds_path, **loaded.example_inputs)
     order = [v.name for v in graph.inputs]
@@ -167,8 +177,8 @@ def main() -> None:
                                                                 args.tune_db)
             lat.setdefault("tvm_tuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
                                                               args.repeat)
-        if "torch" in engines and torch_module is not None and label == "unpruned":
-            lat.setdefault("torch", {})[label] = _measure("torch", os.path.join(work, "unpruned.pt"), feeds_path,
+        if "torch" in engines and torch_module is not None:
+            lat.setdefault("torch", {})[label] = _measure("torch", os.path.join(work, f"{label}.pt"), feeds_path,
                                                           order, args.threads, args.repeat)
     macs_ratio = result["macs"]["unpruned"] / result["macs"]["pruned"]
     result["macs_ratio"] = round(macs_ratio, 4)
@@ -183,7 +193,6 @@ def main() -> None:
         ref = result["latency_ms"].get("ort", {}).get(label, {}).get("median_ms")
         if tuned and ref:
             result["tvm_tuned_over_ort"][label] = round(tuned / ref, 4)
-    result["notes"] = "torch: unpruned only (pruned torch modules need torch surgery, issue 5)"
     print(json.dumps(result, indent=1, sort_keys=True))
 
 
