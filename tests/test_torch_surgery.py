@@ -16,9 +16,10 @@ from prune_compile.ir import export_onnx
 from prune_compile.ir.fx_importer import import_torch_module
 from prune_compile.passes.deps import analyze
 from prune_compile.passes.oracle import zeroed_graph
-from prune_compile.passes.plan import plan_to_json, uniform_plan
+from prune_compile.passes.plan import param_name, plan_to_json, uniform_plan
 from prune_compile.passes.rewrite import pruned_copy
 
+from .test_deps_zoo import _FIXED_SIZE
 from .zoo import TORCHVISION, example_input, torchvision_model
 
 RTOL = 1e-4
@@ -27,7 +28,6 @@ CASES = [pytest.param(n, s, marks=[pytest.mark.big] if big else [], id=n) for n,
 # shufflenet: chunk(2) on a concat needs equal halves, the plan keeps unequal ones (the IR uses split sizes).
 # swin_v2_t: its per-head position bias is an MLP over coordinates, folded into one constant from five tensors.
 REFUSED = {"shufflenet_v2_x1_0": "does not run", "swin_v2_t": "cannot map it back"}
-_FIXED_SIZE = {"vit_b_16", "swin_t", "swin_v2_t", "maxvit_t", "alexnet", "vgg11_bn"}
 
 
 @pytest.mark.parametrize("name,size", CASES)
@@ -98,12 +98,9 @@ def test_attention_with_unequal_widths_fails_naming_the_module() -> None:
     deps = analyze(graph)
     plan = uniform_plan(deps, 0.5)
     # Prune only the attention's inner width, not the residual stream: MHA cannot represent that.
-    inner = [g for g in deps.prunable() if all("in_proj" in m.value.name or "out_proj.weight" in m.value.name
-                                                 or (m.value.provenance and "in_proj" in m.value.provenance.name)
-                                                 or (m.value.provenance and "out_proj.weight" ==
-                                                     m.value.provenance.name) for m in g.params)]
-    if not inner:
-        pytest.skip("the attention's inner width is not a separate group here")
+    inner = [g for g in deps.prunable()
+             if all(param_name(m).startswith(("attn.in_proj", "attn.out_proj.weight")) for m in g.params)]
+    assert inner, "the attention's inner width is a group of its own"
     only_inner = type(plan)({g.id: plan.removed[g.id] for g in inner if g.id in plan.removed})
     with pytest.raises(UnsupportedModelError, match="attn"):
         apply_plan_to_module(block, plan_to_json(deps, only_inner), [x])

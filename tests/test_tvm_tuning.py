@@ -4,6 +4,7 @@ through the CLI), and the RPC runner through a local tracker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -116,11 +117,9 @@ def _wait_for_server(port: int, key: str, timeout: float = 60) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):  # the tracker may not listen yet
             if key in str(rpc.connect_tracker("127.0.0.1", port).summary()):
                 return
-        except Exception:
-            pass
         time.sleep(1)
     raise AssertionError(f"no RPC server registered as {key!r} within {timeout} s")
 

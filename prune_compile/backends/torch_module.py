@@ -113,11 +113,10 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads
         shrunk_from.setdefault(path, {})[old] = getattr(owner, attr).shape[axis]
     for path, m in root.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
-            w = m.weight
-            out_axis, in_axis = (1, 0) if m.transposed else (0, 1)
-            old_in = m.in_channels
-            if m.groups > 1 and m.groups == old_in and w.shape[in_axis] == 1:  # depthwise: one channel per group
-                m.groups = w.shape[out_axis] if not m.transposed else w.shape[0]
+            w = m.weight  # conv: [out, in/groups, ...]; transposed: [in, out/groups, ...]
+            old_first = m.in_channels if m.transposed else m.out_channels
+            if m.groups > 1 and m.groups == m.in_channels:  # depthwise: groups follow the channel count
+                m.groups = w.shape[0] * m.groups // old_first
             if m.transposed:
                 m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
             else:

@@ -36,10 +36,13 @@ def _per_root(m: Member, per_index: np.ndarray) -> np.ndarray:
     return per_index[m.indices].sum(axis=1)
 
 
+def _per_index(m: Member, values: np.ndarray) -> np.ndarray:
+    """Sum `values` (shaped like the member's tensor) over everything but the member's axis."""
+    return np.moveaxis(values, m.axis, 0).reshape(values.shape[m.axis], -1).sum(axis=1)
+
+
 def _magnitude(m: Member, power: int) -> np.ndarray:
-    data = np.asarray(m.value.data, dtype=np.float64)
-    moved = np.moveaxis(data, m.axis, 0).reshape(data.shape[m.axis], -1)
-    return _per_root(m, (np.abs(moved) ** power).sum(axis=1))
+    return _per_root(m, _per_index(m, np.abs(np.asarray(m.value.data, dtype=np.float64)) ** power))
 
 
 def _add_normalized(score: np.ndarray, part: np.ndarray) -> None:
@@ -82,8 +85,7 @@ def group_importance(group: Group, criterion: str = "l2", *, gradients: Mapping[
             if grad is None or np.shape(grad) != np.shape(m.value.data):
                 continue
             prod = np.abs(np.asarray(m.value.data, dtype=np.float64) * np.asarray(grad, dtype=np.float64))
-            moved = np.moveaxis(prod, m.axis, 0).reshape(prod.shape[m.axis], -1)
-            _add_normalized(score, _per_root(m, moved.sum(axis=1)))
+            _add_normalized(score, _per_root(m, _per_index(m, prod)))
             used += 1
         if used:
             return score

@@ -1,12 +1,11 @@
 """Plans: which root channels of which group are removed. A plan is data; it serializes to `plan.json`.
 
-This module holds the minimal uniform planner (per-group ratio, group-level L2 magnitude); the planning issue
-adds the other importances and policies on top of the same `Plan`.
+Importances live in passes/importance.py and policies in passes/policy.py; `uniform_plan` here is the
+uniform policy with its defaults, kept as the short spelling the tests and tools use.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,18 +39,11 @@ def l2_importance(group: Group) -> np.ndarray:
 
 
 def uniform_plan(deps: DependencyResult, ratio: float, min_channels: int = 1) -> Plan:
-    """Remove `floor(ratio * size)` lowest-L2 channels from every prunable group (keeping at least `min_channels`)."""
-    if not 0.0 <= ratio < 1.0:
-        raise UsageError(f"ratio {ratio}: must be in [0, 1)")
-    plan = Plan()
-    for g in deps.prunable():
-        n_remove = min(math.floor(ratio * g.size), g.size - min_channels)
-        if n_remove <= 0:
-            continue
-        score = l2_importance(g)
-        order = np.lexsort((np.arange(g.size), score))  # ties broken by index: deterministic
-        plan.removed[g.id] = np.sort(order[:n_remove]).astype(np.int64)
-    return plan
+    """Remove `floor(ratio * size)` lowest-L2 channels from every prunable group (keeping at least `min_channels`):
+    the uniform policy with its defaults (see passes/policy.py for the others)."""
+    from .policy import PlanningOptions, make_plan
+
+    return make_plan(None, deps, PlanningOptions(ratio=ratio, min_channels=min_channels)).plan
 
 
 def param_name(m: Member) -> str:

@@ -87,7 +87,7 @@ def kept_after_rounding(size: int, kept: int, round_to: int, min_channels: int) 
     return kept
 
 
-def _lowest(score: np.ndarray, n: int) -> np.ndarray:
+def lowest(score: np.ndarray, n: int) -> np.ndarray:
     order = np.lexsort((np.arange(score.size), score))  # ties broken by index: deterministic
     return np.sort(order[:n]).astype(np.int64)
 
@@ -126,7 +126,7 @@ class _Planner:
             r = self.override.get(g.id, ratio)
             kept = kept_after_rounding(g.size, g.size - math.floor(r * g.size), o.round_to, o.min_channels)
             if kept < g.size:
-                plan.removed[g.id] = _lowest(self.scores[g.id], g.size - kept)
+                plan.removed[g.id] = lowest(self.scores[g.id], g.size - kept)
         return plan
 
     def global_(self, ratio: float) -> Plan:
@@ -152,7 +152,7 @@ class _Planner:
         for g in self.groups:
             kept = kept_after_rounding(g.size, g.size - count[g.id], o.round_to, o.min_channels)
             if kept < g.size:
-                plan.removed[g.id] = _lowest(self.scores[g.id], g.size - kept)
+                plan.removed[g.id] = lowest(self.scores[g.id], g.size - kept)
         return plan
 
     def make(self, ratio: float) -> Plan:

@@ -47,11 +47,10 @@ class SensitivityResult:
 
 
 def _removal(group: Group, score: np.ndarray, ratio: float, min_channels: int, round_to: int) -> np.ndarray:
-    from .policy import kept_after_rounding
+    from .policy import kept_after_rounding, lowest
 
     kept = kept_after_rounding(group.size, group.size - math.floor(ratio * group.size), round_to, min_channels)
-    order = np.lexsort((np.arange(group.size), score))
-    return np.sort(order[: group.size - kept]).astype(np.int64)
+    return lowest(score, group.size - kept)
 
 
 def _relative_change(reference: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:

@@ -17,18 +17,10 @@ import os
 import struct
 import subprocess
 import tempfile
-from dataclasses import dataclass
 
 from ...errors import BackendError
 
 FATBIN_MAGIC = 0xBA55ED50  # first u32 of a fatbin (fatBinaryHeader.magic)
-
-
-@dataclass
-class _Entry:
-    kind: str
-    start: int  # offset of the payload length field
-    payload: bytes
 
 
 def _read_u64(blob: bytes, pos: int) -> tuple[int, int]:
@@ -48,14 +40,17 @@ def _pack_str(data: bytes) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def find_module_entries(blob: bytes, kind: bytes) -> list[tuple[int, int]]:
-    """(kind offset, payload offset) of each `kind` module entry: u64 len, kind, u64 payload len, payload."""
+def _cuda_entries(blob: bytes) -> list[tuple[int, bytes, int, int]]:
+    """Each `cuda` module entry of a packed blob (u64 len, "cuda", u64 payload len, payload = fmt, fmap, code) as
+    (offset of the payload length, fmt, offset after fmt, payload end)."""
     found, pos = [], 0
-    needle = _pack_str(kind)
+    needle = _pack_str(b"cuda")
     while (pos := blob.find(needle, pos)) != -1:
-        length, body = _read_u64(blob, pos + len(needle))
-        if body + length <= len(blob):
-            found.append((pos, pos + len(needle)))
+        length_at = pos + len(needle)
+        length, body = _read_u64(blob, length_at)
+        if 8 <= length and body + length <= len(blob):
+            fmt, after = _read_str(blob, body)
+            found.append((length_at, fmt, after, body + length))
         pos += 1
     return found
 
@@ -65,19 +60,10 @@ def patch_cuda_entry(blob: bytes, source: bytes, fatbin: bytes) -> bytes:
     total, _ = _read_u64(blob, 0)
     if total != len(blob) - 8:
         raise BackendError("TVM library blob has an unexpected header; not embedding CUDA code")
-    matches = []
-    for _, length_at in find_module_entries(blob, b"cuda"):
-        length, body = _read_u64(blob, length_at)
-        fmt, p = _read_str(blob, body)
-        if fmt != b"cuda":
-            continue
-        code_len = len(source)
-        end = body + length
-        if end - 8 - code_len < p or blob[end - code_len:end] != source or \
-                struct.unpack_from("<Q", blob, end - code_len - 8)[0] != code_len:
-            continue
-        fmap = blob[p:end - code_len - 8]
-        matches.append((length_at, end, fmap))
+    n = len(source)
+    matches = [(length_at, end, blob[after:end - n - 8]) for length_at, fmt, after, end in _cuda_entries(blob)
+               if fmt == b"cuda" and end - n - 8 >= after and blob[end - n:end] == source
+               and struct.unpack_from("<Q", blob, end - n - 8)[0] == n]
     if len(matches) != 1:
         raise BackendError(f"expected one CUDA source module in the TVM library, found {len(matches)}; "
                            "not embedding CUDA code")
@@ -89,13 +75,10 @@ def patch_cuda_entry(blob: bytes, source: bytes, fatbin: bytes) -> bytes:
 
 def read_cuda_entry(blob: bytes) -> tuple[str, bytes]:
     """(format, code) of the single CUDA module in a packed library blob (tests and `inspect`)."""
-    for _, length_at in find_module_entries(blob, b"cuda"):
-        length, body = _read_u64(blob, length_at)
-        fmt, p = _read_str(blob, body)
+    for _, fmt, after, end in _cuda_entries(blob):
         if fmt in (b"cuda", b"fatbin", b"cubin", b"ptx"):
-            end = body + length
             # The code is the payload's last field; the function map before it has no length of its own.
-            for cut in range(p, end - 7):
+            for cut in range(after, end - 7):
                 if struct.unpack_from("<Q", blob, cut)[0] == end - cut - 8:
                     return fmt.decode(), blob[cut + 8:end]
     raise BackendError("no CUDA module in the TVM library")
