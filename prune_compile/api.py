@@ -189,6 +189,8 @@ def _feeds_for(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
 OUTPUT_ONNX = "model.pruned.onnx"
 OUTPUT_REPORT = "report.json"
 OUTPUT_PLAN = "plan.json"
+OUTPUT_HTML = "report.html"
+OUTPUT_TIMINGS = "timings.json"  # everything that varies between identical runs: times, trials run, timestamp
 TARGETS = ("none", "cpu", "gpu", "arm")
 
 
@@ -197,6 +199,63 @@ class RunResult:
     outdir: str
     files: dict[str, str]
     report: dict[str, Any]
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _RunContext:
+    """What passes need beyond the graph: backend settings, progress display, where to stage libraries."""
+
+    target_options: Any
+    tune_db: str | None
+    rpc: Any
+    progress: Any
+    staging_dir: str
+
+
+def default_pipeline(planning: Any, attention: str = "head_dim", targets: Sequence[str] = (),
+                     verify: bool = True, plan: str | None = None, measure_latency: bool = False) -> str:
+    """The pipeline the CLI's options describe, with the options that differ from the defaults spelled out."""
+    from .passes.pipeline import PassSpec, format_pipeline
+    from .passes.policy import PlanningOptions
+
+    specs = [PassSpec("analyze", {} if attention == "head_dim" else {"attention": attention})]
+    if plan:
+        specs.append(PassSpec("replay", {"plan": plan}))
+    else:
+        options, default = {}, PlanningOptions()
+        for name in ("policy", "ratio", "importance", "round_to", "min_channels", "max_ratio", "target_macs", "seed"):
+            value = getattr(planning, name)
+            if value != getattr(default, name) and not (name == "max_ratio" and planning.policy != "global"):
+                options[name.replace("_", "-")] = str(value)
+        if planning.ignore:
+            options["ignore"] = ",".join(planning.ignore)
+        if planning.overrides:
+            options["override"] = ",".join(f"{g}={r}" for g, r in planning.overrides.items())
+        specs.append(PassSpec("plan", options))
+    specs.append(PassSpec("rewrite"))
+    if verify:
+        specs.append(PassSpec("verify"))
+    if targets:
+        specs.append(PassSpec("compile", {"target": ",".join(targets)}))
+    if measure_latency:
+        specs.append(PassSpec("measure"))
+    return format_pipeline(specs)
+
+
+def _pass_defaults(planning: Any, attention: str, targets: Sequence[str], tune: int, verify: bool,
+                   plan: str | None) -> dict[str, dict[str, Any]]:
+    """CLI/API options as the defaults of every pass's options (an explicit pipeline option wins)."""
+    return {
+        "analyze": {"attention": attention},
+        "plan": {"policy": planning.policy, "ratio": planning.ratio, "importance": planning.importance,
+                 "round_to": planning.round_to, "min_channels": planning.min_channels,
+                 "max_ratio": planning.max_ratio, "target_macs": planning.target_macs, "seed": planning.seed,
+                 "ignore": list(planning.ignore), "override": [f"{g}={r}" for g, r in planning.overrides.items()]},
+        "replay": {"plan": plan} if plan else {},
+        "compile": {"target": list(targets), "tune": tune, "check": verify, "fold_bn": True},
+        "measure": {"runs": 0},
+    }
 
 
 def run(
@@ -213,14 +272,23 @@ def run(
     target_options: Any = None,
     progress: Any = None,
     planning: Any = None,
+    passes: str | None = None,
+    plan: str | os.PathLike | None = None,
+    measure_latency: bool = False,
+    print_after_all: bool = False,
+    dump_ir: str | os.PathLike | None = None,
 ) -> RunResult:
-    """Import, (prune), export, compile: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s.
+    """Import, prune, export, compile: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s.
 
     `tune` is the MetaSchedule trial budget per target (0: default schedules); `tune_db` the database root
     (default: ~/.cache/prune-compile/tuning); `rpc` a `backends.tvm.RPCSettings` to measure on a remote device;
-    `target_options` a `backends.tvm.TargetOptions` (ARM board, GPU arch, cores); `progress(line, final)` receives
-    status lines of long steps. `planning` is a `passes.policy.PlanningOptions` (policy, importance, round_to,
-    ignore globs, overrides, target MACs reduction); its ratio is `ratio`."""
+    `target_options` a `backends.tvm.TargetOptions` (ARM board, GPU arch, cores); `progress` follows
+    `prune_compile.progress`. `planning` is a `passes.policy.PlanningOptions` (policy, importance, round_to,
+    ignore globs, overrides, target MACs reduction); its ratio is `ratio`. `plan` replays a plan.json instead of
+    planning. `passes` is a textual pipeline (see passes/pipeline.py) whose unset options default to the
+    arguments above; without it, the arguments describe the pipeline (`default_pipeline`). `measure_latency`
+    times the original and the pruned model on ONNX Runtime and each cpu library (results in timings.json)."""
+    from .passes.pipeline import JobState, parse_pipeline, resolve, run_pipeline
     from .passes.policy import PlanningOptions
 
     if not 0.0 <= ratio < 1.0:
@@ -228,24 +296,38 @@ def run(
     planning = planning or PlanningOptions()
     planning.ratio = ratio
     planning.validate()
+    plan = os.fspath(plan) if plan is not None else None
+    if plan is not None and passes is None:
+        defaults = PlanningOptions()
+        changed = [n for n in ("policy", "ratio", "importance", "round_to", "min_channels", "target_macs",
+                               "ignore", "overrides") if getattr(planning, n) != getattr(defaults, n)
+                   and not (n == "ignore" and tuple(planning.ignore) == ())]
+        if changed:
+            raise UsageError(f"--plan replays a plan; the planning options ({', '.join(changed)}) do not apply")
     for t in targets:
         if t not in TARGETS:
             raise UsageError(f"--target {t}: must be one of {', '.join(TARGETS)}")
     if tune < 0:
         raise UsageError(f"--tune {tune}: must be >= 0")
     compile_targets = sorted({t for t in targets if t != "none"})
-    backend = None
-    if compile_targets:
+    pipeline_text = passes if passes is not None else default_pipeline(
+        planning, attention, compile_targets, verify, plan, measure_latency)
+    resolved = resolve(parse_pipeline(pipeline_text),
+                       _pass_defaults(planning, attention, compile_targets, tune, verify, plan))
+    backend_options = None
+    for info, values in resolved:
+        if info.name != "compile":
+            continue
         from .backends import tvm as tvm_backend
 
-        backend = _Backend(target_options or tvm_backend.TargetOptions(),
-                           tvm_backend.TuningOptions(trials=tune, database=os.fspath(tune_db) if tune_db else None,
-                                                     rpc=rpc, progress=progress) if tune else None)
-        for t in compile_targets:
-            tvm_backend.check_toolchain(t, backend.target_options)
-            if tune and t != "cpu" and rpc is None:
+        backend_options = target_options or tvm_backend.TargetOptions()
+        for t in values.get("target", []):
+            tvm_backend.check_toolchain(t, backend_options)
+            if values.get("tune") and t != "cpu" and rpc is None:
                 raise UsageError(f"--tune for --target {t} measures candidates on that device: pass --rpc-tracker "
                                  "HOST:PORT and --rpc-key KEY")
+        if values.get("tune", 0) < 0:
+            raise UsageError(f"option 'tune' of pass 'compile': {values['tune']} must be >= 0")
     outdir = os.fspath(outdir)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UsageError(f"output directory '{outdir}' exists and is not a directory")
@@ -253,117 +335,96 @@ def run(
     loaded = load_model(model, input_shapes)
     graph = loaded.graph
     graph.verify()
+    context = _RunContext(backend_options, os.fspath(tune_db) if tune_db else None, rpc, progress,
+                          os.path.dirname(os.path.abspath(outdir)) or ".")
+    state = JobState(loaded=loaded, graph=graph, initial=graph, context=context)
+    try:
+        run_pipeline(state, resolved, print_after_all=print_after_all,
+                     dump_ir=os.fspath(dump_ir) if dump_ir else None)
+        return _write_outputs(state, outdir, pipeline_text)
+    finally:
+        for tmp_path in state.staged.values():
+            if os.path.exists(tmp_path):
+                os.unlink(tmp_path)
+
+
+def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
+    import datetime
 
     from .passes.cost import graph_cost
     from .passes.deps import analyze
-    from .passes.plan import plan_to_json
-    from .passes.policy import make_plan
-    from .passes.rewrite import pruned_copy
+    from .passes.plan import Plan, plan_to_json
+    from .report_html import render_report
+    from .util import atomic_write_bytes, atomic_write_text
 
-    deps = analyze(graph, attention=attention)
-    planned = make_plan(graph, deps, planning, calibration=loaded.example_inputs, progress=progress)
-    plan = planned.plan
-    pruned = pruned_copy(graph, plan, deps)
-    proto = export_onnx(pruned)
-    plan_doc = plan_to_json(deps, plan, attention=attention)
-    before, after = graph_cost(graph), graph_cost(pruned)
+    loaded = state.loaded
+    if state.rewrite_plan is not None:
+        deps, plan = state.rewrite_deps, state.rewrite_plan
+    elif state.plan is not None:
+        deps, plan = state.deps, state.plan
+    else:  # no planning in the pipeline: plan.json still lists the groups, none pruned
+        deps, plan = state.deps or analyze(state.graph), Plan()
+    proto = export_onnx(state.graph)
+    data = proto.SerializeToString(deterministic=True)
+    before, after = graph_cost(state.initial), graph_cost(state.graph)
+    plan_doc = plan_to_json(deps, plan)
     report: dict[str, Any] = {
         "format": "prune-compile.report/1",
         "model": {"source": loaded.source, "kind": loaded.kind},
-        "input_shapes": {v.name: list(v.shape) for v in graph.inputs},
-        "graph": graph.summary(),
-        "pruning": _pruning_summary(deps, plan, planning, planned),
+        "input_shapes": {v.name: list(v.shape) for v in state.initial.inputs},
+        "graph": state.initial.summary(),
+        "pipeline": pipeline_text,
+        "pruning": _pruning_summary(deps, plan, state),
         "cost": {"before": before, "after": after,
                  "macs_ratio": round(before["macs"] / after["macs"], 4) if after["macs"] else None,
                  "parameters_ratio": round(before["parameters"] / after["parameters"], 4)
                  if after["parameters"] else None},
-        "outputs": {"onnx": OUTPUT_ONNX, "plan": OUTPUT_PLAN},
+        "outputs": {"onnx": OUTPUT_ONNX, "plan": OUTPUT_PLAN, "html": OUTPUT_HTML, "timings": OUTPUT_TIMINGS,
+                    "onnx_sha256": hashlib.sha256(data).hexdigest()},
     }
-    if verify:
-        report["verification"] = _verify(loaded, graph, deps, plan, proto)
-    data = proto.SerializeToString(deterministic=True)
-    report["outputs"]["onnx_sha256"] = hashlib.sha256(data).hexdigest()
-    from .util import atomic_write_bytes, atomic_write_text
-
-    staged = _build_targets(proto, compile_targets, outdir, loaded, report, verify, backend)
+    if state.folded_bn:
+        report["batch_norms_folded"] = state.folded_bn
+    if state.verification is not None:
+        report["verification"] = state.verification
+    if state.targets:
+        report["targets"] = state.targets
+    timings = {"format": "prune-compile.timings/1",
+               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+               "passes": state.pass_seconds, **state.latency}
+    _prepare_outdir(outdir)  # only now: a failed run leaves nothing behind
+    files = {"onnx": os.path.join(outdir, OUTPUT_ONNX), "plan": os.path.join(outdir, OUTPUT_PLAN),
+             "report": os.path.join(outdir, OUTPUT_REPORT), "html": os.path.join(outdir, OUTPUT_HTML),
+             "timings": os.path.join(outdir, OUTPUT_TIMINGS)}
     try:
-        _prepare_outdir(outdir)  # only now: a failed run leaves nothing behind
-        files = {"onnx": os.path.join(outdir, OUTPUT_ONNX), "plan": os.path.join(outdir, OUTPUT_PLAN),
-                 "report": os.path.join(outdir, OUTPUT_REPORT)}
         atomic_write_bytes(files["onnx"], data)
         atomic_write_text(files["plan"], json.dumps(plan_doc, indent=1, sort_keys=True) + "\n")
         atomic_write_text(files["report"], json.dumps(report, indent=2, sort_keys=True) + "\n")
-        for target, tmp_path in staged.items():
+        atomic_write_text(files["timings"], json.dumps(timings, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(files["html"], render_report(report, plan_doc, timings))
+        for target, tmp_path in sorted(state.staged.items()):
             files[target] = os.path.join(outdir, library_name(target))
             os.replace(tmp_path, files[target])
-    finally:
-        for tmp_path in staged.values():
-            if os.path.exists(tmp_path):
-                os.unlink(tmp_path)
-    return RunResult(outdir, files, report)
+    except OSError as e:
+        raise UsageError(f"cannot write to output directory '{outdir}': {e.strerror}") from e
+    return RunResult(outdir, files, report, timings)
 
 
 def library_name(target: str) -> str:
     return f"model.{target}.so"
 
 
-@dataclass
-class _Backend:
-    target_options: Any
-    tuning: Any
-
-
-def _build_targets(proto, targets: Sequence[str], outdir: str, loaded: LoadedModel, report: dict[str, Any],
-                   verify: bool, backend: _Backend | None) -> dict[str, str]:
-    """Compile each target into a temp file beside OUTDIR; returns target → temp path (moved in by the caller)."""
-    if not targets:
-        return {}
-    import tempfile
-
-    from .backends import ort
-    from .backends import tvm as tvm_backend
-
-    parent = os.path.dirname(os.path.abspath(outdir)) or "."
-    staged: dict[str, str] = {}
-    report["targets"] = {}
-    try:
-        for target in targets:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target}-", suffix=".so", dir=parent)
-            os.close(fd)
-            staged[target] = tmp
-            result = tvm_backend.build(proto, target, tmp, backend.target_options, backend.tuning)
-            entry: dict[str, Any] = {"library": library_name(target), "target": result.target_json,
-                                     "pipeline": result.pipeline}
-            if result.tuning is not None:
-                entry["tuning"] = result.tuning
-            if result.device_code:
-                entry["device_code"] = result.device_code
-            if verify and target == "cpu":
-                feeds = _feeds_for(proto, loaded.example_inputs)
-                got = tvm_backend.run_library(tmp, feeds, list(feeds))
-                err = ort.relative_error(ort.run(proto, feeds), got)
-                entry["verification"] = {"oracle": "TVM vs ONNX Runtime on the output model",
-                                         "max_relative_error": float(f"{err:.3e}")}
-            report["targets"][target] = entry
-    except BaseException:
-        for tmp in staged.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-    return staged
-
-
-def _pruning_summary(deps, plan, planning, planned) -> dict[str, Any]:
+def _pruning_summary(deps, plan, state) -> dict[str, Any]:
+    planning, planned = state.planning, state.planned
     frozen: dict[str, int] = {}
     for g in deps.groups:
         if not g.prunable:
             frozen[g.reason] = frozen.get(g.reason, 0) + 1
     pruned = [g for g in deps.groups if len(plan.removed_of(g))]
     summary = {
-        "ratio": planning.ratio,
-        "policy": planning.policy,
+        "ratio": planning.ratio if planning else None,
+        "policy": planning.policy if planning else ("replay" if state.replayed_from else None),
         "attention": deps.attention,
-        "importance": planning.importance,
+        "importance": planning.importance if planning else None,
         "groups": len(deps.groups),
         "prunable": len(deps.prunable()),
         "frozen": sum(frozen.values()),
@@ -373,6 +434,10 @@ def _pruning_summary(deps, plan, planning, planned) -> dict[str, Any]:
         "channels_removed": int(sum(len(plan.removed_of(g)) for g in pruned)),
         "channels_total": int(sum(g.size for g in deps.groups)),
     }
+    if state.replayed_from:
+        summary["replayed_plan"] = state.replayed_from
+    if planning is None:
+        return summary
     if planning.round_to > 1:
         summary["round_to"] = planning.round_to
     if planning.min_channels > 1:
@@ -402,25 +467,6 @@ def _pruning_summary(deps, plan, planning, planned) -> dict[str, Any]:
     return summary
 
 
-def _verify(loaded: LoadedModel, graph: Graph, deps, plan, proto) -> dict[str, Any]:
-    """Check the output model on seeded random inputs: against the original when nothing was removed, else
-    against the consumer-zeroed original (design §5.1), which it must match for exact groups."""
-    from .backends import ort
-    from .passes.oracle import zeroed_graph
-
-    got = ort.run(proto, _feeds_for(proto, loaded.example_inputs))
-    if plan.is_empty():
-        return {"oracle": "exported model vs original on seeded random inputs",
-                "max_relative_error": float(f"{ort.relative_error(reference_outputs(loaded), got):.3e}")}
-    zeroed = export_onnx(zeroed_graph(graph, deps, plan))
-    err = ort.relative_error(ort.run(zeroed, _feeds_for(zeroed, loaded.example_inputs)), got)
-    inexact = sum(1 for g in deps.groups if len(plan.removed_of(g)) and not g.exact)
-    return {"oracle": "pruned model vs consumer-zeroed original on seeded random inputs",
-            "max_relative_error": float(f"{err:.3e}"), "exact": inexact == 0,
-            "note": "" if inexact == 0 else f"{inexact} pruned groups pass through a normalization over their "
-                                            "channels (LayerNorm): outputs are expected to differ"}
-
-
 def _prepare_outdir(outdir: str) -> None:
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UsageError(f"output directory '{outdir}' exists and is not a directory")
@@ -432,5 +478,5 @@ def _prepare_outdir(outdir: str) -> None:
         raise UsageError(f"output directory '{outdir}' is not writable")
 
 
-__all__ = ["LoadedModel", "PruneCompileError", "RunResult", "UnsupportedModelError", "load_model",
-           "parse_input_shapes", "reference_outputs", "run"]
+__all__ = ["LoadedModel", "PruneCompileError", "RunResult", "UnsupportedModelError", "default_pipeline",
+           "load_model", "parse_input_shapes", "reference_outputs", "run"]

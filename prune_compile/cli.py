@@ -24,12 +24,24 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="prune-compile", description="Structural pruning compiler for PyTorch and ONNX models.")
     p.add_argument("model", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="directory for the outputs")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="directory for the outputs (required)")
+    p.add_argument("--config", metavar="FILE.toml", default=None,
+                   help="read options from a TOML file (keys are the long option names); command-line options "
+                        "override it, list options (target, ignore, ...) add to it")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=d0,d1,...",
                    help="static shape of a model input (repeatable); required for dynamic dims and torch models")
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of channels to remove per group, in [0, 1)")
     p.add_argument("--target", action="append", choices=api.TARGETS, default=None,
                    help="compile target (repeatable); 'none' only exports ONNX")
+    p.add_argument("--passes", metavar="PIPELINE", default=None,
+                   help="textual pass pipeline, e.g. 'analyze,plan{policy=global ratio=0.5},rewrite,verify,"
+                        "compile{target=cpu}'; the other options are its passes' defaults")
+    p.add_argument("--plan", metavar="plan.json", default=None,
+                   help="replay a plan made earlier for this model instead of planning")
+    p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass (stderr)")
+    p.add_argument("--dump-ir", metavar="DIR", default=None, help="write the IR after every pass to DIR/NN-pass.ir")
+    p.add_argument("--measure-latency", action="store_true",
+                   help="time the original and pruned model on ONNX Runtime and each cpu library (timings.json)")
     p.add_argument("--policy", choices=("uniform", "global", "sensitivity"), default="uniform",
                    help="uniform: every group loses the ratio; global: channels ranked across groups; "
                         "sensitivity: measure each group's damage, prune where it hurts least")
@@ -69,14 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        argv = config_arguments(parser, argv) + argv
+    except PruneCompileError as e:
+        print(f"prune-compile: error: {e}", file=sys.stderr)
+        return e.exit_code
+    args = parser.parse_args(argv)
+    if args.output is None:
+        parser.error("the following arguments are required: -o/--output")
     try:
         shapes = api.parse_input_shapes(args.input_shape)
         result = api.run(args.model, args.output, input_shapes=shapes, ratio=args.ratio,
                          targets=args.target or ["none"], verify=not args.no_verify,
                          attention=args.attention, tune=args.tune, tune_db=args.tune_db,
                          rpc=_rpc_settings(args), target_options=_target_options(args),
-                         progress=None if args.quiet else _progress(), planning=_planning(args))
+                         progress=None if args.quiet else _progress(), planning=_planning(args),
+                         passes=args.passes, plan=args.plan, measure_latency=args.measure_latency,
+                         print_after_all=args.print_after_all, dump_ir=args.dump_ir)
     except PruneCompileError as e:
         print(f"prune-compile: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -87,6 +110,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not args.quiet:
         print(_summary(result))
     return 0
+
+
+def config_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """The options of `--config FILE.toml` as command-line arguments, to go before the real ones (which win).
+
+    Keys are long option names (`round-to` or `round_to`); a list repeats the option; `true` sets a flag."""
+    import tomllib
+
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    if path is None:
+        return []
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise api.UsageError(f"--config '{path}' does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise api.UsageError(f"--config '{path}': not a readable TOML file: {e}") from None
+    options = {a.option_strings[-1]: a for a in parser._actions if a.option_strings}
+    out: list[str] = []
+    for key, value in table.items():
+        flag = "--" + key.replace("_", "-")
+        action = options.get(flag)
+        if action is None or flag in ("--config", "--help"):
+            raise api.UsageError(f"--config '{path}': unknown option '{key}'")
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not isinstance(action, argparse._AppendAction):
+            raise api.UsageError(f"--config '{path}': option '{key}' takes one value, not a list")
+        for v in values:
+            if isinstance(v, bool):
+                if action.nargs != 0:
+                    raise api.UsageError(f"--config '{path}': option '{key}' takes a value, not true/false")
+                out += [flag] if v else []
+            elif isinstance(v, (str, int, float)) and action.nargs != 0:
+                out += [flag, str(v)]
+            else:
+                raise api.UsageError(f"--config '{path}': option '{key}' has a value of the wrong type ({v!r})")
+    return out
 
 
 def _planning(args: argparse.Namespace):
@@ -127,7 +193,7 @@ def _target_options(args: argparse.Namespace):
 
 
 def _progress():
-    from .backends.tvm.tuning import terminal_progress
+    from .progress import terminal_progress
 
     return terminal_progress()
 
@@ -143,8 +209,10 @@ def _summary(result: api.RunResult) -> str:
         "ops        " + ", ".join(f"{k}x{v}" for k, v in sorted(g["ops"].items(), key=lambda kv: -kv[1])[:12]),
     ]
     p, c = r["pruning"], r["cost"]
+    lines.append(f"pipeline   {r['pipeline']}")
+    how = f"at ratio {p['ratio']}" if p.get("ratio") is not None else f"by {p['policy'] or 'no plan'}"
     lines.append(f"groups     {p['groups']} found, {p['prunable']} prunable, {p['frozen']} frozen; "
-                 f"{p['pruned_groups']} pruned at ratio {p['ratio']} ({p['channels_removed']} channels)")
+                 f"{p['pruned_groups']} pruned {how} ({p['channels_removed']} channels)")
     for reason, count in list(p["frozen_reasons"].items())[:5]:
         lines.append(f"  frozen   {count}x {reason}")
     lines.append(f"cost       MACs {c['before']['macs']:,} -> {c['after']['macs']:,} ({c['macs_ratio'] or '-'}x), "
@@ -158,13 +226,16 @@ def _summary(result: api.RunResult) -> str:
         check = t.get("verification")
         lines.append(f"compiled   {target}: {t['library']} ({t['pipeline']})"
                      + (f", max relative error vs ONNX Runtime {check['max_relative_error']:.2e}" if check else ""))
-        if "tuning" in t:
-            tu = t["tuning"]
+        tu = result.timings.get("tuning", {}).get(target)
+        if tu:
             lines.append(f"  tuning   {tu['trials_run']} trials run on {tu['tasks_tuned']}/{tu['tasks']} tasks "
                          f"(budget {tu['trials_requested']}); database {tu['database']}")
         if t.get("device_code"):
             d = t["device_code"]
             lines.append(f"  device   {d['format']} for {d['arch']} ({d['bytes']:,} bytes, {d['compiler']})")
+    for engine, t in sorted(result.timings.get("engines", {}).items()):
+        lines.append(f"latency    {engine}: {t['before']['median_ms']:.3f} -> {t['after']['median_ms']:.3f} ms "
+                     f"({t['speedup']:.2f}x, median of {t['after']['runs']} runs)")
     for _, path in sorted(result.files.items()):
         lines.append(f"wrote      {path}")
     return "\n".join(lines)

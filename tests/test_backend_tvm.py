@@ -28,7 +28,8 @@ RTOL = 1e-4
 def test_cli_compiles_for_cpu_and_tvm_agrees_with_onnx_runtime(tmp_path, ratio: float) -> None:
     out = tmp_path / "out"
     result = run(DEFAULT_MODEL, out, ratio=ratio, targets=["cpu"])
-    assert sorted(os.listdir(out)) == ["model.cpu.so", "model.pruned.onnx", "plan.json", "report.json"]
+    assert sorted(os.listdir(out)) == ["model.cpu.so", "model.pruned.onnx", "plan.json", "report.html", "report.json",
+                                      "timings.json"]
     assert result.report["targets"]["cpu"]["verification"]["max_relative_error"] <= RTOL
     # The library reloads in a fresh process (TVM's runtime state does not leak from the build).
     x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)

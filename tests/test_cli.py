@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from prune_compile.cli import main
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "..", "prune_compile", "data", "default_model.onnx")
+OUTPUTS = ["model.pruned.onnx", "plan.json", "report.html", "report.json", "timings.json"]
 
 
 def _cli(*args: str) -> int:
@@ -23,7 +24,7 @@ def _cli(*args: str) -> int:
 def test_default_model_writes_pruned_onnx_and_report(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert _cli(DEFAULT_MODEL, "-o", str(out), "--ratio", "0", "--target", "none") == 0
-    assert sorted(os.listdir(out)) == ["model.pruned.onnx", "plan.json", "report.json"]
+    assert sorted(os.listdir(out)) == OUTPUTS
     report = json.loads((out / "report.json").read_text())
     assert report["graph"]["opaque"] == 0
     assert report["verification"]["max_relative_error"] <= 1e-5
@@ -33,11 +34,15 @@ def test_default_model_writes_pruned_onnx_and_report(tmp_path, capsys) -> None:
     assert "wrote" in capsys.readouterr().out
 
 
-def test_outputs_are_byte_identical_across_runs(tmp_path) -> None:
+@pytest.mark.parametrize("options", [[], ["--ratio", "0.4", "--policy", "sensitivity", "--round-to", "4"],
+                                     ["--target-macs", "2", "--policy", "global", "--importance", "random"]])
+def test_outputs_are_byte_identical_across_runs(tmp_path, options) -> None:
     for name in ("a", "b"):
-        assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / name), "-q") == 0
-    for f in ("model.pruned.onnx", "plan.json", "report.json"):
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+        assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / name), "-q", *options) == 0
+    # timings.json is the one file that may differ (times, timestamp); the html shows no timings when none measured
+    for f in ("model.pruned.onnx", "plan.json", "report.json", "report.html"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert json.loads((tmp_path / "a" / "timings.json").read_text())["format"] == "prune-compile.timings/1"
 
 
 def test_torch_factory_model_and_json_output(tmp_path, capsys) -> None:
@@ -111,7 +116,7 @@ def test_bad_input_gives_one_line_error_exit_code_and_no_outputs(tmp_path, capsy
         assert "Traceback" not in err
         assert not out.exists(), "a failed run must leave no output directory behind"
     else:
-        assert sorted(os.listdir(out)) == ["model.pruned.onnx", "plan.json", "report.json"]
+        assert sorted(os.listdir(out)) == OUTPUTS
 
 
 def test_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys) -> None:

@@ -63,7 +63,7 @@ def _relative_change(reference: Sequence[np.ndarray], got: Sequence[np.ndarray])
 def measure_curves(graph, deps: DependencyResult, groups: Sequence[Group], feeds: Mapping[str, np.ndarray], *,
                    importance: str = "l2", grid: Sequence[float] = DEFAULT_GRID, min_channels: int = 1,
                    round_to: int = 1, metric: Callable[[list[np.ndarray]], float] | None = None,
-                   progress: Callable[[str, bool], None] | None = None, scores=None) -> list[Curve]:
+                   progress: Callable[..., None] | None = None, scores=None) -> list[Curve]:
     """Damage and MACs saved for each group pruned alone at each grid ratio."""
     from ..backends import ort
     from ..ir import export_onnx
@@ -77,7 +77,7 @@ def measure_curves(graph, deps: DependencyResult, groups: Sequence[Group], feeds
     curves = []
     for i, g in enumerate(groups):
         if progress:
-            progress(f"sensitivity: group {i + 1}/{len(groups)} ({g.size} channels)", False)
+            progress(f"sensitivity: group {i + 1}/{len(groups)} ({g.size} channels)", False, i / len(groups))
         score = scores[g.id] if scores is not None else group_importance(g, importance)
         ratios, damage, saved = [], [], []
         for r in grid:

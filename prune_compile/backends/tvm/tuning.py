@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ class TuningOptions:
     database: str | None = None  # root directory; default: default_database_root()
     rpc: RPCSettings | None = None
     seed: int = 0
-    progress: Callable[[str, bool], None] | None = None  # (status line, final) per step
+    progress: Callable[..., None] | None = None  # prune_compile.progress protocol
 
 
 @dataclass
@@ -202,7 +201,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
 
     root = options.database or default_database_root()
     directory = database_dir(root, target_name, str(target))
-    report = options.progress or (lambda _line, _final=False: None)
+    report = options.progress or (lambda *_args, **_kw: None)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     weights = [max(float(estimate_tir_flops(t.dispatched[0])), 1.0) * int(t.weight) for t in tasks]
     alloc = allocate_trials(weights, options.trials)
@@ -230,9 +229,11 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
                                               timeout_sec=BUILD_TIMEOUT_S, max_workers=os.cpu_count() or 1)
             work_dir = os.path.join(directory, "logs")
             started = time.monotonic()
+            total, spent = sum(need for _, need, _ in todo), 0
             for i, (task, need, key) in enumerate(todo):
                 report(f"tuning {target_name}: task {i + 1}/{len(todo)} {task.task_name} ({need} trials, "
-                       f"{time.monotonic() - started:.0f} s)", False)
+                       f"{time.monotonic() - started:.0f} s)", False, spent / total)
+                spent += need
                 _quiet_meta_schedule()
                 # A population sized to the budget: the default (512) costs minutes per round on 2 cores.
                 strategy = ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 8 * need)),
@@ -271,14 +272,3 @@ def _valid_records(database, todo) -> int:
     return count
 
 
-def terminal_progress(stream=None) -> Callable[[str, bool], None] | None:
-    """A one-line progress display on a terminal; None (no output) when stderr is not a TTY."""
-    stream = stream or sys.stderr
-    if not stream.isatty():
-        return None
-
-    def show(line: str, final: bool = False) -> None:
-        stream.write("\r\033[K" + line[:200] + ("\n" if final else ""))
-        stream.flush()
-
-    return show

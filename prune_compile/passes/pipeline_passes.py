@@ -1,0 +1,229 @@
+"""The bodies of the pipeline's passes (names, options and ordering rules live in pipeline.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from ..errors import UsageError
+from ..ir import export_onnx
+from .pipeline import JobState, body
+
+
+@body("analyze")
+def _analyze(state: JobState, opts: dict) -> None:
+    from .deps import analyze
+
+    state.deps = analyze(state.graph, attention=opts.get("attention", "head_dim"))
+
+
+def planning_options(opts: dict):
+    """PlanningOptions from the `plan` pass's resolved options (CLI defaults already merged in)."""
+    from .policy import PlanningOptions
+
+    overrides = {}
+    for spec in opts.get("override", []) or []:
+        glob, sep, value = spec.rpartition("=")
+        try:
+            overrides[glob] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not glob:
+            raise UsageError(f"--override '{spec}': expected GLOB=RATIO")
+    planning = PlanningOptions(policy=opts.get("policy", "uniform"), ratio=opts.get("ratio", 0.0),
+                               importance=opts.get("importance", "l2"), round_to=opts.get("round_to", 1),
+                               min_channels=opts.get("min_channels", 1), max_ratio=opts.get("max_ratio", 0.9),
+                               ignore=tuple(opts.get("ignore", ()) or ()), overrides=overrides,
+                               target_macs=opts.get("target_macs"), seed=opts.get("seed", 0))
+    planning.validate()
+    return planning
+
+
+@body("plan")
+def _plan(state: JobState, opts: dict) -> None:
+    from .policy import make_plan
+
+    state.planning = planning_options(opts)
+    progress = state.context.progress if state.context else None
+    state.planned = make_plan(state.graph, state.deps, state.planning, calibration=state.loaded.example_inputs,
+                              progress=progress)
+    state.plan = state.planned.plan
+
+
+@body("replay")
+def _replay(state: JobState, opts: dict) -> None:
+    from .pipeline import load_plan_file
+    from .plan import plan_from_json
+
+    doc = load_plan_file(opts["plan"])
+    want = (doc.get("analysis") or {}).get("attention")
+    if want and want != state.deps.attention:
+        raise UsageError(f"plan file '{opts['plan']}' was made with attention={want}; this analysis used "
+                         f"attention={state.deps.attention} (pass --attention {want})")
+    state.plan = plan_from_json(state.deps, doc)
+    state.replayed_from = opts["plan"]
+
+
+@body("rewrite")
+def _rewrite(state: JobState, opts: dict) -> None:
+    from .rewrite import pruned_copy
+
+    state.before_rewrite, state.rewrite_deps, state.rewrite_plan = state.graph, state.deps, state.plan
+    state.graph = pruned_copy(state.graph, state.plan, state.deps)
+    state.deps = state.plan = None
+
+
+@body("fold-bn")
+def _fold_bn(state: JobState, opts: dict) -> None:
+    from .fold_bn import fold_batch_norms
+
+    graph = state.graph.clone()
+    state.folded_bn += fold_batch_norms(graph)
+    graph.verify()
+    state.graph = graph
+    state.deps = state.plan = None
+
+
+def _feeds_for(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    inits = {i.name for i in model.graph.initializer}
+    return {i.name: feeds[i.name] for i in model.graph.input if i.name not in inits}
+
+
+@body("verify")
+def _verify(state: JobState, opts: dict) -> None:
+    """Against the consumer-zeroed original (design §5.1) after a rewrite; otherwise against the original model."""
+    from ..api import reference_outputs
+    from ..backends import ort
+    from .oracle import zeroed_graph
+
+    proto = export_onnx(state.graph)
+    got = ort.run(proto, _feeds_for(proto, state.loaded.example_inputs))
+    plan, deps = state.rewrite_plan, state.rewrite_deps
+    if plan is None or plan.is_empty():
+        err = ort.relative_error(reference_outputs(state.loaded), got)
+        state.verification = {"oracle": "exported model vs original on seeded random inputs",
+                               "max_relative_error": float(f"{err:.3e}")}
+        return
+    zeroed = export_onnx(zeroed_graph(state.before_rewrite, deps, plan))
+    err = ort.relative_error(ort.run(zeroed, _feeds_for(zeroed, state.loaded.example_inputs)), got)
+    inexact = sum(1 for g in deps.groups if len(plan.removed_of(g)) and not g.exact)
+    state.verification = {
+        "oracle": "pruned model vs consumer-zeroed original on seeded random inputs",
+        "max_relative_error": float(f"{err:.3e}"), "exact": inexact == 0,
+        "note": "" if inexact == 0 else f"{inexact} pruned groups pass through a normalization over their "
+                                        "channels (LayerNorm): outputs are expected to differ"}
+
+
+def _compiled_proto(graph, fold_bn: bool):
+    if not fold_bn:
+        return export_onnx(graph), 0
+    from .fold_bn import fold_batch_norms
+
+    copy = graph.clone()
+    folded = fold_batch_norms(copy)
+    return export_onnx(copy), folded
+
+
+def _tuning(ctx, trials: int):
+    if not trials:
+        return None
+    from ..backends import tvm as tvm_backend
+
+    return tvm_backend.TuningOptions(trials=trials, database=ctx.tune_db, rpc=ctx.rpc, progress=ctx.progress)
+
+
+@body("compile")
+def _compile(state: JobState, opts: dict) -> None:
+    from ..api import library_name
+    from ..backends import ort
+    from ..backends import tvm as tvm_backend
+
+    ctx = state.context
+    proto, folded = _compiled_proto(state.graph, opts.get("fold_bn", True))
+    tune = opts.get("tune", 0)
+    for target in opts.get("target", []):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target}-", suffix=".so", dir=ctx.staging_dir)
+        os.close(fd)
+        old = state.staged.pop(target, None)
+        if old and os.path.exists(old):
+            os.unlink(old)
+        state.staged[target] = tmp
+        result = tvm_backend.build(proto, target, tmp, ctx.target_options, _tuning(ctx, tune))
+        entry: dict[str, Any] = {"library": library_name(target), "target": result.target_json,
+                                 "pipeline": result.pipeline, "batch_norms_folded": folded}
+        if result.tuning is not None:
+            entry["tuning"] = {k: v for k, v in result.tuning.items() if k in STABLE_TUNING_KEYS}
+            state.latency.setdefault("tuning", {})[target] = result.tuning
+        if result.device_code:
+            entry["device_code"] = result.device_code
+        if opts.get("check", True) and target == "cpu":
+            exported = export_onnx(state.graph)
+            feeds = _feeds_for(exported, state.loaded.example_inputs)
+            got = tvm_backend.run_library(tmp, feeds, list(feeds))
+            err = ort.relative_error(ort.run(exported, feeds), got)
+            entry["verification"] = {"oracle": "TVM vs ONNX Runtime on the output model",
+                                     "max_relative_error": float(f"{err:.3e}")}
+        state.targets[target] = entry
+        state.compiled[target] = (opts.get("fold_bn", True), tune)
+
+
+# Parts of a tuning summary that depend only on the inputs (graph, target, budget, database root); the trials
+# run this time depend on the database's history and go to timings.json.
+STABLE_TUNING_KEYS = ("trials_requested", "tasks", "database")
+
+
+def _median_ms(fn, runs: int) -> dict[str, float]:
+    for _ in range(3):
+        fn()
+    times = []
+    deadline = time.perf_counter() + 1.0
+    while (len(times) < runs) if runs else (len(times) < 10 or time.perf_counter() < deadline):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+        if not runs and len(times) >= 1000:
+            break
+    a = np.asarray(times)
+    return {"median_ms": round(float(np.median(a)), 4), "p10_ms": round(float(np.percentile(a, 10)), 4),
+            "p90_ms": round(float(np.percentile(a, 90)), 4), "runs": len(times)}
+
+
+@body("measure")
+def _measure(state: JobState, opts: dict) -> None:
+    """Latency of the original model and of the current one, each engine timed the same way in this process."""
+    from ..backends import ort
+
+    runs = opts.get("runs", 0)
+    if runs < 0:
+        raise UsageError(f"option 'runs' of pass 'measure': {runs} must be >= 0")
+    before_proto, after_proto = export_onnx(state.initial), export_onnx(state.graph)
+    feeds = _feeds_for(after_proto, state.loaded.example_inputs)
+    engines: dict[str, Any] = {}
+    timings = {}
+    for label, proto in (("before", before_proto), ("after", after_proto)):
+        sess = ort.session(proto)
+        timings[label] = _median_ms(lambda s=sess: s.run(None, feeds), runs)
+    engines["onnxruntime"] = timings
+    for target, (fold, tune) in sorted(state.compiled.items()):
+        if target != "cpu":
+            continue  # other targets run on their device, not here
+        from ..backends import tvm as tvm_backend
+
+        ctx = state.context
+        fd, tmp = tempfile.mkstemp(prefix=".before-", suffix=".so", dir=ctx.staging_dir)
+        os.close(fd)
+        try:
+            proto, _ = _compiled_proto(state.initial, fold)
+            tvm_backend.build(proto, target, tmp, ctx.target_options, _tuning(ctx, tune))
+            timings = {label: _median_ms(tvm_backend.library_runner(path, feeds, list(feeds)), runs)
+                       for label, path in (("before", tmp), ("after", state.staged[target]))}
+            engines[f"tvm-{target}"] = timings
+        finally:
+            os.unlink(tmp)
+    for t in engines.values():
+        t["speedup"] = round(t["before"]["median_ms"] / t["after"]["median_ms"], 3)
+    state.latency["engines"] = engines
