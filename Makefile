@@ -18,8 +18,9 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m prune_compile.cli prune_compile/data/default_model.onnx -o demo-out --ratio 0.5 --target cpu
-	@echo "report: demo-out/report.json (plan: demo-out/plan.json)"
+	$(PY) -m prune_compile.cli prune_compile/data/default_model.onnx -o demo-out --ratio 0.5 --target cpu \
+		--measure-latency
+	@echo "report: demo-out/report.html (data: demo-out/report.json, plan: demo-out/plan.json)"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_FLAGS) $(PYTEST_ARGS)

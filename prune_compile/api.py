@@ -224,9 +224,11 @@ def default_pipeline(planning: Any, attention: str = "head_dim", targets: Sequen
         specs.append(PassSpec("replay", {"plan": plan}))
     else:
         options, default = {}, PlanningOptions()
-        for name in ("policy", "ratio", "importance", "round_to", "min_channels", "max_ratio", "target_macs", "seed"):
+        for name in ("policy", "ratio", "importance", "round_to", "min_channels", "max_ratio", "target_macs",
+                     "target_latency", "seed"):
             value = getattr(planning, name)
-            if value != getattr(default, name) and not (name == "max_ratio" and planning.policy != "global"):
+            if value != getattr(default, name) and not (name == "max_ratio" and planning.policy not in ("global",
+                                                                                                       "latency")):
                 options[name.replace("_", "-")] = str(value)
         if planning.ignore:
             options["ignore"] = ",".join(planning.ignore)
@@ -250,7 +252,8 @@ def _pass_defaults(planning: Any, attention: str, targets: Sequence[str], tune: 
         "analyze": {"attention": attention},
         "plan": {"policy": planning.policy, "ratio": planning.ratio, "importance": planning.importance,
                  "round_to": planning.round_to, "min_channels": planning.min_channels,
-                 "max_ratio": planning.max_ratio, "target_macs": planning.target_macs, "seed": planning.seed,
+                 "max_ratio": planning.max_ratio, "target_macs": planning.target_macs,
+                 "target_latency": planning.target_latency, "seed": planning.seed,
                  "ignore": list(planning.ignore), "override": [f"{g}={r}" for g, r in planning.overrides.items()]},
         "replay": {"plan": plan} if plan else {},
         "compile": {"target": list(targets), "tune": tune, "check": verify, "fold_bn": True},
@@ -300,6 +303,7 @@ def run(
     if plan is not None and passes is None:
         defaults = PlanningOptions()
         changed = [n for n in ("policy", "ratio", "importance", "round_to", "min_channels", "target_macs",
+                               "target_latency",
                                "ignore", "overrides") if getattr(planning, n) != getattr(defaults, n)
                    and not (n == "ignore" and tuple(planning.ignore) == ())]
         if changed:
@@ -449,6 +453,10 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
         summary["ignored_groups"] = len(planned.ignored_groups)
     if planning.overrides:
         summary["overrides"] = dict(planning.overrides)
+    if planning.target_latency is not None:
+        summary["target_latency"] = planning.target_latency
+        summary["latency_note"] = "kept counts chosen from measured latencies: see timings.json planning; " \
+                                  "replay plan.json for a reproducible build"
     if planning.target_macs is not None:
         summary["target_macs"] = planning.target_macs
         summary["ratio_found"] = round(planned.ratio_used, 6)

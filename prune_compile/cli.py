@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-ir", metavar="DIR", default=None, help="write the IR after every pass to DIR/NN-pass.ir")
     p.add_argument("--measure-latency", action="store_true",
                    help="time the original and pruned model on ONNX Runtime and each cpu library (timings.json)")
-    p.add_argument("--policy", choices=("uniform", "global", "sensitivity"), default="uniform",
+    p.add_argument("--policy", choices=("uniform", "global", "sensitivity", "latency"), default="uniform",
                    help="uniform: every group loses the ratio; global: channels ranked across groups; "
-                        "sensitivity: measure each group's damage, prune where it hurts least")
+                        "sensitivity: measure each group's damage, prune where it hurts least; "
+                        "latency: measured per-layer latencies, to meet --target-latency")
     p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random"), default="l2",
                    help="channel importance (group-level, over all members)")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform policy: ratio R for groups with a parameter matching GLOB (repeatable)")
     p.add_argument("--target-macs", type=float, default=None, metavar="X",
                    help="prune until MACs fall by X times (e.g. 2.5); replaces --ratio")
+    p.add_argument("--target-latency", type=_latency_factor, default=None, metavar="F[x]",
+                   help="latency policy: prune until the measured latency is F times the original's (e.g. 0.5x)")
     p.add_argument("--tune", type=int, default=0, metavar="N",
                    help="MetaSchedule trial budget per target, split across tasks by FLOPs (0: default schedules)")
     p.add_argument("--tune-db", metavar="DIR", default=None,
@@ -110,6 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not args.quiet:
         print(_summary(result))
     return 0
+
+
+def _latency_factor(text: str) -> float:
+    try:
+        return float(text[:-1] if text.lower().endswith("x") else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a latency factor like 0.5x") from None
 
 
 def config_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -169,7 +179,8 @@ def _planning(args: argparse.Namespace):
             raise api.UsageError(f"--override '{spec}': expected GLOB=RATIO")
     return PlanningOptions(policy=args.policy, importance=args.importance, round_to=args.round_to,
                            min_channels=args.min_channels, max_ratio=args.max_ratio, ignore=tuple(args.ignore),
-                           overrides=overrides, target_macs=args.target_macs)
+                           overrides=overrides, target_macs=args.target_macs,
+                           target_latency=args.target_latency)
 
 
 def _rpc_settings(args: argparse.Namespace):
@@ -210,13 +221,20 @@ def _summary(result: api.RunResult) -> str:
     ]
     p, c = r["pruning"], r["cost"]
     lines.append(f"pipeline   {r['pipeline']}")
-    how = f"at ratio {p['ratio']}" if p.get("ratio") is not None else f"by {p['policy'] or 'no plan'}"
+    how = (f"for latency {p['target_latency']}x" if p.get("target_latency") else
+           f"for {p['target_macs']}x fewer MACs" if p.get("target_macs") else
+           f"at ratio {p['ratio']}" if p.get("ratio") is not None else f"by {p['policy'] or 'no plan'}")
     lines.append(f"groups     {p['groups']} found, {p['prunable']} prunable, {p['frozen']} frozen; "
                  f"{p['pruned_groups']} pruned {how} ({p['channels_removed']} channels)")
     for reason, count in list(p["frozen_reasons"].items())[:5]:
         lines.append(f"  frozen   {count}x {reason}")
     lines.append(f"cost       MACs {c['before']['macs']:,} -> {c['after']['macs']:,} ({c['macs_ratio'] or '-'}x), "
                  f"parameters {c['before']['parameters']:,} -> {c['after']['parameters']:,}")
+    searched = result.timings.get("planning")
+    if searched:
+        lines.append(f"  latency  measured {searched['measured_ms']:.3f} ms for target {searched['target_ms']:.3f} ms "
+                     f"(original {searched['base_ms']:.3f} ms; {searched['table_entries']} layer shapes timed, "
+                     f"{searched['steps']} search steps)")
     if "verification" in r:
         v = r["verification"]
         what = "consumer-zeroed original" if "zeroed" in v["oracle"] else "original"
@@ -236,7 +254,7 @@ def _summary(result: api.RunResult) -> str:
     for engine, t in sorted(result.timings.get("engines", {}).items()):
         lines.append(f"latency    {engine}: {t['before']['median_ms']:.3f} -> {t['after']['median_ms']:.3f} ms "
                      f"({t['speedup']:.2f}x, median of {t['after']['runs']} runs)")
-    for _, path in sorted(result.files.items()):
+    for path in sorted(result.files.values()):
         lines.append(f"wrote      {path}")
     return "\n".join(lines)
 

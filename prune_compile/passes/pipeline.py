@@ -133,13 +133,15 @@ class PassInfo:
 
 
 _PLAN_OPTIONS = (
-    Option("policy", "str", "uniform | global | sensitivity", ("uniform", "global", "sensitivity")),
+    Option("policy", "str", "uniform | global | sensitivity | latency",
+           ("uniform", "global", "sensitivity", "latency")),
     Option("ratio", "float", "fraction of channels removed per group, in [0, 1)"),
     Option("importance", "str", "channel importance", ("l1", "l2", "bn_scale", "random")),
     Option("round-to", "int", "kept counts are multiples of N"),
     Option("min-channels", "int", "channels every group keeps"),
     Option("max-ratio", "float", "global: the most one group may lose"),
     Option("target-macs", "float", "prune until MACs fall by this factor (replaces ratio)"),
+    Option("target-latency", "float", "latency policy: measured latency as a fraction of the original's"),
     Option("ignore", "list", "parameter globs whose groups stay whole"),
     Option("override", "list", "GLOB=RATIO per-group ratios (uniform)"),
     Option("seed", "int", "seed of random importance and calibration inputs"),

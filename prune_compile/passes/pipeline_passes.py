@@ -38,7 +38,8 @@ def planning_options(opts: dict):
                                importance=opts.get("importance", "l2"), round_to=opts.get("round_to", 1),
                                min_channels=opts.get("min_channels", 1), max_ratio=opts.get("max_ratio", 0.9),
                                ignore=tuple(opts.get("ignore", ()) or ()), overrides=overrides,
-                               target_macs=opts.get("target_macs"), seed=opts.get("seed", 0))
+                               target_macs=opts.get("target_macs"), target_latency=opts.get("target_latency"),
+                               seed=opts.get("seed", 0))
     planning.validate()
     return planning
 
@@ -52,6 +53,8 @@ def _plan(state: JobState, opts: dict) -> None:
     state.planned = make_plan(state.graph, state.deps, state.planning, calibration=state.loaded.example_inputs,
                               progress=progress)
     state.plan = state.planned.plan
+    if state.planned.latency:
+        state.latency["planning"] = state.planned.latency
 
 
 @body("replay")

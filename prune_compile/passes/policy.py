@@ -23,7 +23,7 @@ from .deps import DependencyResult, Group
 from .importance import CRITERIA, ImportanceStats, group_importance, normalized
 from .plan import Plan, param_name
 
-POLICIES = ("uniform", "global", "sensitivity")
+POLICIES = ("uniform", "global", "sensitivity", "latency")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class PlanningOptions:
     ignore: Sequence[str] = ()
     overrides: Mapping[str, float] = field(default_factory=dict)  # parameter glob → ratio (uniform)
     target_macs: float | None = None  # wanted MACs reduction factor (before / after), replaces `ratio`
+    target_latency: float | None = None  # latency policy: wanted latency as a fraction of the original's
     seed: int = 0
     sensitivity_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -56,6 +57,14 @@ class PlanningOptions:
         for glob, r in self.overrides.items():
             if not 0.0 <= r < 1.0:
                 raise UsageError(f"--override {glob}={r}: ratio must be in [0, 1)")
+        if (self.policy == "latency") != (self.target_latency is not None):
+            raise UsageError("--policy latency and --target-latency go together (e.g. --policy latency "
+                             "--target-latency 0.5x)")
+        if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
+            raise UsageError(f"--target-latency {self.target_latency}: must be a fraction of the original "
+                             "latency in (0, 1), e.g. 0.5x")
+        if self.target_latency is not None and self.target_macs is not None:
+            raise UsageError("--target-latency and --target-macs are two targets: give one")
         if self.target_macs is not None and self.target_macs < 1.0:
             raise UsageError(f"--target-macs {self.target_macs}: must be >= 1 (a reduction factor, e.g. 2.5)")
 
@@ -71,6 +80,7 @@ class PlanningResult:
     macs_ratio: float | None = None
     curves: list = field(default_factory=list)  # sensitivity: per-group damage curves (Curve.to_json())
     group_ratios: dict[int, float] = field(default_factory=dict)
+    latency: dict | None = None  # latency policy: what the search measured (run-dependent: timings.json)
 
 
 def _matches(group: Group, globs: Sequence[str]) -> set[str]:
@@ -160,13 +170,16 @@ class _Planner:
 
 
 def make_plan(graph, deps: DependencyResult, options: PlanningOptions, gradients=None, calibration=None,
-              metric=None, progress=None) -> PlanningResult:
+              metric=None, progress=None, latency_timer=None) -> PlanningResult:
     """Plan under `options`; with `target_macs`, bisect the ratio until the rewritten graph meets it (≤ 2%).
-    `sensitivity` measures each group on `calibration` feeds (or `metric(outputs)`) first."""
+    `sensitivity` measures each group on `calibration` feeds (or `metric(outputs)`) first; `latency` times layers
+    and the whole model on them (ONNX Runtime, or `latency_timer(proto, feeds, seconds) -> ms`)."""
     planner = _Planner(deps, options, gradients)
     result = planner.result
     if options.policy == "sensitivity":
         return _sensitivity(graph, deps, options, planner, calibration, metric, progress)
+    if options.policy == "latency":
+        return _latency(graph, deps, options, planner, calibration, progress, latency_timer)
     if options.target_macs is None:
         result.plan = planner.make(options.ratio)
         result.ratio_used = options.ratio
@@ -200,6 +213,33 @@ def make_plan(graph, deps: DependencyResult, options: PlanningOptions, gradients
         best_plan, best_red, best_ratio = top_plan, top, hi
     result.plan, result.ratio_used, result.macs_ratio = best_plan, best_ratio, best_red
     return result
+
+
+def _latency(graph, deps, options: PlanningOptions, planner: _Planner, calibration, progress,
+             timer=None) -> PlanningResult:
+    from .latency import latency_plan
+
+    result = planner.result
+    if options.overrides:
+        raise UsageError("--override applies to the uniform policy only")
+    if graph is None or calibration is None:
+        raise UsageError("the latency policy needs the graph and example inputs to time")
+    kept, search = latency_plan(graph, deps, planner.groups, planner.scores, options.target_latency, calibration,
+                                step=options.round_to if options.round_to > 1 else LATENCY_STEP,
+                                min_channels=options.min_channels, max_ratio=options.max_ratio, timer=timer,
+                                progress=progress)
+    plan = Plan()
+    for g in planner.groups:
+        if kept[g.id] < g.size:
+            plan.removed[g.id] = lowest(planner.scores[g.id], g.size - kept[g.id])
+    result.plan, result.latency = plan, search.to_json()
+    result.group_ratios = {g.id: 1 - kept[g.id] / g.size for g in planner.groups}
+    return result
+
+
+# kept counts the latency policy tries are multiples of this unless --round-to says otherwise: 8 fp32 lanes
+# fill an AVX2 register (and half an AVX-512 one); the latency table decides which multiples are worth it
+LATENCY_STEP = 8
 
 
 def _sensitivity(graph, deps, options: PlanningOptions, planner: _Planner, calibration, metric, progress):

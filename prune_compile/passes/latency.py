@@ -1,0 +1,285 @@
+"""Latency-aware planning: choose kept channel counts from measured latencies, not from MACs.
+
+MACs predict latency badly: kernels run at different efficiencies per shape, channel counts that are not a multiple
+of the vector width waste lanes, and small layers are dominated by overheads. So this policy measures.
+
+1. **Latency table**: every weight layer (conv, linear, gemm, matmul with a constant weight) is built alone as a
+   one-node model at the channel counts the search asks for, compiled by the backend and timed; results are
+   memoized by shape, so repeated blocks cost one measurement. The model's predicted latency is its measured
+   latency minus the full-width layer times plus the current ones (elementwise work follows roughly).
+2. **Greedy search** (NetAdapt-like, with the table in place of retraining): from the full model, repeatedly
+   shrink the group whose next candidate count loses the least importance per millisecond saved. Candidates
+   are multiples of the vector width `step`, so a count whose kernel is no faster than its neighbour's is
+   never worth taking. The whole trajectory is recorded.
+3. **Calibration on the real model**: bisection over the trajectory on the *measured* latency of the whole
+   pruned model, so the target is met on the real graph, not on the table's sum.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UsageError
+from ..ir import Graph, export_onnx
+from ..ir.graph import Node, Value
+from ..ir.ops import OPS
+from .deps import DependencyResult, Group
+from .importance import normalized
+
+LAYER_OPS = ("conv", "linear", "gemm", "matmul")
+
+
+@dataclass
+class Layer:
+    """A weight layer and how each group's kept count reaches its weight: (group id, weight axis, indices per root)."""
+
+    node: Node
+    weight: Value
+    terms: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def find_layers(graph: Graph, deps: DependencyResult) -> list[Layer]:
+    by_weight: dict[int, Layer] = {}
+    for n in graph.nodes:
+        if n.op in LAYER_OPS and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_constant \
+                and n.inputs[0] is not None and not n.inputs[0].is_constant:
+            by_weight[id(n.inputs[1])] = Layer(n, n.inputs[1])
+    for g in deps.groups:
+        if not g.prunable:
+            continue
+        for m in g.members:
+            layer = by_weight.get(id(m.value))
+            if layer is not None:
+                layer.terms.append((g.id, m.axis, int(m.indices.shape[1]) if m.indices.ndim > 1 else 1))
+    return [layer for layer in by_weight.values() if layer.terms]
+
+
+class Timer:
+    """Times ONNX models with ONNX Runtime (the backend the user deploys with by default): median of runs."""
+
+    def __init__(self, threads: int | None = None, min_seconds: float = 0.15, min_runs: int = 7) -> None:
+        self.threads, self.min_seconds, self.min_runs = threads, min_seconds, min_runs
+        self.models_timed = 0
+
+    def __call__(self, proto, feeds: dict[str, np.ndarray], min_seconds: float | None = None) -> float:
+        from ..backends import ort
+
+        sess = ort.session(proto, threads=self.threads)
+        for _ in range(2):
+            sess.run(None, feeds)
+        times: list[float] = []
+        deadline = time.perf_counter() + (self.min_seconds if min_seconds is None else min_seconds)
+        while len(times) < self.min_runs or time.perf_counter() < deadline:
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            times.append(time.perf_counter() - t)
+            if len(times) >= 2000:
+                break
+        self.models_timed += 1
+        return float(np.median(times)) * 1e3
+
+
+def _random(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+class LatencyTable:
+    def __init__(self, graph: Graph, deps: DependencyResult, timer: Timer) -> None:
+        self.graph, self.deps, self.timer = graph, deps, timer
+        self.layers = find_layers(graph, deps)
+        self.by_group: dict[int, list[Layer]] = {}
+        for layer in self.layers:
+            for gid, _, _ in layer.terms:
+                self.by_group.setdefault(gid, []).append(layer)
+        self.cache: dict[tuple, float] = {}
+        self.rng = np.random.default_rng(0)
+
+    def _shapes(self, layer: Layer, removed: dict[int, int]) -> tuple[tuple, tuple, int]:
+        """(input shape, weight shape, conv group) of `layer` with `removed[g]` root channels gone from group g."""
+        w = list(layer.weight.shape)
+        for gid, axis, per_root in layer.terms:
+            w[axis] -= removed.get(gid, 0) * per_root
+        x = list(layer.node.inputs[0].shape)
+        n = layer.node
+        group = int(n.attrs.get("group", 1)) if n.op == "conv" else 1
+        if n.op == "conv":
+            depthwise = group > 1 and group == layer.weight.shape[0] and layer.weight.shape[1] == 1
+            if depthwise:
+                group = w[0]
+            x[1] = w[1] * group
+        elif n.op == "linear":
+            x[-1] = w[1]
+        else:  # gemm / matmul with the weight as second input: [in, out] unless gemm's transB
+            x[-1] = w[1] if (n.op == "gemm" and n.attrs.get("transB")) else w[0]
+        return tuple(x), tuple(w), group
+
+    def layer_ms(self, layer: Layer, removed: dict[int, int]) -> float:
+        x, w, group = self._shapes(layer, removed)
+        n = layer.node
+        if min(x) <= 0 or min(w) <= 0:
+            return 0.0
+        attrs = dict(n.attrs)
+        if n.op == "conv":
+            attrs["group"] = group
+        key = (n.op, tuple(sorted((k, str(v)) for k, v in attrs.items())), x, w, len(n.inputs))
+        if key not in self.cache:
+            self.cache[key] = self._measure(n, attrs, x, w)
+        return self.cache[key]
+
+    def _measure(self, node: Node, attrs: dict, x: tuple, w: tuple) -> float:
+        g = Graph(name="layer")
+        xv = Value("x", x, np.float32)
+        inputs = [xv, Value("w", w, np.float32, _random(w, self.rng))]
+        for i, extra in enumerate(node.inputs[2:]):
+            if extra is None:
+                inputs.append(None)
+                continue
+            shape = list(extra.shape)
+            if shape and node.op in ("conv", "linear", "gemm"):
+                shape[-1] = w[0] if node.op != "gemm" or attrs.get("transB") else w[1]
+            inputs.append(Value(f"b{i}", tuple(shape), np.float32, _random(shape, self.rng)))
+        out_shape = OPS[node.op].infer(_Shaped(node.op, attrs), [v.shape if v is not None else None
+                                                                for v in inputs])[0]
+        y = Value("y", out_shape, np.float32)
+        g.inputs, g.outputs = [xv], [y]
+        g.add_node(node.op, inputs, [y], attrs)
+        return self.timer(export_onnx(g), {"x": _random(x, self.rng)})
+
+    def full_sum(self) -> float:
+        return sum(self.layer_ms(layer, {}) for layer in self.layers)
+
+    def layers_sum(self, removed: dict[int, int]) -> float:
+        return sum(self.layer_ms(layer, removed) for layer in self.layers)
+
+
+@dataclass
+class _Shaped:  # the two things shape rules read from a node
+    op: str
+    attrs: dict
+    name: str = "layer"
+
+
+@dataclass
+class LatencySearch:
+    """What the search did (goes to timings.json: it depends on measurements)."""
+
+    base_ms: float
+    target_ms: float
+    measured_ms: float
+    predicted_ms: float
+    steps: int
+    chosen_step: int
+    layers: int
+    table_entries: int
+    models_timed: int
+    seconds: float
+    trajectory: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def _candidates(size: int, kept: int, step: int, floor: int) -> list[int]:
+    """Lower kept counts worth trying: the next multiples of `step` and `2*step`, and one ~1/8 of the group down."""
+    out = set()
+    for s in (step, 2 * step):
+        k = (kept - 1) // s * s
+        if k >= floor:
+            out.add(k)
+    big = (kept - max(size // 8, step)) // step * step
+    if big >= floor:
+        out.add(big)
+    return sorted(out, reverse=True)
+
+
+def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], scores: dict[int, np.ndarray],
+                 target: float, feeds: dict[str, np.ndarray], *, step: int = 8, min_channels: int = 1,
+                 max_ratio: float = 0.9, timer: Timer | None = None,
+                 progress: Callable[..., None] | None = None) -> tuple[dict[int, int], LatencySearch]:
+    """Kept counts per group whose measured model latency is `target` × the original's (within ~5–10%)."""
+    from .plan import Plan
+    from .policy import lowest
+    from .rewrite import pruned_copy
+
+    if not 0.0 < target < 1.0:
+        raise UsageError(f"--target-latency {target}: must be a fraction of the original latency in (0, 1)")
+    started = time.perf_counter()
+    timer = timer or Timer()
+    table = LatencyTable(graph, deps, timer)
+    if not table.layers:
+        raise UsageError("the latency policy found no prunable weight layer (conv, linear, gemm, matmul)")
+
+    def whole_ms(removed_counts: dict[int, int], seconds: float = 1.0) -> float:
+        plan = Plan({g.id: lowest(scores[g.id], removed_counts[g.id]) for g in groups if removed_counts.get(g.id)})
+        pruned = pruned_copy(graph, plan, deps) if not plan.is_empty() else graph
+        proto = export_onnx(pruned)
+        return timer(proto, {k: v for k, v in feeds.items() if k in {i.name for i in proto.graph.input}}, seconds)
+
+    base_ms = whole_ms({}, 2.0)
+    target_ms = target * base_ms
+    report = progress or (lambda *_a, **_k: None)
+    # cumulative normalized importance lost when the lowest j channels of a group go
+    lost = {g.id: np.concatenate([[0.0], np.cumsum(np.sort(normalized(scores[g.id])))]) for g in groups}
+    floor = {g.id: max(min_channels, g.size - math.floor(max_ratio * g.size), 1) for g in groups}
+    kept = {g.id: g.size for g in groups}
+    size = {g.id: g.size for g in groups}
+    overhead = base_ms - table.full_sum()  # what the weight layers do not account for (elementwise, pooling...)
+
+    def removed() -> dict[int, int]:
+        return {gid: size[gid] - k for gid, k in kept.items()}
+
+    predicted = base_ms
+    trajectory = [{"kept": dict(kept), "predicted_ms": predicted}]
+    while predicted > 0.6 * target_ms:
+        best = None
+        current = removed()
+        for g in groups:
+            touching = table.by_group.get(g.id, [])
+            if not touching:
+                continue
+            now = sum(table.layer_ms(layer, current) for layer in touching)
+            for k in _candidates(g.size, kept[g.id], step, floor[g.id]):
+                trial = dict(current)
+                trial[g.id] = g.size - k
+                saved = now - sum(table.layer_ms(layer, trial) for layer in touching)
+                if saved <= 0.002 * now + 1e-4:  # within measurement noise: this count is not faster
+                    continue
+                cost = (lost[g.id][g.size - k] - lost[g.id][g.size - kept[g.id]]) / saved
+                if best is None or cost < best[0]:
+                    best = (cost, g.id, k)
+        if best is None:
+            break
+        kept[best[1]] = best[2]
+        predicted = overhead + table.layers_sum(removed())
+        trajectory.append({"kept": dict(kept), "predicted_ms": predicted})
+        report(f"latency: step {len(trajectory) - 1}, predicted {predicted:.2f} ms (target {target_ms:.2f} ms), "
+               f"{len(table.cache)} layer shapes timed", False, min(1.0, (base_ms - predicted) /
+                                                                    max(base_ms - 0.6 * target_ms, 1e-9)))
+    # bisection on the measured latency of the whole model along the trajectory
+    lo, hi = 0, len(trajectory) - 1
+    measured = {0: base_ms}
+    measured[hi] = whole_ms({gid: size[gid] - k for gid, k in trajectory[hi]["kept"].items()})
+    if measured[hi] > target_ms * 1.1:
+        raise UsageError(f"--target-latency {target}: unreachable, at most {measured[hi] / base_ms:.2f}x of the "
+                         f"original latency with these groups (ignored or frozen groups, max ratio)")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        measured[mid] = whole_ms({gid: size[gid] - k for gid, k in trajectory[mid]["kept"].items()})
+        if measured[mid] <= target_ms:
+            hi = mid
+        else:
+            lo = mid
+    choice = min((lo, hi), key=lambda i: abs(measured.get(i, math.inf) / target_ms - 1))
+    report(f"latency: {len(trajectory) - 1} steps, chose step {choice} ({measured[choice]:.2f} ms, target "
+           f"{target_ms:.2f} ms)", True)
+    search = LatencySearch(base_ms, target_ms, measured[choice], trajectory[choice]["predicted_ms"],
+                           len(trajectory) - 1, choice, len(table.layers), len(table.cache), timer.models_timed,
+                           time.perf_counter() - started,
+                           [{"step": i, "predicted_ms": round(trajectory[i]["predicted_ms"], 4),
+                             "measured_ms": round(ms, 4)} for i, ms in sorted(measured.items())])
+    return trajectory[choice]["kept"], search
