@@ -3,7 +3,6 @@ source left for the deployment machine). Runs only where a GPU and a CUDA-enable
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess
@@ -13,20 +12,11 @@ import onnx
 import pytest
 
 from prune_compile.backends import tvm as tvm_backend
-from prune_compile.backends.tvm.cuda_embed import FATBIN_MAGIC, read_cuda_entry
+from prune_compile.backends.tvm.cuda_embed import FATBIN_MAGIC, library_blob, read_cuda_entry
 from prune_compile.backends.tvm.targets import find_nvcc
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "..", "prune_compile", "data", "default_model.onnx")
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="no CUDA toolkit (nvcc) on this machine")
-
-
-def _library_blob(path: str) -> bytes:
-    """The packed module blob TVM's loader reads from the library (symbol __tvm_ffi__library_bin)."""
-    import tvm  # noqa: F401  (its runtime symbols resolve the library's undefined ones)
-
-    lib = ctypes.CDLL(os.path.abspath(path), mode=ctypes.RTLD_LOCAL)
-    head = ctypes.c_uint64.in_dll(lib, "__tvm_ffi__library_bin").value
-    return ctypes.string_at(ctypes.addressof(ctypes.c_char.in_dll(lib, "__tvm_ffi__library_bin")), head + 8)
 
 
 @needs_nvcc
@@ -35,7 +25,7 @@ def test_gpu_library_embeds_an_sm90_fatbin(tmp_path) -> None:
     result = tvm_backend.build(onnx.load(DEFAULT_MODEL), "gpu", path,
                                tvm_backend.TargetOptions(gpu_arch="sm_90"))
     assert result.device_code["format"] == "fatbin" and result.device_code["arch"] == "sm_90"
-    fmt, code = read_cuda_entry(_library_blob(path))
+    fmt, code = read_cuda_entry(library_blob(path))
     assert fmt == "fatbin"
     assert int.from_bytes(code[:4], "little") == FATBIN_MAGIC
     assert b"__global__" not in code  # device code, not CUDA source

@@ -84,6 +84,17 @@ def read_cuda_entry(blob: bytes) -> tuple[str, bytes]:
     raise BackendError("no CUDA module in the TVM library")
 
 
+def library_blob(path: str) -> bytes:
+    """The packed module blob TVM's loader reads from a built library (symbol __tvm_ffi__library_bin)."""
+    import ctypes
+
+    import tvm  # noqa: F401  (its runtime symbols resolve the library's undefined ones)
+
+    lib = ctypes.CDLL(os.path.abspath(path), mode=ctypes.RTLD_LOCAL)
+    head = ctypes.c_uint64.in_dll(lib, "__tvm_ffi__library_bin").value
+    return ctypes.string_at(ctypes.addressof(ctypes.c_char.in_dll(lib, "__tvm_ffi__library_bin")), head + 8)
+
+
 def compile_fatbin(source: str, arch: str, nvcc: str, timeout: float = 1800) -> bytes:
     """nvcc: CUDA C source → fatbin with SASS for `arch` (sm_XX) and PTX of the same compute capability."""
     compute = "compute_" + arch.split("_", 1)[1]
