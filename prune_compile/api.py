@@ -234,6 +234,8 @@ def default_pipeline(planning: Any, attention: str = "head_dim", targets: Sequen
             options["ignore"] = ",".join(planning.ignore)
         if planning.overrides:
             options["override"] = ",".join(f"{g}={r}" for g, r in planning.overrides.items())
+        if planning.sensitivity_allocation != default.sensitivity_allocation:
+            options["allocation"] = planning.sensitivity_allocation
         specs.append(PassSpec("plan", options))
     specs.append(PassSpec("rewrite"))
     if verify:
@@ -254,6 +256,7 @@ def _pass_defaults(planning: Any, attention: str, targets: Sequence[str], tune: 
                  "round_to": planning.round_to, "min_channels": planning.min_channels,
                  "max_ratio": planning.max_ratio, "target_macs": planning.target_macs,
                  "target_latency": planning.target_latency, "seed": planning.seed,
+                 "allocation": planning.sensitivity_allocation,
                  "ignore": list(planning.ignore), "override": [f"{g}={r}" for g, r in planning.overrides.items()]},
         "replay": {"plan": plan} if plan else {},
         "compile": {"target": list(targets), "tune": tune, "check": verify, "fold_bn": True},
@@ -468,6 +471,7 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
         summary["importance_fallbacks"] = planned.importance_notes
     if planned.curves:
         summary["sensitivity"] = {"calibration": "the seeded example inputs",
+                                  "allocation": planning.sensitivity_allocation,
                                   "damage": "relative L2 change of the outputs",
                                   "curves": planned.curves,
                                   "chosen_ratios": {str(k): round(v, 6) for k, v in

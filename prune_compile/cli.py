@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform: every group loses the ratio; global: channels ranked across groups; "
                         "sensitivity: measure each group's damage, prune where it hurts least; "
                         "latency: measured per-layer latencies, to meet --target-latency")
+    p.add_argument("--sensitivity-allocation", choices=("threshold", "lagrange"), default="threshold",
+                   help="sensitivity policy: one damage threshold for all groups, or least total damage per MACs "
+                        "saved (Lagrange)")
     p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random"), default="l2",
                    help="channel importance (group-level, over all members)")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
@@ -180,7 +183,8 @@ def _planning(args: argparse.Namespace):
     return PlanningOptions(policy=args.policy, importance=args.importance, round_to=args.round_to,
                            min_channels=args.min_channels, max_ratio=args.max_ratio, ignore=tuple(args.ignore),
                            overrides=overrides, target_macs=args.target_macs,
-                           target_latency=args.target_latency)
+                           target_latency=args.target_latency,
+                           sensitivity_allocation=args.sensitivity_allocation)
 
 
 def _rpc_settings(args: argparse.Namespace):

@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
+    ap.add_argument("--no-fold-bn", action="store_true",
+                    help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     ap.add_argument("--feeds", help=argparse.SUPPRESS)
@@ -121,6 +123,7 @@ def main() -> None:
     from prune_compile.ir import export_onnx
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.deps import analyze
+    from prune_compile.passes.fold_bn import fold_batch_norms
     from prune_compile.passes.plan import uniform_plan
     from prune_compile.passes.rewrite import pruned_copy
 
@@ -162,18 +165,25 @@ def main() -> None:
         onnx_path = os.path.join(work, f"{label}.onnx")
         with open(onnx_path, "wb") as f:
             f.write(export_onnx(g).SerializeToString())
+        tvm_path = onnx_path  # what TVM compiles: BN folded into the convs unless --no-fold-bn
+        if not args.no_fold_bn:
+            folded = g.clone()
+            result.setdefault("batch_norms_folded", {})[label] = fold_batch_norms(folded)
+            tvm_path = os.path.join(work, f"{label}.folded.onnx")
+            with open(tvm_path, "wb") as f:
+                f.write(export_onnx(folded).SerializeToString())
         lat = result["latency_ms"]
         if "ort" in engines:
             lat.setdefault("ort", {})[label] = _measure("ort", onnx_path, feeds_path, order, args.threads,
                                                         args.repeat)
         if "tvm_untuned" in engines:
             lib = os.path.join(work, f"{label}.untuned.so")
-            result["builds"][f"tvm_untuned.{label}"] = _build_tvm(onnx_path, lib, args.threads, 0, None)
+            result["builds"][f"tvm_untuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, 0, None)
             lat.setdefault("tvm_untuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
                                                                 max(3, args.repeat // 10))
         if "tvm_tuned" in engines and args.tune:
             lib = os.path.join(work, f"{label}.tuned.so")
-            result["builds"][f"tvm_tuned.{label}"] = _build_tvm(onnx_path, lib, args.threads, args.tune,
+            result["builds"][f"tvm_tuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, args.tune,
                                                                 args.tune_db)
             lat.setdefault("tvm_tuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
                                                               args.repeat)

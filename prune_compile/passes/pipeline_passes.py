@@ -39,7 +39,8 @@ def planning_options(opts: dict):
                                min_channels=opts.get("min_channels", 1), max_ratio=opts.get("max_ratio", 0.9),
                                ignore=tuple(opts.get("ignore", ()) or ()), overrides=overrides,
                                target_macs=opts.get("target_macs"), target_latency=opts.get("target_latency"),
-                               seed=opts.get("seed", 0))
+                               seed=opts.get("seed", 0),
+                               sensitivity_allocation=opts.get("allocation", "threshold"))
     planning.validate()
     return planning
 

@@ -40,10 +40,13 @@ class PlanningOptions:
     target_latency: float | None = None  # latency policy: wanted latency as a fraction of the original's
     seed: int = 0
     sensitivity_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    sensitivity_allocation: str = "threshold"  # or "lagrange" (see passes/sensitivity.allocate)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise UsageError(f"--policy {self.policy}: unknown policy ({', '.join(POLICIES)})")
+        if self.sensitivity_allocation not in ("threshold", "lagrange"):
+            raise UsageError(f"--sensitivity-allocation {self.sensitivity_allocation}: expected threshold or lagrange")
         if self.importance not in CRITERIA:
             raise UsageError(f"--importance {self.importance}: unknown criterion ({', '.join(CRITERIA)})")
         if not 0.0 <= self.ratio < 1.0:
@@ -258,7 +261,8 @@ def _sensitivity(graph, deps, options: PlanningOptions, planner: _Planner, calib
                             progress=progress, scores=planner.scores)
     allocated = allocate(graph, deps, curves, planner.scores, target_macs=options.target_macs,
                          ratio=None if options.target_macs is not None else options.ratio,
-                         min_channels=options.min_channels, round_to=options.round_to)
+                         min_channels=options.min_channels, round_to=options.round_to,
+                         method=options.sensitivity_allocation)
     result.plan, result.curves = allocated.plan, [c.to_json() for c in curves]
     result.group_ratios, result.macs_ratio = allocated.ratios, allocated.macs_ratio
     result.ratio_used = options.ratio

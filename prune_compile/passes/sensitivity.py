@@ -38,6 +38,9 @@ class Curve:
                 "damage": [float(f"{d:.6g}") for d in self.damage], "macs_saved": self.macs_saved}
 
 
+ALLOCATIONS = ("threshold", "lagrange")
+
+
 @dataclass
 class SensitivityResult:
     plan: Plan
@@ -97,8 +100,15 @@ def measure_curves(graph, deps: DependencyResult, groups: Sequence[Group], feeds
 
 def allocate(graph, deps: DependencyResult, curves: Sequence[Curve], scores: Mapping[int, np.ndarray], *,
              target_macs: float | None = None, ratio: float | None = None, min_channels: int = 1,
-             round_to: int = 1) -> SensitivityResult:
-    """Choose a ratio per group: least damage for the MACs reduction (or the fraction of channels) asked for."""
+             round_to: int = 1, method: str = "threshold") -> SensitivityResult:
+    """Choose a ratio per group: least damage for the MACs reduction (or the fraction of channels) asked for.
+
+    `threshold`: one damage level for all groups, each taking the largest grid ratio under it (the textbook
+    method; spreads pruning evenly). `lagrange`: each group takes the grid ratio minimizing damage − price × what
+    it saves (MACs, or channels), the price bisected; it prefers groups that save much for little damage, and
+    assumes damages add up (they compound when many groups are pruned hard)."""
+    if method not in ALLOCATIONS:
+        raise UsageError(f"sensitivity allocation '{method}': expected one of {', '.join(ALLOCATIONS)}")
     from .cost import graph_cost
     from .rewrite import pruned_copy
 
@@ -125,16 +135,35 @@ def allocate(graph, deps: DependencyResult, curves: Sequence[Curve], scores: Map
 
     goal = target_macs if target_macs is not None else ratio
 
-    def at(threshold: float) -> dict[int, float]:
-        """Each group's largest grid ratio whose damage stays under `threshold` (the lecture's method)."""
-        out = {}
-        for c in curves:
-            ok = [r for r, d in zip(c.ratios, c.damage, strict=True) if d <= threshold]
-            if ok:
-                out[c.group] = max(ok)
-        return out
+    if method == "lagrange":
+        gain = {c.group: ([v / max(base_macs, 1) for v in c.macs_saved] if target_macs is not None
+                          else [r * groups[c.group].size / max(total_channels, 1) for r in c.ratios]) for c in curves}
 
-    thresholds = sorted({float(d) for c in curves for d in c.damage})
+        def at(price: float) -> dict[int, float]:
+            out = {}
+            for c in curves:
+                best, value = 0.0, 0.0
+                for r, d, g in zip(c.ratios, c.damage, gain[c.group], strict=True):
+                    v = max(d, 0.0) - price * g
+                    if v < value - 1e-15:
+                        best, value = r, v
+                if best:
+                    out[c.group] = best
+            return out
+
+        # prices on a log grid: bisection over its index like the thresholds below
+        thresholds = [float(p) for p in np.geomspace(1e-9, 1e12, 400)]
+    else:
+        def at(threshold: float) -> dict[int, float]:
+            """Each group's largest grid ratio whose damage stays under `threshold` (the lecture's method)."""
+            out = {}
+            for c in curves:
+                ok = [r for r, d in zip(c.ratios, c.damage, strict=True) if d <= threshold]
+                if ok:
+                    out[c.group] = max(ok)
+            return out
+
+        thresholds = sorted({float(d) for c in curves for d in c.damage})
     if not thresholds or achieved(at(thresholds[-1])) < goal:
         reached = achieved(at(thresholds[-1])) if thresholds else 1.0
         raise UsageError(f"sensitivity: target {goal} unreachable within the ratio grid (at most {reached:.3f})")
