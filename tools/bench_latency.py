@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
+    ap.add_argument("--variants", default="unpruned,pruned", help="which of unpruned,pruned to build and time")
     ap.add_argument("--no-fold-bn", action="store_true",
                     help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -145,6 +146,7 @@ def main() -> None:
     deps = analyze(graph)
     plan = uniform_plan(deps, args.ratio)
     variants = {"unpruned": graph, "pruned": pruned_copy(graph, plan, deps)}
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     if torch_module is not None:  # the same plan applied to the module by torch surgery
         import copy
 
@@ -158,7 +160,8 @@ def main() -> None:
     np.savez(feeds_path, **loaded.example_inputs)
     order = [v.name for v in graph.inputs]
     result: dict = {"model": args.model, "ratio": args.ratio, "threads": args.threads, "repeat": args.repeat,
-                    "tune_trials": args.tune, "macs": {}, "params": {}, "latency_ms": {}, "builds": {}}
+                    "tune_trials": args.tune, "fold_bn": not args.no_fold_bn, "macs": {}, "params": {},
+                    "latency_ms": {}, "builds": {}}
     for label, g in variants.items():
         cost = graph_cost(g)
         result["macs"][label], result["params"][label] = cost["macs"], cost["parameters"]
@@ -190,7 +193,7 @@ def main() -> None:
         if "torch" in engines and torch_module is not None:
             lat.setdefault("torch", {})[label] = _measure("torch", os.path.join(work, f"{label}.pt"), feeds_path,
                                                           order, args.threads, args.repeat)
-    macs_ratio = result["macs"]["unpruned"] / result["macs"]["pruned"]
+    macs_ratio = (graph_cost(graph)["macs"] / graph_cost(pruned_copy(graph, plan, deps))["macs"])
     result["macs_ratio"] = round(macs_ratio, 4)
     result["speedup"], result["speedup_over_macs_ratio"], result["tvm_tuned_over_ort"] = {}, {}, {}
     for engine, by in result["latency_ms"].items():
