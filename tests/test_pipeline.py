@@ -64,6 +64,7 @@ def test_pipeline_syntax_errors_name_the_column(text, needle) -> None:
     ("analyze,replay,rewrite", "needs its plan file"),
     ("compile{target=tpu}", "'tpu' is not one of cpu, gpu, arm"),
     ("compile{fold-bn=yes}", "not true or false"),
+    ("compile", "pass 'compile' has no target"),
 ])
 def test_pipeline_order_and_option_errors(text, needle) -> None:
     with pytest.raises(UsageError, match=re.escape(needle)):

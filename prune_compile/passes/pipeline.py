@@ -195,6 +195,8 @@ def resolve(specs: Sequence[PassSpec], defaults: Mapping[str, Mapping[str, Any]]
         values = dict(defaults.get(info.name, {}))
         for key, raw in spec.options.items():
             values[key.replace("-", "_")] = info.option(key).parse(info.name, raw)
+        if info.name == "compile" and not values.get("target"):
+            raise UsageError("pass 'compile' has no target: compile{target=cpu} or --target cpu")
         if info.name == "replay" and not values.get("plan"):
             raise UsageError("pass 'replay' needs its plan file: replay{plan=PATH} or --plan PATH")
         if info.changes_graph:
