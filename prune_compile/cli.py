@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-arch", default="sm_90", metavar="sm_XX", help="CUDA architecture of the gpu target")
     p.add_argument("--num-cores", type=int, default=None, metavar="N",
                    help="threads the compiled code uses (default: this machine's cores; the board's for arm)")
+    p.add_argument("--conv-layout", choices=("NCHW", "NHWC"), default="NCHW",
+                   help="data layout TVM schedules convolutions in (NHWC: channels innermost)")
     p.add_argument("--attention", choices=("head_dim", "heads"), default="head_dim",
                    help="what attention pruning removes first: the same head_dim in every head, or whole heads")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the exported model")
@@ -204,7 +206,8 @@ def _target_options(args: argparse.Namespace):
 
     if args.num_cores is not None and args.num_cores <= 0:
         raise api.UsageError(f"--num-cores {args.num_cores}: must be positive")
-    return TargetOptions(arm_board=args.arm_board, gpu_arch=args.gpu_arch, num_cores=args.num_cores)
+    return TargetOptions(arm_board=args.arm_board, gpu_arch=args.gpu_arch, num_cores=args.num_cores,
+                         conv_layout=args.conv_layout)
 
 
 def _progress():

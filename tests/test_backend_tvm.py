@@ -87,3 +87,15 @@ def test_pruned_third_party_model_tvm_equals_ort(tmp_path, model_cache_dir: str,
     tvm_backend.build(proto, "cpu", lib)
     feeds = realistic_feeds(model_id, shapes)
     assert ort.relative_error(ort.run(proto, feeds), tvm_backend.run_library(lib, feeds, list(feeds))) <= RTOL
+
+
+def test_nhwc_conv_layout_compiles_and_agrees_with_onnx_runtime(tmp_path) -> None:
+    from prune_compile.cli import main
+
+    out = tmp_path / "out"
+    assert main([DEFAULT_MODEL, "-o", str(out), "-q", "--ratio", "0.5", "--target", "cpu",
+                 "--conv-layout", "NHWC"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["targets"]["cpu"]["pipeline"].startswith("NHWC")
+    assert report["targets"]["cpu"]["verification"]["max_relative_error"] <= RTOL
+    assert report["targets"]["cpu"]["batch_norms_folded"] == 9

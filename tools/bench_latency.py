@@ -76,17 +76,18 @@ def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _build_tvm(onnx_path: str, lib: str, threads: int, trials: int, db: str | None) -> dict:
+def _build_tvm(onnx_path: str, lib: str, threads: int, trials: int, db: str | None, layout: str = "NCHW") -> dict:
     """Compile in a child process too: tuning spawns its own workers, and the parent stays free of TVM."""
     code = ("import json, onnx, sys\n"
             "from prune_compile.backends import tvm as T\n"
             "tuning = T.TuningOptions(trials=int(sys.argv[3]), database=sys.argv[4] or None) "
             "if int(sys.argv[3]) else None\n"
-            "r = T.build(onnx.load(sys.argv[1]), 'cpu', sys.argv[2], T.TargetOptions(num_cores=int(sys.argv[5])), "
-            "tuning)\n"
+            "r = T.build(onnx.load(sys.argv[1]), 'cpu', sys.argv[2], T.TargetOptions(num_cores=int(sys.argv[5]), "
+            "conv_layout=sys.argv[6]), tuning)\n"
             "print(json.dumps({'pipeline': r.pipeline, 'tuning': r.tuning}))\n")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code, onnx_path, lib, str(trials), db or "", str(threads)],
+    proc = subprocess.run([sys.executable, "-c", code, onnx_path, lib, str(trials), db or "", str(threads),
+                           layout],
                           capture_output=True, text=True, timeout=6 * 3600)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
+    ap.add_argument("--conv-layout", choices=("NCHW", "NHWC"), default="NCHW")
     ap.add_argument("--variants", default="unpruned,pruned", help="which of unpruned,pruned to build and time")
     ap.add_argument("--no-fold-bn", action="store_true",
                     help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")
@@ -160,7 +162,8 @@ def main() -> None:
     np.savez(feeds_path, **loaded.example_inputs)
     order = [v.name for v in graph.inputs]
     result: dict = {"model": args.model, "ratio": args.ratio, "threads": args.threads, "repeat": args.repeat,
-                    "tune_trials": args.tune, "fold_bn": not args.no_fold_bn, "macs": {}, "params": {},
+                    "tune_trials": args.tune, "fold_bn": not args.no_fold_bn,
+                    "conv_layout": args.conv_layout, "macs": {}, "params": {},
                     "latency_ms": {}, "builds": {}}
     for label, g in variants.items():
         cost = graph_cost(g)
@@ -181,13 +184,14 @@ def main() -> None:
                                                         args.repeat)
         if "tvm_untuned" in engines:
             lib = os.path.join(work, f"{label}.untuned.so")
-            result["builds"][f"tvm_untuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, 0, None)
+            result["builds"][f"tvm_untuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, 0, None,
+                                                                  args.conv_layout)
             lat.setdefault("tvm_untuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
                                                                 max(3, args.repeat // 10))
         if "tvm_tuned" in engines and args.tune:
             lib = os.path.join(work, f"{label}.tuned.so")
             result["builds"][f"tvm_tuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, args.tune,
-                                                                args.tune_db)
+                                                                args.tune_db, args.conv_layout)
             lat.setdefault("tvm_tuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
                                                               args.repeat)
         if "torch" in engines and torch_module is not None:

@@ -66,7 +66,12 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
         raise BackendError(f"TVM's ONNX frontend rejected the model: {_last_line(e)}") from e
     summary = None
     pipeline = "default (untuned)"
+    if target_options.conv_layout not in ("NCHW", "NHWC"):
+        raise UsageError(f"--conv-layout {target_options.conv_layout}: expected NCHW or NHWC")
     try:
+        if target_options.conv_layout == "NHWC":
+            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+            pipeline = "NHWC, default (untuned)"
         if tuning is not None and tuning.trials > 0:
             with tvm_target:
                 mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
@@ -75,7 +80,7 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
             database, summary = tune(mod, tvm_target, target, tuning)
             with tvm_target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            pipeline = "metaschedule"
+            pipeline = "metaschedule" + (", NHWC" if target_options.conv_layout == "NHWC" else "")
         with tvm_target:
             executable = tvm.compile(mod, target=tvm_target)
     except (UsageError, BackendError):

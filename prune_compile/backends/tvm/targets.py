@@ -32,11 +32,12 @@ _SM = re.compile(r"^sm_(\d{2,3})[a-z]?$")
 
 @dataclass(frozen=True)
 class TargetOptions:
-    """Per-target knobs the CLI exposes (`--arm-board`, `--gpu-arch`, `--num-cores`)."""
+    """Per-target knobs the CLI exposes (`--arm-board`, `--gpu-arch`, `--num-cores`, `--conv-layout`)."""
 
     arm_board: str = "generic"
     gpu_arch: str = DEFAULT_GPU_ARCH
     num_cores: int | None = None
+    conv_layout: str = "NCHW"  # NHWC: convs converted before scheduling (channels innermost vectorize on CPUs)
 
 
 DEFAULT_OPTIONS = TargetOptions()
