@@ -151,3 +151,32 @@ class GroupSparsity:
         if total is None:
             return torch.zeros(())
         return total
+
+
+def recalibrate_batch_norm(module, batches: Sequence[Sequence[Any]]) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on `batches` (each a tuple of forward inputs).
+
+    Pruning a layer changes the input statistics of the layers after it, while their BatchNorms still normalize
+    with the old ones; a few forward passes over calibration data fix that without training (no gradients, other
+    modules stay in eval mode). Returns the number of BatchNorm modules updated."""
+    import torch
+
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    was_training = module.training
+    module.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                module(*batch)
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            m.eval()
+        module.train(was_training)
+    return len(norms)

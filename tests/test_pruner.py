@@ -90,3 +90,29 @@ def test_group_sparsity_penalty_is_differentiable_and_shrinks_groups() -> None:
         penalty(model).backward()
         opt.step()
     assert penalty(model).item() < 0.7 * first.item()
+
+
+def test_batch_norm_recalibration_restores_statistics_after_pruning() -> None:
+    """After pruning, the BNs' running stats are stale; recalibration makes them the batch statistics again."""
+    import torch
+
+    from prune_compile.passes.policy import PlanningOptions
+    from prune_compile.pruner import prune_module, recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3),
+                                torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():  # stats of the unpruned model
+        recalibrate_batch_norm(model, [(x,)])
+    prune_module(model, [x[:1]], PlanningOptions(ratio=0.5))
+    bn = model[3]
+    with torch.no_grad():
+        pre_bn = model[2](model[1](model[0](x)))
+    want_mean, want_var = pre_bn.mean(dim=(0, 2, 3)), pre_bn.var(dim=(0, 2, 3))
+    assert not torch.allclose(bn.running_mean, want_mean, atol=1e-4)  # stale after pruning the first conv
+    momentum = bn.momentum
+    assert recalibrate_batch_norm(model, [(x[:4],), (x[4:],)]) == 1
+    assert torch.allclose(bn.running_mean, want_mean, atol=1e-4)
+    assert torch.allclose(bn.running_var, want_var, rtol=0.05)
+    assert bn.momentum == momentum and not model.training
