@@ -106,7 +106,6 @@ def train(model, x, y, epochs: int, lr: float, seed: int = 0) -> None:
             loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
             loss.backward()
             opt.step()
-            sched.step()
     model.eval()
 
 
@@ -195,8 +194,6 @@ def train_crepe(model, epochs: int, lr: float, seed: int, per_epoch: int = 2048,
 
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((per_epoch + 31) // 32)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     centers = CENTS_PER_BIN * np.arange(BINS) + CENTS_OFFSET
     for epoch in range(epochs):
         frames, cents = synth_tones(per_epoch, seed * 1000 + epoch)
@@ -211,7 +208,6 @@ def train_crepe(model, epochs: int, lr: float, seed: int, per_epoch: int = 2048,
             loss = torch.nn.functional.binary_cross_entropy(out, target[i:i + 32])
             loss.backward()
             opt.step()
-            sched.step()
     model.eval()
 
 
@@ -286,8 +282,8 @@ def main() -> None:
     ap.add_argument("--target-macs", type=float, default=2.5)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--finetune-epochs", type=int, default=None, help="default: 4 (mnist), 8 (crepe)")
-    ap.add_argument("--no-distill", dest="distill", action="store_false",
-                    help="crepe: fine-tune on labels only (default: labels averaged with the unpruned model's output)")
+    ap.add_argument("--distill", action="store_true",
+                    help="crepe: fine-tune on labels averaged with the unpruned model's output (measured: no better)")
     ap.add_argument("--allocation", choices=("threshold", "lagrange"), default="lagrange",
                     help="how the sensitivity policy allocates ratios (see passes/sensitivity.allocate)")
     ap.add_argument("--steps", type=int, default=3)
