@@ -106,6 +106,7 @@ def train(model, x, y, epochs: int, lr: float, seed: int = 0) -> None:
             loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
             loss.backward()
             opt.step()
+            sched.step()
     model.eval()
 
 
