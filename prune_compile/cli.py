@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform: every group loses the ratio; global: channels ranked across groups; "
                         "sensitivity: measure each group's damage, prune where it hurts least; "
                         "latency: measured per-layer latencies, to meet --target-latency")
-    p.add_argument("--sensitivity-allocation", choices=("threshold", "lagrange"), default="threshold",
-                   help="sensitivity policy: one damage threshold for all groups, or least total damage per MACs "
-                        "saved (Lagrange)")
+    p.add_argument("--sensitivity-allocation", choices=("lagrange", "threshold"), default="lagrange",
+                   help="sensitivity policy: least total damage per MACs saved (Lagrange, default), or one damage "
+                        "threshold for all groups")
     p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random"), default="l2",
                    help="channel importance (group-level, over all members)")
     p.add_argument("--round-to", type=int, default=1, metavar="N",

@@ -273,10 +273,10 @@ def test_outputs_list_is_the_documented_contract(tmp_path) -> None:
 def test_sensitivity_allocation_option_reaches_plan_and_report(tmp_path) -> None:
     out = tmp_path / "o"
     assert _cli(DEFAULT_MODEL, "-o", str(out), "-q", "--policy", "sensitivity", "--target-macs", "2",
-                "--sensitivity-allocation", "lagrange") == 0
+                "--sensitivity-allocation", "threshold") == 0
     report = json.loads((out / "report.json").read_text())
-    assert "allocation=lagrange" in report["pipeline"]
-    assert report["pruning"]["sensitivity"]["allocation"] == "lagrange"
+    assert "allocation=threshold" in report["pipeline"]  # lagrange is the default, so only threshold is spelled out
+    assert report["pruning"]["sensitivity"]["allocation"] == "threshold"
     assert abs(report["cost"]["macs_ratio"] / 2.0 - 1) <= 0.02
     assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "b"), "-q", "--passes", report["pipeline"]) == 0
     assert _bytes(out) == _bytes(tmp_path / "b")

@@ -147,8 +147,9 @@ def test_sensitivity_meets_macs_target_and_beats_uniform_on_output_damage(model)
     _, _, graph, deps = model
     held_out = [{graph.inputs[0].name: example_input(64, seed=s).numpy()} for s in (11, 12, 13, 14)]
     feeds1 = {graph.inputs[0].name: example_input(64).numpy()}
-    sens = make_plan(graph, deps, PlanningOptions(policy="sensitivity", target_macs=2.0,
-                                                  sensitivity_grid=(0.25, 0.5, 0.75)), calibration=feeds1)
+    threshold = PlanningOptions(policy="sensitivity", target_macs=2.0, sensitivity_allocation="threshold",
+                                sensitivity_grid=(0.25, 0.5, 0.75))
+    sens = make_plan(graph, deps, threshold, calibration=feeds1)
     before = graph_cost(graph)["macs"]
     after = graph_cost(pruned_copy(graph, sens.plan, deps))["macs"]
     assert abs(before / after / 2.0 - 1) <= 0.02

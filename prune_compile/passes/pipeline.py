@@ -145,7 +145,7 @@ _PLAN_OPTIONS = (
     Option("ignore", "list", "parameter globs whose groups stay whole"),
     Option("override", "list", "GLOB=RATIO per-group ratios (uniform)"),
     Option("seed", "int", "seed of random importance and calibration inputs"),
-    Option("allocation", "str", "sensitivity: threshold | lagrange", ("threshold", "lagrange")),
+    Option("allocation", "str", "sensitivity: lagrange | threshold", ("lagrange", "threshold")),
 )
 _TARGETS = ("cpu", "gpu", "arm")
 

@@ -40,7 +40,7 @@ def planning_options(opts: dict):
                                ignore=tuple(opts.get("ignore", ()) or ()), overrides=overrides,
                                target_macs=opts.get("target_macs"), target_latency=opts.get("target_latency"),
                                seed=opts.get("seed", 0),
-                               sensitivity_allocation=opts.get("allocation", "threshold"))
+                               sensitivity_allocation=opts.get("allocation", "lagrange"))
     planning.validate()
     return planning
 

@@ -40,7 +40,7 @@ class PlanningOptions:
     target_latency: float | None = None  # latency policy: wanted latency as a fraction of the original's
     seed: int = 0
     sensitivity_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    sensitivity_allocation: str = "threshold"  # or "lagrange" (see passes/sensitivity.allocate)
+    sensitivity_allocation: str = "lagrange"  # or "threshold" (see passes/sensitivity.allocate)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
