@@ -171,17 +171,9 @@ def config_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> li
 
 
 def _planning(args: argparse.Namespace):
-    from .passes.policy import PlanningOptions
+    from .passes.policy import PlanningOptions, parse_overrides
 
-    overrides = {}
-    for spec in args.override:
-        glob, sep, value = spec.rpartition("=")
-        try:
-            overrides[glob] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not glob:
-            raise api.UsageError(f"--override '{spec}': expected GLOB=RATIO")
+    overrides = parse_overrides(args.override)
     return PlanningOptions(policy=args.policy, importance=args.importance, round_to=args.round_to,
                            min_channels=args.min_channels, max_ratio=args.max_ratio, ignore=tuple(args.ignore),
                            overrides=overrides, target_macs=args.target_macs,

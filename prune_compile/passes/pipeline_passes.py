@@ -23,17 +23,9 @@ def _analyze(state: JobState, opts: dict) -> None:
 
 def planning_options(opts: dict):
     """PlanningOptions from the `plan` pass's resolved options (CLI defaults already merged in)."""
-    from .policy import PlanningOptions
+    from .policy import PlanningOptions, parse_overrides
 
-    overrides = {}
-    for spec in opts.get("override", []) or []:
-        glob, sep, value = spec.rpartition("=")
-        try:
-            overrides[glob] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not glob:
-            raise UsageError(f"--override '{spec}': expected GLOB=RATIO")
+    overrides = parse_overrides(opts.get("override", []) or [])
     planning = PlanningOptions(policy=opts.get("policy", "uniform"), ratio=opts.get("ratio", 0.0),
                                importance=opts.get("importance", "l2"), round_to=opts.get("round_to", 1),
                                min_channels=opts.get("min_channels", 1), max_ratio=opts.get("max_ratio", 0.9),
@@ -93,8 +85,9 @@ def _fold_bn(state: JobState, opts: dict) -> None:
 
 
 def _feeds_for(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    inits = {i.name for i in model.graph.initializer}
-    return {i.name: feeds[i.name] for i in model.graph.input if i.name not in inits}
+    from ..api import _feeds_for as feeds_for  # lazily: api imports this package
+
+    return feeds_for(model, feeds)
 
 
 @body("verify")

@@ -72,6 +72,20 @@ class PlanningOptions:
             raise UsageError(f"--target-macs {self.target_macs}: must be >= 1 (a reduction factor, e.g. 2.5)")
 
 
+def parse_overrides(specs: Sequence[str]) -> dict[str, float]:
+    """`GLOB=RATIO` strings (--override, plan{override=...}) → {glob: ratio}."""
+    overrides = {}
+    for spec in specs:
+        glob, sep, value = spec.rpartition("=")
+        try:
+            overrides[glob] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not glob:
+            raise UsageError(f"--override '{spec}': expected GLOB=RATIO")
+    return overrides
+
+
 @dataclass
 class PlanningResult:
     plan: Plan
