@@ -236,6 +236,10 @@ def default_pipeline(planning: Any, attention: str = "head_dim", targets: Sequen
             options["override"] = ",".join(f"{g}={r}" for g, r in planning.overrides.items())
         if planning.sensitivity_allocation != default.sensitivity_allocation:
             options["allocation"] = planning.sensitivity_allocation
+        if planning.sensitivity_metric != default.sensitivity_metric:
+            options["metric"] = planning.sensitivity_metric
+        if planning.calibration_data:
+            options["calibration"] = planning.calibration_data
         specs.append(PassSpec("plan", options))
     specs.append(PassSpec("rewrite"))
     if verify:
@@ -256,7 +260,8 @@ def _pass_defaults(planning: Any, attention: str, targets: Sequence[str], tune: 
                  "round_to": planning.round_to, "min_channels": planning.min_channels,
                  "max_ratio": planning.max_ratio, "target_macs": planning.target_macs,
                  "target_latency": planning.target_latency, "seed": planning.seed,
-                 "allocation": planning.sensitivity_allocation,
+                 "allocation": planning.sensitivity_allocation, "metric": planning.sensitivity_metric,
+                 "calibration": planning.calibration_data or "",
                  "ignore": list(planning.ignore), "override": [f"{g}={r}" for g, r in planning.overrides.items()]},
         "replay": {"plan": plan} if plan else {},
         "compile": {"target": list(targets), "tune": tune, "check": verify, "fold_bn": True},
@@ -301,13 +306,13 @@ def run(
         raise UsageError(f"--ratio {ratio}: must be in [0, 1)")
     planning = planning or PlanningOptions()
     planning.ratio = ratio
-    planning.validate()
+    planning.validate(policy_checks=passes is None)
     plan = os.fspath(plan) if plan is not None else None
     if plan is not None and passes is None:
         defaults = PlanningOptions()
         changed = [n for n in ("policy", "ratio", "importance", "round_to", "min_channels", "target_macs",
-                               "target_latency",
-                               "ignore", "overrides") if getattr(planning, n) != getattr(defaults, n)
+                               "target_latency", "sensitivity_allocation", "sensitivity_metric",
+                               "calibration_data", "ignore", "overrides") if getattr(planning, n) != getattr(defaults, n)
                    and not (n == "ignore" and tuple(planning.ignore) == ())]
         if changed:
             raise UsageError(f"--plan replays a plan; the planning options ({', '.join(changed)}) do not apply")
@@ -470,13 +475,18 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
     if planned.importance_notes:
         summary["importance_fallbacks"] = planned.importance_notes
     if planned.curves:
-        summary["sensitivity"] = {"calibration": "the seeded example inputs",
+        summary["sensitivity"] = {"calibration": planned.calibration or "the seeded example inputs",
                                   "allocation": planning.sensitivity_allocation,
-                                  "damage": "relative L2 change of the outputs",
+                                  "damage": _DAMAGE[planning.sensitivity_metric],
                                   "curves": planned.curves,
                                   "chosen_ratios": {str(k): round(v, 6) for k, v in
                                                     sorted(planned.group_ratios.items())}}
     return summary
+
+
+_DAMAGE = {"output-change": "relative L2 change of the outputs",
+           "cross-entropy": "increase of the first output's cross-entropy (vs labels, or the unpruned model)",
+           "top1": "increase of the first output's top-1 error (vs labels, or the unpruned model's argmax)"}
 
 
 def _prepare_outdir(outdir: str) -> None:

@@ -46,9 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform: every group loses the ratio; global: channels ranked across groups; "
                         "sensitivity: measure each group's damage, prune where it hurts least; "
                         "latency: measured per-layer latencies, to meet --target-latency")
-    p.add_argument("--sensitivity-allocation", choices=("lagrange", "threshold"), default="lagrange",
-                   help="sensitivity policy: least total damage per MACs saved (Lagrange, default), or one damage "
-                        "threshold for all groups")
+    p.add_argument("--sensitivity-allocation", choices=("lagrange", "threshold", "greedy"), default="lagrange",
+                   help="sensitivity policy: least total damage per MACs saved from the per-group curves (lagrange, "
+                        "default), one damage threshold for all groups, or greedy steps each measured on the model "
+                        "pruned so far (slower; sees damages compound)")
+    p.add_argument("--calibration-data", metavar="FILE.npz", default=None,
+                   help="sensitivity policy: inputs to measure on, one array per model input named like it (samples "
+                        "along the first axis), optional integer 'labels' (default: seeded random inputs)")
+    p.add_argument("--sensitivity-metric", choices=("output-change", "cross-entropy", "top1"),
+                   default="output-change",
+                   help="sensitivity policy: the damage measured: relative change of the outputs, or the first "
+                        "output's cross-entropy / top-1 error against the labels (or the unpruned model)")
     p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random"), default="l2",
                    help="channel importance (group-level, over all members)")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
@@ -178,7 +186,8 @@ def _planning(args: argparse.Namespace):
                            min_channels=args.min_channels, max_ratio=args.max_ratio, ignore=tuple(args.ignore),
                            overrides=overrides, target_macs=args.target_macs,
                            target_latency=args.target_latency,
-                           sensitivity_allocation=args.sensitivity_allocation)
+                           sensitivity_allocation=args.sensitivity_allocation,
+                           sensitivity_metric=args.sensitivity_metric, calibration_data=args.calibration_data)
 
 
 def _rpc_settings(args: argparse.Namespace):

@@ -167,10 +167,11 @@ def test_sensitivity_meets_macs_target_and_beats_uniform_on_output_damage(model)
     assert damage(sens.plan) < damage(uni.plan)  # measured allocation hurts less at the same MACs (held-out inputs)
 
 
-def test_lagrange_allocation_meets_the_macs_target(model) -> None:
+@pytest.mark.parametrize("allocation", ["lagrange", "greedy"])
+def test_allocation_meets_the_macs_target(model, allocation: str) -> None:
     _, _, graph, deps = model
     feeds = {graph.inputs[0].name: example_input(64).numpy()}
-    options = PlanningOptions(policy="sensitivity", target_macs=2.0, sensitivity_allocation="lagrange",
+    options = PlanningOptions(policy="sensitivity", target_macs=2.0, sensitivity_allocation=allocation,
                               sensitivity_grid=(0.25, 0.5, 0.75))
     sens = make_plan(graph, deps, options, calibration=feeds)
     before = graph_cost(graph)["macs"]

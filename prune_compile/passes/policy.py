@@ -22,6 +22,8 @@ from ..errors import UsageError
 from .deps import DependencyResult, Group
 from .importance import CRITERIA, ImportanceStats, group_importance, normalized
 from .plan import Plan, param_name
+from .calibration import METRICS
+from .sensitivity import ALLOCATIONS
 
 POLICIES = ("uniform", "global", "sensitivity", "latency")
 
@@ -40,13 +42,23 @@ class PlanningOptions:
     target_latency: float | None = None  # latency policy: wanted latency as a fraction of the original's
     seed: int = 0
     sensitivity_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    sensitivity_allocation: str = "lagrange"  # or "threshold" (see passes/sensitivity.allocate)
+    sensitivity_allocation: str = "lagrange"  # or "threshold", "greedy" (see passes/sensitivity.py)
+    sensitivity_metric: str = "output-change"  # or "cross-entropy", "top1" (see passes/calibration.py)
+    calibration_data: str | None = None  # .npz the sensitivity policy measures on (default: the example inputs)
 
-    def validate(self) -> None:
+    def validate(self, policy_checks: bool = True) -> None:
+        """Check every value; `policy_checks=False` skips the checks tying options to the policy (a pipeline's
+        plan pass may choose another policy than the command line's and checks them again)."""
         if self.policy not in POLICIES:
             raise UsageError(f"--policy {self.policy}: unknown policy ({', '.join(POLICIES)})")
-        if self.sensitivity_allocation not in ("threshold", "lagrange"):
-            raise UsageError(f"--sensitivity-allocation {self.sensitivity_allocation}: expected threshold or lagrange")
+        if self.sensitivity_allocation not in ALLOCATIONS:
+            raise UsageError(f"--sensitivity-allocation {self.sensitivity_allocation}: expected one of "
+                             f"{', '.join(ALLOCATIONS)}")
+        if self.sensitivity_metric not in METRICS:
+            raise UsageError(f"--sensitivity-metric {self.sensitivity_metric}: expected one of {', '.join(METRICS)}")
+        if policy_checks and self.policy != "sensitivity" and (self.calibration_data or self.sensitivity_metric != "output-change"):
+            raise UsageError("--calibration-data and --sensitivity-metric are what the sensitivity policy measures "
+                             f"with; policy '{self.policy}' does not use them (add --policy sensitivity)")
         if self.importance not in CRITERIA:
             raise UsageError(f"--importance {self.importance}: unknown criterion ({', '.join(CRITERIA)})")
         if not 0.0 <= self.ratio < 1.0:
@@ -60,7 +72,7 @@ class PlanningOptions:
         for glob, r in self.overrides.items():
             if not 0.0 <= r < 1.0:
                 raise UsageError(f"--override {glob}={r}: ratio must be in [0, 1)")
-        if (self.policy == "latency") != (self.target_latency is not None):
+        if policy_checks and (self.policy == "latency") != (self.target_latency is not None):
             raise UsageError("--policy latency and --target-latency go together (e.g. --policy latency "
                              "--target-latency 0.5x)")
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
@@ -98,6 +110,7 @@ class PlanningResult:
     curves: list = field(default_factory=list)  # sensitivity: per-group damage curves (Curve.to_json())
     group_ratios: dict[int, float] = field(default_factory=dict)
     latency: dict | None = None  # latency policy: what the search measured (run-dependent: timings.json)
+    calibration: str | None = None  # sensitivity: what it measured on, when not the example inputs
 
 
 def _matches(group: Group, globs: Sequence[str]) -> set[str]:
@@ -260,7 +273,7 @@ LATENCY_STEP = 8
 
 
 def _sensitivity(graph, deps, options: PlanningOptions, planner: _Planner, calibration, metric, progress):
-    from .sensitivity import allocate, measure_curves
+    from .sensitivity import allocate, greedy_allocate, measure_curves
 
     result = planner.result
     if options.overrides:
@@ -273,10 +286,13 @@ def _sensitivity(graph, deps, options: PlanningOptions, planner: _Planner, calib
     curves = measure_curves(graph, deps, planner.groups, calibration, grid=options.sensitivity_grid,
                             min_channels=options.min_channels, round_to=options.round_to, metric=metric,
                             progress=progress, scores=planner.scores)
-    allocated = allocate(graph, deps, curves, planner.scores, target_macs=options.target_macs,
-                         ratio=None if options.target_macs is not None else options.ratio,
-                         min_channels=options.min_channels, round_to=options.round_to,
-                         method=options.sensitivity_allocation)
+    target = dict(target_macs=options.target_macs, ratio=None if options.target_macs is not None else options.ratio,
+                  min_channels=options.min_channels, round_to=options.round_to)
+    if options.sensitivity_allocation == "greedy":
+        allocated = greedy_allocate(graph, deps, curves, planner.scores, calibration,
+                                    grid=options.sensitivity_grid, metric=metric, progress=progress, **target)
+    else:
+        allocated = allocate(graph, deps, curves, planner.scores, method=options.sensitivity_allocation, **target)
     result.plan, result.curves = allocated.plan, [c.to_json() for c in curves]
     result.group_ratios, result.macs_ratio = allocated.ratios, allocated.macs_ratio
     result.ratio_used = options.ratio

@@ -40,7 +40,7 @@ class Curve:
                 "damage": [float(f"{d:.6g}") for d in self.damage], "macs_saved": self.macs_saved}
 
 
-ALLOCATIONS = ("threshold", "lagrange")
+ALLOCATIONS = ("threshold", "lagrange", "greedy")
 
 
 @dataclass
@@ -65,18 +65,25 @@ def _relative_change(reference: Sequence[np.ndarray], got: Sequence[np.ndarray])
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
-def measure_curves(graph, deps: DependencyResult, groups: Sequence[Group], feeds: Mapping[str, np.ndarray], *,
+Feeds = Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]  # one batch, or several (calibration)
+
+
+def model_outputs(graph, feeds: Feeds) -> list[np.ndarray]:
+    from ..ir import export_onnx
+    from .calibration import run_batches
+
+    return run_batches(export_onnx(graph), [feeds] if isinstance(feeds, Mapping) else list(feeds))
+
+
+def measure_curves(graph, deps: DependencyResult, groups: Sequence[Group], feeds: Feeds, *,
                    importance: str = "l2", grid: Sequence[float] = DEFAULT_GRID, min_channels: int = 1,
                    round_to: int = 1, metric: Callable[[list[np.ndarray]], float] | None = None,
                    progress: Callable[..., None] | None = None, scores=None) -> list[Curve]:
     """Damage and MACs saved for each group pruned alone at each grid ratio."""
-    from ..backends import ort
-    from ..ir import export_onnx
     from .cost import graph_cost
     from .rewrite import pruned_copy
 
-    base_proto = export_onnx(graph)
-    reference = ort.run(base_proto, dict(feeds))
+    reference = model_outputs(graph, feeds)
     base_damage = metric(reference) if metric else 0.0
     base_macs = graph_cost(graph)["macs"]
     curves = []
@@ -90,7 +97,7 @@ def measure_curves(graph, deps: DependencyResult, groups: Sequence[Group], feeds
             if len(removed) == 0:
                 continue
             pruned = pruned_copy(graph, Plan({g.id: removed}), deps)
-            outputs = ort.run(export_onnx(pruned), dict(feeds))
+            outputs = model_outputs(pruned, feeds)
             ratios.append(float(r))
             damage.append(metric(outputs) - base_damage if metric else _relative_change(reference, outputs))
             saved.append(int(base_macs - graph_cost(pruned)["macs"]))
@@ -194,3 +201,108 @@ def allocate(graph, deps: DependencyResult, curves: Sequence[Curve], scores: Map
         ratios = {g: r for g, r in ratios.items() if r > 0}
         current = achieved(ratios)
     return SensitivityResult(plan_for(ratios), list(curves), ratios, current if target_macs is not None else None)
+
+
+def greedy_allocate(graph, deps: DependencyResult, curves: Sequence[Curve], scores: Mapping[int, np.ndarray],
+                    feeds: Feeds, *, grid: Sequence[float] = DEFAULT_GRID,
+                    target_macs: float | None = None, ratio: float | None = None, min_channels: int = 1,
+                    round_to: int = 1, metric: Callable[[list[np.ndarray]], float] | None = None,
+                    progress: Callable[..., None] | None = None) -> SensitivityResult:
+    """Prune one grid step at a time, each time in the group whose next step adds the least *measured* damage per
+    MACs (or channels) saved, measured on the model pruned so far: damages compound when many groups are pruned
+    hard, which the per-group curves cannot see (NetAdapt's greedy, with lazy re-evaluation: a candidate's score
+    from an earlier step is a lower bound that usually holds, so only the best candidate is re-measured)."""
+    import heapq
+
+    from .cost import graph_cost
+    from .rewrite import pruned_copy
+
+    if (target_macs is None) == (ratio is None):
+        raise UsageError("sensitivity allocation needs exactly one of a MACs target or a channel ratio")
+    groups = {g.id: g for g in deps.groups}
+    ladder = sorted({float(r) for r in grid if 0 < r < 1})
+    total_channels = sum(groups[c.group].size for c in curves)
+    base_macs = graph_cost(graph)["macs"]
+    reference = model_outputs(graph, feeds)
+    base_metric = metric(reference) if metric else 0.0
+
+    def plan_for(ratios: Mapping[int, float]) -> Plan:
+        plan = Plan()
+        for gid, r in ratios.items():
+            removed = _removal(groups[gid], scores[gid], r, min_channels, round_to)
+            if len(removed):
+                plan.removed[gid] = removed
+        return plan
+
+    def evaluate(ratios: Mapping[int, float], with_damage: bool = True) -> tuple[float, float]:
+        """(damage, gain): gain is the MACs reduction factor, or the fraction of channels removed."""
+        plan = plan_for(ratios)
+        if plan.is_empty():
+            return 0.0, (1.0 if target_macs is not None else 0.0)
+        pruned = pruned_copy(graph, plan, deps)
+        gain = (base_macs / max(graph_cost(pruned)["macs"], 1) if target_macs is not None
+                else sum(len(r) for r in plan.removed.values()) / max(total_channels, 1))
+        if not with_damage:
+            return 0.0, gain
+        outputs = model_outputs(pruned, feeds)
+        return (metric(outputs) - base_metric if metric else _relative_change(reference, outputs)), gain
+
+    goal = target_macs if target_macs is not None else ratio
+    level = {c.group: 0 for c in curves}  # index into the ladder + 1; 0 = unpruned
+    ratios: dict[int, float] = {}
+    damage, gain = 0.0, (1.0 if target_macs is not None else 0.0)
+
+    def saving(g: float) -> float:  # what a gain is worth on a common scale: MACs fraction removed, or channels
+        return 1 - 1 / g if target_macs is not None else g
+
+    # Seed the queue with each group's first step as measured alone (the curves), then re-measure lazily.
+    heap = []
+    for c in curves:
+        if ladder and c.ratios:
+            first = c.damage[0] if c.ratios[0] == ladder[0] else 0.0
+            saved = c.macs_saved[0] / max(base_macs, 1) if target_macs is not None else c.ratios[0]
+            heapq.heappush(heap, (max(first, 0.0) / max(saved, 1e-12), c.group, -1))
+    step, measured = 0, 0
+    fresh: dict[int, tuple[float, float]] = {}  # group → (damage, gain) of its next step, measured at this step
+    while gain < goal:
+        if not heap:
+            raise UsageError(f"sensitivity: target {goal} unreachable within the ratio grid (at most {gain:.3f})")
+        score, gid, at_step = heapq.heappop(heap)
+        trial = {**ratios, gid: ladder[level[gid]]}
+        if at_step != step:  # stale: re-measure on the model as pruned now
+            fresh[gid] = evaluate(trial)
+            measured += 1
+            d, g = fresh[gid]
+            delta = saving(g) - saving(gain)
+            if delta <= 1e-12:  # this rung removes nothing more (rounding): try the next one
+                level[gid] += 1
+                if level[gid] < len(ladder):
+                    heapq.heappush(heap, (score, gid, -1))
+                continue
+            score = (d - damage) / delta
+            if heap and score > heap[0][0]:
+                heapq.heappush(heap, (score, gid, step))
+                continue
+        d, g = fresh[gid]
+        if g > goal * 1.01:
+            # the last step overshoots: move this group only part of the way (bisected)
+            lo_r, hi_r = ratios.get(gid, 0.0), ladder[level[gid]]
+            for _ in range(20):
+                mid = (lo_r + hi_r) / 2
+                if evaluate({**ratios, gid: mid}, with_damage=False)[1] >= goal:
+                    hi_r = mid
+                else:
+                    lo_r = mid
+            trial = {**ratios, gid: hi_r}
+            d, g = evaluate(trial)
+        ratios, damage, gain = trial, d, g
+        level[gid] += 1
+        step += 1
+        if progress:
+            progress(f"sensitivity: greedy step {step} ({gain:.3f}{'x' if target_macs else ''} of {goal})", False,
+                     min(saving(gain) / max(saving(goal), 1e-12), 1.0))
+        if level[gid] < len(ladder):
+            heapq.heappush(heap, (score, gid, -1))  # its last step's score: a lower bound for the next one
+    if progress:
+        progress(f"sensitivity: greedy allocation done ({measured} measurements)", True)
+    return SensitivityResult(plan_for(ratios), list(curves), ratios, gain if target_macs is not None else None)
