@@ -311,8 +311,8 @@ def run(
     if plan is not None and passes is None:
         defaults = PlanningOptions()
         changed = [n for n in ("policy", "ratio", "importance", "round_to", "min_channels", "target_macs",
-                               "target_latency", "sensitivity_allocation", "sensitivity_metric",
-                               "calibration_data", "ignore", "overrides") if getattr(planning, n) != getattr(defaults, n)
+                               "target_latency", "sensitivity_allocation", "sensitivity_metric", "calibration_data",
+                               "ignore", "overrides") if getattr(planning, n) != getattr(defaults, n)
                    and not (n == "ignore" and tuple(planning.ignore) == ())]
         if changed:
             raise UsageError(f"--plan replays a plan; the planning options ({', '.join(changed)}) do not apply")

@@ -100,7 +100,8 @@ def run_batches(proto, batches: Sequence[dict[str, np.ndarray]]) -> list[np.ndar
     results = [ort.run(sess, b) for b in batches]
     if len(results) == 1:
         return results[0]
-    return [np.concatenate(parts, axis=0) if np.ndim(parts[0]) else np.stack(parts) for parts in zip(*results)]
+    joined = zip(*results, strict=True)
+    return [np.concatenate(parts, axis=0) if np.ndim(parts[0]) else np.stack(parts) for parts in joined]
 
 
 def _rows(output: np.ndarray, what: str) -> np.ndarray:

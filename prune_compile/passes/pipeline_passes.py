@@ -41,9 +41,8 @@ def planning_options(opts: dict):
 
 @body("plan")
 def _plan(state: JobState, opts: dict) -> None:
-    from .policy import make_plan
-
     from .calibration import damage_metric, load_calibration
+    from .policy import make_plan
     from .sensitivity import model_outputs
 
     state.planning = planning = planning_options(opts)

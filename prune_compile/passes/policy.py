@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UsageError
+from .calibration import METRICS
 from .deps import DependencyResult, Group
 from .importance import CRITERIA, ImportanceStats, group_importance, normalized
 from .plan import Plan, param_name
-from .calibration import METRICS
 from .sensitivity import ALLOCATIONS
 
 POLICIES = ("uniform", "global", "sensitivity", "latency")
@@ -56,7 +56,8 @@ class PlanningOptions:
                              f"{', '.join(ALLOCATIONS)}")
         if self.sensitivity_metric not in METRICS:
             raise UsageError(f"--sensitivity-metric {self.sensitivity_metric}: expected one of {', '.join(METRICS)}")
-        if policy_checks and self.policy != "sensitivity" and (self.calibration_data or self.sensitivity_metric != "output-change"):
+        measures = self.calibration_data or self.sensitivity_metric != "output-change"
+        if policy_checks and self.policy != "sensitivity" and measures:
             raise UsageError("--calibration-data and --sensitivity-metric are what the sensitivity policy measures "
                              f"with; policy '{self.policy}' does not use them (add --policy sensitivity)")
         if self.importance not in CRITERIA:
