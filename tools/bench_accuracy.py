@@ -354,10 +354,7 @@ def main() -> None:
     # the labels: what the CLI's --sensitivity-metric cross-entropy measures with labels in --calibration-data
     from prune_compile.passes.calibration import damage_metric
 
-    class Labelled:
-        labels = y_train[:args.calibration]
-
-    metric = damage_metric("cross-entropy", Labelled, lambda: []) if args.metric == "labels" else None
+    metric = damage_metric("cross-entropy", y_train[:args.calibration]) if args.metric == "labels" else None
     prune_module(sens, [calibration], PlanningOptions(policy="sensitivity", target_macs=args.target_macs,
                                                         sensitivity_grid=grid, sensitivity_allocation=args.allocation),
                  metric=metric)

@@ -119,15 +119,21 @@ def _log_probs(scores: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
-def damage_metric(name: str, calibration: Calibration | None,
-                  reference: Callable[[], list[np.ndarray]]) -> Callable[[list[np.ndarray]], float] | None:
-    """The `metric(outputs) -> damage` for `name` (None for output-change, the sensitivity pass's built-in).
-    `reference()` gives the unpruned model's outputs on the calibration batches (used when there are no labels)."""
+Metric = Callable[[list[np.ndarray]], float]
+
+
+def damage_metric(name: str, labels: np.ndarray | None = None,
+                  reference: Callable[[], list[np.ndarray]] | None = None) -> Metric | None:
+    """The `metric(outputs) -> damage` for `name` (None for output-change, the sensitivity pass's built-in), against
+    `labels` (one class per row of the first output), or without labels against `reference()`, the unpruned
+    model's outputs on the same samples. Also for the Python API: `prune_module(..., metric=damage_metric(
+    "cross-entropy", labels))`."""
     if name not in METRICS:
         raise UsageError(f"sensitivity metric '{name}': expected one of {', '.join(METRICS)}")
     if name == "output-change":
         return None
-    labels = calibration.labels if calibration is not None else None
+    if labels is None and reference is None:
+        raise UsageError(f"sensitivity metric '{name}' needs labels or the unpruned model's outputs")
     if labels is not None:
         target = labels.reshape(-1).astype(np.int64)
     else:

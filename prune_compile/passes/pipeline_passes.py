@@ -49,7 +49,8 @@ def _plan(state: JobState, opts: dict) -> None:
     progress = state.context.progress if state.context else None
     calibration = load_calibration(planning.calibration_data, state.graph) if planning.calibration_data else None
     feeds = calibration.batches if calibration else state.loaded.example_inputs
-    metric = damage_metric(planning.sensitivity_metric, calibration, lambda: model_outputs(state.graph, feeds))
+    metric = damage_metric(planning.sensitivity_metric, calibration.labels if calibration else None,
+                           lambda: model_outputs(state.graph, feeds))
     state.planned = make_plan(state.graph, state.deps, planning, calibration=feeds, metric=metric,
                               progress=progress)
     state.planned.calibration = calibration.describe() if calibration else None
