@@ -35,6 +35,53 @@ def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
             "p90_ms": round(float(np.percentile(times, 90)), 4), "runs": repeat}
 
 
+def _top(per_kernel: dict[str, float], runs: int, n: int = 15) -> dict:
+    """ms per run of the `n` slowest kernels, plus the total over all kernels."""
+    total = sum(per_kernel.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:n]
+    return {"total_ms": round(total * 1e3 / runs, 4),
+            "top": [{"kernel": k, "ms": round(v * 1e3 / runs, 4), "share": round(v / total, 4)} for k, v in top]}
+
+
+def _tvm_kernels(vm, call, runs: int) -> dict:
+    """Time each VM call (fused kernel) through the VM's instrument hook (TVM 0.27's VM has no profiler)."""
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func, symbol, before_run, ret_value, *args):
+        if before_run:
+            started[symbol] = time.perf_counter()
+        elif not symbol.startswith("vm.builtin."):
+            spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - started[symbol]
+        return 0
+
+    call()
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        call()
+    return _top(spent, runs)
+
+
+def _ort_kernels(model: str, opts, feeds: dict, runs: int) -> dict:
+    """ONNX Runtime's own per-node profile, summed per node."""
+    import onnxruntime as ort
+
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ort-profile-"), "p")
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
+    spent: dict[str, float] = {}
+    for _ in range(runs):
+        sess.run(None, feeds)
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    kernel_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    for e in kernel_events[len(kernel_events) // (runs + 1):]:  # drop the warm-up run
+        name = f"{e['args'].get('op_name', '?')} {e['name'][:-len('_kernel_time')]}"
+        spent[name] = spent.get(name, 0.0) + e["dur"] * 1e-6
+    return _top(spent, runs)
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process."""
     feeds = dict(np.load(args.feeds))
@@ -45,7 +92,10 @@ def worker(args: argparse.Namespace) -> dict:
         opts.intra_op_num_threads = args.threads
         opts.inter_op_num_threads = 1
         sess = ort.InferenceSession(args.artifact, opts, providers=["CPUExecutionProvider"])
-        return _median_ms(lambda: sess.run(None, feeds), args.repeat)
+        result = _median_ms(lambda: sess.run(None, feeds), args.repeat)
+        if args.profile:
+            result["kernels"] = _ort_kernels(args.artifact, opts, feeds, max(3, args.repeat // 3))
+        return result
     if args.engine == "tvm":
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
         import tvm
@@ -55,7 +105,10 @@ def worker(args: argparse.Namespace) -> dict:
         vm, dev = load_library(args.artifact)
         inputs = [tvm.runtime.tensor(feeds[k], dev) for k in json.loads(args.order)]
         f = vm["main"]
-        return _median_ms(lambda: f(*inputs), args.repeat)
+        result = _median_ms(lambda: f(*inputs), args.repeat)
+        if args.profile:
+            result["kernels"] = _tvm_kernels(vm, lambda: f(*inputs), max(3, args.repeat // 3))
+        return result
     if args.engine == "torch":
         import torch
 
@@ -67,9 +120,11 @@ def worker(args: argparse.Namespace) -> dict:
     raise SystemExit(f"unknown engine {args.engine}")
 
 
-def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: int, repeat: int) -> dict:
+def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: int, repeat: int,
+             profile: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--artifact", artifact, "--feeds", feeds,
            "--order", json.dumps(order), "--threads", str(threads), "--repeat", str(repeat)]
+    cmd += ["--profile"] if profile else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
@@ -112,6 +167,8 @@ def main() -> None:
     ap.add_argument("--variants", default="unpruned,pruned", help="which of unpruned,pruned to build and time")
     ap.add_argument("--no-fold-bn", action="store_true",
                     help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also time every kernel (TVM: each fused kernel the VM calls; ORT: its node profile)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     ap.add_argument("--feeds", help=argparse.SUPPRESS)
@@ -181,19 +238,19 @@ def main() -> None:
         lat = result["latency_ms"]
         if "ort" in engines:
             lat.setdefault("ort", {})[label] = _measure("ort", onnx_path, feeds_path, order, args.threads,
-                                                        args.repeat)
+                                                        args.repeat, args.profile)
         if "tvm_untuned" in engines:
             lib = os.path.join(work, f"{label}.untuned.so")
             result["builds"][f"tvm_untuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, 0, None,
                                                                   args.conv_layout)
             lat.setdefault("tvm_untuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
-                                                                max(3, args.repeat // 10))
+                                                                max(3, args.repeat // 10), args.profile)
         if "tvm_tuned" in engines and args.tune:
             lib = os.path.join(work, f"{label}.tuned.so")
             result["builds"][f"tvm_tuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, args.tune,
                                                                 args.tune_db, args.conv_layout)
             lat.setdefault("tvm_tuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
-                                                              args.repeat)
+                                                              args.repeat, args.profile)
         if "torch" in engines and torch_module is not None:
             lat.setdefault("torch", {})[label] = _measure("torch", os.path.join(work, f"{label}.pt"), feeds_path,
                                                           order, args.threads, args.repeat)
