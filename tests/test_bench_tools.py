@@ -1,0 +1,30 @@
+"""The benchmark tools run and report what they claim (numbers themselves are measured by hand, not here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .test_cli import DEFAULT_MODEL
+
+TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
+
+
+def test_bench_latency_profile_accounts_for_the_model_time() -> None:
+    """Per-kernel profiles (TVM through the VM instrument hook, ORT from its node profile) name real kernels and
+    add up to about the whole model's latency: the table the README's "what limits it" reads from."""
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency.py"), DEFAULT_MODEL, "--engines",
+                           "ort,tvm_untuned", "--variants", "pruned", "--profile", "--repeat", "20", "--threads", "1"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    for engine, prefix in (("ort", "Conv "), ("tvm_untuned", "conv2d")):
+        measured = result["latency_ms"][engine]["pruned"]
+        kernels = measured["kernels"]
+        assert any(k["kernel"].startswith(prefix) for k in kernels["top"]), kernels
+        assert all(k["ms"] >= 0 for k in kernels["top"])
+        assert sum(k["share"] for k in kernels["top"]) <= 1.0 + 1e-6
+        # kernels run inside the model call: their sum cannot exceed it by much, and covers most of it
+        assert 0.3 * measured["median_ms"] <= kernels["total_ms"] <= 1.5 * measured["p90_ms"], (engine, measured)
