@@ -78,10 +78,12 @@ def _curves_svg(sensitivity: dict[str, Any]) -> str:
         return ""
     chosen = sensitivity.get("chosen_ratios", {})
     w, h, left, bottom, top, right = 720, 320, 56, 36, 12, 170
-    peak = max((max(c["damage"]) for c in curves if c["damage"]), default=1.0) or 1.0
+    peak = max((max(c["damage"]) for c in curves if c["damage"]), default=1.0)
+    peak = peak if peak > 0 else 1.0
 
     def xy(ratio: float, damage: float) -> tuple[float, float]:
-        return (left + ratio * (w - left - right), top + (1 - damage / peak) * (h - top - bottom))
+        # a metric's damage can be negative (pruning a group lowered the loss): drawn on the axis
+        return (left + ratio * (w - left - right), top + (1 - max(damage, 0.0) / peak) * (h - top - bottom))
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
              'aria-label="sensitivity curves">',
