@@ -67,6 +67,12 @@ def test_allocate_trials_skips_negligible_tasks() -> None:
     assert alloc[2] == alloc[3] == 0 and sum(alloc) == 200
 
 
+def test_allocate_trials_always_tunes_light_convolutions() -> None:
+    # a 1x1 downsampling conv is far below MIN_SHARE of the FLOPs, yet untuned it costs as much as a big conv
+    alloc = allocate_trials([1000.0, 500.0, 1.0, 0.5], 200, floor=8, always={2})
+    assert alloc[2] == 8 and alloc[3] == 0 and sum(alloc) == 200
+
+
 def test_allocate_trials_prefers_heavy_tasks_when_short() -> None:
     alloc = allocate_trials([1.0, 100.0, 10.0, 0.5], 16, floor=8)
     assert alloc == [0, 8, 8, 0]
