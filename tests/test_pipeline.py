@@ -38,6 +38,17 @@ def test_pipeline_text_round_trips() -> None:
     assert format_pipeline(parse_pipeline(" analyze , plan ,rewrite ")) == "analyze,plan,rewrite"
 
 
+def test_quoted_values_hold_spaces_braces_and_quotes() -> None:
+    from prune_compile.passes.pipeline import PassSpec
+
+    odd = 'my dir/{v2} "calib".npz'
+    text = format_pipeline([PassSpec("replay", {"plan": odd}), PassSpec("rewrite")])
+    assert text == 'replay{plan="my dir/{v2} \\"calib\\".npz"},rewrite'
+    assert parse_pipeline(text)[0].options == {"plan": odd}
+    assert parse_pipeline('plan{calibration="a b.npz" ratio=0.5}')[0].options == {"calibration": "a b.npz",
+                                                                                   "ratio": "0.5"}
+
+
 @pytest.mark.parametrize("text,needle", [
     ("", "expected a pass name at column 1"),
     ("analyze,,rewrite", "expected a pass name at column 9"),
@@ -45,6 +56,8 @@ def test_pipeline_text_round_trips() -> None:
     ("plan{ratio}", "not key=value"),
     ("plan{ratio=0.1 ratio=0.2}", "given twice"),
     ("analyze plan", "expected ','"),
+    ('plan{calibration="a b.npz}', "unclosed '\"'"),
+    ("plan{ratio=}", "not key=value"),
 ])
 def test_pipeline_syntax_errors_name_the_column(text, needle) -> None:
     with pytest.raises(UsageError, match=re.escape(needle)):

@@ -33,11 +33,19 @@ class PassSpec:
     def __str__(self) -> str:
         if not self.options:
             return self.name
-        return self.name + "{" + " ".join(f"{k}={v}" for k, v in self.options.items()) + "}"
+        return self.name + "{" + " ".join(f"{k}={_quoted(v)}" for k, v in self.options.items()) + "}"
+
+
+def _quoted(value: str) -> str:
+    """A value as the parser reads it back: in double quotes (with \\ and \" escaped) when it holds whitespace,
+    braces or quotes, e.g. a path with a space."""
+    if value and not any(c.isspace() or c in '{}"\\' for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def parse_pipeline(text: str) -> list[PassSpec]:
-    """`a,b{k=v k2=v1,v2},c` → PassSpecs. Raises UsageError naming the position of a syntax error."""
+    """`a,b{k=v k2=v1,v2 k3="a b"},c` → PassSpecs. Raises UsageError naming the position of a syntax error."""
     specs: list[PassSpec] = []
     i, n = 0, len(text)
 
@@ -55,17 +63,46 @@ def parse_pipeline(text: str) -> list[PassSpec]:
             raise fail("expected a pass name", i)
         options: dict[str, str] = {}
         if i < n and text[i] == "{":
-            close = text.find("}", i)
-            if close < 0:
-                raise fail("unclosed '{'", i)
-            for item in text[i + 1:close].split():
-                key, sep, value = item.partition("=")
-                if not sep or not key or not value:
-                    raise fail(f"option '{item}' of pass '{name}' is not key=value", i)
+            i += 1
+            while True:
+                while i < n and text[i].isspace():
+                    i += 1
+                if i == n:
+                    raise fail("unclosed '{'", i)
+                if text[i] == "}":
+                    i += 1
+                    break
+                item_at = i
+                while i < n and not text[i].isspace() and text[i] not in '}="':
+                    i += 1
+                key = text[item_at:i]
+                if not key or i == n or text[i] != "=":
+                    while i < n and not text[i].isspace() and text[i] != "}":
+                        i += 1
+                    raise fail(f"option '{text[item_at:i]}' of pass '{name}' is not key=value", item_at)
+                i += 1
+                if i < n and text[i] == '"':  # quoted value: \\ and \" escaped
+                    i += 1
+                    chars = []
+                    while i < n and text[i] != '"':
+                        if text[i] == "\\" and i + 1 < n:
+                            i += 1
+                        chars.append(text[i])
+                        i += 1
+                    if i == n:
+                        raise fail("unclosed '\"'", item_at)
+                    i += 1
+                    value = "".join(chars)
+                else:
+                    start_value = i
+                    while i < n and not text[i].isspace() and text[i] != "}":
+                        i += 1
+                    value = text[start_value:i]
+                if not value:
+                    raise fail(f"option '{key}=' of pass '{name}' is not key=value", item_at)
                 if key in options:
-                    raise fail(f"option '{key}' of pass '{name}' given twice", i)
+                    raise fail(f"option '{key}' of pass '{name}' given twice", item_at)
                 options[key] = value
-            i = close + 1
         specs.append(PassSpec(name, options))
         while i < n and text[i].isspace():
             i += 1
