@@ -20,6 +20,7 @@ import onnx
 
 from ...errors import BackendError, UsageError
 from .targets import ARM_CROSS_COMPILER, DEFAULT_OPTIONS, TargetOptions, check_toolchain, find_nvcc, make_target
+from .threads import ensure_thread_pool
 from .tuning import TuningOptions, tune
 
 
@@ -55,6 +56,8 @@ def _cuda_env() -> Any:
 def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = DEFAULT_OPTIONS,
                   tuning: TuningOptions | None = None):
     """Compile to an in-memory Relax executable. Returns (executable, tvm target, pipeline name, tuning summary)."""
+    if target == "cpu":  # before TVM runs anything (constant folding does): its pool is sized once
+        ensure_thread_pool(target_options.num_cores)
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -129,7 +132,9 @@ def build(model: onnx.ModelProto, target: str, path: str, target_options: Target
 
 def load_library(path: str, device: str = "cpu"):
     """A Relax VirtualMachine over a library built by `build` (never reload a rewritten path in-process: dlopen
-    caches by path)."""
+    caches by path). On the CPU, TVM runs with every available core unless TVM_NUM_THREADS says otherwise."""
+    if device == "cpu":
+        ensure_thread_pool()
     import tvm
     from tvm import relax
 

@@ -9,7 +9,9 @@
 - **Database**: one directory per target (JSON workloads + records, shared by every graph built for that target,
   so pruned variants with repeated shapes reuse records) plus a ledger of trials already spent per task. A rebuild
   asks only for the trials a task has not had yet: the same graph and target a second time runs 0 trials.
-- **Runner**: local, or TVM RPC through a tracker (`RPCSettings`) to measure on a real board or a device farm.
+- **Runner**: local, or TVM RPC through a tracker (`RPCSettings`) to measure on a real board or a device farm. The
+  local runner measures with the target's `num-cores` threads (see threads.py: TVM's default here is one), and the
+  database directory is keyed by that count too: a record measured with other threads ranks schedules wrongly.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ...errors import BackendError, UsageError
+from .threads import thread_env
 
 MIN_TRIALS_PER_TASK = 8
 MIN_SHARE = 0.005  # of the model's FLOPs: lighter tasks keep TVM's default schedule, unless they are
@@ -79,10 +82,18 @@ def default_database_root() -> str:
     return os.path.join(cache, "prune-compile", "tuning")
 
 
-def database_dir(root: str, target_name: str, target_json: str) -> str:
-    """One database per target: the records of a target are only valid for exactly that target."""
-    digest = hashlib.sha256(target_json.encode()).hexdigest()[:12]
+def database_dir(root: str, target_name: str, target_json: str, threads: int | None = None) -> str:
+    """One database per target and measuring thread count: records are only valid for exactly those."""
+    key = target_json if threads is None else f"{target_json}|threads={threads}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(root, f"{target_name}-{digest}")
+
+
+def measuring_threads(target, rpc: RPCSettings | None) -> int | None:
+    """Threads the local runner measures with: the target's cores. None when a remote device measures."""
+    if rpc is not None or target.kind.name != "llvm" or "num-cores" not in target.attrs:
+        return None
+    return int(target.attrs["num-cores"])
 
 
 def allocate_trials(weights: list[float], total: int, floor: int = MIN_TRIALS_PER_TASK,
@@ -204,13 +215,14 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
     from tvm.s_tir.analysis import estimate_tir_flops
 
     root = options.database or default_database_root()
-    directory = database_dir(root, target_name, str(target))
+    threads = measuring_threads(target, options.rpc)
+    directory = database_dir(root, target_name, str(target), threads)
     report = options.progress or (lambda *_args, **_kw: None)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     weights = [max(float(estimate_tir_flops(t.dispatched[0])), 1.0) * int(t.weight) for t in tasks]
     heavy = {i for i, t in enumerate(tasks) if any(k in t.task_name for k in HEAVY_OPS)}
     alloc = allocate_trials(weights, options.trials, always=heavy)
-    with _locked(directory):
+    with _locked(directory), contextlib.ExitStack() as stack:
         database = ms.database.JSONDatabase(path_workload=os.path.join(directory, "database_workload.json"),
                                             path_tuning_record=os.path.join(directory, "database_tuning_record.json"),
                                             allow_missing=True)
@@ -228,6 +240,8 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
         before = len(database)
         valid_before = _valid_records(database, todo)
         if todo:
+            # Runner workers start inside: they inherit the thread count they measure with.
+            stack.enter_context(thread_env(threads) if threads else contextlib.nullcontext())
             runner = _runner(target_name, options.rpc)
             f_export = _export_aarch64 if target_name == "arm" else None
             builder = ms.builder.LocalBuilder(f_build=_build_candidate, f_export=f_export,
