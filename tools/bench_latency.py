@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
-    ap.add_argument("--conv-layout", choices=("NCHW", "NHWC"), default="NCHW")
+    ap.add_argument("--conv-layout", choices=("NCHW", "NHWC", "NCHWc"), default="NCHW")
     ap.add_argument("--variants", default="unpruned,pruned", help="which of unpruned,pruned to build and time")
     ap.add_argument("--no-fold-bn", action="store_true",
                     help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")

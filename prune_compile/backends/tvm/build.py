@@ -20,7 +20,11 @@ import onnx
 
 from ...errors import BackendError, UsageError
 from .targets import ARM_CROSS_COMPILER, DEFAULT_OPTIONS, TargetOptions, check_toolchain, find_nvcc, make_target
+from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
+from .conv_nchwc import legalize as legalize_nchwc
 from .threads import ensure_thread_pool
+
+CONV_LAYOUTS = ("NCHW", "NHWC", "NCHWc")
 from .tuning import TuningOptions, tune
 
 
@@ -69,21 +73,29 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
         raise BackendError(f"TVM's ONNX frontend rejected the model: {_last_line(e)}") from e
     summary = None
     pipeline = "default (untuned)"
-    if target_options.conv_layout not in ("NCHW", "NHWC"):
-        raise UsageError(f"--conv-layout {target_options.conv_layout}: expected NCHW or NHWC")
+    layout = target_options.conv_layout
+    if layout not in CONV_LAYOUTS:
+        raise UsageError(f"--conv-layout {layout}: expected one of {', '.join(CONV_LAYOUTS)}")
+    tuned = tuning is not None and tuning.trials > 0
+    # The blocked layout comes with its own schedule rule, applied by tuning; untuned builds keep NCHW.
+    lanes = vector_lanes(tvm_target) if layout == "NCHWc" and tuned else 0
     try:
-        if target_options.conv_layout == "NHWC":
+        if layout == "NHWC":
             mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
             pipeline = "NHWC, default (untuned)"
-        if tuning is not None and tuning.trials > 0:
+        if lanes:
+            mod = convert_layout(mod, lanes)
+            register_schedule_rule()
+        if tuned:
+            passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+            if lanes:
+                passes.append(relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_nchwc}))
             with tvm_target:
-                mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                                relax.transform.CanonicalizeBindings(),
-                                                relax.get_pipeline("zero")])(mod)
+                mod = tvm.transform.Sequential([*passes, relax.get_pipeline("zero")])(mod)
             database, summary = tune(mod, tvm_target, target, tuning)
             with tvm_target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            pipeline = "metaschedule" + (", NHWC" if target_options.conv_layout == "NHWC" else "")
+            pipeline = "metaschedule" + {"NHWC": ", NHWC", "NCHWc": f", NCHW{lanes}c" if lanes else ""}.get(layout, "")
         with tvm_target:
             executable = tvm.compile(mod, target=tvm_target)
     except (UsageError, BackendError):

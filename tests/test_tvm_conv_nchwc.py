@@ -1,0 +1,105 @@
+"""Blocked-channel convolutions (`--conv-layout NCHWc`): which convs are converted, the register tiles the schedule
+rule offers, and a tuned library with every kind of conv (RGB input, strided, 1x1, depthwise, a width that does not
+divide by the vector, residual, pooling) agreeing with ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prune_compile.backends import ort
+from prune_compile.backends import tvm as tvm_backend
+from prune_compile.backends.tvm.conv_nchwc import MAX_SPACES, input_block, register_tiles
+
+pytest.importorskip("tvm")
+
+RTOL = 1e-4
+
+
+def mixed_convs_onnx():
+    """Every conv shape the layout choice distinguishes, with BN folded the way compile folds it."""
+    import torch
+
+    from prune_compile.ir import export_onnx
+    from prune_compile.ir.fx_importer import import_torch_module
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)  # 3 input channels: NCHW3c input block
+            self.body = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+            self.bn = torch.nn.BatchNorm2d(16)
+            self.down = torch.nn.Conv2d(16, 32, 1, stride=2)  # 1x1 strided
+            self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)  # depthwise: stays NCHW
+            self.odd = torch.nn.Conv2d(32, 12, 3, padding=1)  # 12 outputs: not a multiple of the vector, NCHW
+            self.fc = torch.nn.Linear(12, 5)
+
+        def forward(self, image):
+            y = torch.relu(self.stem(image))
+            y = torch.relu(self.bn(self.body(y)) + y)
+            y = torch.nn.functional.max_pool2d(torch.relu(self.down(y)), 2, ceil_mode=True)
+            y = self.odd(torch.relu(self.dw(y)) + y)
+            return self.fc(y.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return export_onnx(import_torch_module(model, (torch.randn(1, 3, 30, 30),), name="Mixed"))
+
+
+def test_input_block_divides_the_input_channels() -> None:
+    assert input_block(64, 8) == 8
+    assert input_block(3, 8) == 3  # RGB: one block of 3
+    assert input_block(12, 8) == 6
+    assert input_block(20, 16) == 10
+    for c in range(1, 70):
+        assert c % input_block(c, 8) == 0
+
+
+@pytest.mark.parametrize("shape,registers", [((4, 56, 56), 16), ((32, 7, 7), 16), ((8, 14, 14), 32), ((1, 1, 1), 16)])
+def test_register_tiles_fit_the_registers_largest_first(shape, registers) -> None:
+    tiles = register_tiles(*shape, registers)
+    assert 0 < len(tiles) <= MAX_SPACES
+    accumulators = [a * b * c for a, b, c in tiles]
+    assert all(n <= registers - 2 for n in accumulators)  # two registers left for the kernel vector and input
+    assert accumulators == sorted(accumulators, reverse=True)
+    for a, b, c in tiles:
+        assert shape[0] % a == 0 and shape[1] % b == 0 and shape[2] % c == 0  # no partial tiles
+
+
+def test_only_dense_convs_whose_outputs_divide_by_the_vector_are_blocked() -> None:
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from prune_compile.backends.tvm.conv_nchwc import convert_layout
+
+    mod = convert_layout(from_onnx(mixed_convs_onnx(), keep_params_in_input=False), 8)
+    layouts = []
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+            layouts.append((int(expr.attrs.groups), str(expr.attrs.data_layout), str(expr.attrs.out_layout)))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    assert sorted(layouts) == sorted([(1, "NCHW3c", "NCHW8c"), (1, "NCHW8c", "NCHW8c"), (1, "NCHW8c", "NCHW8c"),
+                                      (32, "NCHW", "NCHW"), (1, "NCHW", "NCHW")])
+
+
+def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:
+    model = mixed_convs_onnx()
+    lib = str(tmp_path / "m.so")
+    options = tvm_backend.TargetOptions(conv_layout="NCHWc")
+    result = tvm_backend.build(model, "cpu", lib, options,
+                               tvm_backend.TuningOptions(trials=40, database=str(tmp_path / "db")))
+    assert result.pipeline.startswith("metaschedule, NCHW") and result.pipeline.endswith("c")
+    assert result.tuning["trials_valid"] > 0
+    x = {"image": np.random.default_rng(0).standard_normal((1, 3, 30, 30)).astype(np.float32)}
+    assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(lib, x, ["image"])) <= RTOL
+
+
+def test_untuned_builds_keep_nchw(tmp_path) -> None:
+    result = tvm_backend.build(mixed_convs_onnx(), "cpu", str(tmp_path / "m.so"),
+                               tvm_backend.TargetOptions(conv_layout="NCHWc"))
+    assert result.pipeline == "default (untuned)"
