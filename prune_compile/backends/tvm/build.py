@@ -19,13 +19,13 @@ import numpy as np
 import onnx
 
 from ...errors import BackendError, UsageError
-from .targets import ARM_CROSS_COMPILER, DEFAULT_OPTIONS, TargetOptions, check_toolchain, find_nvcc, make_target
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
+from .targets import ARM_CROSS_COMPILER, DEFAULT_OPTIONS, TargetOptions, check_toolchain, find_nvcc, make_target
 from .threads import ensure_thread_pool
+from .tuning import TuningOptions, tune
 
 CONV_LAYOUTS = ("NCHW", "NHWC", "NCHWc")
-from .tuning import TuningOptions, tune
 
 
 @dataclass
