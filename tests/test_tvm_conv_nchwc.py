@@ -1,6 +1,6 @@
 """Blocked-channel convolutions (`--conv-layout NCHWc`): which convs are converted, the register tiles the schedule
-rule offers, and a tuned library with every kind of conv (RGB input, strided, 1x1, depthwise, a width that does not
-divide by the vector, residual, pooling) agreeing with ONNX Runtime."""
+rule offers, and a tuned library with every kind of conv (RGB input, strided, 1x1, depthwise, grouped, a width that
+does not divide by the vector, residual, pooling) agreeing with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def mixed_convs_onnx():
             self.body = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
             self.bn = torch.nn.BatchNorm2d(16)
             self.down = torch.nn.Conv2d(16, 32, 1, stride=2)  # 1x1 strided
-            self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)  # depthwise: stays NCHW
+            self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)  # depthwise: NCHW8c, OIHW1i8o
+            self.grouped = torch.nn.Conv2d(32, 32, 1, groups=4)  # grouped, not depthwise: stays NCHW
             self.odd = torch.nn.Conv2d(32, 12, 3, padding=1)  # 12 outputs: not a multiple of the vector, NCHW
             self.fc = torch.nn.Linear(12, 5)
 
@@ -38,7 +39,7 @@ def mixed_convs_onnx():
             y = torch.relu(self.stem(image))
             y = torch.relu(self.bn(self.body(y)) + y)
             y = torch.nn.functional.max_pool2d(torch.relu(self.down(y)), 2, ceil_mode=True)
-            y = self.odd(torch.relu(self.dw(y)) + y)
+            y = self.odd(self.grouped(torch.relu(self.dw(y)) + y))
             return self.fc(y.mean(dim=(2, 3)))
 
     torch.manual_seed(0)
@@ -69,7 +70,7 @@ def test_register_tiles_fit_the_registers_largest_first(shape, registers) -> Non
         assert shape[0] % a == 0 and shape[1] % b == 0 and shape[2] % c == 0  # no partial tiles
 
 
-def test_only_dense_convs_whose_outputs_divide_by_the_vector_are_blocked() -> None:
+def test_dense_and_depthwise_convs_whose_outputs_divide_by_the_vector_are_blocked() -> None:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -84,7 +85,7 @@ def test_only_dense_convs_whose_outputs_divide_by_the_vector_are_blocked() -> No
 
     relax.analysis.post_order_visit(mod["main"], visit)
     assert sorted(layouts) == sorted([(1, "NCHW3c", "NCHW8c"), (1, "NCHW8c", "NCHW8c"), (1, "NCHW8c", "NCHW8c"),
-                                      (32, "NCHW", "NCHW"), (1, "NCHW", "NCHW")])
+                                      (32, "NCHW8c", "NCHW8c"), (4, "NCHW", "NCHW"), (1, "NCHW", "NCHW")])
 
 
 def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:

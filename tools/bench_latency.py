@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,6 +168,8 @@ def main() -> None:
     ap.add_argument("--variants", default="unpruned,pruned", help="which of unpruned,pruned to build and time")
     ap.add_argument("--no-fold-bn", action="store_true",
                     help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")
+    ap.add_argument("--keep", metavar="DIR", default=None,
+                    help="write the models, feeds and libraries to DIR and keep them (default: a temporary directory)")
     ap.add_argument("--profile", action="store_true",
                     help="also time every kernel (TVM: each fused kernel the VM calls; ORT: its node profile)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -179,6 +182,17 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
+    engines = set(args.engines.split(","))
+    work = args.keep or tempfile.mkdtemp(prefix="bench-latency-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        _run(args, engines, work)
+    finally:
+        if not args.keep:  # models and libraries: hundreds of MB per run
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
     from prune_compile.api import load_model, parse_input_shapes
     from prune_compile.ir import export_onnx
     from prune_compile.passes.cost import graph_cost
@@ -187,8 +201,6 @@ def main() -> None:
     from prune_compile.passes.plan import uniform_plan
     from prune_compile.passes.rewrite import pruned_copy
 
-    engines = set(args.engines.split(","))
-    work = tempfile.mkdtemp(prefix="bench-latency-")
     torch_module = None
     if args.model.endswith(".onnx"):
         loaded = load_model(args.model, parse_input_shapes(args.input_shape))
