@@ -95,7 +95,7 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
             database, summary = tune(mod, tvm_target, target, tuning)
             with tvm_target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            pipeline = "metaschedule" + {"NHWC": ", NHWC", "NCHWc": f", NCHW{lanes}c" if lanes else ""}.get(layout, "")
+            pipeline = "metaschedule" + (", NHWC" if layout == "NHWC" else f", NCHW{lanes}c" if lanes else "")
         with tvm_target:
             executable = tvm.compile(mod, target=tvm_target)
     except (UsageError, BackendError):

@@ -22,8 +22,6 @@ What:
 
 from __future__ import annotations
 
-import logging
-
 RULE = "prune_compile_conv2d_nchwc"
 MAX_SPACES = 12
 _registered = False
@@ -79,46 +77,45 @@ def convert_layout(mod, lanes: int):
     return relax.transform.ConvertLayout({}, layout_cb=choose)(mod)
 
 
-def _conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
+def _window(data, kernel, strides, padding, dilation):
+    """The sliding window both blocked convs share: (padded input, output rows, output columns, kh and kw reduce
+    axes, input row of (oh, kh), input column of (ow, kw)). Unpadded convs read the input directly."""
     from tvm import te, topi
 
-    n_, icb_, h, w, ib = (int(v) for v in data.shape)
-    ocb_, _, kh_, kw_, _, ob = (int(v) for v in kernel.shape)
+    h, w = (int(v) for v in list(data.shape)[2:4])
+    kh_, kw_ = (int(v) for v in list(kernel.shape)[2:4])
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
     pt, pl, pb, pr = (int(v) for v in padding)
-    oh_ = (h + pt + pb - (kh_ - 1) * dh - 1) // sh + 1
-    ow_ = (w + pl + pr - (kw_ - 1) * dw - 1) // sw + 1
+    out_h = (h + pt + pb - (kh_ - 1) * dh - 1) // sh + 1
+    out_w = (w + pl + pr - (kw_ - 1) * dw - 1) // sw + 1
     padded = topi.nn.pad(data, (0, 0, pt, pl, 0), (0, 0, pb, pr, 0), name="data_pad") if pt + pl + pb + pr else data
-    icb = te.reduce_axis((0, icb_), "icb")
-    kh = te.reduce_axis((0, kh_), "kh")
-    kw = te.reduce_axis((0, kw_), "kw")
-    ici = te.reduce_axis((0, ib), "ici")
+    kh, kw = te.reduce_axis((0, kh_), "kh"), te.reduce_axis((0, kw_), "kw")
+    return padded, out_h, out_w, kh, kw, (lambda oh, k: oh * sh + k * dh), (lambda ow, k: ow * sw + k * dw)
+
+
+def _conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
+    from tvm import te
+
+    padded, out_h, out_w, kh, kw, row, col = _window(data, kernel, strides, padding, dilation)
+    icb = te.reduce_axis((0, int(data.shape[1])), "icb")
+    ici = te.reduce_axis((0, int(data.shape[4])), "ici")
     return te.compute(
-        (n_, ocb_, oh_, ow_, ob),
+        (int(data.shape[0]), int(kernel.shape[0]), out_h, out_w, int(kernel.shape[5])),
         lambda n, ocb, oh, ow, oci: te.sum(
-            padded[n, icb, oh * sh + kh * dh, ow * sw + kw * dw, ici].astype(out_dtype)
+            padded[n, icb, row(oh, kh), col(ow, kw), ici].astype(out_dtype)
             * kernel[ocb, icb, kh, kw, ici, oci].astype(out_dtype), axis=[icb, kh, kw, ici]),
         name="conv2d_nchwc", attrs={"schedule_rule": RULE})
 
 
 def _depthwise_nchwc(data, kernel, strides, padding, dilation, out_dtype):
-    from tvm import te, topi
+    from tvm import te
 
-    n_, cb_, h, w, b = (int(v) for v in data.shape)
-    _, _, kh_, kw_, _, _ = (int(v) for v in kernel.shape)
-    sh, sw = (int(v) for v in strides)
-    dh, dw = (int(v) for v in dilation)
-    pt, pl, pb, pr = (int(v) for v in padding)
-    oh_ = (h + pt + pb - (kh_ - 1) * dh - 1) // sh + 1
-    ow_ = (w + pl + pr - (kw_ - 1) * dw - 1) // sw + 1
-    padded = topi.nn.pad(data, (0, 0, pt, pl, 0), (0, 0, pb, pr, 0), name="data_pad") if pt + pl + pb + pr else data
-    kh = te.reduce_axis((0, kh_), "kh")
-    kw = te.reduce_axis((0, kw_), "kw")
+    padded, out_h, out_w, kh, kw, row, col = _window(data, kernel, strides, padding, dilation)
     return te.compute(
-        (n_, cb_, oh_, ow_, b),
+        (int(data.shape[0]), int(data.shape[1]), out_h, out_w, int(data.shape[4])),
         lambda n, cb, oh, ow, ci: te.sum(
-            padded[n, cb, oh * sh + kh * dh, ow * sw + kw * dw, ci].astype(out_dtype)
+            padded[n, cb, row(oh, kh), col(ow, kw), ci].astype(out_dtype)
             * kernel[cb, 0, kh, kw, 0, ci].astype(out_dtype), axis=[kh, kw]),
         name="depthwise_nchwc", attrs={"schedule_rule": RULE})
 
@@ -209,5 +206,4 @@ def register_schedule_rule() -> None:
     import tvm
 
     tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", _rule, override=True)
-    logging.getLogger(__name__).debug("registered MetaSchedule rule %s", RULE)
     _registered = True

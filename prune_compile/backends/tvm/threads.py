@@ -33,9 +33,12 @@ def ensure_thread_pool(threads: int | None = None) -> int:
 
 
 @contextlib.contextmanager
-def thread_env(threads: int) -> Iterator[None]:
+def thread_env(threads: int | None) -> Iterator[None]:
     """`TVM_NUM_THREADS=threads` for the processes started inside (MetaSchedule's runner workers), restored after:
-    candidates must be measured with the thread count the library will run with."""
+    candidates must be measured with the thread count the library will run with. None: leave it as it is."""
+    if threads is None:
+        yield
+        return
     saved = os.environ.get(ENV)
     os.environ[ENV] = str(threads)
     try:

@@ -241,7 +241,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
         valid_before = _valid_records(database, todo)
         if todo:
             # Runner workers start inside: they inherit the thread count they measure with.
-            stack.enter_context(thread_env(threads) if threads else contextlib.nullcontext())
+            stack.enter_context(thread_env(threads))
             runner = _runner(target_name, options.rpc)
             f_export = _export_aarch64 if target_name == "arm" else None
             builder = ms.builder.LocalBuilder(f_build=_build_candidate, f_export=f_export,
