@@ -1,6 +1,6 @@
 """Blocked-channel convolutions (`--conv-layout NCHWc`): which convs are converted, the register tiles the schedule
 rule offers, and a tuned library with every kind of conv (RGB input, strided, 1x1, depthwise, grouped, a width that
-does not divide by the vector, residual, pooling) agreeing with ONNX Runtime."""
+does not divide by the vector, residual, pooling, ReLU6 and hard-swish clips) agreeing with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def mixed_convs_onnx():
             y = torch.relu(self.stem(image))
             y = torch.relu(self.bn(self.body(y)) + y)
             y = torch.nn.functional.max_pool2d(torch.relu(self.down(y)), 2, ceil_mode=True)
-            y = self.odd(self.grouped(torch.relu(self.dw(y)) + y))
+            y = self.odd(self.grouped(torch.nn.functional.relu6(self.dw(y)) + torch.nn.functional.hardswish(y)))
             return self.fc(y.mean(dim=(2, 3)))
 
     torch.manual_seed(0)
@@ -86,6 +86,64 @@ def test_dense_and_depthwise_convs_whose_outputs_divide_by_the_vector_are_blocke
     relax.analysis.post_order_visit(mod["main"], visit)
     assert sorted(layouts) == sorted([(1, "NCHW3c", "NCHW8c"), (1, "NCHW8c", "NCHW8c"), (1, "NCHW8c", "NCHW8c"),
                                       (32, "NCHW8c", "NCHW8c"), (4, "NCHW", "NCHW"), (1, "NCHW", "NCHW")])
+
+
+def test_clips_follow_the_blocked_layout() -> None:
+    """ReLU6 (the frontend's opaque TIR maximum/minimum) and hard-swish (relax.clip) become Relax maximum/minimum,
+    which ConvertLayout moves into NCHW8c: no layout transform around them, so they fuse into the conv."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from prune_compile.backends.tvm.clip_ops import clips_as_min_max
+    from prune_compile.backends.tvm.conv_nchwc import convert_layout
+
+    def counts(mod) -> dict[str, int]:
+        found: dict[str, int] = {}
+
+        def visit(expr) -> None:
+            if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+                found[expr.op.name] = found.get(expr.op.name, 0) + 1
+            elif isinstance(expr, relax.Call):
+                found["call_tir " + expr.args[0].name_hint] = found.get("call_tir " + expr.args[0].name_hint, 0) + 1
+
+        relax.analysis.post_order_visit(mod["main"], visit)
+        return found
+
+    import tvm
+
+    plain = from_onnx(mixed_convs_onnx(), keep_params_in_input=False)
+    rewritten = clips_as_min_max(plain)
+    before = counts(convert_layout(plain, 8))  # the input module is left as it was
+    after = counts(convert_layout(rewritten, 8))
+    assert after.get("relax.clip", 0) == 0 and before.get("relax.clip", 0) == 1  # hard-swish
+    assert after["relax.maximum"] == before.get("relax.maximum", 0) + 2
+    assert after["relax.minimum"] == before.get("relax.minimum", 0) + 2
+    # Each clip in NCHW cost a transform out of and back into the blocked layout.
+    assert after["relax.layout_transform"] <= before["relax.layout_transform"] - 4
+
+
+def test_only_topi_maximum_and_minimum_calls_are_rewritten() -> None:
+    """The call_tir rewrite compares the PrimFunc's body with topi's, whatever its name (the frontend's are
+    `maximum`, `maximum1`, ... one per shape): a function that computes something else stays."""
+    import tvm
+    from tvm import relax, te, topi
+
+    x = relax.Var("x", relax.TensorType((1, 8, 4, 4), "float32"))
+    c = relax.Var("c", relax.TensorType((), "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x, c]):
+        with builder.dataflow():
+            doubled = builder.emit_te(lambda a, b: te.compute(a.shape, lambda *i: tvm.tirx.max(a(*i), b()) * 2,
+                                                              name="T_maximum"), x, c, primfunc_name_hint="maximum")
+            real = builder.emit_te(topi.maximum, doubled, c, primfunc_name_hint="clamp")
+            out = builder.emit_output(real)
+        builder.emit_func_output(out)
+    from prune_compile.backends.tvm.clip_ops import clips_as_min_max
+
+    calls = []
+    relax.analysis.post_order_visit(clips_as_min_max(builder.get())["main"], lambda e: calls.append(
+        e.op.name if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None))
+    assert calls.count("relax.maximum") == 1 and calls.count("relax.call_tir") == 1
 
 
 def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:

@@ -116,6 +116,30 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     assert ort.relative_error(expected, got) <= RTOL
 
 
+def test_tuning_in_process_tolerates_handlers_on_meta_schedules_logger(tmp_path) -> None:
+    """MetaSchedule's logger setup crashes on handlers it did not create (CI hit it on a harness's unnamed
+    handler): tuning detaches them for the run and restores them."""
+    import logging
+
+    import onnx
+
+    model = str(tmp_path / "tiny.onnx")
+    tiny_model_onnx(model)
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed, named = logging.NullHandler(), logging.NullHandler()
+    named.set_name("my-app")
+    logger.addHandler(unnamed)
+    logger.addHandler(named)
+    try:
+        result = tvm_backend.build(onnx.load(model), "cpu", str(tmp_path / "m.so"),
+                                   tuning=tvm_backend.TuningOptions(trials=8, database=str(tmp_path / "db")))
+        assert result.tuning["trials_valid"] > 0
+        assert unnamed in logger.handlers and named in logger.handlers
+    finally:
+        logger.removeHandler(unnamed)
+        logger.removeHandler(named)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -158,6 +158,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--round-to", type=int, default=1,
+                    help="kept channel counts are multiples of N (8: the AVX2 vector, for --conv-layout NCHWc)")
     ap.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per variant (0: skip tuned TVM)")
     ap.add_argument("--tune-db", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -198,7 +200,7 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.deps import analyze
     from prune_compile.passes.fold_bn import fold_batch_norms
-    from prune_compile.passes.plan import uniform_plan
+    from prune_compile.passes.policy import PlanningOptions, make_plan
     from prune_compile.passes.rewrite import pruned_copy
 
     torch_module = None
@@ -215,7 +217,7 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         torch.save(torch_module, os.path.join(work, "unpruned.pt"))
     graph = loaded.graph
     deps = analyze(graph)
-    plan = uniform_plan(deps, args.ratio)
+    plan = make_plan(None, deps, PlanningOptions(ratio=args.ratio, round_to=args.round_to)).plan
     variants = {"unpruned": graph, "pruned": pruned_copy(graph, plan, deps)}
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     if torch_module is not None:  # the same plan applied to the module by torch surgery
@@ -230,8 +232,8 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
     feeds_path = os.path.join(work, "feeds.npz")
     np.savez(feeds_path, **loaded.example_inputs)
     order = [v.name for v in graph.inputs]
-    result: dict = {"model": args.model, "ratio": args.ratio, "threads": args.threads, "repeat": args.repeat,
-                    "tune_trials": args.tune, "fold_bn": not args.no_fold_bn,
+    result: dict = {"model": args.model, "ratio": args.ratio, "round_to": args.round_to, "threads": args.threads,
+                    "repeat": args.repeat, "tune_trials": args.tune, "fold_bn": not args.no_fold_bn,
                     "conv_layout": args.conv_layout, "macs": {}, "params": {},
                     "latency_ms": {}, "builds": {}}
     for label, g in variants.items():

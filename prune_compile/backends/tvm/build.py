@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from ...errors import BackendError, UsageError
+from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
 from .targets import ARM_CROSS_COMPILER, DEFAULT_OPTIONS, TargetOptions, check_toolchain, find_nvcc, make_target
@@ -80,6 +81,8 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
     # The blocked layout comes with its own schedule rule, applied by tuning; untuned builds keep NCHW.
     lanes = vector_lanes(tvm_target) if layout == "NCHWc" and tuned else 0
     try:
+        if layout == "NHWC" or lanes:
+            mod = clips_as_min_max(mod)  # else each clip stays NCHW between two layout transforms
         if layout == "NHWC":
             mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
             pipeline = "NHWC, default (untuned)"

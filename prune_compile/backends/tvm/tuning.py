@@ -35,6 +35,7 @@ HEAVY_OPS = ("conv", "matmul", "dense")  # ...reductions whose default schedule 
 BUILD_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 60.0
 LEDGER = "ledger.json"
+MS_LOGGER = "tvm.s_tir.meta_schedule"
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,24 @@ def _quiet_meta_schedule() -> None:
     """MetaSchedule prints every task table to stdout (which --json owns). Its console handler takes the level of
     the `tvm.s_tir.meta_schedule` logger when each task's loggers are configured, and configuring resets that
     level to DEBUG: so this runs before each task. The per-task log files in the database's logs/ keep it all."""
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    logging.getLogger(MS_LOGGER).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _own_handlers_only() -> Iterator[None]:
+    """MetaSchedule reconfigures its logger with dictConfig before each task and lists the handlers already on it
+    by name: an unnamed one (a test harness's, an application's `addHandler`) crashes it with `'NoneType' object
+    has no attribute 'format'`, a foreign named one with `Unable to add handler`. Detach those for the tuning run
+    and put them back afterwards."""
+    logger = logging.getLogger(MS_LOGGER)
+    foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith(MS_LOGGER)]
+    for handler in foreign:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in foreign:
+            logger.addHandler(handler)
 
 
 def _load_ledger(directory: str) -> dict[str, int]:
@@ -242,6 +260,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
         if todo:
             # Runner workers start inside: they inherit the thread count they measure with.
             stack.enter_context(thread_env(threads))
+            stack.enter_context(_own_handlers_only())
             runner = _runner(target_name, options.rpc)
             f_export = _export_aarch64 if target_name == "arm" else None
             builder = ms.builder.LocalBuilder(f_build=_build_candidate, f_export=f_export,
