@@ -44,12 +44,12 @@ def oracle_error(graph: Graph, deps: DependencyResult, plan: Plan, feeds: dict[s
     return ort.relative_error(ort.run(export_onnx(zeroed), feeds), ort.run(export_onnx(pruned), feeds))
 
 
-def exact_plan(deps: DependencyResult, ratio: float, only: int | None = None) -> Plan:
-    """Uniform L2 plan restricted to exact prunable groups (and to one group when `only` is given)."""
+def exact_plan(deps: DependencyResult, ratio: float) -> Plan:
+    """Uniform L2 plan restricted to exact prunable groups."""
     from prune_compile.passes.plan import uniform_plan
 
     plan = uniform_plan(deps, ratio)
-    keep = {g.id for g in deps.prunable() if g.exact and (only is None or g.id == only)}
+    keep = {g.id for g in deps.prunable() if g.exact}
     return Plan({gid: r for gid, r in plan.removed.items() if gid in keep})
 
 
