@@ -10,8 +10,8 @@ the producing convolution's epilogue.
 What: `clips_as_min_max(mod)` rewrites
 - `call_tir(f, (x, c))` where `f` is exactly topi's broadcast maximum / minimum of `x`'s shape and a 0-d `c`
   (checked by structural equality with a freshly generated reference, not by name), and
-- `relax.clip(x, lo, hi)` with constant bounds,
-into `R.maximum` / `R.minimum`. Same arithmetic (max then min), so results are bit-identical.
+- `relax.clip(x, lo, hi)` with constant bounds lo <= hi,
+into `R.maximum` / `R.minimum`. The same arithmetic, so results are bit-identical.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def _make_rewriter(mod):
             x, lo, hi = call.args
             ty = x.ty
             constant = (tirx.FloatImm, tirx.IntImm)
-            if not isinstance(ty, relax.TensorType) or not isinstance(lo, constant) or not isinstance(hi, constant):
+            if (not isinstance(ty, relax.TensorType) or not isinstance(lo, constant) or not isinstance(hi, constant)
+                    or lo.value > hi.value):  # topi's clip takes the min first: the orders agree only when lo <= hi
                 return call
             low = self.builder_.emit(relax.op.maximum(x, relax.const(float(lo.value), ty.dtype)))
             return relax.op.minimum(low, relax.const(float(hi.value), ty.dtype))
