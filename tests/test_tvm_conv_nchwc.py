@@ -91,25 +91,20 @@ def test_dense_and_depthwise_convs_whose_outputs_divide_by_the_vector_are_blocke
 def test_clips_follow_the_blocked_layout() -> None:
     """ReLU6 (the frontend's opaque TIR maximum/minimum) and hard-swish (relax.clip) become Relax maximum/minimum,
     which ConvertLayout moves into NCHW8c: no layout transform around them, so they fuse into the conv."""
+    from collections import Counter
+
+    import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     from prune_compile.backends.tvm.clip_ops import clips_as_min_max
     from prune_compile.backends.tvm.conv_nchwc import convert_layout
 
-    def counts(mod) -> dict[str, int]:
-        found: dict[str, int] = {}
-
-        def visit(expr) -> None:
-            if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-                found[expr.op.name] = found.get(expr.op.name, 0) + 1
-            elif isinstance(expr, relax.Call):
-                found["call_tir " + expr.args[0].name_hint] = found.get("call_tir " + expr.args[0].name_hint, 0) + 1
-
-        relax.analysis.post_order_visit(mod["main"], visit)
+    def counts(mod) -> Counter:
+        found: Counter = Counter()
+        relax.analysis.post_order_visit(mod["main"], lambda e: found.update(
+            [e.op.name] if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else []))
         return found
-
-    import tvm
 
     plain = from_onnx(mixed_convs_onnx(), keep_params_in_input=False)
     rewritten = clips_as_min_max(plain)

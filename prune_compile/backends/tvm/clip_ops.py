@@ -50,6 +50,10 @@ def _make_rewriter(mod):
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kind_of: dict = {}  # PrimFunc -> "maximum" / "minimum" / None: each compared once, not per call
+
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if call.op == call_tir:
@@ -71,11 +75,11 @@ def _make_rewriter(mod):
                     or c_ty.ndim != 0 or x_ty.shape is None or x_ty.dtype != c_ty.dtype
                     or any(not isinstance(d, tirx.IntImm) for d in x_ty.shape.values)):
                 return call
-            for kind, op in binary.items():  # names are deduplicated (maximum1, ...): compare the computation
-                reference = _reference(kind, list(x_ty.shape.values), x_ty.dtype)
-                if tvm_ffi.structural_equal(func.body, reference.body, map_free_vars=True):
-                    return op(x, c)
-            return call
+            if gvar not in self.kind_of:  # names are deduplicated (maximum1, ...): compare the computation
+                self.kind_of[gvar] = next((kind for kind in binary if tvm_ffi.structural_equal(
+                    func.body, _reference(kind, list(x_ty.shape.values), x_ty.dtype).body, map_free_vars=True)), None)
+            kind = self.kind_of[gvar]
+            return binary[kind](x, c) if kind else call
 
         def _from_clip(self, call):
             x, lo, hi = call.args
@@ -87,4 +91,4 @@ def _make_rewriter(mod):
             low = self.builder_.emit(relax.op.maximum(x, relax.const(float(lo.value), ty.dtype)))
             return relax.op.minimum(low, relax.const(float(hi.value), ty.dtype))
 
-    return Rewriter(mod)
+    return Rewriter()
