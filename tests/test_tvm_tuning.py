@@ -18,6 +18,7 @@ import pytest
 from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
 from prune_compile.backends.tvm import allocate_trials
+from prune_compile.backends.tvm.tuning import first_round
 
 RTOL = 1e-4
 
@@ -78,6 +79,32 @@ def test_allocate_trials_prefers_heavy_tasks_when_short() -> None:
     assert alloc == [0, 8, 8, 0]
 
 
+def test_first_round_takes_half_the_budget_by_flops_and_leaves_the_rest_to_measurements() -> None:
+    weights = [900.0, 500.0, 300.0, 100.0, 50.0]
+    needs, left = first_round(weights, 1200, [0] * 5)
+    assert sum(needs) == 600 and left == 600
+    assert needs == allocate_trials(weights, 600)
+
+
+def test_first_round_gives_small_budgets_to_flops_alone() -> None:
+    # every task worth tuning needs one search round before anything can be measured
+    needs, left = first_round([900.0, 500.0, 300.0], 24, [0] * 3)
+    assert needs == [8, 8, 8] and left == 0
+
+
+def test_first_round_runs_nothing_on_a_rebuild_and_tops_up_a_larger_budget() -> None:
+    weights = [900.0, 500.0, 300.0, 100.0, 50.0]
+    needs, left = first_round(weights, 400, [0] * 5)
+    spent = [n + s for n, s in zip(needs, allocate_trials(weights, left), strict=True)]  # both rounds ran
+    assert sum(spent) == 400
+    assert first_round(weights, 400, spent) == ([0] * 5, 0)
+    more, left = first_round(weights, 1200, spent)
+    assert sum(spent) + sum(more) + left == 1200 and left >= 8
+    # a task another graph tuned past this graph's share runs nothing in the first round
+    needs, left = first_round(weights, 1200, [1000, 0, 0, 0, 0])
+    assert needs[0] == 0 and left == 0
+
+
 def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     model = str(tmp_path / "tiny.onnx")
     tiny_model_onnx(model)
@@ -96,6 +123,8 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     assert report["targets"]["cpu"]["pipeline"] == "metaschedule"
     assert tuning["trials_requested"] == 24 and tuning["tasks_tuned"] >= 1
     assert tuning["trials_run"] >= 8 and tuning["trials_valid"] >= 8
+    ran = [t for t in tuning["per_task"] if t["run"]]
+    assert sum(t["run"] for t in ran) == 24 and all(t["best_ms"] > 0 for t in ran)  # what the measured round reads
     assert report["targets"]["cpu"]["verification"]["max_relative_error"] <= RTOL
     assert elapsed < 300, f"tuning the tiny model took {elapsed:.0f} s"
 
