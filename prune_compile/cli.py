@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import api
+from .backends.tvm.targets import CONV_LAYOUTS
 from .errors import PruneCompileError
 
 
@@ -86,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-arch", default="sm_90", metavar="sm_XX", help="CUDA architecture of the gpu target")
     p.add_argument("--num-cores", type=int, default=None, metavar="N",
                    help="threads the compiled code uses (default: this machine's cores; the board's for arm)")
-    p.add_argument("--conv-layout", choices=("NCHW", "NHWC", "NCHWc"), default="NCHW",
+    p.add_argument("--conv-layout", choices=CONV_LAYOUTS, default="auto",
                    help="data layout TVM schedules convolutions in (NHWC: channels innermost; NCHWc: channels "
-                        "blocked by the vector width with a register-blocked schedule, CPU targets with --tune)")
+                        "blocked by the vector width with a register-blocked schedule, CPU targets with --tune; "
+                        "auto: NCHWc for the cpu target with --tune, else NCHW)")
     p.add_argument("--attention", choices=("head_dim", "heads"), default="head_dim",
                    help="what attention pruning removes first: the same head_dim in every head, or whole heads")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the exported model")

@@ -18,6 +18,7 @@ import pytest
 from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
 from prune_compile.backends.tvm import allocate_trials
+from prune_compile.backends.tvm.targets import resolve_conv_layout
 from prune_compile.backends.tvm.tuning import first_round
 
 RTOL = 1e-4
@@ -79,6 +80,20 @@ def test_allocate_trials_prefers_heavy_tasks_when_short() -> None:
     assert alloc == [0, 8, 8, 0]
 
 
+@pytest.mark.parametrize("layout,target,tuned,expected", [
+    ("auto", "cpu", True, "NCHWc"), ("auto", "cpu", False, "NCHW"), ("auto", "arm", True, "NCHW"),
+    ("auto", "gpu", True, "NCHW"), ("NHWC", "cpu", False, "NHWC"), ("NCHW", "cpu", True, "NCHW")])
+def test_auto_conv_layout_blocks_channels_for_tuned_cpu_builds_only(layout, target, tuned, expected) -> None:
+    assert resolve_conv_layout(layout, target, tuned) == expected
+
+
+def test_unknown_conv_layout_is_a_usage_error() -> None:
+    from prune_compile.errors import UsageError
+
+    with pytest.raises(UsageError, match="--conv-layout NWHC"):
+        resolve_conv_layout("NWHC", "cpu", True)
+
+
 def test_first_round_takes_half_the_budget_by_flops_and_leaves_the_rest_to_measurements() -> None:
     weights = [900.0, 500.0, 300.0, 100.0, 50.0]
     needs, left = first_round(weights, 1200, [0] * 5)
@@ -120,7 +135,8 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     report = json.loads(first.stdout)  # stdout is the JSON alone: MetaSchedule's tables stay in its logs
     tuning = json.loads((tmp_path / "a" / "timings.json").read_text())["tuning"]["cpu"]  # what this run did
     assert report["targets"]["cpu"]["tuning"]["trials_requested"] == 24
-    assert report["targets"]["cpu"]["pipeline"] == "metaschedule"
+    pipeline = report["targets"]["cpu"]["pipeline"]
+    assert pipeline.startswith("metaschedule, NCHW") and pipeline.endswith("c")  # auto: blocked for tuned cpu builds
     assert tuning["trials_requested"] == 24 and tuning["tasks_tuned"] >= 1
     assert tuning["trials_run"] >= 8 and tuning["trials_valid"] >= 8
     ran = [t for t in tuning["per_task"] if t["run"]]
@@ -135,7 +151,7 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     again = json.loads(second.stdout)["targets"]["cpu"]
     activity = json.loads((tmp_path / "b" / "timings.json").read_text())["tuning"]["cpu"]
     assert activity["trials_run"] == 0 and activity["tasks_tuned"] == 0
-    assert again["pipeline"] == "metaschedule"
+    assert again["pipeline"] == pipeline
     # report.json depends on the inputs only, not on how much tuning this run had left to do
     assert (tmp_path / "a" / "report.json").read_bytes() == (tmp_path / "b" / "report.json").read_bytes()
     # Same records applied: the two libraries compute the same function as ONNX Runtime.

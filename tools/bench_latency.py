@@ -132,7 +132,7 @@ def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _build_tvm(onnx_path: str, lib: str, threads: int, trials: int, db: str | None, layout: str = "NCHW") -> dict:
+def _build_tvm(onnx_path: str, lib: str, threads: int, trials: int, db: str | None, layout: str = "auto") -> dict:
     """Compile in a child process too: tuning spawns its own workers, and the parent stays free of TVM."""
     code = ("import json, onnx, sys\n"
             "from prune_compile.backends import tvm as T\n"
@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
-    ap.add_argument("--conv-layout", choices=("NCHW", "NHWC", "NCHWc"), default="NCHW")
+    ap.add_argument("--conv-layout", choices=("auto", "NCHW", "NHWC", "NCHWc"), default="auto")
     ap.add_argument("--variants", default="unpruned,pruned", help="which of unpruned,pruned to build and time")
     ap.add_argument("--no-fold-bn", action="store_true",
                     help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")

@@ -9,6 +9,7 @@ from .targets import (
     ARM_APT_PACKAGE,
     ARM_BOARDS,
     ARM_CROSS_COMPILER,
+    CONV_LAYOUTS,
     TARGET_NAMES,
     TargetOptions,
     check_toolchain,
@@ -17,7 +18,7 @@ from .targets import (
 )
 from .tuning import RPCSettings, TuningOptions, TuningSummary, allocate_trials, default_database_root
 
-__all__ = ["ARM_APT_PACKAGE", "ARM_BOARDS", "ARM_CROSS_COMPILER", "TARGET_NAMES", "BuildResult", "RPCSettings",
-           "TargetOptions", "TuningOptions", "TuningSummary", "allocate_trials", "build", "check_toolchain",
-           "compile_model", "default_database_root", "library_runner", "load_library", "make_target", "run_library",
-           "target_dict"]
+__all__ = ["ARM_APT_PACKAGE", "ARM_BOARDS", "ARM_CROSS_COMPILER", "CONV_LAYOUTS", "TARGET_NAMES", "BuildResult",
+           "RPCSettings", "TargetOptions", "TuningOptions", "TuningSummary", "allocate_trials", "build",
+           "check_toolchain", "compile_model", "default_database_root", "library_runner", "load_library",
+           "make_target", "run_library", "target_dict"]

@@ -22,11 +22,17 @@ from ...errors import BackendError, UsageError
 from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
-from .targets import ARM_CROSS_COMPILER, DEFAULT_OPTIONS, TargetOptions, check_toolchain, find_nvcc, make_target
+from .targets import (
+    ARM_CROSS_COMPILER,
+    DEFAULT_OPTIONS,
+    TargetOptions,
+    check_toolchain,
+    find_nvcc,
+    make_target,
+    resolve_conv_layout,
+)
 from .threads import ensure_thread_pool
 from .tuning import TuningOptions, tune
-
-CONV_LAYOUTS = ("NCHW", "NHWC", "NCHWc")
 
 
 @dataclass
@@ -74,10 +80,8 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
         raise BackendError(f"TVM's ONNX frontend rejected the model: {_last_line(e)}") from e
     summary = None
     pipeline = "default (untuned)"
-    layout = target_options.conv_layout
-    if layout not in CONV_LAYOUTS:
-        raise UsageError(f"--conv-layout {layout}: expected one of {', '.join(CONV_LAYOUTS)}")
     tuned = tuning is not None and tuning.trials > 0
+    layout = resolve_conv_layout(target_options.conv_layout, target, tuned)
     # The blocked layout comes with its own schedule rule, applied by tuning; untuned builds keep NCHW.
     lanes = vector_lanes(tvm_target) if layout == "NCHWc" and tuned else 0
     try:
