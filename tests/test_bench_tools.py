@@ -16,10 +16,22 @@ def test_bench_latency_profile_accounts_for_the_model_time() -> None:
     """Per-kernel profiles (TVM through the VM instrument hook, ORT from its node profile) name real kernels and
     add up to about the whole model's latency: the table the README's "what limits it" reads from."""
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency.py"), DEFAULT_MODEL, "--engines",
-                           "ort,tvm_untuned", "--variants", "pruned", "--profile", "--repeat", "20", "--threads", "1"],
+                           "ort,tvm_untuned", "--profile", "--repeat", "20", "--rounds", "2", "--threads", "1"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
+    # Interleaved rounds: one median per round, ratios taken within a round and summarized by median and range.
+    for engine, repeat in (("ort", 20), ("tvm_untuned", 3)):
+        for variant in ("unpruned", "pruned"):
+            measured = result["latency_ms"][engine][variant]
+            assert len(measured["rounds_ms"]) == 2 and measured["runs"] == 2 * repeat
+            assert min(measured["rounds_ms"]) <= measured["median_ms"] <= max(measured["rounds_ms"])
+        rounds = result["latency_ms"][engine]
+        per_round = [u / p for u, p in zip(rounds["unpruned"]["rounds_ms"], rounds["pruned"]["rounds_ms"], strict=True)]
+        low, high = result["speedup_range"][engine]
+        assert low == round(min(per_round), 4) and high == round(max(per_round), 4)
+        assert low <= result["speedup"][engine] <= high
+        assert abs(result["speedup_over_macs_ratio"][engine] - result["speedup"][engine] / result["macs_ratio"]) < 1e-3
     for engine, prefix in (("ort", "Conv "), ("tvm_untuned", "conv2d")):
         measured = result["latency_ms"][engine]["pruned"]
         kernels = measured["kernels"]

@@ -6,6 +6,11 @@ Engines: ONNX Runtime, TVM default pipeline (untuned), TVM MetaSchedule-tuned (w
 is reused, so a rerun measures without re-tuning), eager PyTorch (unpruned only, until torch surgery lands).
 All engines use the same thread count (--threads, default: all cores).
 
+Timing runs in --rounds interleaved rounds (every engine and variant once per round, each in a fresh process), after
+every build: on these VMs one engine's latency moves by 10-20% between minutes, so a ratio of two numbers taken
+minutes apart says little. Each ratio is computed within a round; the JSON gives the median over rounds and the
+range (`*_range`). An engine's `median_ms` is the median of its round medians, `rounds_ms` the round medians.
+
 Run: .venv/bin/python tools/bench_latency.py resnet18 --ratio 0.5 --tune 2000 [--tune-db DIR] [--repeat 50]
      MODEL is a torchvision name (random weights) or an .onnx file (then pass --input-shape for dynamic dims).
 """
@@ -32,8 +37,24 @@ def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": round(float(np.median(times)), 4), "p10_ms": round(float(np.percentile(times, 10)), 4),
-            "p90_ms": round(float(np.percentile(times, 90)), 4), "runs": repeat}
+    return {"median_ms": round(float(np.median(times)), 4), "times_ms": [round(t, 4) for t in times]}
+
+
+def _pooled(rounds: list[dict]) -> dict:
+    """One engine and variant over all rounds: the median of the round medians, percentiles of every run."""
+    times = [t for r in rounds for t in r["times_ms"]]
+    out = {"median_ms": round(float(np.median([r["median_ms"] for r in rounds])), 4),
+           "rounds_ms": [r["median_ms"] for r in rounds],
+           "p10_ms": round(float(np.percentile(times, 10)), 4), "p90_ms": round(float(np.percentile(times, 90)), 4),
+           "runs": len(times)}
+    if "kernels" in rounds[0]:
+        out["kernels"] = rounds[0]["kernels"]
+    return out
+
+
+def _ratio(values: list[float]) -> tuple[float, list[float]]:
+    """Median and range of per-round ratios."""
+    return round(float(np.median(values)), 4), [round(min(values), 4), round(max(values), 4)]
 
 
 def _top(per_kernel: dict[str, float], runs: int, n: int = 15) -> dict:
@@ -163,7 +184,8 @@ def main() -> None:
     ap.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per variant (0: skip tuned TVM)")
     ap.add_argument("--tune-db", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=30, help="timed runs per engine, variant and round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (see the module doc)")
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
     ap.add_argument("--conv-layout", choices=("auto", "NCHW", "NHWC", "NCHWc"), default="auto")
@@ -232,9 +254,10 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
     feeds_path = os.path.join(work, "feeds.npz")
     np.savez(feeds_path, **loaded.example_inputs)
     order = [v.name for v in graph.inputs]
+    runs: list[tuple[str, str, str, str, int]] = []  # (engine, variant, worker kind, artifact, repeat)
     result: dict = {"model": args.model, "ratio": args.ratio, "round_to": args.round_to, "threads": args.threads,
-                    "repeat": args.repeat, "tune_trials": args.tune, "fold_bn": not args.no_fold_bn,
-                    "conv_layout": args.conv_layout, "macs": {}, "params": {},
+                    "repeat": args.repeat, "rounds": args.rounds, "tune_trials": args.tune,
+                    "fold_bn": not args.no_fold_bn, "conv_layout": args.conv_layout, "macs": {}, "params": {},
                     "latency_ms": {}, "builds": {}}
     for label, g in variants.items():
         cost = graph_cost(g)
@@ -249,38 +272,53 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
             tvm_path = os.path.join(work, f"{label}.folded.onnx")
             with open(tvm_path, "wb") as f:
                 f.write(export_onnx(folded).SerializeToString())
-        lat = result["latency_ms"]
         if "ort" in engines:
-            lat.setdefault("ort", {})[label] = _measure("ort", onnx_path, feeds_path, order, args.threads,
-                                                        args.repeat, args.profile)
+            runs.append(("ort", label, "ort", onnx_path, args.repeat))
         if "tvm_untuned" in engines:
             lib = os.path.join(work, f"{label}.untuned.so")
             result["builds"][f"tvm_untuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, 0, None,
                                                                   args.conv_layout)
-            lat.setdefault("tvm_untuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
-                                                                max(3, args.repeat // 10), args.profile)
+            runs.append(("tvm_untuned", label, "tvm", lib, max(3, args.repeat // 10)))
         if "tvm_tuned" in engines and args.tune:
             lib = os.path.join(work, f"{label}.tuned.so")
             result["builds"][f"tvm_tuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, args.tune,
                                                                 args.tune_db, args.conv_layout)
-            lat.setdefault("tvm_tuned", {})[label] = _measure("tvm", lib, feeds_path, order, args.threads,
-                                                              args.repeat, args.profile)
+            runs.append(("tvm_tuned", label, "tvm", lib, args.repeat))
         if "torch" in engines and torch_module is not None:
-            lat.setdefault("torch", {})[label] = _measure("torch", os.path.join(work, f"{label}.pt"), feeds_path,
-                                                          order, args.threads, args.repeat)
+            runs.append(("torch", label, "torch", os.path.join(work, f"{label}.pt"), args.repeat))
+    # Every build is done: now time each (engine, variant) once per round, interleaved.
+    measured: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for engine, label, kind, artifact, repeat in runs:
+            if "error" in result["builds"].get(f"{engine}.{label}", {}):
+                continue
+            profile = args.profile and r == 0 and engine != "torch"
+            measured.setdefault((engine, label), []).append(
+                _measure(kind, artifact, feeds_path, order, args.threads, repeat, profile))
+    for (engine, label), rounds in measured.items():
+        failed = [m for m in rounds if "error" in m]
+        result["latency_ms"].setdefault(engine, {})[label] = failed[0] if failed else _pooled(rounds)
     macs_ratio = (graph_cost(graph)["macs"] / graph_cost(pruned_copy(graph, plan, deps))["macs"])
     result["macs_ratio"] = round(macs_ratio, 4)
-    result["speedup"], result["speedup_over_macs_ratio"], result["tvm_tuned_over_ort"] = {}, {}, {}
-    for engine, by in result["latency_ms"].items():
-        if "median_ms" in by.get("unpruned", {}) and "median_ms" in by.get("pruned", {}):
-            s = by["unpruned"]["median_ms"] / by["pruned"]["median_ms"]
-            result["speedup"][engine] = round(s, 4)
-            result["speedup_over_macs_ratio"][engine] = round(s / macs_ratio, 4)
+    for key in ("speedup", "speedup_over_macs_ratio", "tvm_tuned_over_ort"):
+        result[key], result[f"{key}_range"] = {}, {}
+
+    def per_round(a: tuple[str, str], b: tuple[str, str]) -> list[float] | None:
+        ra, rb = result["latency_ms"].get(a[0], {}).get(a[1], {}), result["latency_ms"].get(b[0], {}).get(b[1], {})
+        if "rounds_ms" not in ra or "rounds_ms" not in rb:
+            return None
+        return [x / y for x, y in zip(ra["rounds_ms"], rb["rounds_ms"], strict=True)]
+
+    for engine in result["latency_ms"]:
+        speedups = per_round((engine, "unpruned"), (engine, "pruned"))
+        if speedups:
+            result["speedup"][engine], result["speedup_range"][engine] = _ratio(speedups)
+            result["speedup_over_macs_ratio"][engine], result["speedup_over_macs_ratio_range"][engine] = _ratio(
+                [s / macs_ratio for s in speedups])
     for label in variants:
-        tuned = result["latency_ms"].get("tvm_tuned", {}).get(label, {}).get("median_ms")
-        ref = result["latency_ms"].get("ort", {}).get(label, {}).get("median_ms")
-        if tuned and ref:
-            result["tvm_tuned_over_ort"][label] = round(tuned / ref, 4)
+        ratios = per_round(("tvm_tuned", label), ("ort", label))
+        if ratios:
+            result["tvm_tuned_over_ort"][label], result["tvm_tuned_over_ort_range"][label] = _ratio(ratios)
     print(json.dumps(result, indent=1, sort_keys=True))
 
 
