@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from prune_compile.backends.tvm.targets import CONV_LAYOUTS
+
 
 def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
     for _ in range(warmup):
@@ -188,7 +190,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (see the module doc)")
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
-    ap.add_argument("--conv-layout", choices=("auto", "NCHW", "NHWC", "NCHWc"), default="auto")
+    ap.add_argument("--conv-layout", choices=CONV_LAYOUTS, default="auto")
     ap.add_argument("--variants", default="unpruned,pruned", help="which of unpruned,pruned to build and time")
     ap.add_argument("--no-fold-bn", action="store_true",
                     help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")

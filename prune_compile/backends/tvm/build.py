@@ -82,8 +82,7 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
     pipeline = "default (untuned)"
     tuned = tuning is not None and tuning.trials > 0
     layout = resolve_conv_layout(target_options.conv_layout, target, tuned)
-    # The blocked layout comes with its own schedule rule, applied by tuning; untuned builds keep NCHW.
-    lanes = vector_lanes(tvm_target) if layout == "NCHWc" and tuned else 0
+    lanes = vector_lanes(tvm_target) if layout == "NCHWc" else 0  # 0 on GPUs: they keep NCHW
     try:
         if layout == "NHWC" or lanes:
             mod = clips_as_min_max(mod)  # else each clip stays NCHW between two layout transforms

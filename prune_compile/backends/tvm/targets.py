@@ -73,12 +73,13 @@ def resolve_conv_layout(layout: str, target_name: str, tuned: bool) -> str:
     """The layout convolutions are scheduled in. `auto`: NCHWc for tuned `cpu` builds (its schedule rule beat
     MetaSchedule's NCHW space on every model measured, and ONNX Runtime's kernels use the same layout), NCHW
     otherwise: the rule only acts through tuning, and on `arm` it has not been measured on a board yet.
-    NCHWc asked for explicitly on an untuned build (or a GPU) falls back to NCHW the same way."""
+    NCHWc asked for explicitly on an untuned build falls back to NCHW for the same reason (on a GPU the build
+    finds no vector lanes and keeps NCHW)."""
     if layout not in CONV_LAYOUTS:
         raise UsageError(f"--conv-layout {layout}: expected one of {', '.join(CONV_LAYOUTS)}")
     if layout == "auto":
         return "NCHWc" if tuned and target_name == "cpu" else "NCHW"
-    return layout
+    return "NCHW" if layout == "NCHWc" and not tuned else layout
 
 
 def make_target(name: str, options: TargetOptions = DEFAULT_OPTIONS):

@@ -244,12 +244,15 @@ def first_round(weights: list[float], total: int, already: list[int],
     return needs, left if left >= MIN_TRIALS_PER_TASK else 0
 
 
+def _measured_records(database, task, k: int) -> list:
+    """The task's `k` fastest records with measured run times (failed candidates are stored too, and skipped)."""
+    mod = task.dispatched[0]
+    return list(database.get_top_k(database.commit_workload(mod), k)) if database.has_workload(mod) else []
+
+
 def _best_seconds(database, task) -> float | None:
     """Mean run time of the task's best measured schedule, None when it has none."""
-    mod = task.dispatched[0]
-    if not database.has_workload(mod):
-        return None
-    top = database.get_top_k(database.commit_workload(mod), 1)
+    top = _measured_records(database, task, 1)
     if not top or not top[0].run_secs:
         return None
     return sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
@@ -294,9 +297,8 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
             for i, need in enumerate(first_needs):
                 if need and session.run(tasks[i], need, keys[i]):
                     run_per_task[i] += need
-            measured = [_best_seconds(database, t) for t in tasks]
-            by_time = [(s or 0.0) * int(t.weight) for s, t in zip(measured, tasks, strict=True)]
-            if second_budget and any(by_time):  # tasks never measured (light ones) keep their default schedule
+            by_time = [(_best_seconds(database, t) or 0.0) * int(t.weight) for t in tasks] if second_budget else []
+            if any(by_time):  # tasks never measured (light ones) keep their default schedule
                 second = allocate_trials(by_time, second_budget)
                 for i, need in enumerate(second):
                     if need >= MIN_TRIALS_PER_TASK and session.run(tasks[i], need, keys[i]):
@@ -373,12 +375,7 @@ class _Session:
 
 
 def _valid_records(database, tasks) -> int:
-    """Records with measured run times for these tasks (failed candidates are stored too)."""
-    count = 0
-    for task in tasks:
-        mod = task.dispatched[0]
-        if database.has_workload(mod):
-            count += len(database.get_top_k(database.commit_workload(mod), 1 << 30))
-    return count
+    """Records with measured run times for these tasks."""
+    return sum(len(_measured_records(database, task, 1 << 30)) for task in tasks)
 
 
