@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ...errors import BackendError, UsageError
+from .threads import ENV as THREADS_ENV
 from .threads import thread_env
 
 MIN_TRIALS_PER_TASK = 8
@@ -226,6 +227,57 @@ def _runner(target_name: str, rpc: RPCSettings | None):
     return ms.runner.RPCRunner(rpc_config=config, max_workers=1)
 
 
+def _import_tensor_intrinsics() -> None:
+    """Import `tvm.s_tir.tensor_intrin` (every MetaSchedule TuneContext does) with a cheap `inspect.stack`.
+
+    Its ~250 TVMScript functions each call `inspect.stack()`, which reads the source context of every frame and
+    searches `sys.modules` for each: in a process that has imported torch (thousands of modules: the CLI on a
+    torch model, the test suite) under a deep stack, the import took 270 s instead of ~20. TVMScript reads the
+    code context of the third frame only (is it a class body?) and the frames' locals, so the innermost frames
+    keep their context and the rest get none."""
+    import inspect
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    full = inspect.stack
+
+    def shallow(context: int = 1):
+        frames, frame, depth = [], sys._getframe(1), 0
+        while frame is not None:
+            if depth < 4:
+                frames.append(inspect.FrameInfo(frame, *inspect.getframeinfo(frame, context)))
+            else:  # no source lookups at all (for import-machinery frames even `context=0` searches modules)
+                code = frame.f_code
+                frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None))
+            frame, depth = frame.f_back, depth + 1
+        return frames
+
+    inspect.stack = shallow
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = full
+
+
+_WORKERS: dict[tuple, tuple] = {}
+
+
+def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
+    """The builder and runner, started once per process and kept: each start costs 5-20 s here (every worker
+    process imports TVM), which the TVM latency table, tuning one small model per layer shape, paid per shape.
+    Keyed by the thread count too: runner workers keep the one they started with."""
+    from tvm.s_tir import meta_schedule as ms
+
+    key = (target_name, rpc, os.environ.get(THREADS_ENV))
+    if key not in _WORKERS:
+        builder = ms.builder.LocalBuilder(f_build=_build_candidate,
+                                          f_export=_export_aarch64 if target_name == "arm" else None,
+                                          timeout_sec=BUILD_TIMEOUT_S, max_workers=os.cpu_count() or 1)
+        _WORKERS[key] = (builder, _runner(target_name, rpc))
+    return _WORKERS[key]
+
+
 def first_round(weights: list[float], total: int, already: list[int],
                 always: frozenset[int] | set[int] = frozenset()) -> tuple[list[int], int]:
     """The FLOPs round and what it leaves for the measured round: (trials each task runs now, trials left).
@@ -292,6 +344,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
             # Runner workers start inside: they inherit the thread count they measure with.
             stack.enter_context(thread_env(threads))
             stack.enter_context(_own_handlers_only())
+            _import_tensor_intrinsics()
             session = _Session(target_name, options, directory, database, ledger, report,
                                total=sum(first_needs) + second_budget)
             for i, need in enumerate(first_needs):
@@ -312,8 +365,8 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
         per_task = []
         for task, done, w, run in zip(tasks, already, weights, run_per_task, strict=True):
             best = _best_seconds(database, task)
-            per_task.append({"task": task.task_name, "flops": int(w), "already": done, "run": run,
-                             "best_ms": None if best is None else round(best * 1e3, 6)})
+            per_task.append({"task": task.task_name, "flops": int(w), "calls": int(task.weight), "already": done,
+                             "run": run, "best_ms": None if best is None else round(best * 1e3, 6)})
         summary = TuningSummary(options.trials, len(database) - before, valid, len(tasks), len(todo_keys),
                                 directory, per_task)
     return database, summary
@@ -325,16 +378,12 @@ class _Session:
 
     def __init__(self, target_name: str, options: TuningOptions, directory: str, database, ledger: dict[str, int],
                  report: Callable[..., None], total: int) -> None:
-        from tvm.s_tir import meta_schedule as ms
 
         self.target_name, self.options, self.directory = target_name, options, directory
         self.database, self.ledger, self.report = database, ledger, report
         self.total, self.spent, self.count = max(total, 1), 0, 0
         self.started = time.monotonic()
-        self.runner = _runner(target_name, options.rpc)
-        self.builder = ms.builder.LocalBuilder(f_build=_build_candidate,
-                                               f_export=_export_aarch64 if target_name == "arm" else None,
-                                               timeout_sec=BUILD_TIMEOUT_S, max_workers=os.cpu_count() or 1)
+        self.builder, self.runner = _workers(target_name, options.rpc)
         self.work_dir = os.path.join(directory, "logs")
 
     def elapsed(self) -> float:
