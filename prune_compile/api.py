@@ -225,7 +225,7 @@ def default_pipeline(planning: Any, attention: str = "head_dim", targets: Sequen
     else:
         options, default = {}, PlanningOptions()
         for name in ("policy", "ratio", "importance", "round_to", "min_channels", "max_ratio", "target_macs",
-                     "target_latency", "seed"):
+                     "target_latency", "latency_engine", "latency_trials", "seed"):
             value = getattr(planning, name)
             if value != getattr(default, name) and not (name == "max_ratio" and planning.policy not in ("global",
                                                                                                        "latency")):
@@ -259,7 +259,8 @@ def _pass_defaults(planning: Any, attention: str, targets: Sequence[str], tune: 
         "plan": {"policy": planning.policy, "ratio": planning.ratio, "importance": planning.importance,
                  "round_to": planning.round_to, "min_channels": planning.min_channels,
                  "max_ratio": planning.max_ratio, "target_macs": planning.target_macs,
-                 "target_latency": planning.target_latency, "seed": planning.seed,
+                 "target_latency": planning.target_latency, "latency_engine": planning.latency_engine,
+                 "latency_trials": planning.latency_trials, "seed": planning.seed,
                  "allocation": planning.sensitivity_allocation, "metric": planning.sensitivity_metric,
                  "calibration": planning.calibration_data or "",
                  "ignore": list(planning.ignore), "override": [f"{g}={r}" for g, r in planning.overrides.items()]},
@@ -311,7 +312,8 @@ def run(
     if plan is not None and passes is None:
         defaults = PlanningOptions()
         changed = [n for n in ("policy", "ratio", "importance", "round_to", "min_channels", "target_macs",
-                               "target_latency", "sensitivity_allocation", "sensitivity_metric", "calibration_data",
+                               "target_latency", "latency_engine", "latency_trials", "sensitivity_allocation",
+                               "sensitivity_metric", "calibration_data",
                                "ignore", "overrides") if getattr(planning, n) != getattr(defaults, n)
                    and not (n == "ignore" and tuple(planning.ignore) == ())]
         if changed:
@@ -463,6 +465,7 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
         summary["overrides"] = dict(planning.overrides)
     if planning.target_latency is not None:
         summary["target_latency"] = planning.target_latency
+        summary["latency_engine"] = planning.latency_engine
         summary["latency_note"] = "kept counts chosen from measured latencies: see timings.json planning; " \
                                   "replay plan.json for a reproducible build"
     if planning.target_macs is not None:

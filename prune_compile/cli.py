@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune until MACs fall by X times (e.g. 2.5); replaces --ratio")
     p.add_argument("--target-latency", type=_latency_factor, default=None, metavar="F[x]",
                    help="latency policy: prune until the measured latency is F times the original's (e.g. 0.5x)")
+    p.add_argument("--latency-engine", choices=("ort", "tvm"), default="ort",
+                   help="latency policy: what measures the layers and the model: ONNX Runtime (ort), or the code "
+                        "TVM compiles for the cpu target, tuned (tvm; uses --tune-db, --num-cores, --conv-layout)")
+    p.add_argument("--latency-trials", type=int, default=16, metavar="N",
+                   help="latency policy with --latency-engine tvm: tuning trials per layer shape (whole models "
+                        "get N per weight layer); records persist in the tuning database")
     p.add_argument("--tune", type=int, default=0, metavar="N",
                    help="MetaSchedule trial budget per target, split across tasks by FLOPs (0: default schedules)")
     p.add_argument("--tune-db", metavar="DIR", default=None,
@@ -188,7 +194,8 @@ def _planning(args: argparse.Namespace):
     return PlanningOptions(policy=args.policy, importance=args.importance, round_to=args.round_to,
                            min_channels=args.min_channels, max_ratio=args.max_ratio, ignore=tuple(args.ignore),
                            overrides=overrides, target_macs=args.target_macs,
-                           target_latency=args.target_latency,
+                           target_latency=args.target_latency, latency_engine=args.latency_engine,
+                           latency_trials=args.latency_trials,
                            sensitivity_allocation=args.sensitivity_allocation,
                            sensitivity_metric=args.sensitivity_metric, calibration_data=args.calibration_data)
 

@@ -4,8 +4,10 @@ MACs predict latency badly: kernels run at different efficiencies per shape, cha
 of the vector width waste lanes, and small layers are dominated by overheads. So this policy measures.
 
 1. **Latency table**: every weight layer (conv, linear, gemm, matmul with a constant weight) is built alone as a
-   one-node model at the channel counts the search asks for, compiled by the backend and timed; results are
-   memoized by shape, so repeated blocks cost one measurement. The model's predicted latency is its measured
+   one-node model at the channel counts the search asks for, compiled by the engine and timed; results are
+   memoized by shape, so repeated blocks cost one measurement. Engines: ONNX Runtime (`Timer`), or TVM's tuned
+   code for the cpu target (`backends/tvm/latency_timer.py`: a layer's time is what tuning measured for its
+   kernels, records persist in the tuning database). The model's predicted latency is its measured
    latency minus the full-width layer times plus the current ones (elementwise work follows roughly).
 2. **Greedy search** (NetAdapt-like, with the table in place of retraining): from the full model, repeatedly
    shrink the group whose next candidate count loses the least importance per millisecond saved. Candidates
@@ -62,7 +64,13 @@ def find_layers(graph: Graph, deps: DependencyResult) -> list[Layer]:
 class Timer:
     """Times ONNX models with ONNX Runtime (the backend the user deploys with by default): the fastest of the runs,
     what the code costs rather than what other processes on the machine cost it (with the median, a loaded machine
-    made the 0.6x target on the tiny default model look unreachable: 0.81x at most)."""
+    made the 0.6x target on the tiny default model look unreachable: 0.81x at most).
+
+    The timer protocol: `timer(proto, feeds, min_seconds) -> ms` times a whole model; `timer.layer(proto, feeds)`
+    a one-layer model for the table (here the same; TVM's timer reads its tuned kernels' times instead, see
+    backends/tvm/latency_timer.py); `engine` names what measures, `models_timed` counts."""
+
+    engine = "onnxruntime"
 
     def __init__(self, threads: int | None = None, min_seconds: float = 0.15, min_runs: int = 7) -> None:
         self.threads, self.min_seconds, self.min_runs = threads, min_seconds, min_runs
@@ -84,6 +92,9 @@ class Timer:
                 break
         self.models_timed += 1
         return float(np.min(times)) * 1e3
+
+    def layer(self, proto, feeds: dict[str, np.ndarray]) -> float:
+        return self(proto, feeds)
 
 
 def _random(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
@@ -150,7 +161,9 @@ class LatencyTable:
         y = Value("y", out_shape, np.float32)
         g.inputs, g.outputs = [xv], [y]
         g.add_node(node.op, inputs, [y], attrs)
-        return self.timer(export_onnx(g), {"x": _random(x, self.rng)})
+        proto, feeds = export_onnx(g), {"x": _random(x, self.rng)}
+        layer = getattr(self.timer, "layer", None)  # stand-in timers in tests may be bare callables
+        return layer(proto, feeds) if layer else self.timer(proto, feeds)
 
     def full_sum(self) -> float:
         return sum(self.layer_ms(layer, {}) for layer in self.layers)
@@ -181,6 +194,8 @@ class LatencySearch:
     models_timed: int
     seconds: float
     trajectory: list[dict] = field(default_factory=list)
+    engine: str = "onnxruntime"
+    tuning_trials_run: int = 0  # TVM engine: MetaSchedule trials this search ran (0 when the database had them)
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -262,7 +277,11 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
         report(f"latency: step {len(trajectory) - 1}, predicted {predicted:.2f} ms (target {target_ms:.2f} ms), "
                f"{len(table.cache)} layer shapes timed", False, min(1.0, (base_ms - predicted) /
                                                                     max(base_ms - 0.6 * target_ms, 1e-9)))
-    # bisection on the measured latency of the whole model along the trajectory
+    # bisection on the measured latency of the whole model along the trajectory, against the original measured
+    # again (the fastest of both): a first measurement in a busy process can read slow, and every step after is
+    # compared with it
+    base_ms = min(base_ms, whole_ms({}, 2.0))
+    target_ms = target * base_ms
     lo, hi = 0, len(trajectory) - 1
     measured = {0: base_ms}
     measured[hi] = whole_ms({gid: size[gid] - k for gid, k in trajectory[hi]["kept"].items()})
@@ -283,5 +302,6 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
                            len(trajectory) - 1, choice, len(table.layers), len(table.cache), timer.models_timed,
                            time.perf_counter() - started,
                            [{"step": i, "predicted_ms": round(trajectory[i]["predicted_ms"], 4),
-                             "measured_ms": round(ms, 4)} for i, ms in sorted(measured.items())])
+                             "measured_ms": round(ms, 4)} for i, ms in sorted(measured.items())],
+                           getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)))
     return trajectory[choice]["kept"], search

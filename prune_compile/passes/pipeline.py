@@ -179,6 +179,8 @@ _PLAN_OPTIONS = (
     Option("max-ratio", "float", "global: the most one group may lose"),
     Option("target-macs", "float", "prune until MACs fall by this factor (replaces ratio)"),
     Option("target-latency", "float", "latency policy: measured latency as a fraction of the original's"),
+    Option("latency-engine", "str", "latency policy: what measures, ort | tvm (tuned cpu code)", ("ort", "tvm")),
+    Option("latency-trials", "int", "latency policy on tvm: tuning trials per layer shape"),
     Option("ignore", "list", "parameter globs whose groups stay whole"),
     Option("override", "list", "GLOB=RATIO per-group ratios (uniform)"),
     Option("seed", "int", "seed of random importance and calibration inputs"),

@@ -31,6 +31,8 @@ def planning_options(opts: dict):
                                min_channels=opts.get("min_channels", 1), max_ratio=opts.get("max_ratio", 0.9),
                                ignore=tuple(opts.get("ignore", ()) or ()), overrides=overrides,
                                target_macs=opts.get("target_macs"), target_latency=opts.get("target_latency"),
+                               latency_engine=opts.get("latency_engine", "ort"),
+                               latency_trials=opts.get("latency_trials", 16),
                                seed=opts.get("seed", 0),
                                sensitivity_allocation=opts.get("allocation", "lagrange"),
                                sensitivity_metric=opts.get("metric", "output-change"),
@@ -51,8 +53,15 @@ def _plan(state: JobState, opts: dict) -> None:
     feeds = calibration.batches if calibration else state.loaded.example_inputs
     metric = damage_metric(planning.sensitivity_metric, calibration.labels if calibration else None,
                            lambda: model_outputs(state.graph, feeds))
+    timer = None
+    if planning.policy == "latency" and planning.latency_engine == "tvm":
+        from ..backends.tvm.latency_timer import TvmTimer
+
+        ctx = state.context
+        timer = TvmTimer(ctx.target_options, ctx.tune_db, planning.latency_trials) if ctx else \
+            TvmTimer(trials_per_layer=planning.latency_trials)
     state.planned = make_plan(state.graph, state.deps, planning, calibration=feeds, metric=metric,
-                              progress=progress)
+                              progress=progress, latency_timer=timer)
     state.planned.calibration = calibration.describe() if calibration else None
     state.plan = state.planned.plan
     if state.planned.latency:

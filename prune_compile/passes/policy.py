@@ -26,6 +26,7 @@ from .plan import Plan, param_name
 from .sensitivity import ALLOCATIONS
 
 POLICIES = ("uniform", "global", "sensitivity", "latency")
+LATENCY_ENGINES = ("ort", "tvm")  # ONNX Runtime; TVM's tuned code for the cpu target (backends/tvm/latency_timer)
 
 
 @dataclass
@@ -40,6 +41,8 @@ class PlanningOptions:
     overrides: Mapping[str, float] = field(default_factory=dict)  # parameter glob → ratio (uniform)
     target_macs: float | None = None  # wanted MACs reduction factor (before / after), replaces `ratio`
     target_latency: float | None = None  # latency policy: wanted latency as a fraction of the original's
+    latency_engine: str = "ort"  # latency policy: what measures, ONNX Runtime or TVM's tuned cpu code
+    latency_trials: int = 16  # latency policy on TVM: tuning trials per layer shape (whole models: × layers)
     seed: int = 0
     sensitivity_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     sensitivity_allocation: str = "lagrange"  # or "threshold", "greedy" (see passes/sensitivity.py)
@@ -79,6 +82,13 @@ class PlanningOptions:
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
             raise UsageError(f"--target-latency {self.target_latency}: must be a fraction of the original "
                              "latency in (0, 1), e.g. 0.5x")
+        if self.latency_engine not in LATENCY_ENGINES:
+            raise UsageError(f"--latency-engine {self.latency_engine}: expected one of {', '.join(LATENCY_ENGINES)}")
+        if self.latency_trials < 8:
+            raise UsageError(f"--latency-trials {self.latency_trials}: must be >= 8 (one tuning search round)")
+        if policy_checks and self.policy != "latency" and (self.latency_engine != "ort" or self.latency_trials != 16):
+            raise UsageError("--latency-engine and --latency-trials say how the latency policy measures; policy "
+                             f"'{self.policy}' does not measure latency (add --policy latency)")
         if self.target_latency is not None and self.target_macs is not None:
             raise UsageError("--target-latency and --target-macs are two targets: give one")
         if self.target_macs is not None and self.target_macs < 1.0:

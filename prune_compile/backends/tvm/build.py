@@ -67,6 +67,22 @@ def _cuda_env() -> Any:
 def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = DEFAULT_OPTIONS,
                   tuning: TuningOptions | None = None):
     """Compile to an in-memory Relax executable. Returns (executable, tvm target, pipeline name, tuning summary)."""
+    import tvm
+
+    mod, tvm_target, pipeline, summary = lower_model(model, target, target_options, tuning)
+    try:
+        with tvm_target:
+            executable = tvm.compile(mod, target=tvm_target)
+    except Exception as e:
+        raise BackendError(f"TVM failed to build for {target}: {_last_line(e)}") from e
+    return executable, tvm_target, pipeline, summary
+
+
+def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = DEFAULT_OPTIONS,
+                tuning: TuningOptions | None = None):
+    """Import, change layouts and (with a budget) tune, up to the code generation `compile_model` adds.
+    Returns (Relax module, tvm target, pipeline name, tuning summary). The latency table stops here: the tuning
+    records already hold what each kernel measured."""
     if target == "cpu":  # before TVM runs anything (constant folding does): its pool is sized once
         ensure_thread_pool(target_options.num_cores)
     import tvm
@@ -102,13 +118,11 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
             with tvm_target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             pipeline = "metaschedule" + (", NHWC" if layout == "NHWC" else f", NCHW{lanes}c" if lanes else "")
-        with tvm_target:
-            executable = tvm.compile(mod, target=tvm_target)
     except (UsageError, BackendError):
         raise
     except Exception as e:
         raise BackendError(f"TVM failed to build for {target}: {_last_line(e)}") from e
-    return executable, tvm_target, pipeline, summary
+    return mod, tvm_target, pipeline, summary
 
 
 def build(model: onnx.ModelProto, target: str, path: str, target_options: TargetOptions = DEFAULT_OPTIONS,

@@ -1,0 +1,97 @@
+"""Latencies for the latency-aware planner measured on what TVM compiles for the `cpu` target, tuned.
+
+The planner (passes/latency.py) asks for two kinds of numbers, and this answers both from the tuning database
+that the final build uses too:
+- **a layer** (`layer`): the one-layer model is lowered as the build lowers it (layouts, legalization, fusion)
+  and tuned with `trials_per_layer` trials; its latency is what MetaSchedule measured for the layer's kernels
+  (best schedule × calls). The layout transforms at the one-layer model's borders are not tuned and not counted:
+  inside a whole model they are not there. No code is generated, nothing else runs.
+- **a whole model** (`__call__`): compiled with `trials_per_layer` × its weight layers, then timed in this
+  process with TVM's time evaluator (the fastest of the repeats, like the ONNX Runtime timer).
+Records persist in the database (`database`, keyed by target and threads): a second plan for the same model, or
+a model sharing layer shapes, re-tunes nothing, and the final `--tune` build of the chosen plan starts from the
+records its bisection steps left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...errors import BackendError
+from .targets import DEFAULT_OPTIONS, TargetOptions
+from .tuning import MIN_TRIALS_PER_TASK, TuningOptions
+
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+ENGINE = "tvm-cpu"
+
+
+@dataclass
+class TvmTimer:
+    """`timer(proto, feeds, min_seconds) -> ms` and `timer.layer(proto, feeds) -> ms` for passes/latency.py."""
+
+    target_options: TargetOptions = DEFAULT_OPTIONS
+    database: str | None = None
+    trials_per_layer: int = 16
+    engine: str = ENGINE
+    models_timed: int = 0
+    trials_run: int = 0
+    layers_tuned: int = 0
+    _compiled: dict = field(default_factory=dict, repr=False)  # model bytes' digest → executable (re-timing)
+
+    def __post_init__(self) -> None:
+        if self.trials_per_layer < MIN_TRIALS_PER_TASK:
+            raise BackendError(f"--latency-trials {self.trials_per_layer}: TVM latencies need at least "
+                               f"{MIN_TRIALS_PER_TASK} trials per layer (one search round)")
+
+    def _tuning(self, proto) -> TuningOptions:
+        layers = sum(1 for n in proto.graph.node if n.op_type in WEIGHT_OPS)
+        return TuningOptions(trials=self.trials_per_layer * max(layers, 1), database=self.database)
+
+    def layer(self, proto, feeds) -> float:
+        from .build import lower_model
+
+        _, _, _, summary = lower_model(proto, "cpu", self.target_options, self._tuning(proto))
+        self.trials_run += summary.trials_run
+        self.layers_tuned += 1
+        kernels = [t for t in summary.per_task if t["best_ms"] is not None]
+        if not kernels:  # nothing measured (a layer TVM schedules without tuning): time the model instead
+            return self(proto, feeds, 0.2)
+        return float(sum(t["best_ms"] * t["calls"] for t in kernels))
+
+    def __call__(self, proto, feeds, min_seconds: float | None = None) -> float:
+        import tvm
+        from tvm import relax
+
+        from .build import compile_model
+
+        digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
+        if digest not in self._compiled:
+            executable, _, _, summary = compile_model(proto, "cpu", self.target_options, self._tuning(proto))
+            self.trials_run += summary.trials_run if summary else 0
+            self._compiled[digest] = executable
+        executable = self._compiled[digest]
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(executable, dev)
+        initializers = {i.name for i in proto.graph.initializer}
+        names = [i.name for i in proto.graph.input if i.name not in initializers]
+        try:
+            args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), dev) for name in names]
+        except KeyError as e:
+            raise BackendError(f"no example input for model input {e}") from None
+        # warm up for ~0.1 s: the first runs after a tuning run in this process were 1.5-2x slow, for longer than
+        # the time evaluator's single warm-up call
+        main, started, runs = vm["main"], time.perf_counter(), 0
+        while runs < 3 or (time.perf_counter() - started < 0.1 and runs < 1000):
+            main(*args)
+            runs += 1
+        each = max((time.perf_counter() - started) / runs, 1e-6)
+        seconds = 0.15 if min_seconds is None else min_seconds
+        repeat = int(min(max(7, math.ceil(seconds / each)), 2000))
+        result = vm.time_evaluator("main", dev, number=1, repeat=repeat)(*args)
+        self.models_timed += 1
+        return float(min(result.results)) * 1e3
