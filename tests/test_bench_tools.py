@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -40,3 +41,30 @@ def test_bench_latency_profile_accounts_for_the_model_time() -> None:
         assert sum(k["share"] for k in kernels["top"]) <= 1.0 + 1e-6
         # kernels run inside the model call: their sum cannot exceed it by much, and covers most of it
         assert 0.3 * measured["median_ms"] <= kernels["total_ms"] <= 1.5 * measured["p90_ms"], (engine, measured)
+
+
+def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:
+    """The uniform plan of "equal latency" is picked from interleaved re-measurements, not from a single bisection
+    timing, and the interpolated MACs lie on the re-measured curve."""
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency_plan.py"), "demo", "--rounds", "2",
+                           "--uniform-candidates", "3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    rows, curve = result["rows"], result["uniform_curve"]
+    assert 1 <= len(curve) <= 3
+    assert [c["latency_ms"] for c in curve] == sorted(c["latency_ms"] for c in curve)
+    lat_ms = rows["latency_plan"]["latency_ms"]
+    chosen = min(curve, key=lambda c: abs(c["latency_ms"] - lat_ms))
+    assert rows["uniform_plan"]["ratio"] == chosen["ratio"]
+    assert rows["uniform_plan"]["latency_ms"] == chosen["latency_ms"]
+    assert 0 < rows["latency_plan"]["macs_kept"] < 1 and 0 < rows["uniform_plan"]["macs_kept"] < 1
+    assert result["macs_kept_latency_over_uniform"] == round(
+        rows["latency_plan"]["macs_kept"] / rows["uniform_plan"]["macs_kept"], 4)
+    bracket = [(a, b) for a, b in itertools.pairwise(curve) if a["latency_ms"] <= lat_ms <= b["latency_ms"]]
+    if result["macs_kept_latency_over_uniform_interpolated"] is None:
+        assert not bracket
+    else:
+        interpolated = rows["latency_plan"]["macs_kept"] / result["macs_kept_latency_over_uniform_interpolated"]
+        a, b = bracket[0]
+        assert min(a["macs_kept"], b["macs_kept"]) - 1e-3 <= interpolated <= max(a["macs_kept"], b["macs_kept"]) + 1e-3
+    assert result["search"]["engine"] == "onnxruntime" and result["search"]["layers"] > 0
