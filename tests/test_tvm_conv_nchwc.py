@@ -141,6 +141,58 @@ def test_only_topi_maximum_and_minimum_calls_are_rewritten() -> None:
     assert calls.count("relax.maximum") == 1 and calls.count("relax.call_tir") == 1
 
 
+def _blocked_conv_reference(x: np.ndarray, k: np.ndarray, stride: int, depthwise: bool) -> np.ndarray:
+    """3x3, padding 1, in the blocked layouts: x [n, cb, h, w, c], k [ocb, icb, kh, kw, ic, oc] (depthwise: icb = ic
+    = 1, one kernel vector per channel block)."""
+    p = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+    out_h, out_w = ((d + 2 - 3) // stride + 1 for d in x.shape[2:4])
+    out = 0.0
+    for i in range(3):
+        for j in range(3):
+            win = p[:, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+            if depthwise:
+                out = out + win * k[None, :, 0, i, j, 0, :][:, :, None, None, :]
+            else:
+                out = out + np.einsum("nahwi,baio->nbhwo", win, k[:, :, i, j])
+    return out
+
+
+@pytest.mark.parametrize(("depthwise", "stride", "size"), [(True, 1, 12), (True, 2, 11), (False, 1, 10)])
+def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, size) -> None:
+    """Each design space the rule offers (every register tile; for depthwise convs the padded rows written in a
+    pass of their own or inside the parallel row loop) builds and agrees with a numpy conv: whichever MetaSchedule
+    picks is correct, not only the ones a short tuning run happens to measure."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from prune_compile.backends.tvm import conv_nchwc
+
+    lanes, blocks = 8, 2
+    data = te.placeholder((1, blocks, size, size, lanes), name="data")
+    if depthwise:
+        kernel = te.placeholder((blocks, 1, 3, 3, 1, lanes), name="kernel")
+        out = conv_nchwc._depthwise_nchwc(data, kernel, (stride, stride), (1, 1, 1, 1), (1, 1), "float32")
+    else:
+        kernel = te.placeholder((blocks, blocks, 3, 3, lanes, lanes), name="kernel")
+        out = conv_nchwc._conv2d_nchwc(data, kernel, (stride, stride), (1, 1, 1, 1), (1, 1), "float32")
+    sch = Schedule(te.create_prim_func([data, kernel, out]))
+    spaces = conv_nchwc._rule(sch, sch.get_sblock(out.op.name))
+    out_size = (size - 1) // stride + 1
+    tiles = register_tiles(1 if depthwise else blocks, out_size, out_size, 16)
+    assert len(spaces) == len(tiles) * (2 if depthwise else 1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal([int(d) for d in data.shape]).astype(np.float32)
+    k = rng.standard_normal([int(d) for d in kernel.shape]).astype(np.float32)
+    expected = _blocked_conv_reference(x, k, stride, depthwise)
+    dev = tvm.cpu()
+    for space in spaces:
+        lib = tvm.compile(space.mod, target=tvm.target.Target({"kind": "llvm"}))
+        y = tvm.runtime.tensor(np.zeros(expected.shape, np.float32), dev)
+        lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(k, dev), y)
+        np.testing.assert_allclose(y.numpy(), expected, rtol=RTOL, atol=RTOL)
+
+
 def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:
     model = mixed_convs_onnx()
     lib = str(tmp_path / "m.so")
