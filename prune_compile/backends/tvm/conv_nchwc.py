@@ -181,13 +181,14 @@ def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False)
     sch.vectorize(sch.get_loops(write)[-1])
     # The padded input: its own parallel, vectorized pass. Left to the generic rules it was sometimes computed
     # inside the conv's parallel loop with a nested parallel loop of its own, which measured 0.8 ms in tuning and
-    # ran 1.7 ms in the model.
+    # ran 1.7 ms in the model. Parallel over rows, not over every vector: one index computation per row instead
+    # of a division per vector (32->32 3x3 conv on 56x56, 2 cores: the pass cost 0.031 ms of 0.339, now 0.018).
     for producer in sch.get_producers(block):
         if pad_in_tile:
             sch.compute_at(producer, rows, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(producer)[-1])
         else:
-            *outer, inner = sch.get_loops(producer)
+            *outer, _, inner = sch.get_loops(producer)
             sch.parallel(sch.fuse(*outer))
             sch.vectorize(inner)
         sch.annotate(producer, "schedule_rule", "None")
