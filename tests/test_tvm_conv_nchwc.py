@@ -9,7 +9,7 @@ import pytest
 
 from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
-from prune_compile.backends.tvm.conv_nchwc import MAX_SPACES, fma_cycles, input_block, register_tiles
+from prune_compile.backends.tvm.conv_nchwc import MAX_SPACES, fma_cycles, input_block, pixel_count, register_tiles
 
 pytest.importorskip("tvm")
 
@@ -84,6 +84,26 @@ def test_dense_tiles_skip_what_the_model_and_the_measurements_call_slow() -> Non
     assert {a * b * c for a, b, c in tiles} <= {7, 8}
     assert all(t[0] > 1 for t in tiles[:5]) and all(t[0] == 1 for t in tiles[5:])
     assert fma_cycles((4, 2, 1)) < fma_cycles((1, 1, 8)) < fma_cycles((4, 1, 1)) < fma_cycles((1, 1, 1))
+
+
+def test_outputs_no_fast_tile_divides_are_computed_as_flat_pixels() -> None:
+    """7x7 outputs (the last ResNet stage) divide only into 7-pixel tiles; as 50 flat pixels they take 2 channel
+    blocks x 5 pixels or 4 x 2 (the cycle model's best). Shapes a fast tile already divides, and 32-register targets (28
+    accumulators: 4 blocks x 7 columns), keep rows and columns; at most 10% of the pixels are dropped ones."""
+    assert pixel_count(32, 7, 7, 16) == 50
+    assert set(register_tiles(32, 1, 50, 16)[:2]) == {(2, 1, 5), (4, 1, 2)}
+    assert pixel_count(10, 7, 7, 16) == 50  # 2 blocks x 5 pixels
+    assert pixel_count(3, 7, 7, 16) == 51  # 3 blocks x 3 pixels
+    for blocks, size in [(4, 56), (8, 28), (16, 14), (2, 112), (1, 56), (32, 14)]:
+        assert pixel_count(blocks, size, size, 16) == 0
+    assert pixel_count(32, 7, 7, 32) == 0
+    for blocks in range(1, 65):
+        for size in range(1, 30):
+            pixels = pixel_count(blocks, size, size, 16)
+            assert pixels == 0 or size * size <= pixels <= size * size * 1.1
+            if pixels:
+                assert fma_cycles(register_tiles(blocks, 1, pixels, 16)[0]) < fma_cycles(
+                    register_tiles(blocks, size, size, 16)[0])
 
 
 def test_dense_and_depthwise_convs_whose_outputs_divide_by_the_vector_are_blocked() -> None:
@@ -173,11 +193,13 @@ def _blocked_conv_reference(x: np.ndarray, k: np.ndarray, stride: int, depthwise
     return out
 
 
-@pytest.mark.parametrize(("depthwise", "stride", "size"), [(True, 1, 12), (True, 2, 11), (False, 1, 10)])
+@pytest.mark.parametrize(("depthwise", "stride", "size"),
+                         [(True, 1, 12), (True, 2, 11), (False, 1, 10), (False, 1, 7), (False, 2, 13)])
 def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, size) -> None:
     """Each design space the rule offers (every register tile; for depthwise convs the padded rows written in a
-    pass of their own or inside the parallel row loop) builds and agrees with a numpy conv: whichever MetaSchedule
-    picks is correct, not only the ones a short tuning run happens to measure."""
+    pass of their own or inside the parallel row loop; 7x7 outputs as 50 flat pixels, the last one dropped) builds
+    and agrees with a numpy conv: whichever MetaSchedule picks is correct, not only the ones a short tuning run
+    happens to measure."""
     import tvm
     from tvm import te
     from tvm.s_tir import Schedule
@@ -193,9 +215,12 @@ def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, siz
         kernel = te.placeholder((blocks, blocks, 3, 3, lanes, lanes), name="kernel")
         out = conv_nchwc._conv2d_nchwc(data, kernel, (stride, stride), (1, 1, 1, 1), (1, 1), "float32")
     sch = Schedule(te.create_prim_func([data, kernel, out]))
-    spaces = conv_nchwc._rule(sch, sch.get_sblock(out.op.name))
+    spaces = conv_nchwc._rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
     out_size = (size - 1) // stride + 1
-    tiles = register_tiles(1 if depthwise else blocks, out_size, out_size, 16, dense=not depthwise)
+    pixels = 0 if depthwise else pixel_count(blocks, out_size, out_size, 16)
+    assert pixels == (50 if out_size == 7 else 0)
+    rows, cols = (1, pixels) if pixels else (out_size, out_size)
+    tiles = register_tiles(1 if depthwise else blocks, rows, cols, 16, dense=not depthwise)
     assert len(spaces) == len(tiles) * (2 if depthwise else 1)
     rng = np.random.default_rng(0)
     x = rng.standard_normal([int(d) for d in data.shape]).astype(np.float32)

@@ -23,6 +23,9 @@ What:
   the conv's parallel loop. A depthwise conv is memory-bound, and the separate pass moves the input through memory
   twice more: 48 channels, 112x112, stride 2, 64 trials: 0.242 ms with the pass, 0.074 ms padded in the loop
   (ONNX Runtime's whole model: 0.16-0.20 ms).
+- Output sizes no fast tile divides (7x7: 7-pixel tiles of one channel block are load-bound) are computed as one
+  flat axis of pixels rounded up so that one does (`pixel_count`: 49 -> 50, 4 channel blocks x 2 pixels), the
+  extra pixels dropped in a pass that puts the pixels back into rows and columns and runs the epilogue.
 """
 
 from __future__ import annotations
@@ -105,12 +108,31 @@ def _conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
     padded, out_h, out_w, kh, kw, row, col = _window(data, kernel, strides, padding, dilation)
     icb = te.reduce_axis((0, int(data.shape[1])), "icb")
     ici = te.reduce_axis((0, int(data.shape[4])), "ici")
-    return te.compute(
-        (int(data.shape[0]), int(kernel.shape[0]), out_h, out_w, int(kernel.shape[5])),
-        lambda n, ocb, oh, ow, oci: te.sum(
-            padded[n, icb, row(oh, kh), col(ow, kw), ici].astype(out_dtype)
+    n_, ocb_, ob = int(data.shape[0]), int(kernel.shape[0]), int(kernel.shape[5])
+    pixels = pixel_count(ocb_, out_h, out_w, vector_registers(ob))
+    if not pixels:
+        return te.compute(
+            (n_, ocb_, out_h, out_w, ob),
+            lambda n, ocb, oh, ow, oci: te.sum(
+                padded[n, icb, row(oh, kh), col(ow, kw), ici].astype(out_dtype)
+                * kernel[ocb, icb, kh, kw, ici, oci].astype(out_dtype), axis=[icb, kh, kw, ici]),
+            name="conv2d_nchwc", attrs={"schedule_rule": RULE})
+    # Output pixels as one axis, `pixels` of them: those past the last read the last pixel's window (clamped, no
+    # read outside the input) and are dropped when the result is unfused back into rows and columns.
+    last = out_h * out_w - 1
+
+    def window(p):
+        q = te.min(p, last) if pixels > last + 1 else p
+        return q // out_w, q % out_w
+
+    flat = te.compute(
+        (n_, ocb_, pixels, ob),
+        lambda n, ocb, p, oci: te.sum(
+            padded[n, icb, row(window(p)[0], kh), col(window(p)[1], kw), ici].astype(out_dtype)
             * kernel[ocb, icb, kh, kw, ici, oci].astype(out_dtype), axis=[icb, kh, kw, ici]),
         name="conv2d_nchwc", attrs={"schedule_rule": RULE})
+    return te.compute((n_, ocb_, out_h, out_w, ob), lambda n, ocb, oh, ow, oci: flat[n, ocb, oh * out_w + ow, oci],
+                      name="conv2d_nchwc_unflatten")
 
 
 def _depthwise_nchwc(data, kernel, strides, padding, dilation, out_dtype):
@@ -170,49 +192,91 @@ def register_tiles(oc_blocks: int, rows: int, cols: int, registers: int,
     return tiles[:MAX_SPACES]
 
 
-def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False):
-    """One design space: `tile` fixed, the unrolling of the kernel loop left to the search. `pad_in_tile`: the
-    padded input rows each parallel iteration reads are written under that iteration (still in cache when the
-    conv reads them) instead of in a pass of their own over the whole input."""
-    a, b, c = tile
-    write = sch.cache_write(block, 0, "global")
-    while True:  # fuse the elementwise epilogue into the tile's write-back
-        consumers = sch.get_consumers(write)
+def pixel_count(oc_blocks: int, out_h: int, out_w: int, registers: int) -> int:
+    """0 when a register tile dividing (rows, columns) is within 10% of the fastest tile any shape could have (by
+    `fma_cycles`); else the number of output pixels to compute as one flat axis, the output's and at most 10% more
+    (dropped), for a tile dividing it to be the fastest; 0 when none is. A 256-channel 7x7 conv (32 channel blocks,
+    16 registers) divides only into 7-pixel tiles of one channel block (load-bound: 0.42 ms against ONNX Runtime's
+    0.30); as 50 pixels it takes 4 channel blocks x 2 pixels."""
+    best = min(fma_cycles((a, 1, m)) for a in _divisors(oc_blocks, 4) for m in range(1, (registers - 4) // a + 1))
+
+    def cost(rows: int, cols: int) -> float:
+        tiles = register_tiles(oc_blocks, rows, cols, registers)
+        return fma_cycles(tiles[0]) if tiles else float("inf")
+
+    if cost(out_h, out_w) <= 1.1 * best:
+        return 0
+    total = out_h * out_w
+    return next((p for p in range(total, total + total // 10 + 1) if cost(1, p) <= best * (1 + 1e-9)), 0)
+
+
+def inline_epilogue(sch, block) -> None:
+    """Fuse the elementwise ops that follow `block` (bias, residual, activation) into its loop nest."""
+    while True:
+        consumers = sch.get_consumers(block)
         if len(consumers) != 1:
-            break
+            return
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:  # not elementwise: it stays a separate loop nest
-            break
-    # dense: reductions (in-channel block, kh, kw, in-channel); depthwise: (kh, kw)
-    n, ocb, oh, ow, oci, *reductions = sch.get_loops(block)
+            return
+
+
+def _parallel_rows(sch, block) -> None:
+    """An elementwise pass of its own: parallel over rows, the channel block vectorized. Parallel over rows, not
+    over every vector: one index computation per row instead of a division per vector (a 32->32 3x3 conv's pad
+    pass on 56x56, 2 cores: 0.031 ms of 0.339, 0.018 over rows)."""
+    *outer, _, inner = sch.get_loops(block)
+    sch.parallel(sch.fuse(*outer))
+    sch.vectorize(inner)
+    sch.annotate(block, "schedule_rule", "None")
+
+
+def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False):
+    """One design space: `tile` fixed, the unrolling of the kernel loop left to the search. `pad_in_tile`: the
+    padded input rows each parallel iteration reads are written under that iteration (still in cache when the
+    conv reads them) instead of in a pass of their own over the whole input. Convs over flat pixels (see
+    `pixel_count`) tile (channel blocks, pixels) with `tile`'s rows 1, and their epilogue runs in the pass that
+    unflattens the pixels, since a tile's pixels are not a rectangle of the output."""
+    a, b, c = tile
+    loops = sch.get_loops(block)
+    flat = len(loops) == 8  # (n, ocb, pixel, oci) + 4 reductions; dense: 5 + 4, depthwise: 5 + (kh, kw)
+    write = sch.cache_write(block, 0, "global")
+    if flat:
+        (unflatten,) = sch.get_consumers(write)
+        inline_epilogue(sch, unflatten)
+        _parallel_rows(sch, unflatten)
+        n, ocb, ow, oci, *reductions = loops
+        pixels = (ow,)
+    else:
+        inline_epilogue(sch, write)
+        n, ocb, oh, ow, oci, *reductions = loops
+        pixels = (oh, ow)
     ocb_o, ocb_i = sch.split(ocb, [None, a])
-    oh_o, oh_i = sch.split(oh, [None, b])
-    ow_o, ow_i = sch.split(ow, [None, c])
-    sch.reorder(n, ocb_o, oh_o, ow_o, *reductions, ocb_i, oh_i, ow_i, oci)
-    rows = sch.fuse(n, ocb_o, oh_o)
+    splits = [sch.split(loop, [None, f]) for loop, f in zip(pixels, (c,) if flat else (b, c), strict=True)]
+    outer, inner = [o for o, _ in splits], [i for _, i in splits]
+    sch.reorder(n, ocb_o, *outer, *reductions, ocb_i, *inner, oci)
+    # parallel over (image, channel blocks, rows); the columns of a row run in order. Flat: over every tile.
+    rows = sch.fuse(n, ocb_o, *outer[:1 if flat else -1])
     sch.parallel(rows)
-    for loop in (ocb_i, oh_i, ow_i):
+    for loop in (ocb_i, *inner):
         sch.unroll(loop)
     sch.vectorize(oci)
     unrolled = reductions[-2]  # kw of a dense conv (unrolls the in-channel loop), kh of a depthwise one
     sch.annotate(unrolled, "pragma_auto_unroll_max_step", sch.sample_categorical([0, 16, 512], [0.34, 0.33, 0.33]))
     sch.annotate(unrolled, "pragma_unroll_explicit", 1)
-    sch.reverse_compute_at(write, ow_o, preserve_unit_loops=True)
+    sch.reverse_compute_at(write, rows if flat else outer[-1], preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(write)[-1])
-    # The padded input: its own parallel, vectorized pass. Left to the generic rules it was sometimes computed
-    # inside the conv's parallel loop with a nested parallel loop of its own, which measured 0.8 ms in tuning and
-    # ran 1.7 ms in the model. Parallel over rows, not over every vector: one index computation per row instead
-    # of a division per vector (32->32 3x3 conv on 56x56, 2 cores: the pass cost 0.031 ms of 0.339, now 0.018).
+    # The padded input: its own parallel pass. Left to the generic rules it was sometimes computed inside the
+    # conv's parallel loop with a nested parallel loop of its own, which measured 0.8 ms in tuning and ran 1.7 ms
+    # in the model.
     for producer in sch.get_producers(block):
         if pad_in_tile:
             sch.compute_at(producer, rows, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(producer)[-1])
+            sch.annotate(producer, "schedule_rule", "None")
         else:
-            *outer, _, inner = sch.get_loops(producer)
-            sch.parallel(sch.fuse(*outer))
-            sch.vectorize(inner)
-        sch.annotate(producer, "schedule_rule", "None")
+            _parallel_rows(sch, producer)
     # Everything in this function is scheduled: MetaSchedule's generic rules (and the root's parallelize /
     # vectorize / unroll postprocessing) leave blocks marked "None" alone.
     sch.annotate(write, "schedule_rule", "None")
@@ -225,10 +289,11 @@ def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False)
 def _rule(sch, block):
     loops = sch.get_loops(block)
     extents = [int(sch.get(loop).extent) for loop in loops]
-    lanes = extents[4]
     depthwise = len(loops) == 7  # no input-channel reduction: channel blocks share nothing, tile rows × columns only
-    tiles = register_tiles(1 if depthwise else extents[1], extents[2], extents[3], vector_registers(lanes),
-                           dense=not depthwise)
+    flat = len(loops) == 8  # output pixels as one axis: tiles of (channel blocks, 1 row, pixels)
+    lanes = extents[3 if flat else 4]
+    rows, cols = (1, extents[2]) if flat else (extents[2], extents[3])
+    tiles = register_tiles(1 if depthwise else extents[1], rows, cols, vector_registers(lanes), dense=not depthwise)
     # depthwise convs are memory-bound: a separate pad pass re-reads and re-writes the whole input; dense convs
     # would re-pad the same rows once per output-channel block, so only depthwise convs get that choice
     placements = (False, True) if depthwise and sch.get_producers(block) else (False,)
