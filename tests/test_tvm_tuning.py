@@ -19,7 +19,7 @@ from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
 from prune_compile.backends.tvm import allocate_trials
 from prune_compile.backends.tvm.targets import resolve_conv_layout
-from prune_compile.backends.tvm.tuning import first_round
+from prune_compile.backends.tvm.tuning import always_tuned, first_round
 
 RTOL = 1e-4
 
@@ -73,6 +73,13 @@ def test_allocate_trials_always_tunes_light_convolutions() -> None:
     # a 1x1 downsampling conv is far below MIN_SHARE of the FLOPs, yet untuned it costs as much as a big conv
     alloc = allocate_trials([1000.0, 500.0, 1.0, 0.5], 200, floor=8, always={2})
     assert alloc[2] == 8 and alloc[3] == 0 and sum(alloc) == 200
+
+
+@pytest.mark.parametrize("task,tuned", [
+    ("fused_conv2d_nchwc9_add7_relu4", True), ("fused_matmul_add9", True), ("max_pool2d", True),
+    ("adaptive_avg_pool2d", True), ("te_layout_transform", True), ("fused_add_relu", False), ("reshape", False)])
+def test_light_convs_pools_and_layout_transforms_are_always_tuned(task, tuned) -> None:
+    assert always_tuned(task) is tuned
 
 
 def test_allocate_trials_prefers_heavy_tasks_when_short() -> None:

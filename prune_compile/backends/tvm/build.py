@@ -22,6 +22,7 @@ from ...errors import BackendError, UsageError
 from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
+from .pool_nchwc import register_schedule_rule as register_pool_rule
 from .targets import (
     ARM_CROSS_COMPILER,
     DEFAULT_OPTIONS,
@@ -108,6 +109,7 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
         if lanes:
             mod = convert_layout(mod, lanes)
             register_schedule_rule()
+            register_pool_rule()
         if tuned:
             passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
             if lanes:

@@ -1,0 +1,67 @@
+"""Max pooling in NCHW[x]c for tuned CPU builds: one parallel, vectorized loop nest with the padding read in place.
+
+Why: TOPI tags its pooling computes with the schedule rule `meta_schedule.pool_max`, which TVM 0.27 registers for
+no CPU target; MetaSchedule drops the tag (with a warning) and its generic rules schedule a pass that pads the
+input with -inf, then the window maximum. On ResNet-18's stem pool (pruned: 32 channels, 112x112 -> 56x56,
+3x3 stride 2, 2 cores) the tuned result took 0.105-0.16 ms of the model; ONNX Runtime's pool 0.066 ms.
+
+What: the rule registered under that tag for the CPU key. For a pool in a blocked layout (the channel block is the
+innermost output axis): the padding is inlined into the window reads (a guard per vector load; the separate pass
+moved the input through memory twice: 0.11 ms, inlined 0.05), rows run in parallel, the window unrolled, the
+channel block vectorized, any elementwise epilogue fused. Pools in NCHW keep MetaSchedule's generic rules.
+"""
+
+from __future__ import annotations
+
+from .conv_nchwc import inline_epilogue
+
+TAG = "meta_schedule.pool_max"
+_registered = False
+
+
+def _inline_producers(sch, block) -> None:
+    """Inline the padding, and any elementwise op fused before it, into the window reads."""
+    inlined = True
+    while inlined:
+        inlined = False
+        for producer in sch.get_producers(block):
+            try:
+                sch.compute_inline(producer)
+                inlined = True
+            except Exception:  # not inlinable: left to the generic rules
+                pass
+
+
+def _rule(sch, block):
+    loops = sch.get_loops(block)
+    if len(loops) != 7:  # blocked: (n, channel blocks, rows, columns, channels in block) and the window's two
+        sch.unannotate(block, "schedule_rule")  # what TVM does with an unknown tag: the generic rules apply
+        return [sch]
+    _inline_producers(sch, block)
+    n, cb, oh, ow, ci, kh, kw = loops
+    sch.reorder(n, cb, oh, ow, kh, kw, ci)
+    sch.parallel(sch.fuse(n, cb, oh))
+    sch.unroll(kh)
+    sch.unroll(kw)
+    sch.vectorize(ci)
+    if sch.get_consumers(block):  # a reduction takes no epilogue: its result goes through a vector register
+        write = sch.cache_write(block, 0, "local")
+        inline_epilogue(sch, write)
+        sch.reverse_compute_at(write, ow)
+        sch.vectorize(sch.get_loops(write)[-1])
+        sch.annotate(write, "schedule_rule", "None")
+    sch.unannotate(block, "schedule_rule")
+    sch.annotate(block, "schedule_rule", "None")
+    sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
+    return [sch]
+
+
+def register_schedule_rule() -> None:
+    """Make the rule visible to MetaSchedule (`s_tir.meta_schedule.cpu.<TAG>`, the CPU target key)."""
+    global _registered
+    if _registered:
+        return
+    import tvm
+
+    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{TAG}", _rule, override=True)
+    _registered = True
