@@ -9,7 +9,14 @@ import pytest
 
 from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
-from prune_compile.backends.tvm.conv_nchwc import MAX_SPACES, fma_cycles, input_block, pixel_count, register_tiles
+from prune_compile.backends.tvm.conv_nchwc import (
+    MAX_SPACES,
+    fma_cycles,
+    in_block_passes,
+    input_block,
+    pixel_count,
+    register_tiles,
+)
 
 pytest.importorskip("tvm")
 
@@ -178,13 +185,15 @@ def test_only_topi_maximum_and_minimum_calls_are_rewritten() -> None:
 
 
 def _blocked_conv_reference(x: np.ndarray, k: np.ndarray, stride: int, depthwise: bool) -> np.ndarray:
-    """3x3, padding 1, in the blocked layouts: x [n, cb, h, w, c], k [ocb, icb, kh, kw, ic, oc] (depthwise: icb = ic
-    = 1, one kernel vector per channel block)."""
-    p = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
-    out_h, out_w = ((d + 2 - 3) // stride + 1 for d in x.shape[2:4])
+    """k x k (from the kernel), padding k // 2, in the blocked layouts: x [n, cb, h, w, c], k [ocb, icb, kh, kw, ic,
+    oc] (depthwise: icb = ic = 1, one kernel vector per channel block)."""
+    size = k.shape[2]
+    pad = size // 2
+    p = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out_h, out_w = ((d + 2 * pad - size) // stride + 1 for d in x.shape[2:4])
     out = 0.0
-    for i in range(3):
-        for j in range(3):
+    for i in range(size):
+        for j in range(size):
             win = p[:, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
             if depthwise:
                 out = out + win * k[None, :, 0, i, j, 0, :][:, :, None, None, :]
@@ -193,35 +202,53 @@ def _blocked_conv_reference(x: np.ndarray, k: np.ndarray, stride: int, depthwise
     return out
 
 
-@pytest.mark.parametrize(("depthwise", "stride", "size"),
-                         [(True, 1, 12), (True, 2, 11), (False, 1, 10), (False, 1, 7), (False, 2, 13)])
-def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, size) -> None:
+def test_in_block_passes_follow_the_kernel_size() -> None:
+    """Spatial kernels: one input-channel block per pass (MLAS's order), 1x1 kernels: both orders, the pass at most
+    4 blocks deep and dividing them; nothing to split with one block."""
+    assert in_block_passes(9, 16) == [1]
+    assert in_block_passes(49, 1) == [None]
+    assert in_block_passes(1, 48) == [None, 4]
+    assert in_block_passes(1, 6) == [None, 3]
+    assert in_block_passes(1, 4) == [None]
+    assert in_block_passes(1, 5) == [None, 1]
+
+
+@pytest.mark.parametrize(("depthwise", "stride", "size", "kernel_size", "in_blocks"),
+                         [(True, 1, 12, 3, 2), (True, 2, 11, 3, 2), (False, 1, 10, 3, 2), (False, 1, 7, 3, 2),
+                          (False, 2, 13, 3, 2), (False, 1, 10, 1, 6), (False, 1, 7, 1, 6)])
+def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, size, kernel_size, in_blocks) -> None:
     """Each design space the rule offers (every register tile; for depthwise convs the padded rows written in a
-    pass of their own or inside the parallel row loop; 7x7 outputs as 50 flat pixels, the last one dropped) builds
-    and agrees with a numpy conv: whichever MetaSchedule picks is correct, not only the ones a short tuning run
-    happens to measure."""
+    pass of their own or inside the parallel row loop; for dense convs the input-channel blocks reduced in passes
+    over a strip of rows, and for 1x1 kernels or too few parallel iterations all at once too; 7x7 outputs as 50
+    flat pixels, the last one dropped) builds and agrees with a numpy conv: whichever MetaSchedule picks is
+    correct, not only the ones a short tuning run happens to measure."""
     import tvm
     from tvm import te
     from tvm.s_tir import Schedule
 
     from prune_compile.backends.tvm import conv_nchwc
 
-    lanes, blocks = 8, 2
-    data = te.placeholder((1, blocks, size, size, lanes), name="data")
+    lanes, out_blocks = 8, 2
+    data = te.placeholder((1, in_blocks, size, size, lanes), name="data")
+    pad = (kernel_size // 2,) * 4
     if depthwise:
-        kernel = te.placeholder((blocks, 1, 3, 3, 1, lanes), name="kernel")
-        out = conv_nchwc._depthwise_nchwc(data, kernel, (stride, stride), (1, 1, 1, 1), (1, 1), "float32")
+        kernel = te.placeholder((in_blocks, 1, kernel_size, kernel_size, 1, lanes), name="kernel")
+        out = conv_nchwc._depthwise_nchwc(data, kernel, (stride, stride), pad, (1, 1), "float32")
     else:
-        kernel = te.placeholder((blocks, blocks, 3, 3, lanes, lanes), name="kernel")
-        out = conv_nchwc._conv2d_nchwc(data, kernel, (stride, stride), (1, 1, 1, 1), (1, 1), "float32")
+        kernel = te.placeholder((out_blocks, in_blocks, kernel_size, kernel_size, lanes, lanes), name="kernel")
+        out = conv_nchwc._conv2d_nchwc(data, kernel, (stride, stride), pad, (1, 1), "float32")
     sch = Schedule(te.create_prim_func([data, kernel, out]))
     spaces = conv_nchwc._rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
     out_size = (size - 1) // stride + 1
+    blocks = in_blocks if depthwise else out_blocks
     pixels = 0 if depthwise else pixel_count(blocks, out_size, out_size, 16)
     assert pixels == (50 if out_size == 7 else 0)
     rows, cols = (1, pixels) if pixels else (out_size, out_size)
     tiles = register_tiles(1 if depthwise else blocks, rows, cols, 16, dense=not depthwise)
-    assert len(spaces) == len(tiles) * (2 if depthwise else 1)
+    # depthwise: pad pass or pad in the row loop; dense 3x3: one block a pass, and with flat pixels (2 channel
+    # blocks: too few parallel iterations) all at once too; dense 1x1: 3 blocks a pass or all at once
+    per_tile = 2 if depthwise or pixels or kernel_size == 1 else 1
+    assert len(spaces) == len(tiles) * per_tile
     rng = np.random.default_rng(0)
     x = rng.standard_normal([int(d) for d in data.shape]).astype(np.float32)
     k = rng.standard_normal([int(d) for d in kernel.shape]).astype(np.float32)
