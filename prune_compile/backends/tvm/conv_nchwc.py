@@ -249,7 +249,7 @@ def in_block_passes(kernel_pixels: int, in_blocks: int) -> list[int | None]:
         return [None]
     if kernel_pixels > 1:
         return [1]
-    per_pass = max(d for d in _divisors(in_blocks, 4))
+    per_pass = _divisors(in_blocks, 4)[-1]
     return [None] if per_pass == in_blocks else [None, per_pass]
 
 
@@ -283,12 +283,12 @@ def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False,
         passes, icb = sch.split(reductions[0], [None, in_blocks])
         reductions = [icb, *reductions[1:]]
         parallel = [n, ocb_o] if flat else [n, ocb_o, *outer[:-1]]
-        sch.reorder(*parallel, passes, *(outer if flat else outer[-1:]), *reductions, ocb_i, *inner, oci)
-        rows = sch.fuse(*parallel)
+        serial = [passes, *(outer if flat else outer[-1:])]
     else:
-        sch.reorder(n, ocb_o, *outer, *reductions, ocb_i, *inner, oci)
         # parallel over (image, channel blocks, rows); the columns of a row run in order. Flat: over every tile.
-        rows = sch.fuse(n, ocb_o, *outer[:1 if flat else -1])
+        parallel, serial = [n, ocb_o, *outer[:1 if flat else -1]], ([] if flat else outer[-1:])
+    sch.reorder(*parallel, *serial, *reductions, ocb_i, *inner, oci)
+    rows = sch.fuse(*parallel)
     sch.parallel(rows)
     for loop in (ocb_i, *inner):
         sch.unroll(loop)
