@@ -39,8 +39,9 @@ def test_bench_latency_profile_accounts_for_the_model_time() -> None:
         assert any(k["kernel"].startswith(prefix) for k in kernels["top"]), kernels
         assert all(k["ms"] >= 0 for k in kernels["top"])
         assert sum(k["share"] for k in kernels["top"]) <= 1.0 + 1e-6
-        # kernels run inside the model call: their sum cannot exceed it by much, and covers most of it
-        assert 0.3 * measured["median_ms"] <= kernels["total_ms"] <= 1.5 * measured["p90_ms"], (engine, measured)
+        # kernels run inside the model call, timed over the same runs: their sum cannot exceed it, and covers most
+        # of it (against the timed rounds' median it would not hold: the machine's speed moves 2x between minutes)
+        assert 0.3 * kernels["model_ms"] <= kernels["total_ms"] <= 1.01 * kernels["model_ms"], (engine, kernels)
 
 
 def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:

@@ -284,7 +284,16 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     target_ms = target * base_ms
     lo, hi = 0, len(trajectory) - 1
     measured = {0: base_ms}
-    measured[hi] = whole_ms({gid: size[gid] - k for gid, k in trajectory[hi]["kept"].items()})
+    deepest = {gid: size[gid] - k for gid, k in trajectory[hi]["kept"].items()}
+    measured[hi] = whole_ms(deepest)
+    for _ in range(2):
+        if measured[hi] <= target_ms * 1.1:
+            break
+        # before calling the target unreachable, time the original and the deepest plan again, alternating: the
+        # verdict compares two timings, and these machines change speed by up to 2x within minutes
+        base_ms = min(base_ms, whole_ms({}))
+        measured[hi] = min(measured[hi], whole_ms(deepest))
+        measured[0], target_ms = base_ms, target * base_ms
     if measured[hi] > target_ms * 1.1:
         raise UsageError(f"--target-latency {target}: unreachable, at most {measured[hi] / base_ms:.2f}x of the "
                          f"original latency with these groups (ignored or frozen groups, max ratio)")
