@@ -47,8 +47,11 @@ def test_bench_latency_profile_accounts_for_the_model_time() -> None:
 def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:
     """The uniform plan of "equal latency" is picked from interleaved re-measurements, not from a single bisection
     timing, and the interpolated MACs lie on the re-measured curve."""
+    # 0.7x, not the tool's default 0.5x: how deep the small demo model can go is a property of the machine (CI's
+    # machine measured its deepest plan at 0.55x twice, where ours reach 0.5x), and this test is about the comparison
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency_plan.py"), "demo", "--rounds", "2",
-                           "--uniform-candidates", "3"], capture_output=True, text=True, timeout=600)
+                           "--uniform-candidates", "3", "--target-latency", "0.7"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     rows, curve = result["rows"], result["uniform_curve"]
