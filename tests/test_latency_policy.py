@@ -97,6 +97,31 @@ def test_a_slow_reading_does_not_make_the_target_unreachable(resnet) -> None:
                   calibration=feeds, latency_timer=ShapeTimer())
 
 
+def test_each_step_is_judged_against_the_original_timed_beside_it(resnet) -> None:
+    """The machine runs 1.3x slow while the search builds its table and first times the original, then speeds up
+    as the bisection starts: the plan still meets the target, because each step is compared with the original
+    timed right after it, not with the reading taken minutes before."""
+    graph, deps, feeds = resnet
+    whole = export_onnx(graph)
+    nodes, params = len(whole.graph.node), sum(int(np.prod(t.dims)) for t in whole.graph.initializer)
+
+    class DriftTimer(ShapeTimer):
+        settled = False
+
+        def __call__(self, proto, feeds, seconds=None) -> float:
+            ms = super().__call__(proto, feeds, seconds)
+            if (len(proto.graph.node) == nodes
+                    and sum(int(np.prod(t.dims)) for t in proto.graph.initializer) < 0.9 * params):
+                self.settled = True  # the first pruned whole model: the bisection has begun
+            return ms if self.settled else 1.3 * ms
+
+    result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.4), calibration=feeds,
+                       latency_timer=DriftTimer())
+    fraction = ShapeTimer()(export_onnx(pruned_copy(graph, result.plan, deps)), feeds) / ShapeTimer()(whole, feeds)
+    assert abs(fraction / 0.4 - 1) <= 0.10, fraction
+    assert result.latency["base_ms"] == pytest.approx(ShapeTimer()(whole, feeds), rel=1e-6)
+
+
 def test_latency_plan_prefers_counts_the_kernels_run_fast_at(resnet) -> None:
     graph, deps, feeds = resnet
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.5), calibration=feeds,
