@@ -158,6 +158,33 @@ def test_a_slow_phase_during_one_timing_of_a_pair_does_not_decide_the_step(resne
     assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=1e-6)
 
 
+@pytest.mark.parametrize("target", [0.5, 0.8])
+def test_a_trajectory_step_that_jumps_over_the_target_is_refined_by_single_group_moves(target) -> None:
+    """Two groups of 32 and 48 channels, and kernels slow unless the channels fill 16-wide vectors: each step of
+    the search takes 16 channels, 25-50% of the latency. Where two steps bracket the target far from it (0.89x and
+    0.83x of the target before), single-group moves between them are timed and the nearest is kept."""
+    import torch
+
+    from prune_compile.ir.fx_importer import import_torch_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(48, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = import_torch_module(model, (x,))
+    deps, feeds = analyze(graph), {graph.inputs[0].name: x.numpy()}
+    result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=target), calibration=feeds,
+                       latency_timer=ShapeTimer())
+    fraction = ShapeTimer()(export_onnx(pruned_copy(graph, result.plan, deps)), feeds) / \
+        ShapeTimer()(export_onnx(graph), feeds)
+    assert abs(fraction / target - 1) <= 0.10, fraction
+    moves = [t for t in result.latency["trajectory"] if "move" in t]
+    assert 0 < len(moves) <= 3
+    assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=1e-4)  # rounded
+    assert oracle_error(graph, deps, result.plan, feeds) <= 1e-4
+
+
 def test_latency_plan_prefers_counts_the_kernels_run_fast_at(resnet) -> None:
     graph, deps, feeds = resnet
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.5), calibration=feeds,

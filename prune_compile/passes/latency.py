@@ -36,6 +36,8 @@ from .importance import normalized
 LAYER_OPS = ("conv", "linear", "gemm", "matmul")
 # the bisection times a step and the original alternately, this many slices of this many seconds each
 PAIR_SLICES, PAIR_SLICE_S = 5, 0.2
+# when neither step bracketing the target is this near it, this many single-group moves between them are timed
+REFINE_WITHIN, REFINE_MOVES = 0.05, 3
 
 
 @dataclass
@@ -285,44 +287,93 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # TVM search read the original at 0.51, 0.71, 0.93 and 0.51 ms across four back-to-back pairs, and judged two
     # steps of the same speed at 0.53x and 0.41x). So a step and the original alternate in short slices, and the
     # ratio is the median over the slices: a slow phase reaches both sides of a slice pair, or only one pair.
-    def paired(step: int) -> tuple[float, float]:
-        """(the step's ms, the original's ms), the fastest slice of each, scaled so that their quotient is the
+    def paired(kept_counts: dict[int, int]) -> tuple[float, float]:
+        """(the plan's ms, the original's ms), the fastest slice of each, scaled so that their quotient is the
         median of the slice pairs' ratios."""
-        removed_counts = {gid: size[gid] - k for gid, k in trajectory[step]["kept"].items()}
+        removed_counts = {gid: size[gid] - k for gid, k in kept_counts.items()}
         slices = [(whole_ms(removed_counts, PAIR_SLICE_S), whole_ms({}, PAIR_SLICE_S)) for _ in range(PAIR_SLICES)]
         orig = min(o for _, o in slices)
         return float(np.median([ms / o for ms, o in slices])) * orig, orig
 
     lo, hi = 0, len(trajectory) - 1
     measured = {0: (base_ms, base_ms)}  # step → (its ms, the original's ms timed beside it)
-    measured[hi] = paired(hi)
+    measured[hi] = paired(trajectory[hi]["kept"])
     for _ in range(2):
         if measured[hi][0] <= target * measured[hi][1] * 1.1:
             break
         # before calling the target unreachable, time the pair again: one slow phase at the wrong moment is enough
         # to miss (the more favourable of the two, as the timer itself keeps the fastest run)
-        again = paired(hi)
+        again = paired(trajectory[hi]["kept"])
         measured[hi] = min(measured[hi], again, key=lambda p: p[0] / p[1])
     if measured[hi][0] > target * measured[hi][1] * 1.1:
         raise UsageError(f"--target-latency {target}: unreachable, at most {measured[hi][0] / measured[hi][1]:.2f}x "
                          f"of the original latency with these groups (ignored or frozen groups, max ratio)")
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        measured[mid] = paired(mid)
+        measured[mid] = paired(trajectory[mid]["kept"])
         if measured[mid][0] <= target * measured[mid][1]:
             hi = mid
         else:
             lo = mid
-    choice = min((lo, hi), key=lambda i: abs(measured[i][0] / (target * measured[i][1]) - 1))
-    chosen_ms, base_ms = measured[choice]
+
+    def off(pair: tuple[float, float]) -> float:
+        return abs(pair[0] / (target * pair[1]) - 1)
+
+    choice = min((lo, hi), key=lambda i: off(measured[i]))
+    chosen_kept, chosen_pair, chosen_predicted = trajectory[choice]["kept"], measured[choice], \
+        trajectory[choice]["predicted_ms"]
+    timed = [{"step": i, "predicted_ms": round(trajectory[i]["predicted_ms"], 4), "measured_ms": round(ms, 4),
+              "original_ms": round(orig, 4)} for i, (ms, orig) in sorted(measured.items())]
+    # one step of the trajectory can move the latency by more than the tolerance (a group losing 8 of 64 channels
+    # in the widest layers of a small model: 0.56x to 0.43x for a 0.5x target): then single-group moves between the
+    # two bracketing steps are tried, those the table puts nearest the target
+    if hi - lo == 1 and off(chosen_pair) > REFINE_WITHIN:
+        for move, kept_counts, predicted in _boundary_moves(
+                (lo, trajectory[lo], measured[lo]), (hi, trajectory[hi], measured[hi]), target, base_ms, size,
+                table, step, floor, overhead):
+            pair = paired(kept_counts)
+            timed.append({"step": move["from_step"], "move": move, "predicted_ms": round(predicted, 4),
+                          "measured_ms": round(pair[0], 4), "original_ms": round(pair[1], 4)})
+            if off(pair) < off(chosen_pair):
+                choice, chosen_kept, chosen_pair, chosen_predicted = move["from_step"], kept_counts, pair, predicted
+    chosen_ms, base_ms = chosen_pair
     target_ms = target * base_ms
     report(f"latency: {len(trajectory) - 1} steps, chose step {choice} ({chosen_ms:.2f} ms, target "
            f"{target_ms:.2f} ms)", True)
-    search = LatencySearch(base_ms, target_ms, chosen_ms, trajectory[choice]["predicted_ms"],
-                           len(trajectory) - 1, choice, len(table.layers), len(table.cache), timer.models_timed,
-                           time.perf_counter() - started,
-                           [{"step": i, "predicted_ms": round(trajectory[i]["predicted_ms"], 4),
-                             "measured_ms": round(ms, 4), "original_ms": round(orig, 4)}
-                            for i, (ms, orig) in sorted(measured.items())],
-                           getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)))
-    return trajectory[choice]["kept"], search
+    search = LatencySearch(base_ms, target_ms, chosen_ms, chosen_predicted, len(trajectory) - 1, choice,
+                           len(table.layers), len(table.cache), timer.models_timed, time.perf_counter() - started,
+                           timed, getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)))
+    return chosen_kept, search
+
+
+def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tuple[int, dict, tuple[float, float]],
+                    target: float, base_ms: float, size: dict[int, int], table: LatencyTable, step: int,
+                    floor: dict[int, int], overhead: float) -> list[tuple[dict, dict[int, int], float]]:
+    """The REFINE_MOVES single-group moves nearest the target between two adjacent trajectory steps, `lo` (slower
+    than the target) and `hi` (faster): one candidate count down from `lo` or one multiple of `step` up from `hi`.
+    The table's prediction is mapped to a fraction of the original by the two steps' measurements (on TVM the
+    table's sums are off by 2x, but the difference between two nearby plans scales like what was measured).
+    Steps come as (index, trajectory entry, (ms, original ms)); moves as (move, kept counts, predicted ms)."""
+    (lo_i, lo, lo_pair), (hi_i, hi, hi_pair) = lo_step, hi_step
+    r_lo, r_hi = lo_pair[0] / lo_pair[1], hi_pair[0] / hi_pair[1]
+    p_lo, p_hi = lo["predicted_ms"], hi["predicted_ms"]
+    scale = (r_lo - r_hi) / (p_lo - p_hi) if p_lo > p_hi and r_lo > r_hi else 1.0 / base_ms
+    options: dict[tuple, tuple[float, dict, dict[int, int], float]] = {}
+    for origin, start, r0, p0, down in ((lo_i, lo, r_lo, p_lo, True), (hi_i, hi, r_hi, p_hi, False)):
+        for gid, full in size.items():
+            if not table.by_group.get(gid):
+                continue
+            now = start["kept"][gid]
+            counts = _candidates(full, now, step, floor[gid]) if down else \
+                [k for k in (min(full, (now // step + 1) * step),) if k > now]
+            for k in counts:
+                kept_counts = dict(start["kept"]) | {gid: k}
+                key = tuple(sorted(kept_counts.items()))
+                if kept_counts in (lo["kept"], hi["kept"]) or key in options:
+                    continue
+                predicted = overhead + table.layers_sum({g: size[g] - c for g, c in kept_counts.items()})
+                estimate = r0 + scale * (predicted - p0)
+                options[key] = (abs(estimate / target - 1),
+                                {"from_step": origin, "group": gid, "kept": k}, kept_counts, predicted)
+    best = sorted(options.values(), key=lambda o: o[0])[:REFINE_MOVES]
+    return [(move, kept_counts, predicted) for _, move, kept_counts, predicted in best]
