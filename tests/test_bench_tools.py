@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from .test_cli import DEFAULT_MODEL
 
 TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
@@ -46,7 +49,7 @@ def test_bench_latency_profile_accounts_for_the_model_time() -> None:
 
 def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:
     """The uniform plan of "equal latency" is picked from interleaved re-measurements, not from a single bisection
-    timing, and the interpolated MACs lie on the re-measured curve."""
+    timing; fractions are medians of per-round ratios; the interpolated MACs lie on the re-measured curve."""
     # 0.7x, not the tool's default 0.5x: how deep the small demo model can go is a property of the machine (CI's
     # machine measured its deepest plan at 0.55x twice, where ours reach 0.5x), and this test is about the comparison
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency_plan.py"), "demo", "--rounds", "2",
@@ -56,17 +59,30 @@ def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured
     result = json.loads(proc.stdout)
     rows, curve = result["rows"], result["uniform_curve"]
     assert 1 <= len(curve) <= 3
-    assert [c["latency_ms"] for c in curve] == sorted(c["latency_ms"] for c in curve)
-    lat_ms = rows["latency_plan"]["latency_ms"]
-    chosen = min(curve, key=lambda c: abs(c["latency_ms"] - lat_ms))
-    assert rows["uniform_plan"]["ratio"] == chosen["ratio"]
-    assert rows["uniform_plan"]["latency_ms"] == chosen["latency_ms"]
+    # a fraction is the median of ratios taken within a round (not a ratio of medians, which can pair a fast
+    # minute with a slow one), and the uniform plan of equal latency is the one whose per-round ratio to the
+    # latency plan is nearest 1
+    original = np.array(rows["original"]["rounds_ms"])
+    assert len(original) == 2
+    for row in [*rows.values(), *curve]:
+        ratios = np.array(row["rounds_ms"]) / original
+        assert row["latency_fraction"] == pytest.approx(np.median(ratios), rel=2e-3)
+        if "latency_fraction_range" in row:
+            assert row["latency_fraction_range"] == pytest.approx([ratios.min(), ratios.max()], rel=2e-3)
+    assert [c["latency_fraction"] for c in curve] == sorted(c["latency_fraction"] for c in curve)
+    plan_ms = np.array(rows["latency_plan"]["rounds_ms"])
+    nearest = min(curve, key=lambda c: abs(np.median(plan_ms / np.array(c["rounds_ms"])) - 1))
+    assert rows["uniform_plan"]["ratio"] == nearest["ratio"]
+    assert result["latency_plan_over_uniform_latency"] == pytest.approx(
+        np.median(plan_ms / np.array(nearest["rounds_ms"])), rel=2e-3)
+    assert result["latency_vs_target"] == round(rows["latency_plan"]["latency_fraction"] / 0.7, 4)
     assert 0 < rows["latency_plan"]["macs_kept"] < 1 and 0 < rows["uniform_plan"]["macs_kept"] < 1
     assert result["macs_kept_latency_over_uniform"] == round(
         rows["latency_plan"]["macs_kept"] / rows["uniform_plan"]["macs_kept"], 4)
-    bracket = [(a, b) for a, b in itertools.pairwise(curve) if a["latency_ms"] <= lat_ms <= b["latency_ms"]]
+    lat = rows["latency_plan"]["latency_fraction"]
+    bracket = [(a, b) for a, b in itertools.pairwise(curve) if a["latency_fraction"] <= lat <= b["latency_fraction"]]
     if result["macs_kept_latency_over_uniform_interpolated"] is None:
-        assert not bracket
+        assert not [(a, b) for a, b in bracket if b["latency_fraction"] > a["latency_fraction"]]
     else:
         interpolated = rows["latency_plan"]["macs_kept"] / result["macs_kept_latency_over_uniform_interpolated"]
         a, b = bracket[0]

@@ -11,11 +11,14 @@ TVM's tuned cpu code: every model timed is a tuned build (`--latency-trials` per
 1. The latency policy plans for `--target-latency` (fraction of the original's measured latency).
 2. A uniform plan is searched (bisection on the ratio) whose *measured* latency equals the latency plan's.
 3. The original, the latency plan and the `--uniform-candidates` uniform plans nearest in latency are re-measured
-   interleaved (rounds, medians), so machine drift hits all alike; `uniform_plan` is the one whose median is
-   closest to the latency plan's. Printed as JSON: latency, MACs and parameters kept, the uniform plans' curve, and
+   interleaved in rounds. As in bench_latency, every ratio is taken within a round and the median over rounds is
+   reported (the machine's speed moves 10-40% between minutes; a ratio of two medians can pair a fast minute with a
+   slow one): `latency_fraction` is the median of a plan's per-round ratios to the original, `latency_ms` the
+   median of its timings. `uniform_plan` is the uniform plan whose median per-round ratio to the latency plan is
+   closest to 1. Printed as JSON: latency, MACs and parameters kept, the uniform plans' curve (by fraction), and
    the ratios that matter: `latency_vs_target` (goal: within 10%), `macs_kept_latency_over_uniform` (goal: > 1 —
    more of the model kept for the same latency) and `macs_kept_latency_over_uniform_interpolated` (the uniform
-   MACs linearly interpolated to exactly the latency plan's latency, when the curve brackets it).
+   MACs linearly interpolated to exactly the latency plan's fraction, when the curve brackets it).
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         lo, hi = (mid, hi) if ms > lat_ms else (lo, mid)
     # one timing in the bisection can be off by 10-20% (on TVM the first timing after a tuning run reads slow), so
-    # the uniform plans nearest in latency are re-measured with the others and the comparison uses the medians
+    # the uniform plans nearest in latency are re-measured with the others and compared by per-round ratios
     nearest = sorted(candidates, key=lambda r: abs(candidates[r][1] - lat_ms))[:args.uniform_candidates]
     graphs = {"original": graph, "latency_plan": lat_graph} | {f"uniform@{r:.6f}": candidates[r][0]
                                                                 for r in sorted(nearest)}
@@ -112,31 +115,42 @@ def main(argv: list[str] | None = None) -> int:
         for name, proto in protos.items():
             samples[name].append(timer(proto, feeds, 1.0))
     ms = {k: float(np.median(v)) for k, v in samples.items()}
+
+    def per_round(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(samples[a], samples[b], strict=True)]
+
+    fraction = {k: float(np.median(per_round(k, "original"))) for k in protos}
     cost = {k: graph_cost(g) for k, g in graphs.items()}
     base = cost["original"]
-    rows = {k: {"latency_ms": round(ms[k], 4), "latency_fraction": round(ms[k] / ms["original"], 4),
+    rows = {k: {"latency_ms": round(ms[k], 4), "latency_fraction": round(fraction[k], 4),
+                "latency_fraction_range": [round(min(per_round(k, "original")), 4),
+                                           round(max(per_round(k, "original")), 4)],
+                "rounds_ms": [round(t, 6) for t in samples[k]],
                 "macs": cost[k]["macs"], "macs_kept": round(cost[k]["macs"] / base["macs"], 4),
                 "parameters_kept": round(cost[k]["parameters"] / base["parameters"], 4)} for k in protos}
-    uniform = sorted((k for k in rows if k.startswith("uniform@")), key=lambda k: ms[k])
+    uniform = sorted((k for k in rows if k.startswith("uniform@")), key=lambda k: fraction[k])
     for k in uniform:
         rows[k]["ratio"] = float(k.split("@")[1])
-    closest = min(uniform, key=lambda k: abs(ms[k] - ms["latency_plan"]))
-    curve = [{"ratio": rows[k]["ratio"], "latency_ms": rows[k]["latency_ms"], "macs_kept": rows[k]["macs_kept"]}
-             for k in uniform]
+    # the uniform plan of equal latency: its per-round ratio to the latency plan nearest 1
+    over_latency_plan = {k: float(np.median(per_round("latency_plan", k))) for k in uniform}
+    closest = min(uniform, key=lambda k: abs(over_latency_plan[k] - 1))
+    curve = [{"ratio": rows[k]["ratio"], "latency_ms": rows[k]["latency_ms"],
+              "latency_fraction": rows[k]["latency_fraction"], "macs_kept": rows[k]["macs_kept"],
+              "rounds_ms": rows[k]["rounds_ms"]} for k in uniform]
     rows = {"original": rows["original"], "latency_plan": rows["latency_plan"], "uniform_plan": rows[closest]}
-    ms["uniform_plan"] = ms[closest]
-    # MACs a uniform plan keeps at exactly the latency plan's latency: linear between the re-measured uniform plans
-    # that bracket it (None when none does)
-    interpolated, lat_ms = None, rows["latency_plan"]["latency_ms"]
+    # MACs a uniform plan keeps at exactly the latency plan's fraction of the original: linear between the
+    # re-measured uniform plans that bracket it (None when none does)
+    interpolated, lat_fraction = None, rows["latency_plan"]["latency_fraction"]
     for a, b in itertools.pairwise(curve):
-        if a["latency_ms"] <= lat_ms <= b["latency_ms"] and b["latency_ms"] > a["latency_ms"]:
-            t = (lat_ms - a["latency_ms"]) / (b["latency_ms"] - a["latency_ms"])
+        fa, fb = a["latency_fraction"], b["latency_fraction"]
+        if fa <= lat_fraction <= fb and fb > fa:
+            t = (lat_fraction - fa) / (fb - fa)
             interpolated = a["macs_kept"] + t * (b["macs_kept"] - a["macs_kept"])
     out = {
         "model": args.model, "engine": timer.engine, "target_latency": args.target_latency,
         "round_to": args.round_to, "importance": args.importance, "rows": rows,
         "latency_vs_target": round(rows["latency_plan"]["latency_fraction"] / args.target_latency, 4),
-        "latency_plan_over_uniform_latency": round(ms["latency_plan"] / ms["uniform_plan"], 4),
+        "latency_plan_over_uniform_latency": round(over_latency_plan[closest], 4),
         "macs_kept_latency_over_uniform": round(rows["latency_plan"]["macs_kept"] / rows["uniform_plan"]["macs_kept"],
                                                 4),
         "macs_kept_latency_over_uniform_interpolated": (
