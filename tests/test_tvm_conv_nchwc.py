@@ -13,6 +13,7 @@ from prune_compile.backends.tvm.conv_nchwc import (
     MAX_SPACES,
     fma_cycles,
     in_block_passes,
+    channel_block,
     input_block,
     pixel_count,
     register_tiles,
@@ -39,14 +40,16 @@ def mixed_convs_onnx():
             self.down = torch.nn.Conv2d(16, 32, 1, stride=2)  # 1x1 strided
             self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)  # depthwise: NCHW8c, OIHW1i8o
             self.grouped = torch.nn.Conv2d(32, 32, 1, groups=4)  # grouped, not depthwise: stays NCHW
-            self.odd = torch.nn.Conv2d(32, 12, 3, padding=1)  # 12 outputs: not a multiple of the vector, NCHW
+            self.narrow = torch.nn.Conv2d(32, 24, 1)  # 24 outputs: NCHW8c, also on AVX-512 (half a vector)
+            self.odd = torch.nn.Conv2d(24, 12, 3, padding=1)  # 12 outputs: not a multiple of the vector, NCHW
             self.fc = torch.nn.Linear(12, 5)
 
         def forward(self, image):
             y = torch.relu(self.stem(image))
             y = torch.relu(self.bn(self.body(y)) + y)
             y = torch.nn.functional.max_pool2d(torch.relu(self.down(y)), 2, ceil_mode=True)
-            y = self.odd(self.grouped(torch.nn.functional.relu6(self.dw(y)) + torch.nn.functional.hardswish(y)))
+            y = self.grouped(torch.nn.functional.relu6(self.dw(y)) + torch.nn.functional.hardswish(y))
+            y = self.odd(torch.relu(self.narrow(y)))
             return self.fc(y.mean(dim=(2, 3)))
 
     torch.manual_seed(0)
@@ -62,8 +65,15 @@ def test_input_block_divides_the_input_channels() -> None:
     assert input_block(3, 8) == 3  # RGB: one block of 3
     assert input_block(12, 8) == 6
     assert input_block(20, 16) == 10
+    assert input_block(24, 16) == 8  # the producer's half-vector block: no transform between the convs
     for c in range(1, 70):
-        assert c % input_block(c, 8) == 0
+        assert c % input_block(c, 8) == 0 and c % input_block(c, 16) == 0
+
+
+def test_avx512_blocks_channels_only_a_half_vector_divides_by_8() -> None:
+    assert [channel_block(c, 16) for c in (32, 24, 8, 12, 3)] == [16, 8, 8, 0, 0]
+    assert [channel_block(c, 8) for c in (32, 24, 12, 4)] == [8, 8, 0, 0]  # AVX2: 4-lane halves stay NCHW
+    assert [channel_block(c, 4) for c in (8, 6, 2)] == [4, 0, 0]
 
 
 @pytest.mark.parametrize("shape,registers", [((4, 56, 56), 16), ((32, 7, 7), 16), ((8, 14, 14), 32), ((1, 1, 1), 16)])
@@ -113,22 +123,36 @@ def test_outputs_no_fast_tile_divides_are_computed_as_flat_pixels() -> None:
                     register_tiles(blocks, size, size, 16)[0])
 
 
-def test_dense_and_depthwise_convs_whose_outputs_divide_by_the_vector_are_blocked() -> None:
+def _conv_layouts(lanes: int) -> list[tuple[int, str, str, str]]:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     from prune_compile.backends.tvm.conv_nchwc import convert_layout
 
-    mod = convert_layout(from_onnx(mixed_convs_onnx(), keep_params_in_input=False), 8)
+    mod = convert_layout(from_onnx(mixed_convs_onnx(), keep_params_in_input=False), lanes)
     layouts = []
 
     def visit(expr) -> None:
         if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
-            layouts.append((int(expr.attrs.groups), str(expr.attrs.data_layout), str(expr.attrs.out_layout)))
+            layouts.append((int(expr.attrs.groups), str(expr.attrs.data_layout), str(expr.attrs.kernel_layout),
+                            str(expr.attrs.out_layout)))
 
     relax.analysis.post_order_visit(mod["main"], visit)
-    assert sorted(layouts) == sorted([(1, "NCHW3c", "NCHW8c"), (1, "NCHW8c", "NCHW8c"), (1, "NCHW8c", "NCHW8c"),
-                                      (32, "NCHW8c", "NCHW8c"), (4, "NCHW", "NCHW"), (1, "NCHW", "NCHW")])
+    return sorted(layouts)
+
+
+def test_dense_and_depthwise_convs_whose_outputs_divide_by_the_vector_are_blocked() -> None:
+    assert _conv_layouts(8) == sorted([
+        (1, "NCHW3c", "OIHW3i8o", "NCHW8c"), (1, "NCHW8c", "OIHW8i8o", "NCHW8c"),
+        (1, "NCHW8c", "OIHW8i8o", "NCHW8c"), (32, "NCHW8c", "OIHW1i8o", "NCHW8c"), (4, "NCHW", "OIHW", "NCHW"),
+        (1, "NCHW8c", "OIHW8i8o", "NCHW8c"), (1, "NCHW", "OIHW", "NCHW")])
+
+
+def test_avx512_convs_take_16_channel_blocks_and_8_where_only_8_divides() -> None:
+    assert _conv_layouts(16) == sorted([
+        (1, "NCHW3c", "OIHW3i16o", "NCHW16c"), (1, "NCHW16c", "OIHW16i16o", "NCHW16c"),
+        (1, "NCHW16c", "OIHW16i16o", "NCHW16c"), (32, "NCHW16c", "OIHW1i16o", "NCHW16c"),
+        (4, "NCHW", "OIHW", "NCHW"), (1, "NCHW16c", "OIHW16i8o", "NCHW8c"), (1, "NCHW", "OIHW", "NCHW")])
 
 
 def test_clips_follow_the_blocked_layout() -> None:
