@@ -11,9 +11,9 @@ from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
 from prune_compile.backends.tvm.conv_nchwc import (
     MAX_SPACES,
+    channel_block,
     fma_cycles,
     in_block_passes,
-    channel_block,
     input_block,
     pixel_count,
     register_tiles,

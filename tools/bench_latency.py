@@ -186,7 +186,8 @@ def main() -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, default=1,
-                    help="kept channel counts are multiples of N (8: the AVX2 vector, half an AVX-512 one, for --conv-layout NCHWc)")
+                    help="kept channel counts are multiples of N (8: the AVX2 vector, half an AVX-512 one; "
+                         "for --conv-layout NCHWc)")
     ap.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per variant (0: skip tuned TVM)")
     ap.add_argument("--tune-db", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -60,9 +60,9 @@ def vector_registers(lanes: int) -> int:
 
 def channel_block(channels: int, lanes: int) -> int:
     """The channel block of a blocked layout: the full vector when it divides `channels`; on AVX-512 a half vector
-    (8: one 256-bit register, which Zen 4 executes at the same FLOPs per cycle as a double-pumped 512-bit one;
-    the register tiles then budget 16 accumulators' worth of registers, as on AVX2) when only that divides, so that a count planned in steps of 8 keeps the blocked
-    schedule instead of falling back to NCHW; 0 when neither divides."""
+    when only that divides (8: one 256-bit register, which Zen 4 runs at the FLOPs per cycle of a double-pumped
+    512-bit one; the register tiles then budget 16 registers, as on AVX2), so that a count planned in steps of 8
+    keeps the blocked schedule instead of falling back to NCHW; 0 when neither divides."""
     for block in (lanes, lanes // 2 if lanes >= 16 else 0):
         if block and channels % block == 0:
             return block
