@@ -63,9 +63,10 @@ def channel_block(channels: int, lanes: int) -> int:
     when only that divides (8: one 256-bit register, which Zen 4 runs at the FLOPs per cycle of a double-pumped
     512-bit one; the register tiles then budget 16 registers, as on AVX2), so that a count planned in steps of 8
     keeps the blocked schedule instead of falling back to NCHW; 0 when neither divides."""
-    for block in (lanes, lanes // 2 if lanes >= 16 else 0):
-        if block and channels % block == 0:
-            return block
+    if channels % lanes == 0:
+        return lanes
+    if lanes >= 16 and channels % (lanes // 2) == 0:
+        return lanes // 2
     return 0
 
 
