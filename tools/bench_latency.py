@@ -9,7 +9,11 @@ All engines use the same thread count (--threads, default: all cores).
 Timing runs in --rounds interleaved rounds (every engine and variant once per round, each in a fresh process), after
 every build: on these VMs one engine's latency moves by 10-20% between minutes, so a ratio of two numbers taken
 minutes apart says little. Each ratio is computed within a round; the JSON gives the median over rounds and the
-range (`*_range`). An engine's `median_ms` is the median of its round medians, `rounds_ms` the round medians.
+range (`*_range`). For 20-60 s at a time one of the two cores is taken, which pulls every reading up and every
+ratio towards 1, so only quiet rounds count: a reading within 10% of that engine and variant's fastest round
+(`quiet_rounds`), a ratio over the rounds quiet for both sides (all rounds when fewer than half are). Rounds go on
+until `--rounds` are quiet for every engine and variant, at most 2x as many. An engine's `median_ms` is the median
+of its quiet rounds' medians, `rounds_ms` every round's median.
 
 Run: .venv/bin/python tools/bench_latency.py resnet18 --ratio 0.5 --tune 2000 [--tune-db DIR] [--repeat 50]
      MODEL is a torchvision name (random weights) or an .onnx file (then pass --input-shape for dynamic dims).
@@ -29,6 +33,7 @@ import time
 import numpy as np
 
 from prune_compile.backends.tvm.targets import CONV_LAYOUTS
+from prune_compile.passes.latency import QUIET
 
 
 def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
@@ -42,11 +47,18 @@ def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
     return {"median_ms": round(float(np.median(times)), 4), "times_ms": [round(t, 4) for t in times]}
 
 
+def _quiet(rounds_ms: list[float]) -> list[int]:
+    """The rounds read in the machine's fast phase: within QUIET of the fastest."""
+    return [i for i, ms in enumerate(rounds_ms) if ms <= QUIET * min(rounds_ms)]
+
+
 def _pooled(rounds: list[dict]) -> dict:
-    """One engine and variant over all rounds: the median of the round medians, percentiles of every run."""
+    """One engine and variant over all rounds: the median of the quiet rounds' medians, percentiles of every run."""
     times = [t for r in rounds for t in r["times_ms"]]
-    out = {"median_ms": round(float(np.median([r["median_ms"] for r in rounds])), 4),
-           "rounds_ms": [r["median_ms"] for r in rounds],
+    medians = [r["median_ms"] for r in rounds]
+    quiet = _quiet(medians)
+    out = {"median_ms": round(float(np.median([medians[i] for i in quiet])), 4),
+           "rounds_ms": medians, "quiet_rounds": quiet,
            "p10_ms": round(float(np.percentile(times, 10)), 4), "p90_ms": round(float(np.percentile(times, 90)), 4),
            "runs": len(times)}
     if "kernels" in rounds[0]:
@@ -295,11 +307,21 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
             runs.append(("torch", label, "torch", os.path.join(work, f"{label}.pt"), args.repeat))
     # Every build is done: now time each (engine, variant) once per round, interleaved.
     measured: dict[tuple[str, str], list[dict]] = {}
-    for r in range(args.rounds):
+
+    def quiet_everywhere() -> int:
+        """Rounds quiet for every engine and variant measured."""
+        if not measured or any("error" in m for ms in measured.values() for m in ms):
+            return len(next(iter(measured.values()), []))
+        quiet = [set(_quiet([m["median_ms"] for m in ms])) for ms in measured.values()]
+        return len(set.intersection(*quiet))
+
+    r = 0
+    while r < args.rounds or (r < 2 * args.rounds and quiet_everywhere() < args.rounds):
+        r += 1
         for engine, label, kind, artifact, repeat in runs:
             if "error" in result["builds"].get(f"{engine}.{label}", {}):
                 continue
-            profile = args.profile and r == 0 and engine != "torch"
+            profile = args.profile and r == 1 and engine != "torch"
             measured.setdefault((engine, label), []).append(
                 _measure(kind, artifact, feeds_path, order, args.threads, repeat, profile))
     for (engine, label), rounds in measured.items():
@@ -314,7 +336,9 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         ra, rb = result["latency_ms"].get(a[0], {}).get(a[1], {}), result["latency_ms"].get(b[0], {}).get(b[1], {})
         if "rounds_ms" not in ra or "rounds_ms" not in rb:
             return None
-        return [x / y for x, y in zip(ra["rounds_ms"], rb["rounds_ms"], strict=True)]
+        both = sorted(set(ra["quiet_rounds"]) & set(rb["quiet_rounds"]))
+        use = both if len(both) >= (args.rounds + 1) // 2 else range(len(ra["rounds_ms"]))
+        return [ra["rounds_ms"][i] / rb["rounds_ms"][i] for i in use]
 
     for engine in result["latency_ms"]:
         speedups = per_round((engine, "unpruned"), (engine, "pruned"))
