@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from prune_compile.backends.tvm.targets import CONV_LAYOUTS
-from prune_compile.passes.latency import QUIET
+from prune_compile.passes.latency import quiet_indices
 
 
 def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
@@ -47,16 +47,11 @@ def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
     return {"median_ms": round(float(np.median(times)), 4), "times_ms": [round(t, 4) for t in times]}
 
 
-def _quiet(rounds_ms: list[float]) -> list[int]:
-    """The rounds read in the machine's fast phase: within QUIET of the fastest."""
-    return [i for i, ms in enumerate(rounds_ms) if ms <= QUIET * min(rounds_ms)]
-
-
 def _pooled(rounds: list[dict]) -> dict:
     """One engine and variant over all rounds: the median of the quiet rounds' medians, percentiles of every run."""
     times = [t for r in rounds for t in r["times_ms"]]
     medians = [r["median_ms"] for r in rounds]
-    quiet = _quiet(medians)
+    quiet = quiet_indices(medians)
     out = {"median_ms": round(float(np.median([medians[i] for i in quiet])), 4),
            "rounds_ms": medians, "quiet_rounds": quiet,
            "p10_ms": round(float(np.percentile(times, 10)), 4), "p90_ms": round(float(np.percentile(times, 90)), 4),
@@ -312,7 +307,7 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         """Rounds quiet for every engine and variant measured."""
         if not measured or any("error" in m for ms in measured.values() for m in ms):
             return len(next(iter(measured.values()), []))
-        quiet = [set(_quiet([m["median_ms"] for m in ms])) for ms in measured.values()]
+        quiet = [set(quiet_indices([m["median_ms"] for m in ms])) for ms in measured.values()]
         return len(set.intersection(*quiet))
 
     r = 0

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from prune_compile.ir import export_onnx
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.deps import analyze
-    from prune_compile.passes.latency import QUIET, Timer
+    from prune_compile.passes.latency import Timer, quiet_indices
     from prune_compile.passes.policy import PlanningOptions, make_plan
     from prune_compile.passes.rewrite import pruned_copy
 
@@ -113,22 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     graphs = {"original": graph, "latency_plan": lat_graph} | {f"uniform@{r:.6f}": candidates[r][0]
                                                                 for r in sorted(nearest)}
     protos = {k: export_onnx(g) for k, g in graphs.items()}
-    # rounds continue until `--rounds` of them are quiet (the original within QUIET of its fastest round), at most
+    # rounds continue until `--rounds` of them are quiet (the original within 10% of its fastest round), at most
     # 4x `--rounds`: in a slow phase of the machine (one core taken for 20-60 s) every ratio is pulled towards 1
     # (the demo model's uniform 0.5 plan: 0.40x in fast phases, 0.44x in slow ones), as the search knows too
     all_samples: dict[str, list[float]] = {k: [] for k in protos}
-
-    def quiet_rounds() -> list[int]:
-        fastest = min(all_samples["original"])
-        return [i for i, o in enumerate(all_samples["original"]) if o <= QUIET * fastest]
-
-    while len(all_samples["original"]) < args.rounds or (
-            len(quiet_rounds()) < args.rounds and len(all_samples["original"]) < 4 * args.rounds):
+    originals = all_samples["original"]
+    while len(originals) < args.rounds or (
+            len(quiet_indices(originals)) < args.rounds and len(originals) < 4 * args.rounds):
         for name, proto in protos.items():
             all_samples[name].append(timer(proto, feeds, 1.0))
-    used = quiet_rounds()
+    used = quiet_indices(originals)
     if len(used) < (args.rounds + 1) // 2:  # a slow phase that outlasted the rounds: all of them
-        used = list(range(len(all_samples["original"])))
+        used = list(range(len(originals)))
     samples = {k: [v[i] for i in used] for k, v in all_samples.items()}
     ms = {k: float(np.median(v)) for k, v in samples.items()}
 

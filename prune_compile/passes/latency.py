@@ -43,6 +43,13 @@ QUIET, PAIR_PATIENCE_S, PAIR_MAX_SLICES = 1.10, 60.0, 100
 REFINE_WITHIN, REFINE_MOVES = 0.05, 3
 
 
+def quiet_indices(readings: Sequence[float], fastest: float | None = None) -> list[int]:
+    """Which readings of one model were taken in the machine's fast phase: within QUIET of the fastest (of these,
+    or `fastest` when given). For 20-60 s at a time one of the two cores is taken, and every run pays for it."""
+    floor = min(readings) if fastest is None else fastest
+    return [i for i, ms in enumerate(readings) if ms <= QUIET * floor]
+
+
 @dataclass
 class Layer:
     """A weight layer and how each group's kept count reaches its weight: (group id, weight axis, indices per root)."""
@@ -298,7 +305,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     fastest = [base_ms]
 
     def quiet(slices: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        return [(ms, o) for ms, o in slices if o <= QUIET * fastest[0]]
+        return [slices[i] for i in quiet_indices([o for _, o in slices], fastest[0])]
 
     def stale(slices: list[tuple[float, float]]) -> bool:
         return len(quiet(slices)) < (PAIR_SLICES + 1) // 2
