@@ -315,12 +315,14 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
         patience ran out); the fastest quiet slice of each side, scaled so that their quotient is the median of
         the quiet slices' ratios (of all slices when a slow phase outlasted the patience)."""
         removed_counts = {gid: size[gid] - k for gid, k in kept_counts.items()}
-        slices, began, added = list(slices or []), time.perf_counter(), 0
+        slices, began, added = list(slices or []), 0.0, 0
         while len(quiet(slices)) < PAIR_SLICES and (added < PAIR_SLICES or (
                 added < PAIR_MAX_SLICES and time.perf_counter() - began < PAIR_PATIENCE_S)):
             slices.append((whole_ms(removed_counts, PAIR_SLICE_S), whole_ms({}, PAIR_SLICE_S)))
             fastest[0] = min(fastest[0], slices[-1][1])
             added += 1
+            if added == 1:  # the patience starts after the first slice: that one includes building the step
+                began = time.perf_counter()
         used = slices if stale(slices) else quiet(slices)
         orig = min(o for _, o in used)
         return (float(np.median([ms / o for ms, o in used])) * orig, orig), slices
