@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from prune_compile.backends.tvm.targets import CONV_LAYOUTS
-from prune_compile.passes.latency import quiet_indices
+from prune_compile.passes.latency import quiet_indices, quiet_or_all
 
 
 def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
@@ -305,8 +305,8 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
 
     def quiet_everywhere() -> int:
         """Rounds quiet for every engine and variant measured."""
-        if not measured or any("error" in m for ms in measured.values() for m in ms):
-            return len(next(iter(measured.values()), []))
+        if any("error" in m for ms in measured.values() for m in ms):
+            return r  # a failed measurement: no more rounds
         quiet = [set(quiet_indices([m["median_ms"] for m in ms])) for ms in measured.values()]
         return len(set.intersection(*quiet))
 
@@ -332,7 +332,7 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         if "rounds_ms" not in ra or "rounds_ms" not in rb:
             return None
         both = sorted(set(ra["quiet_rounds"]) & set(rb["quiet_rounds"]))
-        use = both if len(both) >= (args.rounds + 1) // 2 else range(len(ra["rounds_ms"]))
+        use = quiet_or_all(both, len(ra["rounds_ms"]), args.rounds)
         return [ra["rounds_ms"][i] / rb["rounds_ms"][i] for i in use]
 
     for engine in result["latency_ms"]:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from prune_compile.ir import export_onnx
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.deps import analyze
-    from prune_compile.passes.latency import Timer, quiet_indices
+    from prune_compile.passes.latency import Timer, quiet_indices, quiet_or_all
     from prune_compile.passes.policy import PlanningOptions, make_plan
     from prune_compile.passes.rewrite import pruned_copy
 
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     while len(originals) < args.rounds or (len(quiet_rounds()) < args.rounds and len(originals) < 4 * args.rounds):
         for name, proto in protos.items():
             all_samples[name].append(timer(proto, feeds, 1.0))
-    used = quiet_rounds()
-    if len(used) < (args.rounds + 1) // 2:  # a slow phase that outlasted the rounds: all of them
-        used = list(range(len(originals)))
+    used = quiet_or_all(quiet_rounds(), len(originals), args.rounds)
     samples = {k: [v[i] for i in used] for k, v in all_samples.items()}
     ms = {k: float(np.median(v)) for k, v in samples.items()}
 

@@ -50,6 +50,12 @@ def quiet_indices(readings: Sequence[float], fastest: float | None = None) -> li
     return [i for i, ms in enumerate(readings) if ms <= QUIET * floor]
 
 
+def quiet_or_all(quiet: Sequence[int], count: int, wanted: int) -> list[int]:
+    """`quiet` (indices of `count` readings) when it holds at least half of the `wanted` readings, else all of
+    them: a slow phase outlasted the measurement, and its readings are all there is."""
+    return list(quiet) if len(quiet) >= (wanted + 1) // 2 else list(range(count))
+
+
 @dataclass
 class Layer:
     """A weight layer and how each group's kept count reaches its weight: (group id, weight axis, indices per root)."""
@@ -304,8 +310,11 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # Steps timed before the machine's first fast phase are re-timed once one has been seen (`stale`).
     fastest = [base_ms]
 
+    def quiet_at(slices: list[tuple[float, float]]) -> list[int]:
+        return quiet_indices([o for _, o in slices], fastest[0])
+
     def quiet(slices: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        return [slices[i] for i in quiet_indices([o for _, o in slices], fastest[0])]
+        return [slices[i] for i in quiet_at(slices)]
 
     def stale(slices: list[tuple[float, float]]) -> bool:
         return len(quiet(slices)) < (PAIR_SLICES + 1) // 2
@@ -323,7 +332,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
             added += 1
             if added == 1:  # the patience starts after the first slice: that one includes building the step
                 began = time.perf_counter()
-        used = slices if stale(slices) else quiet(slices)
+        used = [slices[i] for i in quiet_or_all(quiet_at(slices), len(slices), PAIR_SLICES)]
         orig = min(o for _, o in used)
         return (float(np.median([ms / o for ms, o in used])) * orig, orig), slices
 
