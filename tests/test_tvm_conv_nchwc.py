@@ -297,6 +297,87 @@ def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:
     assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(lib, x, ["image"])) <= RTOL
 
 
+def channel_joins_onnx():
+    """Channel concats and splits between blocked convs, BN folded: an Inception concat of 16, 24 and 8 channels
+    (blocks 16, 8, 8 on AVX-512), a split at 24, a chunk into whole 16-channel blocks, and a DenseNet-style concat
+    of two 16-channel convs (the same block everywhere)."""
+    import torch
+    from torch import nn
+
+    from prune_compile.ir import export_onnx
+    from prune_compile.ir.fx_importer import import_torch_module
+    from prune_compile.passes.fold_bn import folded_copy
+
+    def conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class Joins(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = conv_bn(3, 48, 3)
+            self.b1, self.b3, self.bp = conv_bn(48, 16, 1), conv_bn(48, 24, 3), conv_bn(48, 8, 1)
+            self.mix = conv_bn(24, 32, 1)
+            self.d1, self.d2 = conv_bn(32, 16, 3), conv_bn(32, 16, 1)
+            self.head = nn.Conv2d(32, 16, 1)
+
+        def forward(self, image):
+            y = self.stem(image)
+            y = torch.cat([self.b1(y), self.b3(y), self.bp(nn.functional.max_pool2d(y, 3, 1, 1))], 1)
+            a, b = y.split(24, dim=1)
+            z = self.mix(a + b)
+            u, v = z.chunk(2, dim=1)
+            return self.head(torch.cat([self.d1(z), self.d2(z)], 1)) + u * v
+
+    torch.manual_seed(0)
+    model = Joins().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    graph = import_torch_module(model, (torch.randn(1, 3, 20, 20),), name="Joins")
+    folded, count = folded_copy(graph)
+    assert count == 7
+    return export_onnx(folded)
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_channel_concats_and_splits_survive_blocked_layouts(lanes) -> None:
+    """TVM's layout inference keeps a split's points in channels on an axis of blocks, and fails on a concat of
+    inputs with different blocks ("Invalid layout axis 16b"): splits become slices, mixed concats take NCHW
+    inputs, and a concat whose inputs all share one block stays blocked."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from prune_compile.backends.tvm.conv_nchwc import convert_layout
+
+    mod = convert_layout(from_onnx(channel_joins_onnx(), keep_params_in_input=False), lanes)
+    concats, splits = [], []
+
+    def visit(e) -> None:
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            if e.op.name == "relax.concat":
+                concats.append(e.ty.ndim)
+            if e.op.name == "relax.split":
+                splits.append(e.args[0].ty.ndim)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    assert splits == []
+    # the Inception concat: blocks 16, 8, 8 on AVX-512 (NCHW inputs), 8 everywhere on AVX2 (stays blocked)
+    assert sorted(concats) == ([4, 5] if lanes == 16 else [5, 5])
+
+
+def test_tuned_library_with_channel_concats_and_splits_agrees_with_onnx_runtime(tmp_path) -> None:
+    model = channel_joins_onnx()
+    lib = str(tmp_path / "m.so")
+    result = tvm_backend.build(model, "cpu", lib, tvm_backend.TargetOptions(conv_layout="NCHWc"),
+                               tvm_backend.TuningOptions(trials=40, database=str(tmp_path / "db")))
+    assert result.pipeline.startswith("metaschedule, NCHW") and result.pipeline.endswith("c")
+    x = {"image": np.random.default_rng(0).standard_normal((1, 3, 20, 20)).astype(np.float32)}
+    assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(lib, x, ["image"])) <= RTOL
+
+
 def test_untuned_builds_keep_nchw(tmp_path) -> None:
     result = tvm_backend.build(mixed_convs_onnx(), "cpu", str(tmp_path / "m.so"),
                                tvm_backend.TargetOptions(conv_layout="NCHWc"))

@@ -81,27 +81,38 @@ def input_block(in_channels: int, lanes: int) -> int:
     return max(d for d in range(1, lanes + 1) if in_channels % d == 0)
 
 
+def conv_layouts(call, lanes: int) -> dict[str, list[str]]:
+    """ConvertLayout's choice for one conv2d call: (data, kernel, output) layouts (see module doc)."""
+    attrs = call.attrs
+    out_c, in_per_group = (int(v) for v in list(call.args[1].ty.shape)[:2])
+    keep = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+    ob = channel_block(out_c, lanes)
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or not ob or len(call.args[0].ty.shape) != 4:
+        return keep
+    if attrs.groups == 1:
+        ib = input_block(in_per_group, lanes)
+        return {"relax.nn.conv2d": [f"NCHW{ib}c", f"OIHW{ib}i{ob}o", f"NCHW{ob}c"]}
+    if attrs.groups == out_c and in_per_group == 1:  # depthwise
+        return {"relax.nn.conv2d": [f"NCHW{ob}c", f"OIHW1i{ob}o", f"NCHW{ob}c"]}
+    return keep
+
+
+def output_block(call, lanes: int) -> int:
+    """The channel block of a conv2d call's output after `convert_layout` (0: it stays NCHW)."""
+    layouts = conv_layouts(call, lanes)["relax.nn.conv2d"]
+    return int(layouts[2][4:-1]) if len(layouts) == 3 else 0
+
+
 def convert_layout(mod, lanes: int):
-    """Blocked layouts for the dense convolutions of `mod` (see module doc); returns the new module."""
+    """Blocked layouts for the dense convolutions of `mod` (see module doc); returns the new module. Channel
+    concats and splits are guarded first: TVM's layout inference gets them wrong in blocked layouts."""
     from tvm import relax
 
-    def choose(call):
-        if call.op.name != "relax.nn.conv2d":
-            return {}
-        attrs = call.attrs
-        out_c, in_per_group = (int(v) for v in list(call.args[1].ty.shape)[:2])
-        keep = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
-        ob = channel_block(out_c, lanes)
-        if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or not ob or len(call.args[0].ty.shape) != 4:
-            return keep
-        if attrs.groups == 1:
-            ib = input_block(in_per_group, lanes)
-            return {"relax.nn.conv2d": [f"NCHW{ib}c", f"OIHW{ib}i{ob}o", f"NCHW{ob}c"]}
-        if attrs.groups == out_c and in_per_group == 1:  # depthwise
-            return {"relax.nn.conv2d": [f"NCHW{ob}c", f"OIHW1i{ob}o", f"NCHW{ob}c"]}
-        return keep
+    from .channel_concat import guard_channel_concat_split
 
-    return relax.transform.ConvertLayout({}, layout_cb=choose)(mod)
+    mod = guard_channel_concat_split(mod, lambda call: output_block(call, lanes))
+    return relax.transform.ConvertLayout({}, layout_cb=lambda call: conv_layouts(call, lanes)
+                                         if call.op.name == "relax.nn.conv2d" else {})(mod)
 
 
 def _window(data, kernel, strides, padding, dilation):
