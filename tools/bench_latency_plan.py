@@ -64,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.uniform_candidates < 1:
         ap.error("--uniform-candidates must be at least 1")
 
-    from prune_compile.ir import export_onnx
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.deps import analyze
-    from prune_compile.passes.latency import Timer, quiet_indices, quiet_or_all
+    from prune_compile.passes.latency import Timer, quiet_indices, quiet_or_all, timed_proto
     from prune_compile.passes.policy import PlanningOptions, make_plan
     from prune_compile.passes.rewrite import pruned_copy
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     calibration=feeds, progress=log, latency_timer=timer)
     search_s = time.perf_counter() - started
     lat_graph = pruned_copy(graph, lat.plan, deps)
-    lat_ms = timer(export_onnx(lat_graph), feeds, 2.0)
+    lat_ms = timer(timed_proto(lat_graph), feeds, 2.0)
 
     # uniform ratios around the latency plan's measured latency (on TVM each step is a tuned build: fewer steps)
     lo, hi = 0.0, 0.95
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(graph, deps, PlanningOptions(ratio=mid, round_to=args.round_to,
                                                       importance=args.importance)).plan
         g = pruned_copy(graph, plan, deps)
-        ms = timer(export_onnx(g), feeds, 1.0)
+        ms = timer(timed_proto(g), feeds, 1.0)
         candidates[mid] = (g, ms)
         if abs(ms / lat_ms - 1) <= 0.02:
             break
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     nearest = sorted(candidates, key=lambda r: abs(candidates[r][1] - lat_ms))[:args.uniform_candidates]
     graphs = {"original": graph, "latency_plan": lat_graph} | {f"uniform@{r:.6f}": candidates[r][0]
                                                                 for r in sorted(nearest)}
-    protos = {k: export_onnx(g) for k, g in graphs.items()}
+    protos = {k: timed_proto(g) for k, g in graphs.items()}
     # rounds continue until `--rounds` of them are quiet (the original within 10% of its fastest round), at most
     # 4x `--rounds`: in a slow phase of the machine (one core taken for 20-60 s) every ratio is pulled towards 1
     # (the demo model's uniform 0.5 plan: 0.40x in fast phases, 0.44x in slow ones), as the search knows too

@@ -59,3 +59,9 @@ def fold_batch_norms(graph: Graph) -> int:
             x.name = y.name
         folded += 1
     return folded
+
+
+def folded_copy(graph: Graph) -> tuple[Graph, int]:
+    """A copy of `graph` with its batch_norms folded (what every backend runs), and how many were."""
+    copy = graph.clone()
+    return copy, fold_batch_norms(copy)

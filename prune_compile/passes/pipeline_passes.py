@@ -93,10 +93,10 @@ def _rewrite(state: JobState, opts: dict) -> None:
 
 @body("fold-bn")
 def _fold_bn(state: JobState, opts: dict) -> None:
-    from .fold_bn import fold_batch_norms
+    from .fold_bn import folded_copy
 
-    graph = state.graph.clone()
-    state.folded_bn += fold_batch_norms(graph)
+    graph, folded = folded_copy(state.graph)
+    state.folded_bn += folded
     graph.verify()
     state.graph = graph
     state.deps = state.plan = None
@@ -136,10 +136,9 @@ def _verify(state: JobState, opts: dict) -> None:
 def _compiled_proto(graph, fold_bn: bool):
     if not fold_bn:
         return export_onnx(graph), 0
-    from .fold_bn import fold_batch_norms
+    from .fold_bn import folded_copy
 
-    copy = graph.clone()
-    folded = fold_batch_norms(copy)
+    copy, folded = folded_copy(graph)
     return export_onnx(copy), folded
 
 
