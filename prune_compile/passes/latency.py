@@ -120,7 +120,7 @@ class Timer:
 def timed_proto(graph: Graph):
     """The ONNX model a whole-model timing runs: `graph` as the backends build it, batch_norms folded into their
     convs (ONNX Runtime folds them itself, the TVM compile step with passes/fold_bn; TVM timing the unfolded graph
-    ran each BN as its own pass over the conv's output, in NCHW between layout transforms: 60% of the demo model's
+    ran each BN as its own pass over the conv's output, in NCHW between layout transforms: 70% of the demo model's
     time, none of it in the latency table, and the table's ranking of the layers was wrong)."""
     from .fold_bn import folded_copy
 
