@@ -299,8 +299,8 @@ def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:
 
 def channel_joins_onnx():
     """Channel concats and splits between blocked convs, BN folded: an Inception concat of 16, 24 and 8 channels
-    (blocks 16, 8, 8 on AVX-512), a split at 24, a chunk into whole 16-channel blocks, and a DenseNet-style concat
-    of two 16-channel convs (the same block everywhere)."""
+    (blocks 16, 8, 8 on AVX-512), a split at 24, a chunk into whole 16-channel blocks, a concat of two 16-channel
+    convs, and a DenseNet-style concat of a strided pool's output and a conv of it (the same block everywhere)."""
     import torch
     from torch import nn
 
@@ -318,7 +318,8 @@ def channel_joins_onnx():
             self.b1, self.b3, self.bp = conv_bn(48, 16, 1), conv_bn(48, 24, 3), conv_bn(48, 8, 1)
             self.mix = conv_bn(24, 32, 1)
             self.d1, self.d2 = conv_bn(32, 16, 3), conv_bn(32, 16, 1)
-            self.head = nn.Conv2d(32, 16, 1)
+            self.trans, self.d3 = conv_bn(32, 16, 1), conv_bn(16, 16, 3)
+            self.head, self.head2 = nn.Conv2d(32, 16, 1), nn.Conv2d(32, 16, 1)
 
         def forward(self, image):
             y = self.stem(image)
@@ -326,7 +327,9 @@ def channel_joins_onnx():
             a, b = y.split(24, dim=1)
             z = self.mix(a + b)
             u, v = z.chunk(2, dim=1)
-            return self.head(torch.cat([self.d1(z), self.d2(z)], 1)) + u * v
+            t = nn.functional.avg_pool2d(self.trans(z), 2)
+            dense = self.head2(torch.cat([t, self.d3(t)], 1)).mean((2, 3), keepdim=True)
+            return self.head(torch.cat([self.d1(z), self.d2(z)], 1)) + u * v + dense
 
     torch.manual_seed(0)
     model = Joins().eval()
@@ -337,7 +340,7 @@ def channel_joins_onnx():
                 m.running_var.uniform_(0.5, 2.0)
     graph = import_torch_module(model, (torch.randn(1, 3, 20, 20),), name="Joins")
     folded, count = folded_copy(graph)
-    assert count == 7
+    assert count == 9
     return export_onnx(folded)
 
 
@@ -364,8 +367,9 @@ def test_channel_concats_and_splits_survive_blocked_layouts(lanes) -> None:
 
     relax.analysis.post_order_visit(mod["main"], visit)
     assert splits == []
-    # the Inception concat: blocks 16, 8, 8 on AVX-512 (NCHW inputs), 8 everywhere on AVX2 (stays blocked)
-    assert sorted(concats) == ([4, 5] if lanes == 16 else [5, 5])
+    # the Inception concat: blocks 16, 8, 8 on AVX-512 (NCHW inputs), 8 everywhere on AVX2 (stays blocked); the
+    # other two stay blocked
+    assert sorted(concats) == ([4, 5, 5] if lanes == 16 else [5, 5, 5])
 
 
 def test_tuned_library_with_channel_concats_and_splits_agrees_with_onnx_runtime(tmp_path) -> None:

@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 # ops whose output takes the layout of their tensor inputs (elementwise and pooling)
-FOLLOWERS = frozenset({
+POOLS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d"})
+FOLLOWERS = POOLS | {
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
-    "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu", "relax.exp", "relax.negative",
-    "relax.nn.max_pool2d", "relax.nn.avg_pool2d"})
+    "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu", "relax.exp", "relax.negative"}
 UNKNOWN = -1
 
 
@@ -87,9 +87,11 @@ def _make_rewriter(block_of: Callable[[object], int]):
                 return block_of(bound)
             if bound.op.name not in FOLLOWERS:
                 return UNKNOWN
-            # operands of the output's full shape decide its layout; broadcast ones (a bias) are transformed to it
-            full = [a for a in bound.args if isinstance(a.ty, relax.TensorType) and a.ty.ndim == 4
-                    and _shape(a) == _shape(bound)]
+            # a pool's output has its input's layout; an elementwise op's, that of its operands of the output's full
+            # shape (broadcast ones, a bias, are transformed to it)
+            full = bound.args[:1] if bound.op.name in POOLS else [
+                a for a in bound.args if isinstance(a.ty, relax.TensorType) and a.ty.ndim == 4
+                and _shape(a) == _shape(bound)]
             blocks = {self.block(a, depth + 1) for a in full}
             return blocks.pop() if len(blocks) == 1 else UNKNOWN
 
