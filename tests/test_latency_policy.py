@@ -231,7 +231,7 @@ def test_a_trajectory_step_that_jumps_over_the_target_is_refined_by_single_group
 def test_the_table_is_built_only_as_deep_as_the_target_needs(resnet) -> None:
     """Every table entry is a layer shape timed (on TVM a tuning run). When the table predicts well, the greedy
     stops at the first step it predicts at the target: nothing deeper is timed. (It used to go on to 0.6x the
-    target: on resnet18 at 224² that was 637 layer shapes instead of about 340.)"""
+    target: resnet18 at 224² on ONNX Runtime timed 664 layer shapes, against 305 now.)"""
     graph, deps, feeds = resnet
     timer = ShapeTimer()
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.5), calibration=feeds,

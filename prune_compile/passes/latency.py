@@ -369,6 +369,9 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     measured = {0: (base_ms, base_ms)}  # step → (its ms, the original's ms timed beside it)
     slices_of: dict[int, list] = {}
 
+    def time_step(i: int, slices: list | None = None) -> None:
+        measured[i], slices_of[i] = paired(trajectory[i]["kept"], slices)
+
     def fast_enough(i: int) -> bool:
         return measured[i][0] <= target * measured[i][1]
 
@@ -380,7 +383,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # puts EXTEND_AIM x the target.
     extend(target_ms)
     hi = len(trajectory) - 1
-    measured[hi], slices_of[hi] = paired(trajectory[hi]["kept"])
+    time_step(hi)
     for _ in range(MAX_EXTENSIONS):
         if fast_enough(hi) or exhausted:
             break
@@ -392,7 +395,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
         if len(trajectory) - 1 == hi:
             break
         hi = len(trajectory) - 1
-        measured[hi], slices_of[hi] = paired(trajectory[hi]["kept"])
+        time_step(hi)
     for _ in range(2):
         if measured[hi][0] <= target * measured[hi][1] * 1.1:
             break
@@ -408,13 +411,13 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     for _ in range(3):  # bisect; then re-time the bracket's steps timed before a faster phase, and bisect again
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            measured[mid], slices_of[mid] = paired(trajectory[mid]["kept"])
+            time_step(mid)
             lo, hi = (lo, mid) if fast_enough(mid) else (mid, hi)
         retimed = [i for i in (lo, hi) if i in slices_of and stale(slices_of[i])]
         if not retimed:
             break
         for i in retimed:
-            measured[i], slices_of[i] = paired(trajectory[i]["kept"], slices_of[i])
+            time_step(i, slices_of[i])
         last = len(trajectory) - 1
         hi = min((i for i in measured if fast_enough(i)), default=last)
         lo = max((i for i in measured if i < hi and not fast_enough(i)), default=0)
