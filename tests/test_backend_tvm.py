@@ -31,15 +31,18 @@ def test_cli_compiles_for_cpu_and_tvm_agrees_with_onnx_runtime(tmp_path, ratio: 
     assert sorted(os.listdir(out)) == ["model.cpu.so", "model.pruned.onnx", "plan.json", "report.html", "report.json",
                                       "timings.json"]
     assert result.report["targets"]["cpu"]["verification"]["max_relative_error"] <= RTOL
-    # The library reloads in a fresh process (TVM's runtime state does not leak from the build).
+    # The library reloads in a fresh process (TVM's runtime state does not leak from the build) that has only
+    # TVM's runtime, as a deployment machine does.
     x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    script = ("import json, sys, numpy as np\n"
+    script = ("import json, sys, numpy as np, tvm\n"
+              "assert tvm.base._RUNTIME_ONLY and 'tvm_compiler' not in tvm.base._LOADED_LIBS\n"
               "from prune_compile.backends import tvm as t\n"
               f"out = t.run_library({str(out / 'model.cpu.so')!r}, {{'image': np.load({str(tmp_path / 'x.npy')!r})}},"
               " ['image'])\n"
               "print(json.dumps(out[0].tolist()))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
     assert proc.returncode == 0, proc.stderr
     got = np.asarray(json.loads(proc.stdout.strip().splitlines()[-1]), dtype=np.float32)
     expected = ort.run(str(out / "model.pruned.onnx"), {"image": x})[0]

@@ -104,3 +104,30 @@ def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured
         a, b = bracket[0]
         assert min(a["macs_kept"], b["macs_kept"]) - 1e-3 <= interpolated <= max(a["macs_kept"], b["macs_kept"]) + 1e-3
     assert result["search"]["engine"] == "onnxruntime" and result["search"]["layers"] > 0
+
+
+def test_gpu_check_builds_then_runs_libraries_against_onnx_runtime(tmp_path) -> None:
+    """tools/gpu_check.py's two steps, dry-run on the CPU: `build` runs the user's pipeline unpruned and pruned and
+    keeps ONNX Runtime's outputs; `run` (in a runtime-only TVM, as on the GPU machine) reproduces them and reports
+    the pruned model's speedup against its MACs ratio."""
+    tool = os.path.join(TOOLS, "gpu_check.py")
+    built = subprocess.run([sys.executable, tool, "build", str(tmp_path), "--target", "cpu", "--models", "demonet"],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    ran = subprocess.run([sys.executable, tool, "run", str(tmp_path), "--rounds", "2", "--runs", "3"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    report = json.loads(ran.stdout)
+    assert report["ok"] and [(r["variant"], r["ok"]) for r in report["libraries"]] == [("unpruned", True),
+                                                                                       ("pruned", True)]
+    assert all(r["max_relative_error"] <= 1e-4 and r["latency_ms"] > 0 for r in report["libraries"])
+    (speedup,) = report["speedups"]
+    assert speedup["macs_ratio"] > 3  # ratio 0.5 on both sides of each conv
+    # A wrong reference must fail the check (the comparison can fail).
+    data = dict(np.load(tmp_path / "demonet-pruned.npz"))
+    data["out:0"] = data["out:0"] + 1.0
+    np.savez(tmp_path / "demonet-pruned.npz", **data)
+    ran = subprocess.run([sys.executable, tool, "run", str(tmp_path), "--rounds", "1", "--runs", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 1
+    assert [r["ok"] for r in json.loads(ran.stdout)["libraries"]] == [True, False]

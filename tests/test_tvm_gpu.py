@@ -50,9 +50,8 @@ def test_gpu_arch_is_validated() -> None:
 
 def _cuda_runtime_available() -> bool:
     try:
-        import tvm
-
-        return tvm.cuda(0).exist
+        tvm_backend.cuda_device()
+        return True
     except Exception:
         return False
 
@@ -67,3 +66,14 @@ def test_gpu_library_runs_and_matches_onnx_runtime(tmp_path) -> None:  # pragma:
     x = {"image": np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)}
     got = tvm_backend.run_library(path, x, ["image"], device="cuda")
     assert ort.relative_error(ort.run(DEFAULT_MODEL, x), got) <= 1e-4
+
+
+@pytest.mark.skipif(_cuda_runtime_available(), reason="a GPU is here: the library runs instead")
+def test_loading_for_cuda_without_a_gpu_names_what_is_missing(tmp_path) -> None:
+    """No GPU (or no driver): a clear BackendError naming the missing piece, not a crash or a CPU fallback."""
+    from prune_compile.errors import BackendError
+
+    path = str(tmp_path / "model.cpu.so")
+    tvm_backend.build(onnx.load(DEFAULT_MODEL), "cpu", path)
+    with pytest.raises(BackendError, match=r"CUDA (runtime cannot be loaded: .*libcud|device)"):
+        tvm_backend.load_library(path, "cuda")

@@ -164,17 +164,41 @@ def build(model: onnx.ModelProto, target: str, path: str, target_options: Target
     return BuildResult(target, path, str(tvm_target), pipeline, summary.to_json() if summary else None, device_code)
 
 
+def cuda_device():
+    """TVM's first CUDA device. Its device API lives in a sidecar library, libtvm_runtime_cuda.so, that `import tvm`
+    loads only when TVM's compiler is installed too; a runtime-only install (`TVM_USE_RUNTIME_LIB=1`, or the wheel
+    without libtvm_compiler.so: a deployment machine) does not, so load it here."""
+    import ctypes
+
+    import tvm
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("device_api.cuda", allow_missing=True) is None:
+        sidecar = os.path.join(os.path.dirname(tvm.libinfo.find_libtvm_runtime()), "libtvm_runtime_cuda.so")
+        try:
+            ctypes.CDLL(sidecar, mode=ctypes.RTLD_LOCAL)  # registers device_api.cuda as it loads
+        except OSError as e:  # names what is missing: libcudart.so.13, or the driver's libcuda.so.1
+            raise BackendError(f"TVM's CUDA runtime cannot be loaded: {e}") from e
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        raise BackendError("no CUDA device: TVM's CUDA runtime loaded but sees no GPU")
+    return dev
+
+
 def load_library(path: str, device: str = "cpu"):
-    """A Relax VirtualMachine over a library built by `build` (never reload a rewritten path in-process: dlopen
-    caches by path). On the CPU, TVM runs with every available core unless TVM_NUM_THREADS says otherwise."""
+    """A VirtualMachine over a library built by `build` (never reload a rewritten path in-process: dlopen caches by
+    path). Needs only TVM's runtime, so it works on a deployment machine without the compiler. On the CPU, TVM runs
+    with every available core unless TVM_NUM_THREADS says otherwise."""
     if device == "cpu":
         ensure_thread_pool()
+    elif device != "cuda":
+        raise UsageError(f"unknown device '{device}' (cpu or cuda)")
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # what tvm.relax re-exports; tvm.relax needs the compiler
 
-    dev = tvm.cpu() if device == "cpu" else tvm.cuda()
+    dev = tvm.cpu() if device == "cpu" else cuda_device()
     try:
-        return relax.VirtualMachine(tvm.runtime.load_module(path), dev), dev
+        return VirtualMachine(tvm.runtime.load_module(path), dev), dev
     except Exception as e:
         raise BackendError(f"TVM failed to load '{path}': {_last_line(e)}") from e
 
