@@ -131,3 +131,18 @@ def test_gpu_check_builds_then_runs_libraries_against_onnx_runtime(tmp_path) -> 
                          capture_output=True, text=True, timeout=600)
     assert ran.returncode == 1
     assert [r["ok"] for r in json.loads(ran.stdout)["libraries"]] == [True, False]
+
+
+def test_bench_latency_table_compares_both_tables_with_whole_model_measurements() -> None:
+    """tools/bench_latency_table.py: each plan measured against the original, each table's predicted saving, and a
+    correlation per table (what the README's table-fidelity numbers come from)."""
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency_table.py"), "demo", "--plans", "4",
+                           "--pairs", "2", "--seconds", "0.05"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert len(result["plans"]) == 4 and result["original_ms"] > 0
+    for row in result["plans"]:
+        assert -1 < row["measured_saving"] < 1 and set(row["predicted_saving_ms"]) == {"in_model", "alone"}
+    for table in ("in_model", "alone"):
+        assert result["layer_shapes"][table] > 0
+        assert -1 <= result[table]["pearson"] <= 1 and -1 <= result[table]["spearman"] <= 1

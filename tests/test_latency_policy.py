@@ -319,6 +319,68 @@ def test_latency_plan_prefers_counts_the_kernels_run_fast_at(resnet) -> None:
     assert any(k < g.size for g in deps.prunable() for k in [kept[g.id]])
 
 
+def _one_conv(shape_in, weight, group, stride, bias):
+    from prune_compile.ir import Graph
+    from prune_compile.ir.graph import Value
+
+    rng = np.random.default_rng(0)
+    x = Value("x", shape_in, np.float32)
+    inputs = [x, Value("w", weight, np.float32, rng.standard_normal(weight).astype(np.float32))]
+    if bias:
+        inputs.append(Value("b", (weight[0],), np.float32, rng.standard_normal(weight[0]).astype(np.float32)))
+    size = (shape_in[2] + 2 - weight[2]) // stride + 1
+    y = Value("y", (1, weight[0], size, size), np.float32)
+    g = Graph(name="layer")
+    g.inputs, g.outputs = [x], [y]
+    g.add_node("conv", inputs, [y], {"group": group, "kernel_shape": list(weight[2:]), "pads": [1, 1, 1, 1],
+                                     "strides": [stride, stride], "dilations": [1, 1]})
+    return export_onnx(g), {"x": rng.standard_normal(shape_in).astype(np.float32)}
+
+
+@pytest.mark.parametrize("shape_in, weight, group, stride, bias", [
+    ((1, 96, 14, 14), (96, 1, 3, 3), 96, 1, True),  # mobilenet_v2's depthwise conv
+    ((1, 32, 28, 28), (64, 32, 3, 3), 1, 2, False),  # a strided conv without bias
+])
+def test_the_onnx_runtime_table_times_a_conv_among_copies_of_itself(tmp_path, shape_in, weight, group, stride,
+                                                                    bias) -> None:
+    """The ORT table times a conv as LAYER_COPIES convs of its shape summed: the model computes the sum of the
+    copies (each with its own weights), and ONNX Runtime runs it as just the convs, in NCHWc between one reorder in
+    and one out (each Add fused into a conv, no copy merged), so the time divided is a conv's time in a model."""
+    import platform
+
+    import onnx
+    from onnx import numpy_helper
+
+    from prune_compile.backends import ort
+    from prune_compile.passes.latency import LAYER_COPIES, summed_copies
+
+    proto, feeds = _one_conv(shape_in, weight, group, stride, bias)
+    copies = summed_copies(proto, 3)
+    # the oracle: the original conv run with each copy's weights, summed
+    constants = {i.name: numpy_helper.to_array(i) for i in copies.graph.initializer}
+    expected = 0
+    for c in range(3):
+        one = onnx.ModelProto()
+        one.CopyFrom(proto)
+        for init in one.graph.initializer:
+            init.CopyFrom(numpy_helper.from_array(constants[init.name if c == 0 else f"{init.name}.copy{c}"],
+                                                  init.name))
+        expected = expected + ort.run(one, feeds)[0]
+    got = ort.run(copies, feeds)[0]
+    assert got.shape == expected.shape and np.allclose(got, expected, rtol=1e-4, atol=1e-3)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return  # the NCHWc layout is ONNX Runtime's x86 path
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(summed_copies(proto, LAYER_COPIES).SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops == ["ReorderInput"] + ["Conv"] * LAYER_COPIES + ["ReorderOutput"], ops
+
+
 def test_latency_plan_keeps_more_macs_than_uniform_at_equal_latency(resnet) -> None:
     """Against a timer where early, wide-resolution layers cost more per MAC (memory bound), the latency plan
     prunes there and keeps more MACs than a uniform plan of the same latency."""

@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 
-def _model(name: str):
+def bench_model(name: str):
     from prune_compile.api import load_model
 
     if name == "demo":
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from prune_compile.passes.policy import PlanningOptions, make_plan
     from prune_compile.passes.rewrite import pruned_copy
 
-    loaded = _model(args.model)
+    loaded = bench_model(args.model)
     graph, feeds = loaded.graph, loaded.example_inputs
     deps = analyze(graph)
     if args.engine == "tvm":
