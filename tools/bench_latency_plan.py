@@ -2,6 +2,7 @@
 
     python tools/bench_latency_plan.py resnet18 --target-latency 0.5
     python tools/bench_latency_plan.py mobilenet_v2 --target-latency 0.5 --round-to 8
+    python tools/bench_latency_plan.py resnet18 --uniform-round-to 16   # uniform plans aligned to ORT's blocks
     python tools/bench_latency_plan.py demo --engine tvm --latency-trials 16 --tune-db DIR
 
 `--engine tvm` measures everything (the search's table and bisection, the uniform bisection, the final rounds) on
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", help="torchvision model name or an .onnx file")
     ap.add_argument("--target-latency", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--uniform-round-to", type=int, default=None,
+                    help="round_to of the uniform plans (default: --round-to); 16 aligns them to ONNX Runtime's "
+                         "NCHWc blocks on AVX-512, the strongest uniform baseline there")
     ap.add_argument("--importance", default="l2")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
     ap.add_argument("--engine", choices=("ort", "tvm"), default="ort", help="what measures (see the module doc)")
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uniform-candidates", type=int, default=3,
                     help="uniform plans (nearest in latency in the bisection) re-measured in the rounds")
     args = ap.parse_args(argv)
+    uniform_round_to = args.round_to if args.uniform_round_to is None else args.uniform_round_to
     if args.uniform_candidates < 1:
         ap.error("--uniform-candidates must be at least 1")
 
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates: dict[float, tuple] = {}  # ratio → (graph, ms in the bisection)
     for _ in range(12 if args.engine == "ort" else 7):
         mid = (lo + hi) / 2
-        plan = make_plan(graph, deps, PlanningOptions(ratio=mid, round_to=args.round_to,
+        plan = make_plan(graph, deps, PlanningOptions(ratio=mid, round_to=uniform_round_to,
                                                       importance=args.importance)).plan
         g = pruned_copy(graph, plan, deps)
         ms = timer(timed_proto(g), feeds, 1.0)
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             interpolated = a["macs_kept"] + t * (b["macs_kept"] - a["macs_kept"])
     out = {
         "model": args.model, "engine": timer.engine, "target_latency": args.target_latency,
-        "round_to": args.round_to, "importance": args.importance, "rows": rows,
+        "round_to": args.round_to, "uniform_round_to": uniform_round_to, "importance": args.importance, "rows": rows,
         "latency_vs_target": round(rows["latency_plan"]["latency_fraction"] / args.target_latency, 4),
         "latency_plan_over_uniform_latency": round(over_latency_plan[closest], 4),
         "macs_kept_latency_over_uniform": round(rows["latency_plan"]["macs_kept"] / rows["uniform_plan"]["macs_kept"],

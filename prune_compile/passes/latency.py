@@ -5,7 +5,8 @@ of the vector width waste lanes, and small layers are dominated by overheads. So
 
 1. **Latency table**: every weight layer (conv, linear, gemm, matmul with a constant weight) is built alone as a
    one-node model at the channel counts the search asks for, compiled by the engine and timed; results are
-   memoized by shape, so repeated blocks cost one measurement. Engines: ONNX Runtime (`Timer`), or TVM's tuned
+   memoized by shape, so repeated blocks cost one measurement. Engines: ONNX Runtime (`Timer`; a conv is timed
+   among copies of itself, as it runs inside a model, see `Timer.layer`), or TVM's tuned
    code for the cpu target (`backends/tvm/latency_timer.py`: a layer's time is what tuning measured for its
    kernels, records persist in the tuning database). The model's predicted latency is its measured
    latency minus the full-width layer times plus the current ones (elementwise work follows roughly).
@@ -46,6 +47,8 @@ REFINE_WITHIN, REFINE_MOVES = 0.05, 3
 # the trajectory is extended at most this many times past the first step the table predicts at the target, each time
 # aiming at this fraction of the target by the last measurement (see latency_plan)
 MAX_EXTENSIONS, EXTEND_AIM = 8, 0.9
+# the ONNX Runtime table times a conv as this many copies of itself (see Timer.layer)
+LAYER_COPIES = 8
 
 
 def quiet_indices(readings: Sequence[float], fastest: float | None = None) -> list[int]:
@@ -129,12 +132,9 @@ class Timer:
         return self(summed_copies(proto, LAYER_COPIES), feeds) / LAYER_COPIES
 
 
-LAYER_COPIES = 8
-
-
 def summed_copies(proto, copies: int):
-    """A one-conv model with `copies` convs of the same shape on its input, each with its own random weights (equal
-    ones would be merged by common-subexpression elimination), their outputs summed. ONNX Runtime fuses each Add
+    """A one-conv model with `copies` convs of the same shape on its input, each with its own random weights (shared
+    ones would let common-subexpression elimination merge the convs), their outputs summed. ONNX Runtime fuses each Add
     into the conv after it (the NCHWc conv's sum input), so the model runs just the convs, in NCHWc, between one
     input reorder and one output reorder."""
     import onnx
@@ -152,9 +152,9 @@ def summed_copies(proto, copies: int):
         inputs = list(conv.input)
         for j, name in enumerate(conv.input):
             if name in constants:
-                values = numpy_helper.to_array(constants[name])
                 inputs[j] = f"{name}.copy{c}"
-                graph.initializer.append(numpy_helper.from_array(_random(values.shape, rng), inputs[j]))
+                weights = _random(tuple(constants[name].dims), rng)
+                graph.initializer.append(numpy_helper.from_array(weights, inputs[j]))
         copy = helper.make_node("Conv", inputs, [f"{output}.copy{c}"], name=f"{conv.name}.copy{c}")
         copy.attribute.extend(conv.attribute)
         total = output if c == copies - 1 else f"{output}.sum{c}"
