@@ -114,13 +114,17 @@ def test_gpu_check_builds_then_runs_libraries_against_onnx_runtime(tmp_path) -> 
     built = subprocess.run([sys.executable, tool, "build", str(tmp_path), "--target", "cpu", "--models", "demonet"],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
-    ran = subprocess.run([sys.executable, tool, "run", str(tmp_path), "--rounds", "2", "--runs", "3"],
+    ran = subprocess.run([sys.executable, tool, "run", str(tmp_path), "--rounds", "2", "--runs", "3", "--profile"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     report = json.loads(ran.stdout)
     assert report["ok"] and [(r["variant"], r["ok"]) for r in report["libraries"]] == [("unpruned", True),
                                                                                        ("pruned", True)]
     assert all(r["max_relative_error"] <= 1e-4 and r["latency_ms"] > 0 for r in report["libraries"])
+    for r in report["libraries"]:  # --profile: every fused kernel timed, the slowest listed by their share
+        kernels = r["kernels"]
+        assert kernels["count"] >= len(kernels["top"]) > 0 and kernels["total_ms"] > 0
+        assert sum(k["share"] for k in kernels["top"]) <= 1.0001
     (speedup,) = report["speedups"]
     assert speedup["macs_ratio"] > 3  # ratio 0.5 on both sides of each conv
     # A wrong reference must fail the check (the comparison can fail).

@@ -10,7 +10,7 @@ unpruned and pruned, keeps `model.gpu.so` with seeded random inputs and ONNX Run
 graph; and builds one-op models whose embedded fatbins it extracts. `run` checks two levels:
 - libraries (needs TVM's runtime only: `load_library(path, "cuda")`, which also works with TVM_USE_RUNTIME_LIB=1 or
   a wheel without libtvm_compiler.so): run each, compare with ONNX Runtime (max error over the largest reference
-  value), time it (median over rounds of `--runs` calls and one device sync);
+  value), time it (median over rounds of `--runs` calls and one device sync); `--profile` times each fused kernel;
 - kernels (needs CuPy, no TVM at all): load each fatbin with the CUDA driver, resolve every kernel TVM generated,
   launch the one-op models' kernels and compare with NumPy.
 Prints JSON; exit status 1 if a check fails. `--target cpu` builds CPU libraries instead (a dry run anywhere).
@@ -145,7 +145,7 @@ def _relative_error(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(g - e)) / (np.max(np.abs(e)) + 1e-12)) for g, e in zip(got, expected, strict=True))
 
 
-def _check_library(directory: str, entry: dict, rounds: int, runs: int) -> dict:
+def _check_library(directory: str, entry: dict, rounds: int, runs: int, profile: bool = False) -> dict:
     import tvm
 
     from prune_compile.backends.tvm import load_library
@@ -168,10 +168,39 @@ def _check_library(directory: str, entry: dict, rounds: int, runs: int) -> dict:
             main(*args)
         dev.sync()
         samples.append((time.perf_counter() - t0) * 1e3 / runs)
-    return {"model": entry["model"], "variant": entry["variant"], "device": entry["device"], "macs": entry["macs"],
-            "max_relative_error": err, "ok": err <= LIBRARY_TOLERANCE,
-            "latency_ms": round(statistics.median(samples), 4), "latency_ms_range": [round(min(samples), 4),
-                                                                                     round(max(samples), 4)]}
+    row = {"model": entry["model"], "variant": entry["variant"], "device": entry["device"], "macs": entry["macs"],
+           "max_relative_error": err, "ok": err <= LIBRARY_TOLERANCE,
+           "latency_ms": round(statistics.median(samples), 4), "latency_ms_range": [round(min(samples), 4),
+                                                                                    round(max(samples), 4)]}
+    if profile:
+        row["kernels"] = _kernel_times(vm, dev, lambda: main(*args), runs)
+    return row
+
+
+def _kernel_times(vm, dev, call, runs: int, top: int = 12) -> dict:
+    """ms per run of each fused kernel (VM call), the device synchronized before and after each one (TVM 0.27's VM
+    has no profiler; its instrument hook sees every call): the slowest `top`, and their sum over all kernels."""
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func, symbol, before_run, ret_value, *args):
+        if symbol.startswith("vm.builtin."):
+            return 0
+        dev.sync()
+        if before_run:
+            started[symbol] = time.perf_counter()
+        else:
+            spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - started[symbol]
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        call()
+    dev.sync()
+    total = sum(spent.values())
+    slowest = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
+    return {"count": len(spent), "total_ms": round(total * 1e3 / runs, 4),
+            "top": [{"kernel": k, "ms": round(v * 1e3 / runs, 4), "share": round(v / total, 4)} for k, v in slowest]}
 
 
 def _check_kernels(directory: str, entry: dict) -> dict:
@@ -217,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     for entry in manifest:
         try:
             if entry["kind"] == "library":
-                report["libraries"].append(_check_library(args.dir, entry, args.rounds, args.runs))
+                report["libraries"].append(_check_library(args.dir, entry, args.rounds, args.runs, args.profile))
             else:
                 report["kernels"].append(_check_kernels(args.dir, entry))
         except Exception as e:  # one broken entry must not hide the others' results
@@ -249,6 +278,7 @@ def main() -> int:
     r.add_argument("dir")
     r.add_argument("--rounds", type=int, default=7)
     r.add_argument("--runs", type=int, default=50)
+    r.add_argument("--profile", action="store_true", help="time each fused kernel too (after the timed rounds)")
     args = ap.parse_args()
     return build(args) if args.step == "build" else run(args)
 
