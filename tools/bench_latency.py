@@ -71,19 +71,24 @@ def _top(per_kernel: dict[str, float], runs: int, wall: float, n: int = 15) -> d
     profiled runs (`model_ms`: what the kernels' shares are of; the timed rounds ran at another minute)."""
     total = sum(per_kernel.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:n]
-    return {"total_ms": round(total * 1e3 / runs, 4), "model_ms": round(wall * 1e3 / runs, 4),
+    return {"count": len(per_kernel), "total_ms": round(total * 1e3 / runs, 4), "model_ms": round(wall * 1e3 / runs, 4),
             "top": [{"kernel": k, "ms": round(v * 1e3 / runs, 4), "share": round(v / total, 4)} for k, v in top]}
 
 
-def _tvm_kernels(vm, call, runs: int) -> dict:
-    """Time each VM call (fused kernel) through the VM's instrument hook (TVM 0.27's VM has no profiler)."""
+def tvm_kernels(vm, call, runs: int, sync=None, n: int = 15) -> dict:
+    """Time each VM call (fused kernel) through the VM's instrument hook (TVM 0.27's VM has no profiler). `sync`
+    (a GPU device's) is called around each kernel, whose launch would otherwise return before it ran."""
     spent: dict[str, float] = {}
     started: dict[str, float] = {}
 
     def instrument(func, symbol, before_run, ret_value, *args):
+        if symbol.startswith("vm.builtin."):
+            return 0
+        if sync is not None:
+            sync()
         if before_run:
             started[symbol] = time.perf_counter()
-        elif not symbol.startswith("vm.builtin."):
+        else:
             spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - started[symbol]
         return 0
 
@@ -92,7 +97,9 @@ def _tvm_kernels(vm, call, runs: int) -> dict:
     t0 = time.perf_counter()
     for _ in range(runs):
         call()
-    return _top(spent, runs, time.perf_counter() - t0)
+    if sync is not None:
+        sync()
+    return _top(spent, runs, time.perf_counter() - t0, n)
 
 
 def _ort_kernels(model: str, opts, feeds: dict, runs: int) -> dict:
@@ -142,7 +149,7 @@ def worker(args: argparse.Namespace) -> dict:
         f = vm["main"]
         result = _median_ms(lambda: f(*inputs), args.repeat)
         if args.profile:
-            result["kernels"] = _tvm_kernels(vm, lambda: f(*inputs), max(3, args.repeat // 3))
+            result["kernels"] = tvm_kernels(vm, lambda: f(*inputs), max(3, args.repeat // 3))
         return result
     if args.engine == "torch":
         import torch

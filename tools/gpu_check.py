@@ -172,35 +172,11 @@ def _check_library(directory: str, entry: dict, rounds: int, runs: int, profile:
            "max_relative_error": err, "ok": err <= LIBRARY_TOLERANCE,
            "latency_ms": round(statistics.median(samples), 4), "latency_ms_range": [round(min(samples), 4),
                                                                                     round(max(samples), 4)]}
-    if profile:
-        row["kernels"] = _kernel_times(vm, dev, lambda: main(*args), runs)
+    if profile:  # each fused kernel, the device synchronized around it
+        from bench_latency import tvm_kernels
+
+        row["kernels"] = tvm_kernels(vm, lambda: main(*args), runs, sync=dev.sync, n=12)
     return row
-
-
-def _kernel_times(vm, dev, call, runs: int, top: int = 12) -> dict:
-    """ms per run of each fused kernel (VM call), the device synchronized before and after each one (TVM 0.27's VM
-    has no profiler; its instrument hook sees every call): the slowest `top`, and their sum over all kernels."""
-    spent: dict[str, float] = {}
-    started: dict[str, float] = {}
-
-    def instrument(func, symbol, before_run, ret_value, *args):
-        if symbol.startswith("vm.builtin."):
-            return 0
-        dev.sync()
-        if before_run:
-            started[symbol] = time.perf_counter()
-        else:
-            spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - started[symbol]
-        return 0
-
-    vm.set_instrument(instrument)
-    for _ in range(runs):
-        call()
-    dev.sync()
-    total = sum(spent.values())
-    slowest = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
-    return {"count": len(spent), "total_ms": round(total * 1e3 / runs, 4),
-            "top": [{"kernel": k, "ms": round(v * 1e3 / runs, 4), "share": round(v / total, 4)} for k, v in slowest]}
 
 
 def _check_kernels(directory: str, entry: dict) -> dict:
