@@ -91,6 +91,17 @@ def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured
     assert rows["uniform_plan"]["ratio"] == nearest["ratio"]
     assert result["latency_plan_over_uniform_latency"] == pytest.approx(
         np.median(plan_ms / np.array(nearest["rounds_ms"])[used]), rel=2e-3)
+    # where each plan pruned: every weight layer's shape, no dimension larger than the original's, and the plans'
+    # kept parameters are what those shapes hold (a bias per output channel aside: within it)
+    shapes = {k: row["weight_shapes"] for k, row in rows.items()}
+    assert shapes["original"] and all(s.keys() == shapes["original"].keys() for s in shapes.values())
+    for name, full in shapes["original"].items():
+        for k in ("latency_plan", "uniform_plan"):
+            assert all(a <= b for a, b in zip(shapes[k][name], full, strict=True))
+    weights = {k: sum(int(np.prod(v)) for v in s.values()) for k, s in shapes.items()}
+    for k in ("latency_plan", "uniform_plan"):
+        assert weights[k] < weights["original"]
+        assert rows[k]["parameters_kept"] == pytest.approx(weights[k] / weights["original"], abs=0.05)
     assert result["latency_vs_target"] == round(rows["latency_plan"]["latency_fraction"] / 0.7, 4)
     assert 0 < rows["latency_plan"]["macs_kept"] < 1 and 0 < rows["uniform_plan"]["macs_kept"] < 1
     assert result["macs_kept_latency_over_uniform"] == round(

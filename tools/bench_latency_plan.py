@@ -20,10 +20,11 @@ timed have their batch norms folded, as the compile step builds them.
    one. Only quiet rounds count (`rounds_used`: the original within 10% of its fastest round or of the search's;
    rounds go on until `--rounds` are, at most 4x as many): for 20-60 s at a time one of the two cores is taken, and
    in such a phase every ratio is pulled towards 1, as the search (passes/latency.py) knows too. Printed as JSON:
-   latency, MACs and parameters kept, the uniform plans' curve (by fraction), and the ratios that matter:
-   `latency_vs_target` (goal: within 10%), `macs_kept_latency_over_uniform` (goal: > 1 — more of the model kept for
-   the same latency) and `macs_kept_latency_over_uniform_interpolated` (the uniform MACs linearly interpolated to
-   exactly the latency plan's fraction, when the curve brackets it).
+   latency, MACs and parameters kept, each weight layer's shape (`weight_shapes`: where a plan pruned), the uniform
+   plans' curve (by fraction), and the ratios that matter: `latency_vs_target` (goal: within 10%),
+   `macs_kept_latency_over_uniform` (goal: > 1 — more of the model kept for the same latency) and
+   `macs_kept_latency_over_uniform_interpolated` (the uniform MACs linearly interpolated to exactly the latency
+   plan's fraction, when the curve brackets it).
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def bench_model(name: str):
     if name.endswith(".onnx"):
         return load_model(name)
     return load_model(f"torchvision.models:{name}", {"x": [1, 3, 224, 224]})
+
+
+def weight_shapes(graph) -> dict[str, list[int]]:
+    """Each weight layer's weight shape by node name: where a plan pruned (MACs and parameters say how much)."""
+    return {n.name: list(n.inputs[1].shape) for n in graph.nodes
+            if n.op in ("conv", "linear", "gemm", "matmul") and len(n.inputs) > 1 and n.inputs[1] is not None
+            and n.inputs[1].is_constant}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
               "latency_fraction": rows[k]["latency_fraction"], "macs_kept": rows[k]["macs_kept"],
               "rounds_ms": rows[k]["rounds_ms"]} for k in uniform]
     rows = {"original": rows["original"], "latency_plan": rows["latency_plan"], "uniform_plan": rows[closest]}
+    for k, key in (("original", "original"), ("latency_plan", "latency_plan"), ("uniform_plan", closest)):
+        rows[k]["weight_shapes"] = weight_shapes(graphs[key])
     # MACs a uniform plan keeps at exactly the latency plan's fraction of the original: linear between the
     # re-measured uniform plans that bracket it (None when none does)
     interpolated, lat_fraction = None, rows["latency_plan"]["latency_fraction"]
