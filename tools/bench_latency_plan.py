@@ -53,9 +53,9 @@ def bench_model(name: str):
 
 def weight_shapes(graph) -> dict[str, list[int]]:
     """Each weight layer's weight shape by node name: where a plan pruned (MACs and parameters say how much)."""
-    return {n.name: list(n.inputs[1].shape) for n in graph.nodes
-            if n.op in ("conv", "linear", "gemm", "matmul") and len(n.inputs) > 1 and n.inputs[1] is not None
-            and n.inputs[1].is_constant}
+    from prune_compile.passes.latency import weight_layer_nodes
+
+    return {n.name: list(n.inputs[1].shape) for n in weight_layer_nodes(graph)}
 
 
 def main(argv: list[str] | None = None) -> int:

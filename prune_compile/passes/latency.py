@@ -73,12 +73,15 @@ class Layer:
     terms: list[tuple[int, int, int]] = field(default_factory=list)
 
 
+def weight_layer_nodes(graph: Graph) -> list[Node]:
+    """The weight layers a latency table times: conv, linear, gemm, matmul, constant weight on a computed input."""
+    return [n for n in graph.nodes
+            if n.op in LAYER_OPS and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_constant
+            and n.inputs[0] is not None and not n.inputs[0].is_constant]
+
+
 def find_layers(graph: Graph, deps: DependencyResult) -> list[Layer]:
-    by_weight: dict[int, Layer] = {}
-    for n in graph.nodes:
-        if n.op in LAYER_OPS and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_constant \
-                and n.inputs[0] is not None and not n.inputs[0].is_constant:
-            by_weight[id(n.inputs[1])] = Layer(n, n.inputs[1])
+    by_weight = {id(n.inputs[1]): Layer(n, n.inputs[1]) for n in weight_layer_nodes(graph)}
     for g in deps.groups:
         if not g.prunable:
             continue
