@@ -456,8 +456,8 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
         summary["round_to"] = planning.round_to
     if planning.min_channels > 1:
         summary["min_channels"] = planning.min_channels
-    if planning.policy == "global":
-        summary["max_ratio"] = planning.max_ratio
+    if planning.policy in ("global", "latency"):
+        summary["max_ratio"] = planning.group_max_ratio
     if planning.ignore:
         summary["ignore"] = list(planning.ignore)
         summary["ignored_groups"] = len(planned.ignored_groups)

@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="kept channel counts are multiples of N (groups smaller than N excepted)")
     p.add_argument("--min-channels", type=int, default=1, metavar="N", help="channels every group keeps at least")
-    p.add_argument("--max-ratio", type=float, default=0.9, metavar="R",
-                   help="global policy: the most any one group may lose")
+    p.add_argument("--max-ratio", type=float, default=None, metavar="R",
+                   help="global and latency policies: the most any one group may lose (default 0.9 global, "
+                        "0.7 latency)")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="leave groups whole that contain a parameter matching GLOB (repeatable)")
     p.add_argument("--override", action="append", default=[], metavar="GLOB=R",

@@ -117,6 +117,48 @@ def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured
     assert result["search"]["engine"] == "onnxruntime" and result["search"]["layers"] > 0
 
 
+@pytest.mark.big
+def test_bench_accuracy_latency_compares_plans_of_equal_measured_latency(model_cache_dir) -> None:
+    """Latency plans are searched for the aligned uniform plan's measured latency, everything is re-measured
+    interleaved, and every plan's accuracies come from the trained model sliced by that plan (MNIST ResNet, one
+    epoch each: the mechanics, not the numbers)."""
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_accuracy_latency.py"), "mnist", "--epochs", "1",
+                           "--finetune-epochs", "1", "--rounds", "2", "--max-ratios", "0.7,0.9",
+                           "--wheel-dir", os.path.join(model_cache_dir, "wheels")],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    rows, sizes, used = result["rows"], result["group_sizes"], result["rounds_used"]
+    uniform = "uniform_0.5_round_to_16"
+    latency = {0.7: "latency_max_ratio_0.7", 0.9: "latency_max_ratio_0.9"}
+    assert set(rows) - {"original"} <= {uniform, *latency.values()} and uniform in rows
+    assert all(name in rows or name in result["unreachable"] for name in latency.values())
+    original = np.array(rows["original"]["rounds_ms"])[used]
+    for name, row in rows.items():
+        if name == "original":
+            continue
+        ms = np.array(row["rounds_ms"])[used]
+        assert row["latency_fraction"] == pytest.approx(np.median(ms / original), rel=2e-3)
+        assert row["latency_over_uniform"] == pytest.approx(
+            np.median(ms / np.array(rows[uniform]["rounds_ms"])[used]), rel=2e-3)
+        assert 0 < row["macs_kept"] < 1 and 0 < row["params_kept"] < 1
+        assert row["kept"].keys() == sizes.keys()
+        for group, kept in row["kept"].items():
+            size = sizes[group]
+            if name == uniform:  # ratio 0.5, counts rounded to 16 (groups smaller than that stay whole)
+                assert kept == size or kept % 16 == 0, (group, kept)
+            else:  # multiples of 8, and never more removed than max_ratio allows
+                max_ratio = 0.7 if name.endswith("0.7") else 0.9
+                assert kept == size or kept % 8 == 0, (group, kept)
+                assert kept >= size - int(max_ratio * size), (name, group, kept)
+                assert row["searched_target"] > 0
+        for key in ("one_shot", "bn_recalibrated"):
+            assert 0 <= row[key] <= 100
+        assert len(row["finetuned"]) == result["seeds"] == 1 and 0 <= row["finetuned_mean"] <= 100
+    assert any(kept < sizes[g] for g, kept in rows[uniform]["kept"].items())
+    assert len(rows["original"]["finetuned"]) == 1
+
+
 def test_gpu_check_builds_then_runs_libraries_against_onnx_runtime(tmp_path) -> None:
     """tools/gpu_check.py's two steps, dry-run on the CPU: `build` runs the user's pipeline unpruned and pruned and
     keeps ONNX Runtime's outputs; `run` (in a runtime-only TVM, as on the GPU machine) reproduces them and reports

@@ -407,6 +407,23 @@ def test_latency_plan_keeps_more_macs_than_uniform_at_equal_latency(resnet) -> N
     assert graph_cost(lat_graph)["macs"] > 1.1 * graph_cost(uni)["macs"]
 
 
+def test_no_group_loses_more_than_the_latency_policys_max_ratio(resnet) -> None:
+    """The latency policy caps every group at 70% removed unless --max-ratio says otherwise: its search drains the
+    groups whose channels save time in many layers at once (residual streams) down to whatever cap there is, and at
+    0.9 that cost a trained ResNet most of its accuracy at equal latency (README, "Accuracy at equal latency")."""
+    graph, deps, feeds = resnet
+    kept = {}
+    for max_ratio in (None, 0.9):
+        options = PlanningOptions(policy="latency", target_latency=0.3, max_ratio=max_ratio)
+        result = make_plan(graph, deps, options, calibration=feeds, latency_timer=ShapeTimer())
+        kept[max_ratio] = {g.id: 1 - result.group_ratios[g.id] for g in deps.groups if g.id in result.group_ratios}
+        assert options.group_max_ratio == (0.7 if max_ratio is None else 0.9)
+    assert min(kept[None].values()) >= 0.3 - 1e-9, kept[None]
+    # the cap binds: allowed to, the search takes some group below what 0.7 leaves
+    assert min(kept[0.9].values()) < 0.3, kept[0.9]
+    assert PlanningOptions(policy="global").group_max_ratio == 0.9
+
+
 def test_layers_map_every_conv_and_the_classifier(resnet) -> None:
     graph, deps, _ = resnet
     layers = find_layers(graph, deps)
@@ -438,6 +455,7 @@ def test_cli_latency_policy_end_to_end(tmp_path, capsys) -> None:
     assert "for latency 0.6x" in shown and "layer shapes timed" in shown
     report = json.loads((out / "report.json").read_text())
     assert report["pruning"]["policy"] == "latency" and report["pruning"]["pruned_groups"] > 0
+    assert report["pruning"]["max_ratio"] == 0.7  # the latency policy's own cap (see policy.DEFAULT_MAX_RATIO)
     assert report["verification"]["max_relative_error"] <= 1e-5
     search = json.loads((out / "timings.json").read_text())["planning"]
     assert search["target_ms"] == pytest.approx(0.6 * search["base_ms"], rel=1e-3)

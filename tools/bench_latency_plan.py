@@ -58,6 +58,51 @@ def weight_shapes(graph) -> dict[str, list[int]]:
     return {n.name: list(n.inputs[1].shape) for n in weight_layer_nodes(graph)}
 
 
+def uniform_bisection(graph, deps, timer, feeds: dict, target_ms: float, *, round_to: int, importance: str,
+                      steps: int) -> dict[float, tuple]:
+    """Uniform plans bisected on the ratio towards `target_ms` measured: ratio → (pruned graph, ms in the
+    bisection), every step timed (on TVM each is a tuned build: pass fewer `steps`). Stops within 2%."""
+    from prune_compile.passes.latency import timed_proto
+    from prune_compile.passes.policy import PlanningOptions, make_plan
+    from prune_compile.passes.rewrite import pruned_copy
+
+    lo, hi = 0.0, 0.95
+    candidates: dict[float, tuple] = {}
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        plan = make_plan(graph, deps, PlanningOptions(ratio=mid, round_to=round_to, importance=importance)).plan
+        g = pruned_copy(graph, plan, deps)
+        ms = timer(timed_proto(g), feeds, 1.0)
+        candidates[mid] = (g, ms)
+        if abs(ms / target_ms - 1) <= 0.02:
+            break
+        lo, hi = (mid, hi) if ms > target_ms else (lo, mid)
+    return candidates
+
+
+def interleaved_rounds(protos: dict, timer, feeds: dict, rounds: int, searched_fastest: float
+                       ) -> tuple[dict[str, list[float]], list[int]]:
+    """Every model in `protos` (one of them "original") timed once per round, in turn: (name → ms per round, the
+    rounds to use). Rounds continue until `rounds` of them are quiet (the original within 10% of its fastest round,
+    or of `searched_fastest`), at most 4x `rounds`: in a slow phase of the machine (one core taken for 20-60 s)
+    every ratio is pulled towards 1 (the demo model's uniform 0.5 plan: 0.40x in fast phases, 0.44x in slow ones),
+    as the search knows too. Pass the search's fastest original, not the one timed beside its chosen step: a slow
+    phase can outlast all the rounds (a TVM run's five rounds read the original at 1.175 ms throughout, the search
+    at 0.857), and one search chose in a slow phase (0.479 ms; its first 0.327)."""
+    from prune_compile.passes.latency import quiet_indices, quiet_or_all
+
+    samples: dict[str, list[float]] = {k: [] for k in protos}
+    originals = samples["original"]
+
+    def quiet_rounds() -> list[int]:
+        return quiet_indices(originals, min(min(originals), searched_fastest))
+
+    while len(originals) < rounds or (len(quiet_rounds()) < rounds and len(originals) < 4 * rounds):
+        for name, proto in protos.items():
+            samples[name].append(timer(proto, feeds, 1.0))
+    return samples, quiet_or_all(quiet_rounds(), len(originals), rounds)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="torchvision model name or an .onnx file")
@@ -67,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="round_to of the uniform plans (default: --round-to); 16 aligns them to ONNX Runtime's "
                          "NCHWc blocks on AVX-512, the strongest uniform baseline there")
     ap.add_argument("--importance", default="l2")
+    ap.add_argument("--max-ratio", type=float, default=None,
+                    help="the most of a group the latency plan may remove (default: the policy's, 0.7; runs before "
+                         "2026-11-30 used 0.9)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
     ap.add_argument("--engine", choices=("ort", "tvm"), default="ort", help="what measures (see the module doc)")
     ap.add_argument("--latency-trials", type=int, default=16, help="tvm: tuning trials per weight layer")
@@ -80,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.deps import analyze
-    from prune_compile.passes.latency import Timer, quiet_indices, quiet_or_all, timed_proto
+    from prune_compile.passes.latency import Timer, timed_proto
     from prune_compile.passes.policy import PlanningOptions, make_plan
     from prune_compile.passes.rewrite import pruned_copy
 
@@ -99,50 +147,24 @@ def main(argv: list[str] | None = None) -> int:
         if final:
             print(line, file=sys.stderr)
 
-    lat = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=args.target_latency,
-                                                 round_to=args.round_to, importance=args.importance,
-                                                 latency_engine=args.engine, latency_trials=args.latency_trials),
-                    calibration=feeds, progress=log, latency_timer=timer)
+    lat_options = PlanningOptions(policy="latency", target_latency=args.target_latency, round_to=args.round_to,
+                                  importance=args.importance, max_ratio=args.max_ratio, latency_engine=args.engine,
+                                  latency_trials=args.latency_trials)
+    lat = make_plan(graph, deps, lat_options, calibration=feeds, progress=log, latency_timer=timer)
     search_s = time.perf_counter() - started
     lat_graph = pruned_copy(graph, lat.plan, deps)
     lat_ms = timer(timed_proto(lat_graph), feeds, 2.0)
 
-    # uniform ratios around the latency plan's measured latency (on TVM each step is a tuned build: fewer steps)
-    lo, hi = 0.0, 0.95
-    candidates: dict[float, tuple] = {}  # ratio → (graph, ms in the bisection)
-    for _ in range(12 if args.engine == "ort" else 7):
-        mid = (lo + hi) / 2
-        plan = make_plan(graph, deps, PlanningOptions(ratio=mid, round_to=uniform_round_to,
-                                                      importance=args.importance)).plan
-        g = pruned_copy(graph, plan, deps)
-        ms = timer(timed_proto(g), feeds, 1.0)
-        candidates[mid] = (g, ms)
-        if abs(ms / lat_ms - 1) <= 0.02:
-            break
-        lo, hi = (mid, hi) if ms > lat_ms else (lo, mid)
+    candidates = uniform_bisection(graph, deps, timer, feeds, lat_ms, round_to=uniform_round_to,
+                                   importance=args.importance, steps=12 if args.engine == "ort" else 7)
     # one timing in the bisection can be off by 10-20% (on TVM the first timing after a tuning run reads slow), so
     # the uniform plans nearest in latency are re-measured with the others and compared by per-round ratios
     nearest = sorted(candidates, key=lambda r: abs(candidates[r][1] - lat_ms))[:args.uniform_candidates]
     graphs = {"original": graph, "latency_plan": lat_graph} | {f"uniform@{r:.6f}": candidates[r][0]
                                                                 for r in sorted(nearest)}
     protos = {k: timed_proto(g) for k, g in graphs.items()}
-    # rounds continue until `--rounds` of them are quiet (the original within 10% of its fastest round), at most
-    # 4x `--rounds`: in a slow phase of the machine (one core taken for 20-60 s) every ratio is pulled towards 1
-    # (the demo model's uniform 0.5 plan: 0.40x in fast phases, 0.44x in slow ones), as the search knows too
-    all_samples: dict[str, list[float]] = {k: [] for k in protos}
-    # quiet against the search's fastest original too: a slow phase can outlast all the rounds (a TVM run's five
-    # rounds read the original at 1.175 ms throughout, the search at 0.857). Its fastest, not `base_ms`: that is the
-    # original timed beside the chosen step, and one search chose in a slow phase (0.479 ms; its first 0.327)
-    originals = all_samples["original"]
     searched = min([lat.latency["base_ms"]] + [t["original_ms"] for t in lat.latency["trajectory"]])
-
-    def quiet_rounds() -> list[int]:
-        return quiet_indices(originals, min(min(originals), searched))
-
-    while len(originals) < args.rounds or (len(quiet_rounds()) < args.rounds and len(originals) < 4 * args.rounds):
-        for name, proto in protos.items():
-            all_samples[name].append(timer(proto, feeds, 1.0))
-    used = quiet_or_all(quiet_rounds(), len(originals), args.rounds)
+    all_samples, used = interleaved_rounds(protos, timer, feeds, args.rounds, searched)
     samples = {k: [v[i] for i in used] for k, v in all_samples.items()}
     ms = {k: float(np.median(v)) for k, v in samples.items()}
 
@@ -180,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             interpolated = a["macs_kept"] + t * (b["macs_kept"] - a["macs_kept"])
     out = {
         "model": args.model, "engine": timer.engine, "target_latency": args.target_latency,
-        "round_to": args.round_to, "uniform_round_to": uniform_round_to, "importance": args.importance, "rows": rows,
+        "round_to": args.round_to, "uniform_round_to": uniform_round_to, "importance": args.importance,
+        "max_ratio": lat_options.group_max_ratio, "rows": rows,
         "latency_vs_target": round(rows["latency_plan"]["latency_fraction"] / args.target_latency, 4),
         "latency_plan_over_uniform_latency": round(over_latency_plan[closest], 4),
         "macs_kept_latency_over_uniform": round(rows["latency_plan"]["macs_kept"] / rows["uniform_plan"]["macs_kept"],

@@ -176,7 +176,7 @@ _PLAN_OPTIONS = (
     Option("importance", "str", "channel importance", ("l1", "l2", "bn_scale", "random")),
     Option("round-to", "int", "kept counts are multiples of N"),
     Option("min-channels", "int", "channels every group keeps"),
-    Option("max-ratio", "float", "global: the most one group may lose"),
+    Option("max-ratio", "float", "global, latency: the most one group may lose (0.9 global, 0.7 latency)"),
     Option("target-macs", "float", "prune until MACs fall by this factor (replaces ratio)"),
     Option("target-latency", "float", "latency policy: measured latency as a fraction of the original's"),
     Option("latency-engine", "str", "latency policy: what measures, ort | tvm (tuned cpu code)", ("ort", "tvm")),

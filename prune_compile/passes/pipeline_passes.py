@@ -28,7 +28,7 @@ def planning_options(opts: dict):
     overrides = parse_overrides(opts.get("override", []) or [])
     planning = PlanningOptions(policy=opts.get("policy", "uniform"), ratio=opts.get("ratio", 0.0),
                                importance=opts.get("importance", "l2"), round_to=opts.get("round_to", 1),
-                               min_channels=opts.get("min_channels", 1), max_ratio=opts.get("max_ratio", 0.9),
+                               min_channels=opts.get("min_channels", 1), max_ratio=opts.get("max_ratio"),
                                ignore=tuple(opts.get("ignore", ()) or ()), overrides=overrides,
                                target_macs=opts.get("target_macs"), target_latency=opts.get("target_latency"),
                                latency_engine=opts.get("latency_engine", "ort"),
