@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from prune_compile.backends.torch_module import apply_plan_to_module
+    from prune_compile.errors import UsageError
     from prune_compile.ir.fx_importer import import_torch_module
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.deps import analyze
@@ -142,9 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     deps = analyze(graph)
     feeds = {graph.inputs[0].name: task.example.numpy()}
     timer = Timer()
-
-    from prune_compile.errors import UsageError
-
     uniform = f"uniform_{args.uniform_ratio:g}_round_to_{args.uniform_round_to}"
     plans = {uniform: make_plan(graph, deps, PlanningOptions(ratio=args.uniform_ratio, round_to=args.uniform_round_to,
                                                              importance=args.importance)).plan}
