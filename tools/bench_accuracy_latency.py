@@ -88,16 +88,11 @@ def crepe_task(args) -> Task:
                 [(bn_frames[i:i + 128],) for i in range(0, 512, 128)])
 
 
-def kept_per_group(deps, plan) -> dict[str, int]:
-    """Kept root channels of every prunable group, named by its first member's parameter: where a plan pruned."""
+def named_groups(deps) -> dict:
+    """Every prunable group by "id:first member's parameter": how the output says where a plan pruned."""
     from prune_compile.passes.plan import param_name
 
-    out = {}
-    for g in deps.groups:
-        if g.prunable:
-            removed = plan.removed.get(g.id)
-            out[f"{g.id}:{param_name(g.members[0])}"] = g.size - (0 if removed is None else len(removed))
-    return out
+    return {f"{g.id}:{param_name(g.members[0])}": g for g in deps.groups if g.prunable}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,13 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {"original": {"accuracy": task.evaluate(task.base), "macs": base_cost["macs"],
                                           "params": base_cost["parameters"],
                                           "rounds_ms": [round(t, 6) for t in samples["original"]]}}
-    control = []
-    for seed in range(1, args.seeds + 1):
-        tuned = copy.deepcopy(task.base)
-        task.finetune(tuned, seed)
-        control.append(task.evaluate(tuned))
-    rows["original"]["finetuned"] = control
-    log(f"original: {rows['original']['accuracy']}, fine-tuned {control}")
+    def finetuned(model) -> list[float]:
+        """Accuracy after fine-tuning a copy of `model`, once per seed."""
+        out = []
+        for seed in range(1, args.seeds + 1):
+            tuned = copy.deepcopy(model)
+            task.finetune(tuned, seed)
+            out.append(task.evaluate(tuned))
+        return out
+
+    groups = named_groups(deps)
+    rows["original"]["finetuned"] = finetuned(task.base)
+    log(f"original: {rows['original']['accuracy']}, fine-tuned {rows['original']['finetuned']}")
     for name in plans:
         cost = graph_cost(graphs[name])
         fractions = per_round(name, "original")
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                "latency_over_uniform": round(float(np.median(per_round(name, uniform))), 4),
                "macs_kept": round(cost["macs"] / base_cost["macs"], 4),
                "params_kept": round(cost["parameters"] / base_cost["parameters"], 4),
-               "kept": kept_per_group(deps, plans[name]), "rounds_ms": [round(t, 6) for t in samples[name]]}
+               "kept": {k: g.size - len(plans[name].removed_of(g)) for k, g in groups.items()},
+               "rounds_ms": [round(t, 6) for t in samples[name]]}
         if name in targets:
             row["searched_target"] = round(targets[name], 4)
         model = copy.deepcopy(task.base)
@@ -220,19 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         row["one_shot"] = task.evaluate(model)
         recalibrate_batch_norm(model, task.bn_batches)
         row["bn_recalibrated"] = task.evaluate(model)
-        row["finetuned"] = []
-        for seed in range(1, args.seeds + 1):
-            tuned = copy.deepcopy(model)
-            task.finetune(tuned, seed)
-            row["finetuned"].append(task.evaluate(tuned))
+        row["finetuned"] = finetuned(model)
         row["finetuned_mean"] = round(float(np.mean(row["finetuned"])), 2)
         rows[name] = row
         log(f"{name}: {row['latency_fraction']}x, MACs {row['macs_kept']}, one-shot {row['one_shot']}, "
             f"recalibrated {row['bn_recalibrated']}, fine-tuned {row['finetuned']}")
-    prunable = [g for g in deps.groups if g.prunable]
     out = {"experiment": task.description, "engine": timer.engine, "target_latency": round(target, 4),
            "importance": args.importance, "seeds": args.seeds, "rows": rows, "unreachable": unreachable,
-           "group_sizes": {k: g.size for k, g in zip(kept_per_group(deps, plans[uniform]), prunable, strict=True)},
+           "group_sizes": {k: g.size for k, g in groups.items()},
            "rounds_used": used, "rounds": len(samples["original"]),
            "seconds": round(time.monotonic() - started, 1)}
     print(json.dumps(out, indent=1))

@@ -305,7 +305,7 @@ REACHES = (8, 4, 2)
 
 def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], scores: dict[int, np.ndarray],
                  target: float, feeds: dict[str, np.ndarray], *, step: int = 8, min_channels: int = 1,
-                 max_ratio: float = 0.7, timer: Timer | None = None,  # 0.7: see policy.DEFAULT_MAX_RATIO
+                 max_ratio: float, timer: Timer | None = None,
                  progress: Callable[..., None] | None = None) -> tuple[dict[int, int], LatencySearch]:
     """Kept counts per group whose measured model latency is `target` × the original's (within ~5–10%)."""
     from .plan import Plan

@@ -58,7 +58,9 @@ class PlanningOptions:
     @property
     def group_max_ratio(self) -> float:
         """`max_ratio`, or the policy's default when it is None (see DEFAULT_MAX_RATIO)."""
-        return self.max_ratio if self.max_ratio is not None else DEFAULT_MAX_RATIO.get(self.policy, 0.9)
+        if self.max_ratio is not None:
+            return self.max_ratio
+        return DEFAULT_MAX_RATIO.get(self.policy, DEFAULT_MAX_RATIO["global"])
 
     def validate(self, policy_checks: bool = True) -> None:
         """Check every value; `policy_checks=False` skips the checks tying options to the policy (a pipeline's
