@@ -20,6 +20,9 @@ from prune_compile.passes.rewrite import pruned_copy
 from .oracle import oracle_error
 from .test_cli import DEFAULT_MODEL
 
+# the search's record (timings.json) rounds milliseconds to 4 decimals
+ROUNDED = 1e-5
+
 
 class ShapeTimer:
     """Latency as a kernel library would have it: MACs at full speed when the output channels fill 16-wide
@@ -63,9 +66,26 @@ def test_latency_plan_meets_the_target_within_10_percent(resnet, target) -> None
     pruned = pruned_copy(graph, result.plan, deps)
     fraction = timer(timed_proto(pruned), feeds) / timer(timed_proto(graph), feeds)
     assert abs(fraction / target - 1) <= 0.10, fraction
-    assert result.latency["measured_ms"] == pytest.approx(fraction * result.latency["base_ms"], rel=1e-6)
+    assert result.latency["measured_ms"] == pytest.approx(fraction * result.latency["base_ms"], rel=ROUNDED)
     assert result.latency["table_entries"] < result.latency["models_timed"] + 1
     assert oracle_error(graph, deps, result.plan, feeds) <= 1e-4
+
+
+def test_of_the_timed_plans_that_meet_the_target_the_one_losing_least_importance_is_kept(resnet) -> None:
+    """A plan at most 2% slower or 5% faster than the target meets it. Which of two such steps is nearer the target
+    is decided by noise on a real machine (CREPE tiny at 0.433x: one step read 0.4395x, the next 0.426x and removed
+    half of a 16-channel layer), so the search keeps the one that loses the least importance, not the nearest."""
+    graph, deps, feeds = resnet
+    result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.4), calibration=feeds,
+                       latency_timer=ShapeTimer())
+    timed = [t for t in result.latency["trajectory"] if t["step"] > 0]
+    meeting = [t for t in timed if 0.95 <= t["measured_ms"] / t["original_ms"] / 0.4 <= 1.02]
+    assert len(meeting) >= 2, timed  # else there is nothing to choose between
+    nearest = min(meeting, key=lambda t: abs(t["measured_ms"] / t["original_ms"] / 0.4 - 1))
+    least = min(meeting, key=lambda t: t["importance_lost"])
+    assert nearest is not least, meeting  # the two rules disagree here
+    assert result.latency["measured_ms"] == pytest.approx(least["measured_ms"], rel=ROUNDED)
+    assert result.latency["chosen_step"] == least["step"]
 
 
 def test_a_slow_reading_does_not_make_the_target_unreachable(resnet) -> None:
@@ -121,7 +141,7 @@ def test_each_step_is_judged_against_the_original_timed_beside_it(resnet) -> Non
                        latency_timer=DriftTimer())
     fraction = ShapeTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / ShapeTimer()(whole, feeds)
     assert abs(fraction / 0.4 - 1) <= 0.10, fraction
-    assert result.latency["base_ms"] == pytest.approx(ShapeTimer()(whole, feeds), rel=1e-6)
+    assert result.latency["base_ms"] == pytest.approx(ShapeTimer()(whole, feeds), rel=ROUNDED)
 
 
 def test_a_slow_phase_during_one_timing_of_a_pair_does_not_decide_the_step(resnet) -> None:
@@ -157,20 +177,22 @@ def test_a_slow_phase_during_one_timing_of_a_pair_does_not_decide_the_step(resne
     assert timer.hit >= 3
     fraction = ShapeTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / ShapeTimer()(whole, feeds)
     assert abs(fraction / 0.4 - 1) <= 0.10, fraction
-    assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=1e-6)
+    assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=ROUNDED)
 
 
-@pytest.mark.parametrize("schedule", ["alternating", "slow_start"])
-def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule) -> None:
+@pytest.mark.parametrize("schedule, extra", [("alternating", 0.6), ("slow_start", 0.6), ("after_base", 0.06)])
+def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, extra) -> None:
     """For tens of seconds at a time one of the two cores is taken, and every run pays a fixed extra cost (the demo
     model on TVM read 0.65 ms, then 1.08 ms, for 20-60 s each): in such a phase every ratio is pulled towards 1,
-    and a search that judged its steps there pruned far past the target (chosen at 0.45x, ran at 0.30x). Slow
-    phases alternating with fast ones every 8 pairs, or one the search starts in (its first timing of the original
-    too, then 15 pairs): the plan still meets the target as the fast machine runs it."""
+    and a search that judged its steps there pruned far past the target (chosen at 0.45x, ran at 0.30x). Milder
+    phases do the same on a smaller scale (CREPE tiny's original read 0.884 ms, then 0.94 ms for 10 s and more, and a
+    0.439x plan read 0.474x in them: half the searches chose a step that removed more). Slow phases alternating with
+    fast ones every 8 pairs, or one the search starts in (its first timing of the original too, then 15 pairs): the
+    plan meets the target as the fast machine runs it, within the search's own tolerance (+2%, -5%)."""
     graph, deps, feeds = resnet
     whole = timed_proto(graph)
     nodes = len(whole.graph.node)
-    extra = 0.6 * ShapeTimer()(whole, feeds)
+    extra_ms = extra * ShapeTimer()(whole, feeds)
 
     class SlowPhaseTimer(ShapeTimer):
         whole_calls = slow_calls = 0
@@ -178,6 +200,8 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule) -> None:
         def slow(self) -> bool:
             if schedule == "alternating":
                 return (self.whole_calls // 16) % 2 == 1
+            if schedule == "after_base":
+                return 1 <= self.whole_calls <= 60
             return self.whole_calls <= 30
 
         def __call__(self, proto, feeds, seconds=None) -> float:
@@ -187,15 +211,15 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule) -> None:
             slow = self.slow()
             self.whole_calls += 1
             self.slow_calls += slow
-            return ms + extra if slow else ms
+            return ms + extra_ms if slow else ms
 
     timer = SlowPhaseTimer()
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.4), calibration=feeds,
                        latency_timer=timer)
     assert timer.slow_calls >= 20, timer.slow_calls
     fraction = ShapeTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / ShapeTimer()(whole, feeds)
-    assert abs(fraction / 0.4 - 1) <= 0.10, fraction
-    assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=1e-6)
+    assert 0.95 <= fraction / 0.4 <= 1.02, fraction
+    assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=ROUNDED)
     chosen = [t for t in result.latency["trajectory"] if "slices" in t
               and t["measured_ms"] == round(result.latency["measured_ms"], 4)]
     assert chosen and chosen[-1]["quiet_slices"] >= 5, result.latency["trajectory"]

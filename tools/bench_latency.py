@@ -11,6 +11,7 @@ every build: on these VMs one engine's latency moves by 10-20% between minutes, 
 minutes apart says little. Each ratio is computed within a round; the JSON gives the median over rounds and the
 range (`*_range`). For 20-60 s at a time one of the two cores is taken, which pulls every reading up and every
 ratio towards 1, so only quiet rounds count: a reading within 10% of that engine and variant's fastest round
+(ROUND_QUIET: a round's median spreads wider than the fastest-of-runs readings the latency search compares)
 (`quiet_rounds`), a ratio over the rounds quiet for both sides (all rounds when fewer than half are). Rounds go on
 until `--rounds` are quiet for every engine and variant, at most 2x as many. An engine's `median_ms` is the median
 of its quiet rounds' medians, `rounds_ms` every round's median.
@@ -35,6 +36,8 @@ import numpy as np
 from prune_compile.backends.tvm.targets import CONV_LAYOUTS
 from prune_compile.passes.latency import quiet_indices, quiet_or_all
 
+# a round is quiet when its median is within this of the fastest round's (the module doc)
+ROUND_QUIET = 1.10
 
 def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
     for _ in range(warmup):
@@ -51,7 +54,7 @@ def _pooled(rounds: list[dict]) -> dict:
     """One engine and variant over all rounds: the median of the quiet rounds' medians, percentiles of every run."""
     times = [t for r in rounds for t in r["times_ms"]]
     medians = [r["median_ms"] for r in rounds]
-    quiet = quiet_indices(medians)
+    quiet = quiet_indices(medians, within=ROUND_QUIET)
     out = {"median_ms": round(float(np.median([medians[i] for i in quiet])), 4),
            "rounds_ms": medians, "quiet_rounds": quiet,
            "p10_ms": round(float(np.percentile(times, 10)), 4), "p90_ms": round(float(np.percentile(times, 90)), 4),
@@ -314,7 +317,7 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         """Rounds quiet for every engine and variant measured."""
         if any("error" in m for ms in measured.values() for m in ms):
             return r  # a failed measurement: no more rounds
-        quiet = [set(quiet_indices([m["median_ms"] for m in ms])) for ms in measured.values()]
+        quiet = [set(quiet_indices([m["median_ms"] for m in ms], within=ROUND_QUIET)) for ms in measured.values()]
         return len(set.intersection(*quiet))
 
     r = 0

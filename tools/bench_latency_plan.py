@@ -17,7 +17,7 @@ timed have their batch norms folded, as the compile step builds them.
    reported (the machine's speed moves 10-40% between minutes; a ratio of two medians can pair a fast minute with a
    slow one): `latency_fraction` is the median of a plan's per-round ratios to the original, `latency_ms` the median
    of its timings. `uniform_plan` is the uniform plan whose median per-round ratio to the latency plan is nearest to
-   one. Only quiet rounds count (`rounds_used`: the original within 10% of its fastest round or of the search's;
+   one. Only quiet rounds count (`rounds_used`: the original within 4% of its fastest round or of the search's;
    rounds go on until `--rounds` are, at most 4x as many): for 20-60 s at a time one of the two cores is taken, and
    in such a phase every ratio is pulled towards 1, as the search (passes/latency.py) knows too. Printed as JSON:
    latency, MACs and parameters kept, each weight layer's shape (`weight_shapes`: where a plan pruned), the uniform
@@ -83,7 +83,7 @@ def uniform_bisection(graph, deps, timer, feeds: dict, target_ms: float, *, roun
 def interleaved_rounds(protos: dict, timer, feeds: dict, rounds: int, searched_fastest: float
                        ) -> tuple[dict[str, list[float]], list[int]]:
     """Every model in `protos` (one of them "original") timed once per round, in turn: (name → ms per round, the
-    rounds to use). Rounds continue until `rounds` of them are quiet (the original within 10% of its fastest round,
+    rounds to use). Rounds continue until `rounds` of them are quiet (the original within 4% of its fastest round,
     or of `searched_fastest`), at most 4x `rounds`: in a slow phase of the machine (one core taken for 20-60 s)
     every ratio is pulled towards 1 (the demo model's uniform 0.5 plan: 0.40x in fast phases, 0.44x in slow ones),
     as the search knows too. Pass the search's fastest original, not the one timed beside its chosen step: a slow
