@@ -187,8 +187,10 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, extra) ->
     and a search that judged its steps there pruned far past the target (chosen at 0.45x, ran at 0.30x). Milder
     phases do the same on a smaller scale (CREPE tiny's original read 0.884 ms, then 0.94 ms for 10 s and more, and a
     0.439x plan read 0.474x in them: half the searches chose a step that removed more). Slow phases alternating with
-    fast ones every 8 pairs, or one the search starts in (its first timing of the original too, then 15 pairs): the
-    plan meets the target as the fast machine runs it, within the search's own tolerance (+2%, -5%)."""
+    fast ones every 8 pairs, one the search starts in (its first timing of the original too, then 15 pairs), or a
+    mild one (6% of the original) from just after the first timing for 30 pairs: the plan meets the target as the
+    fast machine runs it, within the search's own tolerance (+2%, -5%; in the mild phase the plan ran at 0.369x
+    for 0.4x when a slice within 10% of the fastest original counted as fast)."""
     graph, deps, feeds = resnet
     whole = timed_proto(graph)
     nodes = len(whole.graph.node)

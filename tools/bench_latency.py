@@ -11,10 +11,10 @@ every build: on these VMs one engine's latency moves by 10-20% between minutes, 
 minutes apart says little. Each ratio is computed within a round; the JSON gives the median over rounds and the
 range (`*_range`). For 20-60 s at a time one of the two cores is taken, which pulls every reading up and every
 ratio towards 1, so only quiet rounds count: a reading within 10% of that engine and variant's fastest round
-(ROUND_QUIET: a round's median spreads wider than the fastest-of-runs readings the latency search compares)
-(`quiet_rounds`), a ratio over the rounds quiet for both sides (all rounds when fewer than half are). Rounds go on
-until `--rounds` are quiet for every engine and variant, at most 2x as many. An engine's `median_ms` is the median
-of its quiet rounds' medians, `rounds_ms` every round's median.
+(`quiet_rounds`; `ROUND_QUIET`: a round's median spreads wider than the fastest-of-runs readings the latency search
+compares, which use 4%), a ratio over the rounds quiet for both sides (all rounds when fewer than half are).
+Rounds go on until `--rounds` are quiet for every engine and variant, at most 2x as many. An engine's `median_ms`
+is the median of its quiet rounds' medians, `rounds_ms` every round's median.
 
 Run: .venv/bin/python tools/bench_latency.py resnet18 --ratio 0.5 --tune 2000 [--tune-db DIR] [--repeat 50]
      MODEL is a torchvision name (random weights) or an .onnx file (then pass --input-shape for dynamic dims).
@@ -38,6 +38,7 @@ from prune_compile.passes.latency import quiet_indices, quiet_or_all
 
 # a round is quiet when its median is within this of the fastest round's (the module doc)
 ROUND_QUIET = 1.10
+
 
 def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
     for _ in range(warmup):
