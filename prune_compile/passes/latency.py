@@ -496,8 +496,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
 
     # candidates: (step, kept counts, (ms, original ms), predicted ms), every timed step
     candidates = [(i, trajectory[i]["kept"], measured[i], trajectory[i]["predicted_ms"]) for i in sorted(measured)]
-    timed = [entry(i, trajectory[i]["kept"], measured[i], trajectory[i]["predicted_ms"], slices_of.get(i))
-             for i in sorted(measured)]
+    timed = [entry(i, kept_counts, pair, predicted, slices_of.get(i)) for i, kept_counts, pair, predicted in candidates]
     # one step of the trajectory can move the latency by more than the tolerance (a group losing 8 of 64 channels
     # in the widest layers of a small model: 0.56x to 0.43x for a 0.5x target): then single-group moves between the
     # two bracketing steps are tried, those the table puts nearest the target
