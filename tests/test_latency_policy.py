@@ -13,7 +13,7 @@ from prune_compile.ir import export_onnx, import_onnx
 from prune_compile.passes.cost import graph_cost, node_macs
 from prune_compile.passes.deps import analyze
 from prune_compile.passes.fold_bn import folded_copy
-from prune_compile.passes.latency import find_layers, timed_proto
+from prune_compile.passes.latency import PAIR_SLICES, SEARCH_WAIT_SLICES, UNREACHABLE_RETRIES, find_layers, timed_proto
 from prune_compile.passes.policy import PlanningOptions, make_plan
 from prune_compile.passes.rewrite import pruned_copy
 
@@ -225,6 +225,38 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, extra) ->
     chosen = [t for t in result.latency["trajectory"] if "slices" in t
               and t["measured_ms"] == round(result.latency["measured_ms"], 4)]
     assert chosen and chosen[-1]["quiet_slices"] >= 5, result.latency["trajectory"]
+
+
+def test_the_search_waits_for_the_fast_phase_a_bounded_number_of_slices(resnet) -> None:
+    """A machine that never returns to the speed of the search's first timing (the original 6% slow from then on)
+    gives no pair a quiet slice: each would wait its PAIR_MAX_SLICES (a bad hour made a mobilenet_v2 search last
+    more than 15 minutes). The whole search waits at most SEARCH_WAIT_SLICES slices, says so in its record, and
+    still returns a plan judged on the slices it has."""
+    graph, deps, feeds = resnet
+    whole = timed_proto(graph)
+    nodes = len(whole.graph.node)
+    extra_ms = 0.06 * ShapeTimer()(whole, feeds)
+
+    class SlowerEverAfterTimer(ShapeTimer):
+        whole_calls = 0
+
+        def __call__(self, proto, feeds, seconds=None) -> float:
+            ms = super().__call__(proto, feeds, seconds)
+            if len(proto.graph.node) != nodes:
+                return ms
+            self.whole_calls += 1
+            return ms + extra_ms if self.whole_calls > 1 else ms
+
+    timer = SlowerEverAfterTimer()
+    result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.4), calibration=feeds,
+                       latency_timer=timer)
+    timed = [t for t in result.latency["trajectory"] if "slices" in t]
+    assert result.latency["waited_slices"] == SEARCH_WAIT_SLICES
+    # every pair's first PAIR_SLICES, plus the search's waiting (each slice times the plan and the original)
+    assert timer.whole_calls <= 1 + 2 * (PAIR_SLICES * (len(timed) + UNREACHABLE_RETRIES) + SEARCH_WAIT_SLICES), \
+        timer.whole_calls
+    fraction = ShapeTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / ShapeTimer()(whole, feeds)
+    assert 0.85 <= fraction / 0.4 <= 1.02, fraction
 
 
 @pytest.mark.parametrize("target", [0.5, 0.8])

@@ -44,6 +44,10 @@ PAIR_SLICES, PAIR_SLICE_S = 5, 0.2
 # fastest of a model's runs spreads ~0.5% in a fast phase; a phase 6% slow moved CREPE tiny's 0.439x plan to 0.474x);
 # slices are added until PAIR_SLICES are quiet, for at most PAIR_PATIENCE_S seconds or PAIR_MAX_SLICES slices
 QUIET, PAIR_PATIENCE_S, PAIR_MAX_SLICES = 1.04, 60.0, 100
+# and for at most SEARCH_WAIT_SLICES such added slices in the whole search: in a bad hour (mobilenet_v2's original at
+# 1.03-1.14x its fastest in most slices, 1.7-2x in a quarter) pairs waited 40-105 slices each, and a search that took
+# 110 s took 337 s, or more than 15 minutes. Spent, a pair decides on its first PAIR_SLICES (see quiet_or_all)
+SEARCH_WAIT_SLICES = 200
 # the deepest step over the target is re-timed at most this many times before the target is called unreachable
 UNREACHABLE_RETRIES = 6
 # a plan at most TARGET_SLACK over the target and at most REFINE_WITHIN under it meets the target; of the timed plans
@@ -112,11 +116,22 @@ class Timer:
     def __init__(self, threads: int | None = None, min_seconds: float = 0.15, min_runs: int = 7) -> None:
         self.threads, self.min_seconds, self.min_runs = threads, min_seconds, min_runs
         self.models_timed = 0
+        # the last two models' sessions, by the model object (held, so its id stays its own): the search times a
+        # plan and the original in alternating slices, and a session took as long to build as a 0.1 s slice.
+        # So a model must not be changed in place between two timings
+        self._sessions: dict[int, tuple[object, object]] = {}
 
-    def __call__(self, proto, feeds: dict[str, np.ndarray], min_seconds: float | None = None) -> float:
+    def session(self, proto):
         from ..backends import ort
 
-        sess = ort.session(proto, threads=self.threads)
+        if id(proto) not in self._sessions:
+            if len(self._sessions) >= 2:
+                del self._sessions[next(iter(self._sessions))]
+            self._sessions[id(proto)] = (proto, ort.session(proto, threads=self.threads))
+        return self._sessions[id(proto)][1]
+
+    def __call__(self, proto, feeds: dict[str, np.ndarray], min_seconds: float | None = None) -> float:
+        sess = self.session(proto)
         for _ in range(2):
             sess.run(None, feeds)
         times: list[float] = []
@@ -282,6 +297,7 @@ class LatencySearch:
     trajectory: list[dict] = field(default_factory=list)
     engine: str = "onnxruntime"
     tuning_trials_run: int = 0  # TVM engine: MetaSchedule trials this search ran (0 when the database had them)
+    waited_slices: int = 0  # slices pairs added waiting for the fast phase (at most SEARCH_WAIT_SLICES)
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -324,9 +340,16 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     if not table.layers:
         raise UsageError("the latency policy found no prunable weight layer (conv, linear, gemm, matmul)")
 
+    built: dict[tuple, object] = {}  # the original's timed model and the current plan's: a pair alternates them
+
     def whole_ms(removed_counts: dict[int, int], seconds: float = 1.0) -> float:
-        plan = Plan({g.id: lowest(scores[g.id], removed_counts[g.id]) for g in groups if removed_counts.get(g.id)})
-        proto = timed_proto(pruned_copy(graph, plan, deps) if not plan.is_empty() else graph)
+        key = tuple(sorted((gid, r) for gid, r in removed_counts.items() if r))
+        if key not in built:
+            plan = Plan({g.id: lowest(scores[g.id], removed_counts[g.id]) for g in groups if removed_counts.get(g.id)})
+            for other in [k for k in built if k]:
+                del built[other]
+            built[key] = timed_proto(pruned_copy(graph, plan, deps) if not plan.is_empty() else graph)
+        proto = built[key]
         return timer(proto, {k: v for k, v in feeds.items() if k in {i.name for i in proto.graph.input}}, seconds)
 
     base_ms = whole_ms({}, 2.0)
@@ -387,9 +410,10 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # Slow phases also last 20-60 s (one of the two cores taken: the demo model read 0.65 ms for tens of seconds,
     # then 1.08), and the ratio in them is another one (0.44x against 0.40x; a search that chose its step in one
     # measured it at 0.45x, and it ran at 0.30x). Only slices in the fast phase (the original within QUIET of its
-    # fastest reading) decide, and the pair keeps timing, up to PAIR_PATIENCE_S, until it has PAIR_SLICES of them.
+    # fastest reading) decide, and the pair keeps timing, up to PAIR_PATIENCE_S, until it has PAIR_SLICES of them
+    # (while the search's SEARCH_WAIT_SLICES last).
     # Steps timed before the machine's first fast phase are re-timed once one has been seen (`stale`).
-    fastest = [base_ms]
+    fastest, waited = [base_ms], [0]  # slices added to pairs beyond their first PAIR_SLICES, across the search
 
     def quiet_at(slices: list[tuple[float, float]]) -> list[int]:
         return quiet_indices([o for _, o in slices], fastest[0])
@@ -407,10 +431,12 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
         removed_counts = {gid: size[gid] - k for gid, k in kept_counts.items()}
         slices, began, added = list(slices or []), 0.0, 0
         while len(quiet(slices)) < PAIR_SLICES and (added < PAIR_SLICES or (
-                added < PAIR_MAX_SLICES and time.perf_counter() - began < PAIR_PATIENCE_S)):
+                added < PAIR_MAX_SLICES and time.perf_counter() - began < PAIR_PATIENCE_S
+                and waited[0] < SEARCH_WAIT_SLICES)):
             slices.append((whole_ms(removed_counts, PAIR_SLICE_S), whole_ms({}, PAIR_SLICE_S)))
             fastest[0] = min(fastest[0], slices[-1][1])
             added += 1
+            waited[0] += added > PAIR_SLICES
             if added == 1:  # the patience starts after the first slice: that one includes building the step
                 began = time.perf_counter()
         used = [slices[i] for i in quiet_or_all(quiet_at(slices), len(slices), PAIR_SLICES)]
@@ -519,7 +545,8 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
            f"{target_ms:.2f} ms)", True)
     search = LatencySearch(base_ms, target_ms, chosen_ms, chosen_predicted, len(trajectory) - 1, choice,
                            len(table.layers), len(table.cache), timer.models_timed, time.perf_counter() - started,
-                           timed, getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)))
+                           timed, getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)),
+                           waited[0])
     return chosen_kept, search
 
 
