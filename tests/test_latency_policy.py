@@ -13,7 +13,14 @@ from prune_compile.ir import export_onnx, import_onnx
 from prune_compile.passes.cost import graph_cost, node_macs
 from prune_compile.passes.deps import analyze
 from prune_compile.passes.fold_bn import folded_copy
-from prune_compile.passes.latency import PAIR_SLICES, SEARCH_WAIT_SLICES, UNREACHABLE_RETRIES, find_layers, timed_proto
+from prune_compile.passes.latency import (
+    PAIR_SLICES,
+    SEARCH_WAIT_SLICES,
+    UNREACHABLE_RETRIES,
+    RecentModels,
+    find_layers,
+    timed_proto,
+)
 from prune_compile.passes.policy import PlanningOptions, make_plan
 from prune_compile.passes.rewrite import pruned_copy
 
@@ -30,17 +37,11 @@ class ShapeTimer:
 
     def __init__(self, width: int = 16) -> None:
         self.width, self.models_timed = width, 0
-        # the last two models' readings by model object (held, so its id stays its own): the search hands the same
-        # plan and original for every slice of a pair, and importing each again was most of this file's time
-        self._recent: dict[int, tuple[object, float]] = {}
+        self._readings = RecentModels()  # importing every slice's model again was most of this file's time
 
     def __call__(self, proto, feeds, seconds=None) -> float:
         self.models_timed += 1
-        if id(proto) not in self._recent:
-            if len(self._recent) >= 2:
-                del self._recent[next(iter(self._recent))]
-            self._recent[id(proto)] = (proto, self.reading(proto))
-        return self._recent[id(proto)][1]
+        return self._readings.get(proto, self.reading)
 
     def reading(self, proto) -> float:
         graph = import_onnx(proto)

@@ -74,6 +74,22 @@ def quiet_or_all(quiet: Sequence[int], count: int, wanted: int) -> list[int]:
     return list(quiet) if len(quiet) >= (wanted + 1) // 2 else list(range(count))
 
 
+class RecentModels:
+    """A value per model object (a session, a reading) for the last `keep` models, each held so that its id stays
+    its own: the search times a plan and the original in alternating slices, and building either again every slice
+    cost up to half a slice. So a model must not be changed in place between two uses."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep, self._by_id = keep, {}
+
+    def get(self, proto, make: Callable):
+        if id(proto) not in self._by_id:
+            if len(self._by_id) >= self.keep:
+                del self._by_id[next(iter(self._by_id))]
+            self._by_id[id(proto)] = (proto, make(proto))
+        return self._by_id[id(proto)][1]
+
+
 @dataclass
 class Layer:
     """A weight layer and how each group's kept count reaches its weight: (group id, weight axis, indices per root)."""
@@ -116,22 +132,12 @@ class Timer:
     def __init__(self, threads: int | None = None, min_seconds: float = 0.15, min_runs: int = 7) -> None:
         self.threads, self.min_seconds, self.min_runs = threads, min_seconds, min_runs
         self.models_timed = 0
-        # the last two models' sessions, by the model object (held, so its id stays its own): the search times a
-        # plan and the original in alternating 0.2 s slices, and a mobilenet_v2 session took 0.02-0.08 s to build.
-        # So a model must not be changed in place between two timings
-        self._sessions: dict[int, tuple[object, object]] = {}
-
-    def session(self, proto):
-        from ..backends import ort
-
-        if id(proto) not in self._sessions:
-            if len(self._sessions) >= 2:
-                del self._sessions[next(iter(self._sessions))]
-            self._sessions[id(proto)] = (proto, ort.session(proto, threads=self.threads))
-        return self._sessions[id(proto)][1]
+        self._sessions = RecentModels()  # a mobilenet_v2 session took 0.02-0.08 s to build, a slice is 0.2 s
 
     def __call__(self, proto, feeds: dict[str, np.ndarray], min_seconds: float | None = None) -> float:
-        sess = self.session(proto)
+        from ..backends import ort
+
+        sess = self._sessions.get(proto, lambda p: ort.session(p, threads=self.threads))
         for _ in range(2):
             sess.run(None, feeds)
         times: list[float] = []
