@@ -72,12 +72,12 @@ def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured
     # a fraction is the median of ratios taken within a round (not a ratio of medians, which can pair a fast
     # minute with a slow one), and the uniform plan of equal latency is the one whose per-round ratio to the
     # latency plan is nearest 1
-    # only the quiet rounds count (the original within QUIET, 4%, of its fastest, or of the fastest of the search's
-    # last readings); rounds go on until 2 are, at most 8
+    # only the quiet rounds count (the original within QUIET, 4%, of its fastest, or of the search's reading); rounds
+    # go on until 2 are, at most 8
     used = result["rounds_used"]
     everything = np.array(rows["original"]["rounds_ms"])
     search = result["search"]
-    fastest = min(everything.min(), search["recent_original_ms"])
+    fastest = min([everything.min(), search["base_ms"]] + [t["original_ms"] for t in search["trajectory"]])
     assert 2 <= len(everything) <= 8 and used == sorted(used) and len(used) >= 1
     assert used == [i for i, o in enumerate(everything) if o <= QUIET * fastest] or len(used) == len(everything)
     original = everything[used]

@@ -239,26 +239,26 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, extra) ->
 
 
 def test_the_search_waits_for_the_fast_phase_a_bounded_number_of_slices(resnet) -> None:
-    """A machine seldom in its fast phase (the original 6% slow in all but one slice of fifteen after the first
-    timing) gives a pair a quiet slice now and then: each would wait for PAIR_SLICES of them, up to PAIR_MAX_SLICES
-    (a bad hour made a mobilenet_v2 search last more than 15 minutes). The whole search waits at most
-    SEARCH_WAIT_SLICES slices, says so in its record, and still returns a plan judged on the slices it has."""
+    """A machine that never returns to the speed of the search's first timing (the original 6% slow from then on)
+    gives no pair a quiet slice: each would wait its PAIR_MAX_SLICES (a bad hour made a mobilenet_v2 search last
+    more than 15 minutes). The whole search waits at most SEARCH_WAIT_SLICES slices, says so in its record, and
+    still returns a plan judged on the slices it has."""
     graph, deps, feeds = resnet
     whole = timed_proto(graph)
     nodes = len(whole.graph.node)
     extra_ms = 0.06 * ShapeTimer()(whole, feeds)
 
-    class SeldomFastTimer(ShapeTimer):
+    class SlowerEverAfterTimer(ShapeTimer):
         whole_calls = 0
 
         def __call__(self, proto, feeds, seconds=None) -> float:
             ms = super().__call__(proto, feeds, seconds)
             if len(proto.graph.node) != nodes:
                 return ms
-            self.whole_calls += 1  # the first timing of the original, then a slice's two: 2k and 2k + 1
-            return ms + extra_ms if self.whole_calls > 1 and (self.whole_calls // 2) % 15 else ms
+            self.whole_calls += 1
+            return ms + extra_ms if self.whole_calls > 1 else ms
 
-    timer = SeldomFastTimer()
+    timer = SlowerEverAfterTimer()
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.4), calibration=feeds,
                        latency_timer=timer)
     timed = [t for t in result.latency["trajectory"] if "slices" in t]
@@ -268,43 +268,6 @@ def test_the_search_waits_for_the_fast_phase_a_bounded_number_of_slices(resnet) 
         timer.whole_calls
     fraction = ShapeTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / ShapeTimer()(whole, feeds)
     assert 0.85 <= fraction / 0.4 <= 1.02, fraction
-
-
-def test_a_machine_that_settles_at_another_speed_has_fast_phases_at_that_speed(resnet) -> None:
-    """A machine's speed can move for minutes (mobilenet_v2's original read 3.50 ms in a search's first minute and
-    3.72-3.90 ms in the next three): judged against the fastest original of the whole search, no slice was in the
-    fast phase again, every pair waited, and once the search's waiting was spent, pairs decided on slices in slow
-    phases too. Here every run gets 8% slower over the first 20 slices (clock speed: ratios stay), and a core is
-    taken (30% of the original added to every run) in every other 10 slices: the search judges slices against the
-    fastest original near them, waits less than its bound, and meets the target as the machine runs the plan."""
-    graph, deps, feeds = resnet
-    whole = timed_proto(graph)
-    nodes = len(whole.graph.node)
-    extra_ms = 0.3 * ShapeTimer()(whole, feeds)
-
-    class SettlingTimer(ShapeTimer):
-        whole_calls = slow_calls = 0
-
-        def __call__(self, proto, feeds, seconds=None) -> float:
-            ms = super().__call__(proto, feeds, seconds)
-            if len(proto.graph.node) != nodes:
-                return ms
-            self.whole_calls += 1
-            slow = (self.whole_calls // 20) % 2 == 1
-            self.slow_calls += slow
-            return ms * (1 + 0.08 * min(1.0, self.whole_calls / 40)) + (extra_ms if slow else 0.0)
-
-    timer = SettlingTimer()
-    result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.4), calibration=feeds,
-                       latency_timer=timer)
-    assert timer.slow_calls >= 40, timer.slow_calls
-    # judged against the fastest original of the whole search, the waiting was spent (200 slices; 420 unbounded)
-    assert result.latency["waited_slices"] < SEARCH_WAIT_SLICES, result.latency["waited_slices"]
-    # what the benchmarks judge their own rounds against: the machine's fast phase as the search ended
-    assert result.latency["recent_original_ms"] == pytest.approx(1.08 * ShapeTimer()(whole, feeds), rel=ROUNDED)
-    fraction = ShapeTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / ShapeTimer()(whole, feeds)
-    assert 0.95 <= fraction / 0.4 <= 1.02, fraction
-    assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=ROUNDED)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.8])

@@ -17,7 +17,7 @@ timed have their batch norms folded, as the compile step builds them.
    reported (the machine's speed moves 10-40% between minutes; a ratio of two medians can pair a fast minute with a
    slow one): `latency_fraction` is the median of a plan's per-round ratios to the original, `latency_ms` the median
    of its timings. `uniform_plan` is the uniform plan whose median per-round ratio to the latency plan is nearest to
-   one. Only quiet rounds count (`rounds_used`: the original within 4% of its fastest round or of the search's last;
+   one. Only quiet rounds count (`rounds_used`: the original within 4% of its fastest round or of the search's;
    rounds go on until `--rounds` are, at most 4x as many): for 20-60 s at a time one of the two cores is taken, and
    in such a phase every ratio is pulled towards 1, as the search (passes/latency.py) knows too. Printed as JSON:
    latency, MACs and parameters kept, each weight layer's shape (`weight_shapes`: where a plan pruned), the uniform
@@ -86,10 +86,9 @@ def interleaved_rounds(protos: dict, timer, feeds: dict, rounds: int, searched_f
     rounds to use). Rounds continue until `rounds` of them are quiet (the original within 4% of its fastest round,
     or of `searched_fastest`), at most 4x `rounds`: in a slow phase of the machine (one core taken for 20-60 s)
     every ratio is pulled towards 1 (the demo model's uniform 0.5 plan: 0.40x in fast phases, 0.44x in slow ones),
-    as the search knows too. Pass the search's fastest original of its last readings (`recent_original_ms`), not the
-    one timed beside its chosen step: a slow phase can outlast all the rounds (a TVM run's five rounds read the
-    original at 1.175 ms throughout, the search at 0.857), and one search chose in a slow phase (0.479 ms; its first
-    0.327). Not the fastest of the whole search either: the machine can settle at another speed for minutes."""
+    as the search knows too. Pass the search's fastest original, not the one timed beside its chosen step: a slow
+    phase can outlast all the rounds (a TVM run's five rounds read the original at 1.175 ms throughout, the search
+    at 0.857), and one search chose in a slow phase (0.479 ms; its first 0.327)."""
     from prune_compile.passes.latency import quiet_indices, quiet_or_all
 
     samples: dict[str, list[float]] = {k: [] for k in protos}
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     graphs = {"original": graph, "latency_plan": lat_graph} | {f"uniform@{r:.6f}": candidates[r][0]
                                                                 for r in sorted(nearest)}
     protos = {k: timed_proto(g) for k, g in graphs.items()}
-    searched = lat.latency["recent_original_ms"]
+    searched = min([lat.latency["base_ms"]] + [t["original_ms"] for t in lat.latency["trajectory"]])
     all_samples, used = interleaved_rounds(protos, timer, feeds, args.rounds, searched)
     samples = {k: [v[i] for i in used] for k, v in all_samples.items()}
     ms = {k: float(np.median(v)) for k, v in samples.items()}

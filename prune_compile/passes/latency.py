@@ -40,7 +40,7 @@ from .importance import normalized
 LAYER_OPS = ("conv", "linear", "gemm", "matmul")
 # the bisection times a step and the original alternately, this many slices of this many seconds each
 PAIR_SLICES, PAIR_SLICE_S = 5, 0.2
-# a slice whose original reads more than QUIET x the fastest original near it was timed in a slow phase (the
+# a slice whose original reads more than QUIET x the fastest original of the search was timed in a slow phase (the
 # fastest of a model's runs spreads ~0.5% in a fast phase; a phase 6% slow moved CREPE tiny's 0.439x plan to 0.474x);
 # slices are added until PAIR_SLICES are quiet, for at most PAIR_PATIENCE_S seconds or PAIR_MAX_SLICES slices
 QUIET, PAIR_PATIENCE_S, PAIR_MAX_SLICES = 1.04, 60.0, 100
@@ -48,13 +48,6 @@ QUIET, PAIR_PATIENCE_S, PAIR_MAX_SLICES = 1.04, 60.0, 100
 # 1.03-1.14x its fastest in most slices, 1.7-2x in a quarter) pairs waited 40-105 slices each, and a search that took
 # 110 s took 337 s, or more than 15 minutes. Spent, a pair decides on its first PAIR_SLICES (see quiet_or_all)
 SEARCH_WAIT_SLICES = 200
-# the fastest original a slice is judged against is the fastest of the REFERENCE_READINGS read before it and after it,
-# not of the whole search: a faster phase that comes later still shows earlier slices slow (see `stale`), and a
-# machine that settles at another speed (mobilenet_v2's original read 3.50 ms in a search's first minute, 3.72-3.90 ms
-# in the next three: no slice was quiet, and the search waited its 200 slices) is fast again at its new speed 60
-# slices later. Slow phases last 20-60 s, 25-75 slices of a mobilenet_v2 pair. Counted in readings, not seconds: most
-# of a search's minutes can pass building the table, between the first timing of the original and the first pair
-REFERENCE_READINGS = 60
 # the deepest step over the target is re-timed at most this many times before the target is called unreachable
 UNREACHABLE_RETRIES = 6
 # a plan at most TARGET_SLACK over the target and at most REFINE_WITHIN under it meets the target; of the timed plans
@@ -79,21 +72,6 @@ def quiet_or_all(quiet: Sequence[int], count: int, wanted: int) -> list[int]:
     """`quiet` (indices of `count` readings) when it holds at least half of the `wanted` readings, else all of
     them: a slow phase outlasted the measurement, and its readings are all there is."""
     return list(quiet) if len(quiet) >= (wanted + 1) // 2 else list(range(count))
-
-
-class OriginalReadings:
-    """The original's readings in a search, in order, and the fastest near one of them: of the `reach` before it
-    and after it."""
-
-    def __init__(self, reach: int = REFERENCE_READINGS) -> None:
-        self.reach, self.ms = reach, []
-
-    def add(self, ms: float) -> int:
-        self.ms.append(ms)
-        return len(self.ms) - 1
-
-    def fastest_near(self, i: int) -> float:
-        return min(self.ms[max(0, i - self.reach):i + self.reach + 1])
 
 
 class RecentModels:
@@ -326,8 +304,6 @@ class LatencySearch:
     engine: str = "onnxruntime"
     tuning_trials_run: int = 0  # TVM engine: MetaSchedule trials this search ran (0 when the database had them)
     waited_slices: int = 0  # slices pairs added waiting for the fast phase (at most SEARCH_WAIT_SLICES)
-    # the fastest of the original's last REFERENCE_READINGS readings: the machine's fast phase as the search ended
-    recent_original_ms: float = 0.0
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -442,19 +418,16 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # measured it at 0.45x, and it ran at 0.30x). Only slices in the fast phase (the original within QUIET of its
     # fastest reading) decide, and the pair keeps timing, up to PAIR_PATIENCE_S, until it has PAIR_SLICES of them
     # (while the search's SEARCH_WAIT_SLICES last).
-    # Steps timed before the machine's first fast phase are re-timed once one has been seen (`stale`). The fast
-    # phase is the machine's near the slice (REFERENCE_READINGS), not the whole search's.
-    originals, waited = OriginalReadings(), [0]  # waited: slices added beyond pairs' first PAIR_SLICES, in all
-    originals.add(base_ms)
+    # Steps timed before the machine's first fast phase are re-timed once one has been seen (`stale`).
+    fastest, waited = [base_ms], [0]  # slices added to pairs beyond their first PAIR_SLICES, across the search
 
-    # a slice: (the plan's ms, the original's ms, the original reading's index in `originals`)
-    def quiet_at(slices: list[tuple[float, float, int]]) -> list[int]:
-        return [i for i, (_, o, at) in enumerate(slices) if o <= QUIET * originals.fastest_near(at)]
+    def quiet_at(slices: list[tuple[float, float]]) -> list[int]:
+        return quiet_indices([o for _, o in slices], fastest[0])
 
-    def quiet(slices: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    def quiet(slices: list[tuple[float, float]]) -> list[tuple[float, float]]:
         return [slices[i] for i in quiet_at(slices)]
 
-    def stale(slices: list[tuple[float, float, int]]) -> bool:
+    def stale(slices: list[tuple[float, float]]) -> bool:
         return len(quiet(slices)) < (PAIR_SLICES + 1) // 2
 
     def paired(kept_counts: dict[int, int], slices: list | None = None) -> tuple[tuple[float, float], list]:
@@ -466,15 +439,15 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
         while len(quiet(slices)) < PAIR_SLICES and (added < PAIR_SLICES or (
                 added < PAIR_MAX_SLICES and time.perf_counter() - began < PAIR_PATIENCE_S
                 and waited[0] < SEARCH_WAIT_SLICES)):
-            ms, orig = whole_ms(removed_counts, PAIR_SLICE_S), whole_ms({}, PAIR_SLICE_S)
-            slices.append((ms, orig, originals.add(orig)))
+            slices.append((whole_ms(removed_counts, PAIR_SLICE_S), whole_ms({}, PAIR_SLICE_S)))
+            fastest[0] = min(fastest[0], slices[-1][1])
             added += 1
             waited[0] += added > PAIR_SLICES
             if added == 1:  # the patience starts after the first slice: that one includes building the step
                 began = time.perf_counter()
         used = [slices[i] for i in quiet_or_all(quiet_at(slices), len(slices), PAIR_SLICES)]
-        orig = min(o for _, o, _ in used)
-        return (float(np.median([ms / o for ms, o, _ in used])) * orig, orig), slices
+        orig = min(o for _, o in used)
+        return (float(np.median([ms / o for ms, o in used])) * orig, orig), slices
 
     measured = {0: (base_ms, base_ms)}  # step → (its ms, the original's ms timed beside it)
     slices_of: dict[int, list] = {}
@@ -579,7 +552,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     search = LatencySearch(base_ms, target_ms, chosen_ms, chosen_predicted, len(trajectory) - 1, choice,
                            len(table.layers), len(table.cache), timer.models_timed, time.perf_counter() - started,
                            timed, getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)),
-                           waited[0], originals.fastest_near(len(originals.ms) - 1))
+                           waited[0])
     return chosen_kept, search
 
 
