@@ -191,17 +191,22 @@ def test_a_slow_phase_during_one_timing_of_a_pair_does_not_decide_the_step(resne
     assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=ROUNDED)
 
 
-@pytest.mark.parametrize("schedule, extra", [("alternating", 0.6), ("slow_start", 0.6), ("after_base", 0.06)])
-def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, extra) -> None:
+@pytest.mark.parametrize("schedule, slower, extra", [("alternating", 1.0, 0.6), ("slow_start", 1.0, 0.6),
+                                                     ("after_base", 1.0, 0.06), ("long", 1.28, 0.17)])
+def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, slower, extra) -> None:
     """For tens of seconds at a time one of the two cores is taken, and every run pays a fixed extra cost (the demo
     model on TVM read 0.65 ms, then 1.08 ms, for 20-60 s each): in such a phase every ratio is pulled towards 1,
     and a search that judged its steps there pruned far past the target (chosen at 0.45x, ran at 0.30x). Milder
     phases do the same on a smaller scale (CREPE tiny's original read 0.884 ms, then 0.94 ms for 10 s and more, and a
     0.439x plan read 0.474x in them: half the searches chose a step that removed more). Slow phases alternating with
     fast ones every 8 pairs, one the search starts in (its first timing of the original too, then 15 pairs), or a
-    mild one (6% of the original) from just after the first timing for 30 pairs: the plan meets the target as the
-    fast machine runs it, within the search's own tolerance (+2%, -5%; in the mild phase the plan ran at 0.369x
-    for 0.4x when a slice within 10% of the fastest original counted as fast)."""
+    mild one (6% of the original) from just after the first timing for 30 pairs, or a long one from the first pair
+    on for 150 slices, where every run is also 28% slower (mobilenet_v2's original read 2.50-2.57 ms for ~118
+    slices, 1.73 ms around them, and its 0.432x plan 0.498x: 1.28x each run, plus 17% of the original):
+    the plan meets the target as the fast machine runs it, within the search's own tolerance (+2%, -5%; in the
+    mild phase the plan ran at 0.369x for 0.4x when a slice within 10% of the fastest original counted as fast; in
+    the long one, judged against the fastest of the 60 originals before and after it, mobilenet_v2's 0.5x plan ran
+    at 0.432x and this one at 0.321x for 0.4x)."""
     graph, deps, feeds = resnet
     whole = timed_proto(graph)
     nodes = len(whole.graph.node)
@@ -215,6 +220,8 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, extra) ->
                 return (self.whole_calls // 16) % 2 == 1
             if schedule == "after_base":
                 return 1 <= self.whole_calls <= 60
+            if schedule == "long":
+                return 2 <= self.whole_calls < 302
             return self.whole_calls <= 30
 
         def __call__(self, proto, feeds, seconds=None) -> float:
@@ -224,7 +231,7 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, extra) ->
             slow = self.slow()
             self.whole_calls += 1
             self.slow_calls += slow
-            return ms + extra_ms if slow else ms
+            return ms * slower + extra_ms if slow else ms
 
     timer = SlowPhaseTimer()
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.4), calibration=feeds,
