@@ -34,7 +34,7 @@ def mixed_convs_onnx():
     class Mixed(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.stem = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)  # 3 input channels: NCHW3c input block
+            self.stem = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)  # RGB: read as NCHW, in one block of 3
             self.body = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
             self.bn = torch.nn.BatchNorm2d(16)
             self.down = torch.nn.Conv2d(16, 32, 1, stride=2)  # 1x1 strided
@@ -143,14 +143,14 @@ def _conv_layouts(lanes: int) -> list[tuple[int, str, str, str]]:
 
 def test_dense_and_depthwise_convs_whose_outputs_divide_by_the_vector_are_blocked() -> None:
     assert _conv_layouts(8) == sorted([
-        (1, "NCHW3c", "OIHW3i8o", "NCHW8c"), (1, "NCHW8c", "OIHW8i8o", "NCHW8c"),
+        (1, "NCHW", "OIHW3i8o", "NCHW8c"), (1, "NCHW8c", "OIHW8i8o", "NCHW8c"),
         (1, "NCHW8c", "OIHW8i8o", "NCHW8c"), (32, "NCHW8c", "OIHW1i8o", "NCHW8c"), (4, "NCHW", "OIHW", "NCHW"),
         (1, "NCHW8c", "OIHW8i8o", "NCHW8c"), (1, "NCHW", "OIHW", "NCHW")])
 
 
 def test_avx512_convs_take_16_channel_blocks_and_8_where_only_8_divides() -> None:
     assert _conv_layouts(16) == sorted([
-        (1, "NCHW3c", "OIHW3i16o", "NCHW16c"), (1, "NCHW16c", "OIHW16i16o", "NCHW16c"),
+        (1, "NCHW", "OIHW3i16o", "NCHW16c"), (1, "NCHW16c", "OIHW16i16o", "NCHW16c"),
         (1, "NCHW16c", "OIHW16i16o", "NCHW16c"), (32, "NCHW16c", "OIHW1i16o", "NCHW16c"),
         (4, "NCHW", "OIHW", "NCHW"), (1, "NCHW16c", "OIHW16i8o", "NCHW8c"), (1, "NCHW", "OIHW", "NCHW")])
 
