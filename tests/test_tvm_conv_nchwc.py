@@ -239,13 +239,14 @@ def test_in_block_passes_follow_the_kernel_size() -> None:
 
 @pytest.mark.parametrize(("depthwise", "stride", "size", "kernel_size", "in_blocks"),
                          [(True, 1, 12, 3, 2), (True, 2, 11, 3, 2), (False, 1, 10, 3, 2), (False, 1, 7, 3, 2),
-                          (False, 2, 13, 3, 2), (False, 1, 10, 1, 6), (False, 1, 7, 1, 6)])
+                          (False, 2, 13, 3, 2), (False, 1, 10, 1, 6), (False, 1, 7, 1, 6), (False, 2, 12, 3, 0)])
 def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, size, kernel_size, in_blocks) -> None:
-    """Each design space the rule offers (every register tile; for depthwise convs the padded rows written in a
-    pass of their own or inside the parallel row loop; for dense convs the input-channel blocks reduced in passes
-    over a strip of rows, and for 1x1 kernels or too few parallel iterations all at once too; 7x7 outputs as 50
-    flat pixels, the last one dropped) builds and agrees with a numpy conv: whichever MetaSchedule picks is
-    correct, not only the ones a short tuning run happens to measure."""
+    """Each design space the rule offers (every register tile; for padded convs the padded rows written in a pass
+    of their own or inside the parallel row loop, except flat pixels; for dense convs the input-channel blocks
+    reduced in passes over a strip of rows, and for 1x1 kernels or too few parallel iterations all at once too;
+    7x7 outputs as 50 flat pixels, the last one dropped; an RGB input read as NCHW, `in_blocks` 0) builds and
+    agrees with a numpy conv: whichever MetaSchedule picks is correct, not only the ones a short tuning run
+    happens to measure."""
     import tvm
     from tvm import te
     from tvm.s_tir import Schedule
@@ -253,13 +254,15 @@ def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, siz
     from prune_compile.backends.tvm import conv_nchwc
 
     lanes, out_blocks = 8, 2
-    data = te.placeholder((1, in_blocks, size, size, lanes), name="data")
+    rgb = in_blocks == 0  # NCHW input, 3 channels in one block
+    data = te.placeholder((1, 3, size, size) if rgb else (1, in_blocks, size, size, lanes), name="data")
     pad = (kernel_size // 2,) * 4
     if depthwise:
         kernel = te.placeholder((in_blocks, 1, kernel_size, kernel_size, 1, lanes), name="kernel")
         out = conv_nchwc._depthwise_nchwc(data, kernel, (stride, stride), pad, (1, 1), "float32")
     else:
-        kernel = te.placeholder((out_blocks, in_blocks, kernel_size, kernel_size, lanes, lanes), name="kernel")
+        in_shape = (1, kernel_size, kernel_size, 3) if rgb else (in_blocks, kernel_size, kernel_size, lanes)
+        kernel = te.placeholder((out_blocks, *in_shape, lanes), name="kernel")
         out = conv_nchwc._conv2d_nchwc(data, kernel, (stride, stride), pad, (1, 1), "float32")
     sch = Schedule(te.create_prim_func([data, kernel, out]))
     spaces = conv_nchwc._rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
@@ -269,14 +272,17 @@ def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, siz
     assert pixels == (50 if out_size == 7 else 0)
     rows, cols = (1, pixels) if pixels else (out_size, out_size)
     tiles = register_tiles(1 if depthwise else blocks, rows, cols, 16, dense=not depthwise)
-    # depthwise: pad pass or pad in the row loop; dense 3x3: one block a pass, and with flat pixels (2 channel
-    # blocks: too few parallel iterations) all at once too; dense 1x1: 3 blocks a pass or all at once
-    per_tile = 2 if depthwise or pixels or kernel_size == 1 else 1
-    assert len(spaces) == len(tiles) * per_tile
+    # padded (3x3): pad pass or pad in the row loop, flat pixels the pass only; dense 3x3: one block a pass
+    # (one block in all: that one), and with flat pixels (2 channel blocks: too few parallel iterations) all at
+    # once too; dense 1x1: 3 blocks a pass or all at once
+    placements = 2 if kernel_size > 1 and not pixels else 1
+    passes = 2 if not depthwise and (pixels or kernel_size == 1) else 1
+    assert len(spaces) == len(tiles) * placements * passes
     rng = np.random.default_rng(0)
     x = rng.standard_normal([int(d) for d in data.shape]).astype(np.float32)
     k = rng.standard_normal([int(d) for d in kernel.shape]).astype(np.float32)
-    expected = _blocked_conv_reference(x, k, stride, depthwise)
+    blocked = x.reshape(1, 1, 3, size, size).transpose(0, 1, 3, 4, 2) if rgb else x
+    expected = _blocked_conv_reference(blocked, k, stride, depthwise)
     dev = tvm.cpu()
     for space in spaces:
         lib = tvm.compile(space.mod, target=tvm.target.Target({"kind": "llvm"}))

@@ -21,10 +21,12 @@ What:
   vectorized, accumulators in registers, the epilogue (bias, residual, activation) fused into the tile's write-back.
   The search then picks a tile and the unrolling; measured on a 32→32 3x3 56x56 conv, 2 cores: 0.78 ms after 16
   trials, where MetaSchedule's generic NCHW space reached 1.21 ms after 32 (ONNX Runtime: 0.78 ms).
-  Depthwise convs get each tile twice: the padded input in a parallel pass of its own, or written row by row inside
+  Padded convs get each tile twice: the padded input in a parallel pass of its own, or written row by row inside
   the conv's parallel loop. A depthwise conv is memory-bound, and the separate pass moves the input through memory
   twice more: 48 channels, 112x112, stride 2, 64 trials: 0.242 ms with the pass, 0.074 ms padded in the loop
-  (ONNX Runtime's whole model: 0.16-0.20 ms).
+  (ONNX Runtime's whole model: 0.16-0.20 ms). Dense convs re-pad shared rows in the loop, and it still won on two of
+  four pruned resnet18 residual convs (Zen 5, one tuning run each, best of each placement: 32->32 56x56 0.1149 vs
+  0.1179 ms, 128->128 14x14 0.1085 vs 0.1125; 64->64 28x28 even; 256->256 7x7 0.1192 vs 0.1139, the pass won).
 - Dense convs with a spatial kernel reduce their input channels one channel block per pass over a strip of output
   rows, as MLAS does (`in_block_passes`): the pass's weights stay in L1 across the strip's tiles instead of every
   tile streaming all of them from L2; 2-16% faster on the pruned resnet18 convs. 1x1 convs are offered both orders.
@@ -364,9 +366,11 @@ def _rule(sch, block):
     lanes = extents[3 if flat else 4]
     rows, cols = (1, extents[2]) if flat else (extents[2], extents[3])
     tiles = register_tiles(1 if depthwise else extents[1], rows, cols, vector_registers(lanes), dense=not depthwise)
-    # depthwise convs are memory-bound: a separate pad pass re-reads and re-writes the whole input; dense convs
-    # would re-pad the same rows once per output-channel block, so only depthwise convs get that choice
-    placements = (False, True) if depthwise and sch.get_producers(block) else (False,)
+    # the padded input in a pass of its own, or its rows written inside the parallel loop that reads them (still in
+    # cache; a dense conv re-pads the rows a strip's window shares with its neighbours, and re-pads them once per
+    # group of output-channel blocks). Flat pixels run parallel over channel-block groups only: every group would
+    # re-pad the whole input, so they keep the pass.
+    placements = (False, True) if sch.get_producers(block) and (depthwise or not flat) else (False,)
     spaces = []
     for tile in tiles or [(1, 1, 1)]:
         passes: list[int | None] = [None]
