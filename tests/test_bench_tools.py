@@ -57,6 +57,37 @@ def test_bench_latency_profile_accounts_for_the_model_time() -> None:
         assert 0.3 * kernels["model_ms"] <= kernels["total_ms"] <= 1.01 * kernels["model_ms"], (engine, kernels)
 
 
+def test_bench_latency_compare_times_built_artifacts_against_the_first(tmp_path) -> None:
+    """`--compare`: a `--keep` directory's ONNX models and TVM library timed in interleaved rounds, each against the
+    first within the rounds quiet for both; a path that is no artifact exits non-zero, naming it."""
+    keep = tmp_path / "keep"
+    bench = os.path.join(TOOLS, "bench_latency.py")
+    proc = subprocess.run([sys.executable, bench, DEFAULT_MODEL, "--engines", "ort,tvm_untuned", "--repeat", "5",
+                           "--rounds", "1", "--threads", "1", "--keep", str(keep)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    artifacts = [str(keep / name) for name in ("pruned.onnx", "pruned.untuned.so", "unpruned.onnx")]
+    proc = subprocess.run([sys.executable, bench, "--compare", *artifacts, "--repeat", "10", "--rounds", "2",
+                           "--threads", "1"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["feeds"] == str(keep / "feeds.npz")
+    assert [(a["artifact"], a["engine"]) for a in result["artifacts"]] == [
+        (artifacts[0], "ort"), (artifacts[1], "tvm"), (artifacts[2], "ort")]
+    first = result["artifacts"][0]
+    for measured in result["artifacts"]:
+        count = len(measured["rounds_ms"])
+        assert 2 <= count <= 4 and measured["runs"] == 10 * count
+        both = sorted(set(measured["quiet_rounds"]) & set(first["quiet_rounds"]))
+        ratios = [measured["rounds_ms"][i] / first["rounds_ms"][i] for i in (both or range(count))]
+        assert result["over_first"][measured["artifact"]] == pytest.approx(np.median(ratios), abs=1e-4)
+        assert result["over_first_range"][measured["artifact"]] == [round(min(ratios), 4), round(max(ratios), 4)]
+    assert result["over_first"][artifacts[0]] == 1.0
+    proc = subprocess.run([sys.executable, bench, "--compare", str(keep / "feeds.npz")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "feeds.npz" in proc.stderr
+
+
 def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:
     """The uniform plan of "equal latency" is picked from interleaved re-measurements, not from a single bisection
     timing; fractions are medians of per-round ratios; the interpolated MACs lie on the re-measured curve."""

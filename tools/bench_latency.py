@@ -18,6 +18,8 @@ is the median of its quiet rounds' medians, `rounds_ms` every round's median.
 
 Run: .venv/bin/python tools/bench_latency.py resnet18 --ratio 0.5 --tune 2000 [--tune-db DIR] [--repeat 50]
      MODEL is a torchvision name (random weights) or an .onnx file (then pass --input-shape for dynamic dims).
+     A/B of built artifacts (e.g. two `--keep` directories): tools/bench_latency.py --compare A/pruned.folded.onnx
+     A/pruned.tuned.so B/pruned.tuned.so --rounds 16 (each ratio to the first, within rounds)
 """
 
 from __future__ import annotations
@@ -177,6 +179,64 @@ def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _timed_rounds(runs: list[tuple[str, str, str, str, int]], feeds: str, order: list[str],
+                  args: argparse.Namespace) -> dict[tuple[str, str], list[dict]]:
+    """Each run (engine, label, worker kind, artifact, repeat) once per round, interleaved, until --rounds are quiet
+    for every run (at most 2x --rounds; see the module doc). {(engine, label): every round's reading}."""
+    measured: dict[tuple[str, str], list[dict]] = {}
+
+    def quiet_everywhere() -> int:
+        if any("error" in m for ms in measured.values() for m in ms):
+            return r  # a failed measurement: no more rounds
+        quiet = [set(quiet_indices([m["median_ms"] for m in ms], within=ROUND_QUIET)) for ms in measured.values()]
+        return len(set.intersection(*quiet))
+
+    r = 0
+    while r < args.rounds or (r < 2 * args.rounds and quiet_everywhere() < args.rounds):
+        r += 1
+        for engine, label, kind, artifact, repeat in runs:
+            profile = args.profile and r == 1 and engine != "torch"
+            measured.setdefault((engine, label), []).append(
+                _measure(kind, artifact, feeds, order, args.threads, repeat, profile))
+    return measured
+
+
+def _quiet_ratios(a: dict, b: dict, wanted: int) -> list[float] | None:
+    """Per-round a ÷ b over the rounds quiet for both (all rounds when fewer than `wanted` are)."""
+    if "rounds_ms" not in a or "rounds_ms" not in b:
+        return None
+    both = sorted(set(a["quiet_rounds"]) & set(b["quiet_rounds"]))
+    return [a["rounds_ms"][i] / b["rounds_ms"][i] for i in quiet_or_all(both, len(a["rounds_ms"]), wanted)]
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """`--compare`: time already-built artifacts (a `--keep` directory's models and libraries, or libraries built
+    from the same model at two commits) in interleaved rounds, and each one's latency ÷ the first's. An A/B of a
+    schedule change with the same tuning records: two runs of the whole benchmark minutes apart differ by more
+    than the change on these machines."""
+    kinds = {".onnx": "ort", ".so": "tvm", ".pt": "torch"}
+    runs = []
+    for i, artifact in enumerate(args.compare):
+        kind = kinds.get(os.path.splitext(artifact)[1])
+        if kind is None or not os.path.exists(artifact):
+            raise SystemExit(f"--compare {artifact}: not an existing .onnx (ONNX Runtime), .so (TVM) or .pt file")
+        runs.append((kind, f"{i}:{artifact}", kind, artifact, args.repeat))
+    feeds = args.feeds or os.path.join(os.path.dirname(args.compare[0]), "feeds.npz")
+    with np.load(feeds) as f:
+        order = list(f.files)  # saved in the graph's input order
+    pooled = {label: _pooled(rounds) if not any("error" in m for m in rounds) else rounds[0]
+              for (_, label), rounds in _timed_rounds(runs, feeds, order, args).items()}
+    first = pooled[runs[0][1]]
+    result: dict = {"threads": args.threads, "repeat": args.repeat, "rounds": args.rounds, "feeds": feeds,
+                    "artifacts": [], "over_first": {}, "over_first_range": {}}
+    for kind, label, _, artifact, _ in runs:
+        result["artifacts"].append({"artifact": artifact, "engine": kind} | pooled[label])
+        ratios = _quiet_ratios(pooled[label], first, args.rounds)
+        if ratios:
+            result["over_first"][artifact], result["over_first_range"][artifact] = _ratio(ratios)
+    return result
+
+
 def _build_tvm(onnx_path: str, lib: str, threads: int, trials: int, db: str | None, layout: str = "auto") -> dict:
     """Compile in a child process too: tuning spawns its own workers, and the parent stays free of TVM."""
     code = ("import json, onnx, sys\n"
@@ -221,15 +281,24 @@ def main() -> None:
                     help="write the models, feeds and libraries to DIR and keep them (default: a temporary directory)")
     ap.add_argument("--profile", action="store_true",
                     help="also time every kernel (TVM: each fused kernel the VM calls; ORT: its node profile)")
+    ap.add_argument("--compare", nargs="+", metavar="ARTIFACT", default=None,
+                    help="time these built artifacts (.onnx: ONNX Runtime, .so: TVM, .pt: torch) instead, in "
+                         "interleaved rounds, each against the first (no MODEL; feeds: --feeds, else the feeds.npz "
+                         "beside the first)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
-    ap.add_argument("--feeds", help=argparse.SUPPRESS)
+    ap.add_argument("--feeds", help="with --compare: the inputs (.npz, in the graph's input order)")
     ap.add_argument("--order", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.engine = args.worker
         print(json.dumps(worker(args)))
         return
+    if args.compare:
+        print(json.dumps(compare(args), indent=1, sort_keys=True))
+        return
+    if not args.model:
+        ap.error("MODEL is required (or --compare ARTIFACT ...)")
 
     engines = set(args.engines.split(","))
     work = args.keep or tempfile.mkdtemp(prefix="bench-latency-")
@@ -312,24 +381,8 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         if "torch" in engines and torch_module is not None:
             runs.append(("torch", label, "torch", os.path.join(work, f"{label}.pt"), args.repeat))
     # Every build is done: now time each (engine, variant) once per round, interleaved.
-    measured: dict[tuple[str, str], list[dict]] = {}
-
-    def quiet_everywhere() -> int:
-        """Rounds quiet for every engine and variant measured."""
-        if any("error" in m for ms in measured.values() for m in ms):
-            return r  # a failed measurement: no more rounds
-        quiet = [set(quiet_indices([m["median_ms"] for m in ms], within=ROUND_QUIET)) for ms in measured.values()]
-        return len(set.intersection(*quiet))
-
-    r = 0
-    while r < args.rounds or (r < 2 * args.rounds and quiet_everywhere() < args.rounds):
-        r += 1
-        for engine, label, kind, artifact, repeat in runs:
-            if "error" in result["builds"].get(f"{engine}.{label}", {}):
-                continue
-            profile = args.profile and r == 1 and engine != "torch"
-            measured.setdefault((engine, label), []).append(
-                _measure(kind, artifact, feeds_path, order, args.threads, repeat, profile))
+    runs = [run for run in runs if "error" not in result["builds"].get(f"{run[0]}.{run[1]}", {})]
+    measured = _timed_rounds(runs, feeds_path, order, args)
     for (engine, label), rounds in measured.items():
         failed = [m for m in rounds if "error" in m]
         result["latency_ms"].setdefault(engine, {})[label] = failed[0] if failed else _pooled(rounds)
@@ -339,12 +392,8 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         result[key], result[f"{key}_range"] = {}, {}
 
     def per_round(a: tuple[str, str], b: tuple[str, str]) -> list[float] | None:
-        ra, rb = result["latency_ms"].get(a[0], {}).get(a[1], {}), result["latency_ms"].get(b[0], {}).get(b[1], {})
-        if "rounds_ms" not in ra or "rounds_ms" not in rb:
-            return None
-        both = sorted(set(ra["quiet_rounds"]) & set(rb["quiet_rounds"]))
-        use = quiet_or_all(both, len(ra["rounds_ms"]), args.rounds)
-        return [ra["rounds_ms"][i] / rb["rounds_ms"][i] for i in use]
+        return _quiet_ratios(result["latency_ms"].get(a[0], {}).get(a[1], {}),
+                             result["latency_ms"].get(b[0], {}).get(b[1], {}), args.rounds)
 
     for engine in result["latency_ms"]:
         speedups = per_round((engine, "unpruned"), (engine, "pruned"))
