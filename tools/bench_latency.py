@@ -67,6 +67,12 @@ def _pooled(rounds: list[dict]) -> dict:
     return out
 
 
+def _summary(rounds: list[dict]) -> dict:
+    """One engine and variant's rounds pooled (`_pooled`), or the first failed measurement's error."""
+    failed = [m for m in rounds if "error" in m]
+    return failed[0] if failed else _pooled(rounds)
+
+
 def _ratio(values: list[float]) -> tuple[float, list[float]]:
     """Median and range of per-round ratios."""
     return round(float(np.median(values)), 4), [round(min(values), 4), round(max(values), 4)]
@@ -224,8 +230,7 @@ def compare(args: argparse.Namespace) -> dict:
     feeds = args.feeds or os.path.join(os.path.dirname(args.compare[0]), "feeds.npz")
     with np.load(feeds) as f:
         order = list(f.files)  # saved in the graph's input order
-    pooled = {label: _pooled(rounds) if not any("error" in m for m in rounds) else rounds[0]
-              for (_, label), rounds in _timed_rounds(runs, feeds, order, args).items()}
+    pooled = {label: _summary(rounds) for (_, label), rounds in _timed_rounds(runs, feeds, order, args).items()}
     first = pooled[runs[0][1]]
     result: dict = {"threads": args.threads, "repeat": args.repeat, "rounds": args.rounds, "feeds": feeds,
                     "artifacts": [], "over_first": {}, "over_first_range": {}}
@@ -384,8 +389,7 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
     runs = [run for run in runs if "error" not in result["builds"].get(f"{run[0]}.{run[1]}", {})]
     measured = _timed_rounds(runs, feeds_path, order, args)
     for (engine, label), rounds in measured.items():
-        failed = [m for m in rounds if "error" in m]
-        result["latency_ms"].setdefault(engine, {})[label] = failed[0] if failed else _pooled(rounds)
+        result["latency_ms"].setdefault(engine, {})[label] = _summary(rounds)
     macs_ratio = (graph_cost(graph)["macs"] / graph_cost(pruned_copy(graph, plan, deps))["macs"])
     result["macs_ratio"] = round(macs_ratio, 4)
     for key in ("speedup", "speedup_over_macs_ratio", "tvm_tuned_over_ort"):
