@@ -66,14 +66,16 @@ def test_bench_latency_compare_times_built_artifacts_against_the_first(tmp_path)
                            "--rounds", "1", "--threads", "1", "--keep", str(keep)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    artifacts = [str(keep / name) for name in ("pruned.onnx", "pruned.untuned.so", "unpruned.onnx")]
+    # the library twice: as it is, and with an environment variable set for its worker processes
+    artifacts = [str(keep / name) for name in ("pruned.onnx", "pruned.untuned.so", "unpruned.onnx")] + \
+        [str(keep / "pruned.untuned.so") + "@PRUNE_COMPILE_TVM_LAUNCHER=tvm"]
     proc = subprocess.run([sys.executable, bench, "--compare", *artifacts, "--repeat", "10", "--rounds", "2",
                            "--threads", "1"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["feeds"] == str(keep / "feeds.npz")
     assert [(a["artifact"], a["engine"]) for a in result["artifacts"]] == [
-        (artifacts[0], "ort"), (artifacts[1], "tvm"), (artifacts[2], "ort")]
+        (artifacts[0], "ort"), (artifacts[1], "tvm"), (artifacts[2], "ort"), (artifacts[3], "tvm")]
     first = result["artifacts"][0]
     for measured in result["artifacts"]:
         count = len(measured["rounds_ms"])
@@ -86,6 +88,16 @@ def test_bench_latency_compare_times_built_artifacts_against_the_first(tmp_path)
     proc = subprocess.run([sys.executable, bench, "--compare", str(keep / "feeds.npz")], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "feeds.npz" in proc.stderr
+    proc = subprocess.run([sys.executable, bench, "--compare", artifacts[1] + "@TVM_NUM_THREADS"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "@TVM_NUM_THREADS: the environment after '@'" in proc.stderr
+    # the environment reaches the artifact's worker process (one in which Python cannot start) and only that one
+    proc = subprocess.run([sys.executable, bench, "--compare", artifacts[0], artifacts[0] + "@PYTHONHOME=/nowhere",
+                           "--repeat", "2", "--rounds", "1", "--threads", "1"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ok, broken = json.loads(proc.stdout)["artifacts"]
+    assert "error" not in ok and "error" in broken, (ok, broken)
 
 
 def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:

@@ -4,11 +4,16 @@ does not divide by the vector, residual, pooling, ReLU6 and hard-swish clips) ag
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
+from prune_compile.backends.tvm import parallel_launcher
 from prune_compile.backends.tvm.conv_nchwc import (
     MAX_SPACES,
     channel_block,
@@ -301,6 +306,17 @@ def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:
     assert result.tuning["trials_valid"] > 0
     x = {"image": np.random.default_rng(0).standard_normal((1, 3, 30, 30)).astype(np.float32)}
     assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(lib, x, ["image"])) <= RTOL
+    # its parallel loops run through our launcher (backends/tvm/parallel_launcher.py); opted out, through TVM's
+    assert parallel_launcher.installed(lib)
+    np.save(str(tmp_path / "x.npy"), x["image"])
+    script = ("import sys, numpy as np; from prune_compile.backends.tvm import run_library, parallel_launcher as p; "
+              "y = run_library(sys.argv[1], {'image': np.load(sys.argv[2])}, ['image'])[0]; "
+              "np.save(sys.argv[3], y); print(p.installed(sys.argv[1]))")
+    env = dict(os.environ, **{parallel_launcher.ENV: "tvm"})
+    proc = subprocess.run([sys.executable, "-c", script, lib, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["False"], proc.stderr
+    assert ort.relative_error(ort.run(model, x), [np.load(str(tmp_path / "y.npy"))]) <= RTOL
 
 
 def channel_joins_onnx():

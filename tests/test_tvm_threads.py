@@ -1,5 +1,6 @@
-"""TVM's CPU thread pool uses every available core (TVM's own default on x86 is half the logical CPUs: one thread
-on this project's 2-vCPU machines), the user's TVM_NUM_THREADS wins, and tuning measures with the target's cores."""
+"""TVM's CPU thread pool and our parallel launcher's use every available core (TVM's own default on x86 is half the
+logical CPUs: one thread on this project's 2-vCPU machines), the user's TVM_NUM_THREADS wins, and tuning measures
+with the target's cores."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from prune_compile.backends.tvm.threads import runtime_threads
 lib = sys.argv[1]
 t.build(onnx.load(sys.argv[2]), "cpu", lib)
 t.run_library(lib, {"image": np.zeros((1, 3, 64, 64), np.float32)}, ["image"])
+import ctypes
+ours = ctypes.CDLL(lib).prune_compile_parallel_threads()  # our launcher's pool (backends/tvm/parallel_launch.c)
+assert ours == runtime_threads(), (ours, runtime_threads())
 print(json.dumps(runtime_threads()))
 """
 

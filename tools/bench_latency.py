@@ -19,7 +19,8 @@ is the median of its quiet rounds' medians, `rounds_ms` every round's median.
 Run: .venv/bin/python tools/bench_latency.py resnet18 --ratio 0.5 --tune 2000 [--tune-db DIR] [--repeat 50]
      MODEL is a torchvision name (random weights) or an .onnx file (then pass --input-shape for dynamic dims).
      A/B of built artifacts (e.g. two `--keep` directories): tools/bench_latency.py --compare A/pruned.folded.onnx
-     A/pruned.tuned.so B/pruned.tuned.so --rounds 16 (each ratio to the first, within rounds)
+     A/pruned.tuned.so B/pruned.tuned.so --rounds 16 (each ratio to the first, within rounds); PATH@NAME=VALUE runs
+     one with environment variables set (B/pruned.tuned.so@PRUNE_COMPILE_TVM_LAUNCHER=tvm: TVM's launcher)
 """
 
 from __future__ import annotations
@@ -175,20 +176,22 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: int, repeat: int,
-             profile: bool = False) -> dict:
+             profile: bool = False, env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--artifact", artifact, "--feeds", feeds,
            "--order", json.dumps(order), "--threads", str(threads), "--repeat", str(repeat)]
     cmd += ["--profile"] if profile else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                          env=dict(os.environ, **env) if env else None)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _timed_rounds(runs: list[tuple[str, str, str, str, int]], feeds: str, order: list[str],
+def _timed_rounds(runs: list[tuple[str, str, str, str, int, dict | None]], feeds: str, order: list[str],
                   args: argparse.Namespace) -> dict[tuple[str, str], list[dict]]:
-    """Each run (engine, label, worker kind, artifact, repeat) once per round, interleaved, until --rounds are quiet
-    for every run (at most 2x --rounds; see the module doc). {(engine, label): every round's reading}."""
+    """Each run (engine, label, worker kind, artifact, repeat, environment or None) once per round, interleaved,
+    until --rounds are quiet for every run (at most 2x --rounds; see the module doc). {(engine, label): every round's
+    reading}."""
     measured: dict[tuple[str, str], list[dict]] = {}
 
     def quiet_everywhere() -> int:
@@ -200,10 +203,10 @@ def _timed_rounds(runs: list[tuple[str, str, str, str, int]], feeds: str, order:
     r = 0
     while r < args.rounds or (r < 2 * args.rounds and quiet_everywhere() < args.rounds):
         r += 1
-        for engine, label, kind, artifact, repeat in runs:
+        for engine, label, kind, artifact, repeat, env in runs:
             profile = args.profile and r == 1 and engine != "torch"
             measured.setdefault((engine, label), []).append(
-                _measure(kind, artifact, feeds, order, args.threads, repeat, profile))
+                _measure(kind, artifact, feeds, order, args.threads, repeat, profile, env))
     return measured
 
 
@@ -219,26 +222,31 @@ def compare(args: argparse.Namespace) -> dict:
     """`--compare`: time already-built artifacts (a `--keep` directory's models and libraries, or libraries built
     from the same model at two commits) in interleaved rounds, and each one's latency ÷ the first's. An A/B of a
     schedule change with the same tuning records: two runs of the whole benchmark minutes apart differ by more
-    than the change on these machines."""
+    than the change on these machines. `PATH@NAME=VALUE[,NAME=VALUE]` runs PATH with those environment variables
+    (a runtime A/B on one library: `lib.so lib.so@PRUNE_COMPILE_TVM_LAUNCHER=tvm`); results are keyed by the spec."""
     kinds = {".onnx": "ort", ".so": "tvm", ".pt": "torch"}
     runs = []
-    for i, artifact in enumerate(args.compare):
+    for i, spec in enumerate(args.compare):
+        artifact, _, settings = spec.partition("@")
         kind = kinds.get(os.path.splitext(artifact)[1])
         if kind is None or not os.path.exists(artifact):
-            raise SystemExit(f"--compare {artifact}: not an existing .onnx (ONNX Runtime), .so (TVM) or .pt file")
-        runs.append((kind, f"{i}:{artifact}", kind, artifact, args.repeat))
-    feeds = args.feeds or os.path.join(os.path.dirname(args.compare[0]), "feeds.npz")
+            raise SystemExit(f"--compare {spec}: not an existing .onnx (ONNX Runtime), .so (TVM) or .pt file")
+        pairs = [item.partition("=") for item in settings.split(",")] if settings else []
+        if any(not name or not eq for name, eq, _ in pairs):
+            raise SystemExit(f"--compare {spec}: the environment after '@' must be NAME=VALUE[,NAME=VALUE]")
+        runs.append((kind, f"{i}:{spec}", kind, artifact, args.repeat, {name: value for name, _, value in pairs}))
+    feeds = args.feeds or os.path.join(os.path.dirname(args.compare[0].partition("@")[0]), "feeds.npz")
     with np.load(feeds) as f:
         order = list(f.files)  # saved in the graph's input order
     pooled = {label: _summary(rounds) for (_, label), rounds in _timed_rounds(runs, feeds, order, args).items()}
     first = pooled[runs[0][1]]
     result: dict = {"threads": args.threads, "repeat": args.repeat, "rounds": args.rounds, "feeds": feeds,
                     "artifacts": [], "over_first": {}, "over_first_range": {}}
-    for kind, label, _, artifact, _ in runs:
-        result["artifacts"].append({"artifact": artifact, "engine": kind} | pooled[label])
+    for (kind, label, *_), spec in zip(runs, args.compare, strict=True):
+        result["artifacts"].append({"artifact": spec, "engine": kind} | pooled[label])
         ratios = _quiet_ratios(pooled[label], first, args.rounds)
         if ratios:
-            result["over_first"][artifact], result["over_first_range"][artifact] = _ratio(ratios)
+            result["over_first"][spec], result["over_first_range"][spec] = _ratio(ratios)
     return result
 
 
@@ -289,7 +297,7 @@ def main() -> None:
     ap.add_argument("--compare", nargs="+", metavar="ARTIFACT", default=None,
                     help="time these built artifacts (.onnx: ONNX Runtime, .so: TVM, .pt: torch) instead, in "
                          "interleaved rounds, each against the first (no MODEL; feeds: --feeds, else the feeds.npz "
-                         "beside the first)")
+                         "beside the first); ARTIFACT@NAME=VALUE[,NAME=VALUE] runs it with those environment variables")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     ap.add_argument("--feeds", help="with --compare: the inputs (.npz, in the graph's input order)")
@@ -372,19 +380,19 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
             with open(tvm_path, "wb") as f:
                 f.write(export_onnx(folded).SerializeToString())
         if "ort" in engines:
-            runs.append(("ort", label, "ort", onnx_path, args.repeat))
+            runs.append(("ort", label, "ort", onnx_path, args.repeat, None))
         if "tvm_untuned" in engines:
             lib = os.path.join(work, f"{label}.untuned.so")
             result["builds"][f"tvm_untuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, 0, None,
                                                                   args.conv_layout)
-            runs.append(("tvm_untuned", label, "tvm", lib, max(3, args.repeat // 10)))
+            runs.append(("tvm_untuned", label, "tvm", lib, max(3, args.repeat // 10), None))
         if "tvm_tuned" in engines and args.tune:
             lib = os.path.join(work, f"{label}.tuned.so")
             result["builds"][f"tvm_tuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, args.tune,
                                                                 args.tune_db, args.conv_layout)
-            runs.append(("tvm_tuned", label, "tvm", lib, args.repeat))
+            runs.append(("tvm_tuned", label, "tvm", lib, args.repeat, None))
         if "torch" in engines and torch_module is not None:
-            runs.append(("torch", label, "torch", os.path.join(work, f"{label}.pt"), args.repeat))
+            runs.append(("torch", label, "torch", os.path.join(work, f"{label}.pt"), args.repeat, None))
     # Every build is done: now time each (engine, variant) once per round, interleaved.
     runs = [run for run in runs if "error" not in result["builds"].get(f"{run[0]}.{run[1]}", {})]
     measured = _timed_rounds(runs, feeds_path, order, args)

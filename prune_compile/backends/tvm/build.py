@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from ...errors import BackendError, UsageError
+from . import parallel_launcher
 from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
@@ -139,6 +140,8 @@ def build(model: onnx.ModelProto, target: str, path: str, target_options: Target
             from tvm.support import cc
 
             export_kwargs["fcompile"] = cc.cross_compiler(ARM_CROSS_COMPILER)
+        if target == "cpu":
+            export_kwargs["fcompile"] = parallel_launcher.fcompile()
         if target == "gpu":
             from .cuda_embed import compile_fatbin, cuda_source_of, make_fpack_imports
 
@@ -188,7 +191,8 @@ def cuda_device():
 def load_library(path: str, device: str = "cpu"):
     """A VirtualMachine over a library built by `build` (never reload a rewritten path in-process: dlopen caches by
     path). Needs only TVM's runtime, so it works on a deployment machine without the compiler. On the CPU, TVM runs
-    with every available core unless TVM_NUM_THREADS says otherwise."""
+    with every available core unless TVM_NUM_THREADS says otherwise, its parallel loops through our launcher when
+    the library has it (see parallel_launcher)."""
     if device == "cpu":
         ensure_thread_pool()
     elif device != "cuda":
@@ -198,9 +202,12 @@ def load_library(path: str, device: str = "cpu"):
 
     dev = tvm.cpu() if device == "cpu" else cuda_device()
     try:
-        return VirtualMachine(tvm.runtime.load_module(path), dev), dev
+        module = tvm.runtime.load_module(path)
     except Exception as e:
         raise BackendError(f"TVM failed to load '{path}': {_last_line(e)}") from e
+    if device == "cpu":
+        parallel_launcher.install(path)
+    return VirtualMachine(module, dev), dev
 
 
 def library_runner(path: str, inputs: Mapping[str, np.ndarray], input_order: list[str],

@@ -1,0 +1,105 @@
+"""Our parallel launcher (backends/tvm/parallel_launch.c): every share of a launch runs exactly once, errors come
+back, nested launches run serially, and the caller never waits for a thread that has not started (a forked child
+has no workers at all: TVM's static split would wait forever). Timing under a busy neighbour is a benchmark
+(tools/bench_latency.py --compare), not a test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from prune_compile.backends.tvm import parallel_launcher
+
+_HARNESS = r"""
+import ctypes, os, sys, threading
+
+class Env(ctypes.Structure):
+    _fields_ = [("sync_handle", ctypes.c_void_p), ("num_task", ctypes.c_int32)]
+
+LAMBDA = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(Env), ctypes.c_void_p)
+lib = ctypes.CDLL(sys.argv[1])
+lib.prune_compile_parallel_launch.argtypes = [LAMBDA, ctypes.c_void_p, ctypes.c_int]
+threads = lib.prune_compile_parallel_threads()
+seen, lock = [], threading.Lock()
+
+def record(task_id, env, _data):
+    with lock:
+        seen.append((task_id, env.contents.num_task, threading.get_ident()))
+    return 0
+
+def launch(fn, num_task=0):
+    seen.clear()
+    return lib.prune_compile_parallel_launch(fn, None, num_task)
+
+def check_once(num_task=0):
+    assert launch(RECORD, num_task) == 0
+    shares = num_task or threads
+    assert sorted(t for t, _, _ in seen) == list(range(shares)), seen
+    assert {n for _, n, _ in seen} == {shares}, seen
+
+RECORD = LAMBDA(record)
+mode = sys.argv[2]
+if mode == "shares":
+    assert threads == int(os.environ["TVM_NUM_THREADS"]), threads
+    for _ in range(300):
+        check_once()
+    check_once(num_task=7)
+    workers = {ident for _, _, ident in seen}
+    failing = LAMBDA(lambda task_id, env, data: -1 if task_id == 1 else 0)
+    assert lib.prune_compile_parallel_launch(failing, None, 0) == -1
+    check_once()  # the error does not outlive its launch
+
+    def nested(task_id, env, _data):
+        inner = lib.prune_compile_parallel_launch(RECORD, None, 0)  # runs serially: one share of one
+        return inner
+
+    NESTED = LAMBDA(nested)
+    seen.clear()
+    assert lib.prune_compile_parallel_launch(NESTED, None, 0) == 0
+    assert sorted(t for t, _, _ in seen) == [0] * threads and {n for _, n, _ in seen} == {1}, seen
+elif mode == "fork":
+    check_once()  # the pool is running
+    pid = os.fork()
+    if pid == 0:  # no worker threads in the child: the caller runs every share itself
+        check_once()
+        assert {ident for _, _, ident in seen} == {threading.get_ident()}, seen
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+print("ok")
+"""
+
+
+def _compile(tmp_path, compiler: str) -> str:
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} not installed")
+    out = str(tmp_path / f"launch-{compiler.replace('+', 'x')}.so")
+    subprocess.run([compiler, "-shared", "-fPIC", *parallel_launcher.COMPILE_OPTIONS, "-o", out,
+                    parallel_launcher.SOURCE], check=True, capture_output=True, text=True)
+    return out
+
+
+def _run(lib: str, mode: str, threads: int = 3) -> None:
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", _HARNESS, lib, mode], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("compiler", ["gcc", "g++"])  # export_library compiles it with g++ where there is one
+def test_every_share_runs_once_errors_come_back_and_nested_launches_run_serially(tmp_path, compiler) -> None:
+    _run(_compile(tmp_path, compiler), "shares")
+
+
+def test_the_caller_never_waits_for_a_thread_that_has_not_started(tmp_path) -> None:
+    _run(_compile(tmp_path, "gcc"), "fork", threads=2)
+
+
+def test_a_library_without_our_launcher_keeps_tvms(tmp_path) -> None:
+    lib = _compile(tmp_path, "gcc")  # has the launcher but no generated code, so no pointer to set
+    assert not parallel_launcher.install(lib)
+    assert not parallel_launcher.installed(lib)
