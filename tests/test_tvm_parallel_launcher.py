@@ -15,7 +15,7 @@ import pytest
 from prune_compile.backends.tvm import parallel_launcher
 
 _HARNESS = r"""
-import ctypes, os, sys, threading
+import ctypes, os, signal, sys, threading
 
 class Env(ctypes.Structure):
     _fields_ = [("sync_handle", ctypes.c_void_p), ("num_task", ctypes.c_int32)]
@@ -65,6 +65,7 @@ elif mode == "fork":
     check_once()  # the pool is running
     pid = os.fork()
     if pid == 0:  # no worker threads in the child: the caller runs every share itself
+        signal.alarm(30)  # or dies: a child left waiting would spin on after the test gave up
         check_once()
         assert {ident for _, _, ident in seen} == {threading.get_ident()}, seen
         os._exit(0)
