@@ -44,27 +44,31 @@ def fcompile(compiler=None):
     return cc.cross_compiler(compiler or cc.create_shared, options=list(COMPILE_OPTIONS), add_files=[SOURCE])
 
 
-def install(path: str) -> bool:
-    """Point the loaded library's launcher at ours. `path` must already be loaded by TVM (dlopen returns that same
-    handle). False, with TVM's launcher left in place, when the library has no launcher of ours (built before it, or
-    for another target), uses TVM's barrier, or PRUNE_COMPILE_TVM_LAUNCHER=tvm."""
-    if os.environ.get(ENV, "ours") == "tvm":
-        return False
+def _pointer_and_ours(path: str) -> tuple[ctypes.c_void_p, int] | None:
+    """The loaded library's launcher pointer and our launcher's address in it; None when it lacks either (built
+    before our launcher or for another target, or without parallel loops) or synchronizes with TVM's barrier."""
     try:
-        lib = ctypes.CDLL(os.path.abspath(path))
+        lib = ctypes.CDLL(os.path.abspath(path))  # dlopen of a loaded library: the same handle, no second copy
     except OSError:  # TVM loaded it, so this does not happen; if it did, TVM's launcher still runs the library
-        return False
+        return None
     if not all(hasattr(lib, name) for name in (LAUNCH_SYMBOL, POINTER_SYMBOL)) or hasattr(lib, BARRIER_SYMBOL):
+        return None
+    return ctypes.c_void_p.in_dll(lib, POINTER_SYMBOL), ctypes.cast(getattr(lib, LAUNCH_SYMBOL), ctypes.c_void_p).value
+
+
+def install(path: str) -> bool:
+    """Point the library's launcher at ours. `path` must already be loaded by TVM. False, with TVM's launcher left in
+    place, when the library has no launcher of ours or no parallel loops, uses TVM's barrier, or
+    PRUNE_COMPILE_TVM_LAUNCHER=tvm."""
+    found = None if os.environ.get(ENV, "ours") == "tvm" else _pointer_and_ours(path)
+    if found is None:
         return False
-    pointer = ctypes.c_void_p.in_dll(lib, POINTER_SYMBOL)
-    pointer.value = ctypes.cast(getattr(lib, LAUNCH_SYMBOL), ctypes.c_void_p).value
+    pointer, ours = found
+    pointer.value = ours
     return True
 
 
 def installed(path: str) -> bool:
     """Whether the loaded library at `path` runs its parallel loops through our launcher."""
-    lib = ctypes.CDLL(os.path.abspath(path))
-    if not all(hasattr(lib, name) for name in (LAUNCH_SYMBOL, POINTER_SYMBOL)):
-        return False
-    ours = ctypes.cast(getattr(lib, LAUNCH_SYMBOL), ctypes.c_void_p).value
-    return ctypes.c_void_p.in_dll(lib, POINTER_SYMBOL).value == ours
+    found = _pointer_and_ours(path)
+    return found is not None and found[0].value == found[1]
