@@ -103,3 +103,76 @@ def test_a_library_without_our_launcher_keeps_tvms(tmp_path) -> None:
     lib = _compile(tmp_path, None)  # has the launcher but no generated code, so no pointer to set
     assert not parallel_launcher.install(lib)
     assert not parallel_launcher.installed(lib)
+
+
+# one parallel loop, compiled in memory (JIT) or exported with TVM's default compile (no launcher of ours linked in)
+_PARALLEL_FUNC = r"""
+import numpy as np
+import tvm
+from tvm import s_tir, te
+
+a = te.placeholder((64, 256), "float32", name="a")
+b = te.compute((64, 256), lambda i, j: a[i, j] + 1.0, name="b")
+sch = s_tir.Schedule(te.create_prim_func([a, b]))
+sch.parallel(sch.get_loops(sch.get_sblock("b"))[0])
+func = sch.mod["main"]
+x, y = tvm.runtime.tensor(np.ones((64, 256), "float32")), tvm.runtime.tensor(np.zeros((64, 256), "float32"))
+"""
+
+_REGISTERED = _PARALLEL_FUNC + r"""
+import sys
+from prune_compile.backends.tvm import parallel_launcher as p
+
+out = sys.argv[1]
+if not p.register():
+    assert p.registered_launches() is None
+    print("opted out")
+    sys.exit(0)
+assert p.registered_launches() == 0
+jit = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm"}))
+jit["main"](x, y)
+assert p.registered_launches() == 1 and (y.numpy() == 2).all()
+jit.export_library(out)
+loaded = tvm.runtime.load_module(out)  # plain TVM loading
+assert p.installed(out) and p.install(out)  # the registered launcher is kept: one pool per process
+loaded["main"](x, y)
+assert p.registered_launches() == 2
+print("ok")
+"""
+
+
+def test_a_registered_launcher_runs_jit_compiled_and_loaded_modules(tmp_path) -> None:
+    """`register` (the latency search's in-process timing) makes ours the launcher of every module TVM compiles in
+    memory or loads afterwards, libraries built without it included; opted out, it registers nothing."""
+    args = [sys.executable, "-c", _REGISTERED, str(tmp_path / "plain.so")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    env = dict(os.environ, **{parallel_launcher.ENV: "tvm"})
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "opted out", proc.stderr
+
+
+def test_the_tuners_runner_times_candidates_with_our_launcher(tmp_path) -> None:
+    """MetaSchedule's runner worker registers our launcher when it starts, so the candidate kernels it times run
+    their parallel loops through it (as the libraries we build do)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from prune_compile.backends.tvm import tuning
+
+    scope: dict = {}
+    exec(_PARALLEL_FUNC, scope)  # noqa: S102 (the same function as the subprocess tests)
+    artifact = str(tmp_path / "candidate.so")
+    tvm.compile(tvm.IRModule({"main": scope["func"]}), target=tvm.target.Target({"kind": "llvm"})).export_library(
+        artifact)
+    runner = tuning._runner("cpu", None)
+    try:
+        args_info = ms.arg_info.ArgInfo.from_prim_func(scope["func"])
+        (future,) = runner.run([ms.runner.RunnerInput(artifact, "cpu", args_info)])
+        result = future.result()
+        assert result.error_msg is None and result.run_secs, result.error_msg
+        # the worker process that timed it: its registered launcher ran every timed call
+        launches = runner.pool.submit(parallel_launcher.registered_launches).result()
+        assert launches is not None and launches >= len(result.run_secs), launches
+    finally:
+        runner.pool.shutdown()

@@ -7,7 +7,8 @@ that the final build uses too:
   (best schedule × calls). The layout transforms at the one-layer model's borders are not tuned and not counted:
   inside a whole model they are not there. No code is generated, nothing else runs.
 - **a whole model** (`__call__`): compiled with `trials_per_layer` × its weight layers, then timed in this
-  process with TVM's time evaluator (the fastest of the repeats, like the ONNX Runtime timer).
+  process with TVM's time evaluator (the fastest of the repeats, like the ONNX Runtime timer), its parallel loops
+  run by our launcher as in the libraries we build (parallel_launcher.register).
 Records persist in the database (`database`, keyed by target and threads): a second plan for the same model, or
 a model sharing layer shapes, re-tunes nothing, and the final `--tune` build of the chosen plan starts from the
 records its bisection steps left.
@@ -67,8 +68,10 @@ class TvmTimer:
         import tvm
         from tvm import relax
 
+        from . import parallel_launcher
         from .build import compile_model
 
+        parallel_launcher.register()  # before the executable is JIT-compiled: TVM fills its launcher in then
         digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
         if digest not in self._compiled:
             executable, _, _, summary = compile_model(proto, "cpu", self.target_options, self._tuning(proto))

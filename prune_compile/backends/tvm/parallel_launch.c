@@ -30,6 +30,7 @@ typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* 
 
 int prune_compile_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task);
 int prune_compile_parallel_threads(void);
+uint64_t prune_compile_parallel_launches(void);
 
 #ifdef __cplusplus
 }
@@ -69,6 +70,7 @@ static int job_error;
 static uint32_t generation __attribute__((aligned(64))); /* bumped per job; idle workers sleep on it */
 static int sleepers;
 static int busy; /* a job is running: a launch from another application thread runs serially instead */
+static uint64_t launches; /* launches so far, serial ones included: shows that generated code calls this launcher */
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static __thread int inside; /* a worker, or the caller during its job: nested launches run serially */
 
@@ -146,8 +148,11 @@ int prune_compile_parallel_threads(void) {
   return threads;
 }
 
+uint64_t prune_compile_parallel_launches(void) { return __atomic_load_n(&launches, __ATOMIC_RELAXED); }
+
 int prune_compile_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
   pthread_once(&once, start_pool);
+  __atomic_add_fetch(&launches, 1, __ATOMIC_RELAXED);
   int expected = 0;
   if (inside || threads == 1 ||
       !__atomic_compare_exchange_n(&busy, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {

@@ -19,15 +19,26 @@ How it gets in: the generated code calls the launcher through a function pointer
 after TVM has loaded it. A library loaded with plain `tvm.runtime.load_module` keeps TVM's launcher and runs the same
 (one store of the symbol's address into the pointer installs ours, from C++ too). `PRUNE_COMPILE_TVM_LAUNCHER=tvm`
 keeps TVM's launcher in `load_library` as well (A/B comparisons).
+
+Where TVM code runs before there is a library of ours (MetaSchedule's runner workers timing candidate kernels, the
+latency search timing in-memory executables), `register` compiles the launcher on its own and makes it the one TVM
+hands every module it loads or JIT-compiles afterwards in that process (tvm-ffi's context symbol registry, which TVM
+fills its own launcher into when it loads): the tuner then chooses schedules and the planner counts layers with the
+launcher they will run with, and a busy neighbour does not double their readings.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
 import os
+import shutil
+import tempfile
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_launch.c")
 LAUNCH_SYMBOL = "prune_compile_parallel_launch"
+LAUNCHES_SYMBOL = "prune_compile_parallel_launches"
 POINTER_SYMBOL = "__TVMBackendParallelLaunch"
 # a library whose code synchronizes inside a parallel region calls TVM's barrier with TVM's own thread group, which
 # our launcher does not create: such a library keeps TVM's launcher
@@ -44,31 +55,98 @@ def fcompile(compiler=None):
     return cc.cross_compiler(compiler or cc.create_shared, options=list(COMPILE_OPTIONS), add_files=[SOURCE])
 
 
-def _pointer_and_ours(path: str) -> tuple[ctypes.c_void_p, int] | None:
-    """The loaded library's launcher pointer and our launcher's address in it; None when it lacks either (built
-    before our launcher or for another target, or without parallel loops) or synchronizes with TVM's barrier."""
+_registered: list = []  # the standalone launcher registered in this process (kept loaded for good)
+
+
+def opted_out() -> bool:
+    return os.environ.get(ENV, "ours") == "tvm"
+
+
+@functools.cache
+def standalone() -> str:
+    """The launcher compiled on its own into a shared library (once per process, removed at exit)."""
+    from tvm.support import cc
+
+    directory = tempfile.mkdtemp(prefix="prune-compile-launcher-")
+    atexit.register(shutil.rmtree, directory, True)
+    path = os.path.join(directory, "parallel_launch.so")
+    cc.create_shared(path, [SOURCE], options=list(COMPILE_OPTIONS))
+    return path
+
+
+def register(path: str | None = None) -> bool:
+    """Make our launcher the one TVM gives every module it loads or JIT-compiles from now on in this process
+    (`path`: the launcher compiled on its own, `standalone()` by default). Modules loaded before keep theirs. False,
+    registering nothing, when PRUNE_COMPILE_TVM_LAUNCHER=tvm."""
+    if opted_out():
+        return False
+    if _registered:
+        return True
+    # TVM's runtime registers its own launcher when it loads: after that, or TVM's would replace ours
+    import tvm  # noqa: F401
+    from tvm_ffi import libinfo
+
+    from ...errors import BackendError
+
+    lib = ctypes.CDLL(path or standalone())
+    ffi = ctypes.CDLL(libinfo.find_libtvm_ffi())
+    ffi.TVMFFIEnvModRegisterContextSymbol.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    ffi.TVMFFIEnvModRegisterContextSymbol.restype = ctypes.c_int
+    if ffi.TVMFFIEnvModRegisterContextSymbol(POINTER_SYMBOL.encode(), _address(lib)) != 0:
+        raise BackendError("tvm-ffi refused to register our parallel launcher")
+    _registered.append(lib)
+    return True
+
+
+def registered_launches() -> int | None:
+    """How many parallel loops the launcher `register` registered has run in this process (None: none registered)."""
+    if not _registered:
+        return None
+    count = getattr(_registered[0], LAUNCHES_SYMBOL)
+    count.restype = ctypes.c_uint64
+    return int(count())
+
+
+def _address(lib: ctypes.CDLL) -> int:
+    return ctypes.cast(getattr(lib, LAUNCH_SYMBOL), ctypes.c_void_p).value
+
+
+def _pointer_and_ours(path: str) -> tuple[ctypes.c_void_p, int | None] | None:
+    """The loaded library's launcher pointer and our launcher's address in it (None: the library has none, built
+    before our launcher or for another target); None when it has no pointer (no parallel loops) or synchronizes with
+    TVM's barrier."""
     try:
         lib = ctypes.CDLL(os.path.abspath(path))  # dlopen of a loaded library: the same handle, no second copy
     except OSError:  # TVM loaded it, so this does not happen; if it did, TVM's launcher still runs the library
         return None
-    if not all(hasattr(lib, name) for name in (LAUNCH_SYMBOL, POINTER_SYMBOL)) or hasattr(lib, BARRIER_SYMBOL):
+    if not hasattr(lib, POINTER_SYMBOL) or hasattr(lib, BARRIER_SYMBOL):
         return None
-    return ctypes.c_void_p.in_dll(lib, POINTER_SYMBOL), ctypes.cast(getattr(lib, LAUNCH_SYMBOL), ctypes.c_void_p).value
+    return ctypes.c_void_p.in_dll(lib, POINTER_SYMBOL), _address(lib) if hasattr(lib, LAUNCH_SYMBOL) else None
 
 
 def install(path: str) -> bool:
-    """Point the library's launcher at ours. `path` must already be loaded by TVM. False, with TVM's launcher left in
-    place, when the library has no launcher of ours or no parallel loops, uses TVM's barrier, or
-    PRUNE_COMPILE_TVM_LAUNCHER=tvm."""
-    found = None if os.environ.get(ENV, "ours") == "tvm" else _pointer_and_ours(path)
+    """Point the library's launcher at ours. `path` must already be loaded by TVM. Keeps a launcher `register`
+    registered, which TVM gave the library when it loaded (one pool per process). False, with TVM's launcher left in
+    place, when the library has no launcher of ours and none is registered, has no parallel loops, uses TVM's
+    barrier, or PRUNE_COMPILE_TVM_LAUNCHER=tvm."""
+    found = None if opted_out() else _pointer_and_ours(path)
     if found is None:
         return False
     pointer, ours = found
+    if pointer.value in _registered_addresses():
+        return True
+    if ours is None:
+        return False
     pointer.value = ours
     return True
 
 
 def installed(path: str) -> bool:
-    """Whether the loaded library at `path` runs its parallel loops through our launcher."""
+    """Whether the loaded library at `path` runs its parallel loops through our launcher (its own or a registered
+    one)."""
     found = _pointer_and_ours(path)
-    return found is not None and found[0].value == found[1]
+    return found is not None and found[0].value in {found[1], *_registered_addresses()} - {None}
+
+
+def _registered_addresses() -> set[int]:
+    return {_address(lib) for lib in _registered}

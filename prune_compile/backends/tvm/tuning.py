@@ -12,13 +12,15 @@
   asks only for the trials a task has not had yet: the same graph and target a second time runs 0 trials.
 - **Runner**: local, or TVM RPC through a tracker (`RPCSettings`) to measure on a real board or a device farm. The
   local runner measures with the target's `num-cores` threads (see threads.py: TVM's default here is one), and the
-  database directory is keyed by that count too: a record measured with other threads ranks schedules wrongly.
+  database directory is keyed by that count too: a record measured with other threads ranks schedules wrongly. Its
+  worker runs candidates with our parallel launcher, as the libraries we build do (parallel_launcher.register).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ...errors import BackendError, UsageError
+from . import parallel_launcher
 from .threads import ENV as THREADS_ENV
 from .threads import thread_env
 
@@ -228,7 +231,11 @@ def _runner(target_name: str, rpc: RPCSettings | None):
         if target_name != "cpu":
             raise UsageError(f"tuning for --target {target_name} measures on that device: pass --rpc-tracker "
                              "HOST:PORT and --rpc-key KEY of a TVM RPC tracker that has it")
-        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+        # the worker times candidates with our launcher, which the libraries we build run with (parallel_launcher)
+        initializer = None
+        if not parallel_launcher.opted_out():
+            initializer = functools.partial(parallel_launcher.register, parallel_launcher.standalone())
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=initializer)
     host, port = rpc.host_port()
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc.key,
                                  session_timeout_sec=rpc.session_timeout_s)
@@ -274,10 +281,10 @@ _WORKERS: dict[tuple, tuple] = {}
 def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
     """The builder and runner, started once per process and kept: each start costs 5-20 s here (every worker
     process imports TVM), which the TVM latency table, tuning one small model per layer shape, paid per shape.
-    Keyed by the thread count too: runner workers keep the one they started with."""
+    Keyed by the thread count and the launcher too: runner workers keep the ones they started with."""
     from tvm.s_tir import meta_schedule as ms
 
-    key = (target_name, rpc, os.environ.get(THREADS_ENV))
+    key = (target_name, rpc, os.environ.get(THREADS_ENV), parallel_launcher.opted_out())
     if key not in _WORKERS:
         builder = ms.builder.LocalBuilder(f_build=_build_candidate,
                                           f_export=_export_aarch64 if target_name == "arm" else None,
