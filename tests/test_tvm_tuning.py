@@ -19,6 +19,7 @@ from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
 from prune_compile.backends.tvm import allocate_trials
 from prune_compile.backends.tvm.targets import resolve_conv_layout
+from prune_compile.backends.tvm import tuning
 from prune_compile.backends.tvm.tuning import always_tuned, first_round
 
 RTOL = 1e-4
@@ -125,6 +126,40 @@ def test_first_round_runs_nothing_on_a_rebuild_and_tops_up_a_larger_budget() -> 
     # a task another graph tuned past this graph's share runs nothing in the first round
     needs, left = first_round(weights, 1200, [1000, 0, 0, 0, 0])
     assert needs[0] == 0 and left == 0
+
+
+class _Timings:
+    """A stand-in runtime module whose time evaluator returns scripted single-call times (seconds)."""
+
+    entry_name = "main"
+
+    def __init__(self, calls: list[float]) -> None:
+        self.calls, self.repeats = calls, []
+
+    def time_evaluator(self, _name, _device, number, repeat, **_kw):
+        assert number == 1  # single calls, or a disturbed call hides inside a mean
+        self.repeats.append(repeat)
+        results = [self.calls[i % len(self.calls)] for i in range(repeat)]
+        return lambda *_args: type("Profile", (), {"results": results})()
+
+
+class _Device:
+    def sync(self) -> None:
+        pass
+
+
+def test_candidates_are_timed_by_the_median_of_single_calls() -> None:
+    """Two in five calls disturbed (a neighbour took the core): the mean would read 0.46 ms, the median reads the
+    kernel's 0.1 ms. As many calls as fill ~RUN_SECONDS, within RUN_CALLS; one reading per argument set."""
+    module = _Timings([1e-4, 1e-3, 1e-4, 1e-3, 1e-4])
+    assert tuning._time_candidate(module, _Device(), None, [()]) == [pytest.approx(1e-4)]
+    assert module.repeats == [3, round(tuning.RUN_SECONDS / 1e-4)]  # the probe's median: 0.1 ms
+    assert tuning.RUN_CALLS[0] < round(tuning.RUN_SECONDS / 1e-4) < tuning.RUN_CALLS[1]
+    fast, slow = _Timings([1e-6]), _Timings([1.0])
+    assert tuning._time_candidate(fast, _Device(), None, [(), ()]) == [pytest.approx(1e-6)] * 2
+    assert fast.repeats == [3, tuning.RUN_CALLS[1]] * 2
+    assert tuning._time_candidate(slow, _Device(), None, [()]) == [pytest.approx(1.0)]
+    assert slow.repeats == [3, tuning.RUN_CALLS[0]]
 
 
 def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:

@@ -13,7 +13,9 @@
 - **Runner**: local, or TVM RPC through a tracker (`RPCSettings`) to measure on a real board or a device farm. The
   local runner measures with the target's `num-cores` threads (see threads.py: TVM's default here is one), and the
   database directory is keyed by that count too: a record measured with other threads ranks schedules wrongly. Its
-  worker runs candidates with our parallel launcher, as the libraries we build do (parallel_launcher.register).
+  worker runs candidates with our parallel launcher, as the libraries we build do (parallel_launcher.register), and
+  reads each as the median of single calls (`_time_candidate`; the directory is keyed by that too), so a neighbour
+  process that takes a core now and then does not make candidates look slow.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ MIN_SHARE = 0.005  # of the model's FLOPs: lighter tasks keep TVM's default sche
 ALWAYS_TUNED = ("conv", "matmul", "dense", "pool", "layout_transform")
 BUILD_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 60.0
+RUN_SECONDS = 0.1  # how long a candidate is timed for (MetaSchedule's default evaluator: at least 100 ms of calls)
+RUN_CALLS = (10, 2000)  # single calls timed per candidate, at least and at most
+LOCAL_TIMING = "median-of-calls"  # how the local runner times (`_time_candidate`): part of the database's key
 LEDGER = "ledger.json"
 MS_LOGGER = "tvm.s_tir.meta_schedule"
 
@@ -92,8 +97,9 @@ def default_database_root() -> str:
 
 
 def database_dir(root: str, target_name: str, target_json: str, threads: int | None = None) -> str:
-    """One database per target and measuring thread count: records are only valid for exactly those."""
-    key = target_json if threads is None else f"{target_json}|threads={threads}"
+    """One database per target and, measured here, thread count and timing method: records are only comparable
+    with records measured the same way."""
+    key = target_json if threads is None else f"{target_json}|threads={threads}|timing={LOCAL_TIMING}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(root, f"{target_name}-{digest}")
 
@@ -147,6 +153,28 @@ def _build_candidate(mod, target, _params):
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm.tirx.build(mod, target=target)
+
+
+def _time_candidate(rt_mod, device, _config, repeated_args) -> list[float]:
+    """MetaSchedule run evaluator: the median of ~RUN_SECONDS of single calls. MetaSchedule's default reports the
+    mean over 100 ms of calls, and on a machine where another process takes a core now and then that mean counts
+    the other process's share: a candidate timed at such a moment looks slow, is ranked down and trains the cost
+    model wrong. The median of single calls is the mean's value on a quiet machine and ignores a minority of
+    disturbed calls. Not the fastest call: memory-bound kernels have rare lucky calls (a 400 KB layout transform:
+    14 us in a few calls, 29 us in most), and ranking by those picks the wrong schedule."""
+    import math
+
+    import numpy as np
+
+    medians = []
+    for args in repeated_args:
+        device.sync()
+        probe = rt_mod.time_evaluator(rt_mod.entry_name, device, number=1, repeat=3)
+        each = max(float(np.median(probe(*args).results)), 1e-7)
+        calls = min(max(math.ceil(RUN_SECONDS / each), RUN_CALLS[0]), RUN_CALLS[1])
+        timed = rt_mod.time_evaluator(rt_mod.entry_name, device, number=1, repeat=calls)
+        medians.append(float(np.median(timed(*args).results)))
+    return medians
 
 
 def _export_aarch64(mod) -> str:
@@ -235,7 +263,8 @@ def _runner(target_name: str, rpc: RPCSettings | None):
         initializer = None
         if not parallel_launcher.opted_out():
             initializer = functools.partial(parallel_launcher.register, parallel_launcher.standalone())
-        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, initializer=initializer)
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, f_run_evaluator=_time_candidate,
+                                     initializer=initializer)
     host, port = rpc.host_port()
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc.key,
                                  session_timeout_sec=rpc.session_timeout_s)
