@@ -1,8 +1,11 @@
-"""Shared pytest setup: the `big` marker (skipped unless --run-big; CI passes it) and model caches."""
+"""Shared pytest setup: the `big` marker (skipped unless --run-big; CI passes it), model caches and the aarch64
+emulation."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +50,16 @@ def model_cache_dir() -> str:
     root = os.environ.get("PRUNE_COMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prune-compile")
     os.makedirs(root, exist_ok=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def arm_sysroot(model_cache_dir: str) -> str:
+    """An arm64 sysroot with Python, numpy and TVM's runtime, and the aarch64 cross compiler and qemu user-mode
+    emulation on this machine (tools/setup_arm_emulation.sh installs what is missing)."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sysroot = os.path.join(model_cache_dir, "arm64-sysroot")
+    proc = subprocess.run(["bash", os.path.join(root, "tools", "setup_arm_emulation.sh"), sysroot],
+                          capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, f"setting up aarch64 emulation failed: {proc.stderr[-1500:]}"
+    return sysroot

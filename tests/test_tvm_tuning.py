@@ -17,9 +17,8 @@ import pytest
 
 from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
-from prune_compile.backends.tvm import allocate_trials
+from prune_compile.backends.tvm import allocate_trials, tuning
 from prune_compile.backends.tvm.targets import resolve_conv_layout
-from prune_compile.backends.tvm import tuning
 from prune_compile.backends.tvm.tuning import always_tuned, first_round
 
 RTOL = 1e-4

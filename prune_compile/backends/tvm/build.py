@@ -136,12 +136,8 @@ def build(model: onnx.ModelProto, target: str, path: str, target_options: Target
         executable, tvm_target, pipeline, summary = compile_model(model, target, target_options, tuning)
         export_kwargs: dict[str, Any] = {}
         device_code: dict[str, Any] = {}
-        if target == "arm":
-            from tvm.support import cc
-
-            export_kwargs["fcompile"] = cc.cross_compiler(ARM_CROSS_COMPILER)
-        if target == "cpu":
-            export_kwargs["fcompile"] = parallel_launcher.fcompile()
+        if target in ("cpu", "arm"):  # the library carries our parallel launcher (load_library installs it)
+            export_kwargs["fcompile"] = parallel_launcher.fcompile(ARM_CROSS_COMPILER if target == "arm" else None)
         if target == "gpu":
             from .cuda_embed import compile_fatbin, cuda_source_of, make_fpack_imports
 

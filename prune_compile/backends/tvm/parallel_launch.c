@@ -1,5 +1,5 @@
-/* A parallel launcher for TVM-generated CPU code, linked into the libraries `build` exports for the cpu target and
- * installed by `load_library` (see parallel_launcher.py for why and what it measured).
+/* A parallel launcher for TVM-generated CPU code, linked into the libraries `build` exports for the cpu and arm
+ * targets and installed by `load_library` (see parallel_launcher.py for why and what it measured).
  *
  * TVM's own launcher gives each thread one static share of a parallel loop and returns when every share is done,
  * so a kernel waits for any thread that has not started: when another process holds a core for a moment, every
@@ -7,7 +7,8 @@
  * machine every core computes the same rows kernel after kernel, as with TVM's launcher), a thread with nothing
  * left takes the shares no thread has started, and the caller waits only for shares already started.
  *
- * Written in the common subset of C and C++: `export_library` compiles it with the default compiler, g++ on x86.
+ * Written in the common subset of C and C++: `export_library` compiles it with the default compiler, g++ on x86, and
+ * with the aarch64 cross compiler (as C) for arm libraries.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE

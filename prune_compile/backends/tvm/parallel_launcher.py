@@ -14,11 +14,11 @@ kernel), each thread first on its own share, then on any share no thread has sta
 shares already started. Nested launches and launches from a second application thread run serially.
 
 How it gets in: the generated code calls the launcher through a function pointer the library holds,
-`__TVMBackendParallelLaunch`, which TVM sets to its own when it loads the library. `build` links
-`parallel_launch.c` into cpu libraries, and `load_library` points that pointer at `prune_compile_parallel_launch`
-after TVM has loaded it. A library loaded with plain `tvm.runtime.load_module` keeps TVM's launcher and runs the same
-(one store of the symbol's address into the pointer installs ours, from C++ too). `PRUNE_COMPILE_TVM_LAUNCHER=tvm`
-keeps TVM's launcher in `load_library` as well (A/B comparisons).
+`__TVMBackendParallelLaunch`, which TVM sets to its own when it loads the library. `build` links `parallel_launch.c`
+into cpu and arm libraries, and `load_library` points that pointer at `prune_compile_parallel_launch` after TVM has
+loaded it. A library loaded with plain `tvm.runtime.load_module` keeps TVM's launcher and runs the same (one store
+of the symbol's address into the pointer installs ours, from C++ too). `PRUNE_COMPILE_TVM_LAUNCHER=tvm` keeps TVM's
+launcher in `load_library` as well (A/B comparisons).
 
 Where TVM code runs before there is a library of ours (MetaSchedule's runner workers timing candidate kernels, the
 latency search timing in-memory executables), `register` compiles the launcher on its own and makes it the one TVM
@@ -59,6 +59,7 @@ _registered: list = []  # the standalone launcher registered in this process (ke
 
 
 def opted_out() -> bool:
+    """PRUNE_COMPILE_TVM_LAUNCHER=tvm: TVM's launcher everywhere (A/B comparisons)."""
     return os.environ.get(ENV, "ours") == "tvm"
 
 
@@ -67,10 +68,16 @@ def standalone() -> str:
     """The launcher compiled on its own into a shared library (once per process, removed at exit)."""
     from tvm.support import cc
 
+    from ...errors import BackendError
+
     directory = tempfile.mkdtemp(prefix="prune-compile-launcher-")
     atexit.register(shutil.rmtree, directory, True)
     path = os.path.join(directory, "parallel_launch.so")
-    cc.create_shared(path, [SOURCE], options=list(COMPILE_OPTIONS))
+    try:
+        cc.create_shared(path, [SOURCE], options=list(COMPILE_OPTIONS))
+    except Exception as e:  # TVM's cc raises RuntimeError with the compiler's output
+        raise BackendError(f"compiling our parallel launcher ({SOURCE}) failed: {str(e).strip()[-500:]} "
+                           f"({ENV}=tvm keeps TVM's launcher)") from e
     return path
 
 
