@@ -9,7 +9,7 @@ that the final build uses too:
 - **a whole model** (`__call__`): compiled with `trials_per_layer` × its weight layers, then timed in this
   process with TVM's time evaluator (the fastest of the repeats, like the ONNX Runtime timer), its parallel loops
   run by our launcher as in the libraries we build (parallel_launcher.register).
-Records persist in the database (`database`, keyed by target and threads): a second plan for the same model, or
+Records persist in the database (`database`, keyed by target, threads and timing): a second plan for the same model, or
 a model sharing layer shapes, re-tunes nothing, and the final `--tune` build of the chosen plan starts from the
 records its bisection steps left.
 """
