@@ -142,22 +142,19 @@ class _Timings:
         return lambda *_args: type("Profile", (), {"results": results})()
 
 
-class _Device:
-    def sync(self) -> None:
-        pass
-
-
 def test_candidates_are_timed_by_the_median_of_single_calls() -> None:
     """Two in five calls disturbed (a neighbour took the core): the mean would read 0.46 ms, the median reads the
     kernel's 0.1 ms. As many calls as fill ~RUN_SECONDS, within RUN_CALLS; one reading per argument set."""
+    import tvm
+
     module = _Timings([1e-4, 1e-3, 1e-4, 1e-3, 1e-4])
-    assert tuning._time_candidate(module, _Device(), None, [()]) == [pytest.approx(1e-4)]
+    assert tuning._time_candidate(module, tvm.cpu(), None, [()]) == [pytest.approx(1e-4)]
     assert module.repeats == [3, round(tuning.RUN_SECONDS / 1e-4)]  # the probe's median: 0.1 ms
     assert tuning.RUN_CALLS[0] < round(tuning.RUN_SECONDS / 1e-4) < tuning.RUN_CALLS[1]
     fast, slow = _Timings([1e-6]), _Timings([1.0])
-    assert tuning._time_candidate(fast, _Device(), None, [(), ()]) == [pytest.approx(1e-6)] * 2
+    assert tuning._time_candidate(fast, tvm.cpu(), None, [(), ()]) == [pytest.approx(1e-6)] * 2
     assert fast.repeats == [3, tuning.RUN_CALLS[1]] * 2
-    assert tuning._time_candidate(slow, _Device(), None, [()]) == [pytest.approx(1.0)]
+    assert tuning._time_candidate(slow, tvm.cpu(), None, [()]) == [pytest.approx(1.0)]
     assert slow.repeats == [3, tuning.RUN_CALLS[0]]
 
 

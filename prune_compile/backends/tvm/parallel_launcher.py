@@ -65,16 +65,15 @@ def opted_out() -> bool:
 
 @functools.cache
 def standalone() -> str:
-    """The launcher compiled on its own into a shared library (once per process, removed at exit)."""
-    from tvm.support import cc
-
+    """The launcher compiled on its own into a shared library (once per process, removed at exit), by `fcompile`
+    with nothing else to link."""
     from ...errors import BackendError
 
     directory = tempfile.mkdtemp(prefix="prune-compile-launcher-")
     atexit.register(shutil.rmtree, directory, True)
     path = os.path.join(directory, "parallel_launch.so")
     try:
-        cc.create_shared(path, [SOURCE], options=list(COMPILE_OPTIONS))
+        fcompile()(path, [])
     except Exception as e:  # TVM's cc raises RuntimeError with the compiler's output
         raise BackendError(f"compiling our parallel launcher ({SOURCE}) failed: {str(e).strip()[-500:]} "
                            f"({ENV}=tvm keeps TVM's launcher)") from e
