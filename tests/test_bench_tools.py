@@ -55,6 +55,39 @@ def test_bench_latency_profile_accounts_for_the_model_time() -> None:
         # kernels run inside the model call, timed over the same runs: their sum cannot exceed it, and covers most
         # of it (against the timed rounds' median it would not hold: the machine's speed moves 2x between minutes)
         assert 0.3 * kernels["model_ms"] <= kernels["total_ms"] <= 1.01 * kernels["model_ms"], (engine, kernels)
+    # each engine's MACs per second over the machine's FMA peak, measured before and after the rounds (the faster)
+    peak = result["fma_peak"]
+    assert peak["threads"] == 1 and len(peak["readings_gflops"]) == 6 and peak["gflops"] == max(peak["readings_gflops"])
+    for engine, per_variant in result["latency_ms"].items():
+        for variant, measured in per_variant.items():
+            fraction = result["fma_peak_fraction"][engine][variant]
+            expected = 2 * result["macs"][variant] / (measured["median_ms"] * 1e-3) / (peak["gflops"] * 1e9)
+            assert fraction == pytest.approx(expected, abs=1e-4)
+            assert 0 < fraction < 1, (engine, variant, fraction)  # a model cannot outrun the FMA pipes
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_fma_peak_runs_fused_multiply_adds_as_wide_as_this_cpu_has() -> None:
+    """tools/fma_peak.py compiles its probe for this CPU: AVX-512 vectors where the CPU has them, fused multiply-adds
+    where it has FMA (a probe built for a baseline x86 would read a third of the peak, and every fraction of it
+    bench_latency reports would be three times too high). One reading per thread, summed."""
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "fma_peak.py"), "--threads", "2", "--seconds", "0.1",
+                           "--repeats", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = json.loads(proc.stdout)
+    flags = _cpu_flags()
+    assert peak["vector_bytes"] == (64 if "avx512f" in flags else 32 if "avx" in flags else 16), (peak, flags)
+    assert peak["fused"] == ("fma" in flags or "asimd" in flags)
+    assert peak["threads"] == 2 and len(peak["per_thread_gflops"]) == 2 and len(peak["readings_gflops"]) == 2
+    assert peak["gflops"] == max(peak["readings_gflops"]) == pytest.approx(sum(peak["per_thread_gflops"]), abs=0.02)
+    assert min(peak["per_thread_gflops"]) > 0
 
 
 def test_bench_latency_compare_times_built_artifacts_against_the_first(tmp_path) -> None:

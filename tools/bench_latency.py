@@ -35,6 +35,8 @@ import tempfile
 import time
 
 import numpy as np
+from fma_peak import PeakUnavailable
+from fma_peak import measure as measure_fma_peak
 
 from prune_compile.backends.tvm.targets import CONV_LAYOUTS
 from prune_compile.passes.latency import quiet_indices, quiet_or_all
@@ -208,6 +210,19 @@ def _timed_rounds(runs: list[tuple[str, str, str, str, int, dict | None]], feeds
             measured.setdefault((engine, label), []).append(
                 _measure(kind, artifact, feeds, order, args.threads, repeat, profile, env))
     return measured
+
+
+def _fma_peak(threads: int, before: dict | None = None) -> dict:
+    """The machine's FMA peak with `threads` threads (tools/fma_peak.py), the faster of this reading and `before`:
+    taken before and after the timed rounds, so a slow phase at one of the two moments does not set it."""
+    try:
+        reading = measure_fma_peak(threads)
+    except PeakUnavailable as e:
+        return before if before and "gflops" in before else {"error": str(e)}
+    if before and "gflops" in before:
+        reading = max(before, reading, key=lambda r: r["gflops"]) | {
+            "readings_gflops": before["readings_gflops"] + reading["readings_gflops"]}
+    return reading
 
 
 def _quiet_ratios(a: dict, b: dict, wanted: int) -> list[float] | None:
@@ -395,7 +410,9 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
             runs.append(("torch", label, "torch", os.path.join(work, f"{label}.pt"), args.repeat, None))
     # Every build is done: now time each (engine, variant) once per round, interleaved.
     runs = [run for run in runs if "error" not in result["builds"].get(f"{run[0]}.{run[1]}", {})]
+    before = _fma_peak(args.threads)
     measured = _timed_rounds(runs, feeds_path, order, args)
+    result["fma_peak"] = _fma_peak(args.threads, before)
     for (engine, label), rounds in measured.items():
         result["latency_ms"].setdefault(engine, {})[label] = _summary(rounds)
     macs_ratio = (graph_cost(graph)["macs"] / graph_cost(pruned_copy(graph, plan, deps))["macs"])
@@ -417,6 +434,11 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         ratios = per_round(("tvm_tuned", label), ("ort", label))
         if ratios:
             result["tvm_tuned_over_ort"][label], result["tvm_tuned_over_ort_range"][label] = _ratio(ratios)
+    if "gflops" in result["fma_peak"]:
+        result["fma_peak_fraction"] = {
+            engine: {label: round(2 * result["macs"][label] / (m["median_ms"] * 1e6) / result["fma_peak"]["gflops"], 4)
+                     for label, m in per_variant.items() if "median_ms" in m}
+            for engine, per_variant in result["latency_ms"].items()}
     print(json.dumps(result, indent=1, sort_keys=True))
 
 
