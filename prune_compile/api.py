@@ -340,6 +340,8 @@ def run(
             if values.get("tune") and t != "cpu" and rpc is None:
                 raise UsageError(f"--tune for --target {t} measures candidates on that device: pass --rpc-tracker "
                                  "HOST:PORT and --rpc-key KEY")
+            if values.get("tune"):
+                tvm_backend.check_tunable(t, backend_options)
         if values.get("tune", 0) < 0:
             raise UsageError(f"option 'tune' of pass 'compile': {values['tune']} must be >= 0")
     outdir = os.fspath(outdir)

@@ -202,12 +202,22 @@ def test_gpu_without_nvcc_exits_4_naming_the_toolkit(tmp_path, capsys, monkeypat
                                          (["--target", "cpu", "--tune", "-1"], "--tune"),
                                          (["--target", "cpu", "--rpc-tracker", "localhost:9190"], "--rpc-key"),
                                          (["--target", "cpu", "--rpc-tracker", "nohost", "--rpc-key", "k"],
-                                          "HOST:PORT")])
-def test_backend_option_errors_exit_2(tmp_path, capsys, monkeypatch, args, needle) -> None:
+                                          "HOST:PORT"),
+                                         # the generic board has no core count, which tuning a CPU needs
+                                         (["--target", "arm", "--tune", "8", "--rpc-tracker", "localhost:9190",
+                                           "--rpc-key", "k"], "--num-cores")])
+@pytest.mark.parametrize("model", ["default", "missing"])
+def test_backend_option_errors_exit_2(tmp_path, capsys, monkeypatch, args, needle, model) -> None:
+    """Before any work: with a model path that does not exist, the option error still comes first."""
     from prune_compile.backends.tvm import targets
 
-    monkeypatch.setattr(targets, "find_nvcc", lambda: "/usr/bin/true")  # toolchain present: the option is at fault
-    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), *args) == 2
+    # toolchains present: the option is at fault
+    monkeypatch.setattr(targets, "find_nvcc", lambda: "/usr/bin/true")
+    which = targets.shutil.which
+    monkeypatch.setattr(targets.shutil, "which", lambda name: "/usr/bin/true" if name == targets.ARM_CROSS_COMPILER
+                        else which(name))
+    path = DEFAULT_MODEL if model == "default" else str(tmp_path / "missing.onnx")
+    assert _cli(path, "-o", str(tmp_path / "o"), *args) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

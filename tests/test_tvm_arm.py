@@ -14,6 +14,8 @@ from prune_compile.api import run
 from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
 
+from .rpc_board import qemu_python, rpc_board
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DEFAULT_MODEL = os.path.join(ROOT, "prune_compile", "data", "default_model.onnx")
 
@@ -25,6 +27,17 @@ vm = relax.VirtualMachine(tvm.runtime.load_module(lib), tvm.cpu())
 out = vm["main"](tvm.runtime.tensor(np.load(x_path), tvm.cpu()))
 np.save(out_path, out.numpy())
 """
+
+
+def _run_under_qemu(tmp_path, arm_sysroot: str, library: str, x: np.ndarray) -> np.ndarray:
+    """The library's output for `x` from an aarch64 Python and TVM runtime under qemu."""
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    python, env = qemu_python(arm_sysroot, str(tmp_path))
+    proc = subprocess.run([python, str(tmp_path / "runner.py"), library, str(tmp_path / "x.npy"),
+                           str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return np.load(tmp_path / "y.npy")
 
 
 @pytest.mark.big
@@ -39,15 +52,25 @@ def test_pruned_model_cross_compiled_for_arm_runs_under_qemu_like_x86(tmp_path, 
     assert b"prune_compile_parallel_launch\0" in library  # it carries our launcher, as cpu libraries do
 
     x = np.random.default_rng(5).standard_normal((1, 3, 64, 64)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    (tmp_path / "runner.py").write_text(RUNNER)
-    env = dict(os.environ, PYTHONPATH=os.path.join(arm_sysroot, "site"), PYTHONNOUSERSITE="1")
-    env.pop("PYTHONHOME", None)
-    proc = subprocess.run(["qemu-aarch64-static", "-L", arm_sysroot, os.path.join(arm_sysroot, "usr/bin/python3.11"),
-                           str(tmp_path / "runner.py"), str(out / "model.arm.so"), str(tmp_path / "x.npy"),
-                           str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    arm_out = np.load(tmp_path / "y.npy")
+    arm_out = _run_under_qemu(tmp_path, arm_sysroot, str(out / "model.arm.so"), x)
     x86_out = tvm_backend.run_library(str(out / "model.cpu.so"), {"image": x}, ["image"])[0]
     assert ort.relative_error([x86_out], [arm_out]) <= 1e-5
+    assert ort.relative_error(ort.run(str(out / "model.pruned.onnx"), {"image": x}), [arm_out]) <= 1e-4
+
+
+@pytest.mark.big
+def test_arm_tuning_measures_on_an_aarch64_board_over_rpc(tmp_path, arm_sysroot: str) -> None:
+    """`--target arm --tune N --rpc-tracker ... --rpc-key ...`: candidates cross-compiled here, timed on the board
+    (an aarch64 Python and TVM under qemu behind a tracker on loopback), and the tuned library computes what ONNX
+    Runtime computes on the pruned model. The generic board gives no core count: tuning needs --num-cores."""
+    out = tmp_path / "out"
+    python, env = qemu_python(arm_sysroot, str(tmp_path))
+    with rpc_board("aarch64-board", python, env, timeout=300) as port:
+        result = run(DEFAULT_MODEL, out, ratio=0.5, targets=["arm"], tune=8, tune_db=tmp_path / "db",
+                     rpc=tvm_backend.RPCSettings(f"127.0.0.1:{port}", "aarch64-board"),
+                     target_options=tvm_backend.TargetOptions(num_cores=2))
+    tuning = result.timings["tuning"]["arm"]  # what this run did (timings.json)
+    assert tuning["trials_run"] == 8 and tuning["trials_valid"] >= 4, tuning
+    x = np.random.default_rng(6).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    arm_out = _run_under_qemu(tmp_path, arm_sysroot, str(out / "model.arm.so"), x)
     assert ort.relative_error(ort.run(str(out / "model.pruned.onnx"), {"image": x}), [arm_out]) <= 1e-4

@@ -13,6 +13,8 @@ import pytest
 
 from prune_compile.backends.tvm import ARM_CROSS_COMPILER, parallel_launcher
 
+from .rpc_board import qemu_python, rpc_board
+
 _HARNESS = r"""
 import ctypes, os, signal, sys, threading
 
@@ -192,3 +194,62 @@ def test_the_tuners_runner_times_candidates_with_our_launcher(tmp_path) -> None:
         assert launches is not None and launches >= len(result.run_secs), launches
     finally:
         runner.pool.shutdown()
+
+
+def _time_on_board(port: int, key: str, artifact: str, func, scope: dict) -> None:
+    """What the RPC runner does with `artifact` (a candidate of `func`), then the same in a session of our own (each
+    session is a process of the server's) to read how many launches our launcher ran there."""
+    import tvm
+    from tvm import rpc
+    from tvm.s_tir import meta_schedule as ms
+
+    from prune_compile.backends.tvm import tuning
+
+    runner = tuning._runner("arm", tuning.RPCSettings(f"127.0.0.1:{port}", key))
+    assert runner.f_run_evaluator is tuning._time_remote_candidate
+    (future,) = runner.run([ms.runner.RunnerInput(artifact, "cpu", ms.arg_info.ArgInfo.from_prim_func(func))])
+    result = future.result()
+    assert result.error_msg is None and result.run_secs, result.error_msg
+    session = rpc.connect_tracker("127.0.0.1", port).request(key, session_timeout=600)
+    session.upload(artifact)
+    remote = session.load_module(os.path.basename(artifact))
+    count = remote.get_function(parallel_launcher.LAUNCHES_FUNCTION, query_imports=True)
+    device = session.cpu(0)
+    x, y = (tvm.runtime.tensor(scope[n].numpy(), device) for n in ("x", "y"))
+    times = tuning._time_remote_candidate(session, remote, device, None, [[x, y]])
+    assert len(times) == 1 and (y.numpy() == 2).all()
+    assert count() >= 13  # the 3-call probe and at least 10 timed calls, every one through our launcher
+
+
+def test_a_board_tuned_over_rpc_times_candidates_with_our_launcher(tmp_path) -> None:
+    """Over TVM's RPC the board's server loads each candidate with plain TVM: the candidate carries our launcher
+    (`_export_remote`), and the runner's evaluator installs it through the candidate's own function before timing
+    (a tracker and a server on loopback stand in for the board)."""
+    import tvm
+
+    from prune_compile.backends.tvm import tuning
+
+    scope: dict = {}
+    exec(_PARALLEL_FUNC, scope)  # noqa: S102 (the same function as the subprocess tests)
+    target = tvm.target.Target({"kind": "llvm"})
+    artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None))
+    with rpc_board("board") as port:
+        _time_on_board(port, "board", artifact, scope["func"], scope)
+
+
+@pytest.mark.big
+def test_an_aarch64_board_under_qemu_times_candidates_with_our_launcher(tmp_path, arm_sysroot) -> None:
+    """The same with an aarch64 board: the candidate cross-compiled with the launcher, the RPC server an aarch64
+    Python under qemu (~30 s to start)."""
+    import tvm
+
+    from prune_compile.backends.tvm import tuning
+
+    scope: dict = {}
+    exec(_PARALLEL_FUNC, scope)  # noqa: S102 (the same function as the subprocess tests)
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None),
+                                     ARM_CROSS_COMPILER)
+    python, env = qemu_python(arm_sysroot, str(tmp_path))
+    with rpc_board("aarch64-board", python, env, timeout=300) as port:
+        _time_on_board(port, "aarch64-board", artifact, scope["func"], scope)

@@ -4,10 +4,8 @@ through the CLI), and the RPC runner through a local tracker."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,8 @@ from prune_compile.backends import tvm as tvm_backend
 from prune_compile.backends.tvm import allocate_trials, tuning
 from prune_compile.backends.tvm.targets import resolve_conv_layout
 from prune_compile.backends.tvm.tuning import always_tuned, first_round
+
+from .rpc_board import rpc_board
 
 RTOL = 1e-4
 
@@ -225,24 +225,6 @@ def test_meta_schedules_logger_setup_runs_with_foreign_handlers_on_its_logger(tm
             logger.removeHandler(handler)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_server(port: int, key: str, timeout: float = 60) -> None:
-    from tvm import rpc
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):  # the tracker may not listen yet
-            if key in str(rpc.connect_tracker("127.0.0.1", port).summary()):
-                return
-        time.sleep(1)
-    raise AssertionError(f"no RPC server registered as {key!r} within {timeout} s")
-
-
 @pytest.mark.big
 def test_tuning_measures_through_an_rpc_tracker(tmp_path) -> None:
     """The runner path used for real boards: a tracker and a server on loopback, candidates measured remotely."""
@@ -250,25 +232,10 @@ def test_tuning_measures_through_an_rpc_tracker(tmp_path) -> None:
 
     model = str(tmp_path / "tiny.onnx")
     tiny_model_onnx(model)
-    port = _free_port()
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                "--port", str(port), "--port-end", str(port + 1)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = None
-    try:
-        time.sleep(3)
-        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
-                                   "--key", "test-board", "--host", "127.0.0.1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_server(port, "test-board")
+    with rpc_board("test-board") as port:
         options = tvm_backend.TuningOptions(trials=8, database=str(tmp_path / "db"),
                                             rpc=tvm_backend.RPCSettings(f"127.0.0.1:{port}", "test-board"))
         result = tvm_backend.build(onnx.load(model), "cpu", str(tmp_path / "m.so"), tuning=options)
-        assert result.tuning["trials_valid"] >= 4  # measured on the RPC server (failed candidates do not count)
-        x = {"image": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
-        assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(result.path, x, ["image"])) <= RTOL
-    finally:
-        for proc in (server, tracker):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=30)
+    assert result.tuning["trials_valid"] >= 4  # measured on the RPC server (failed candidates do not count)
+    x = {"image": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    assert ort.relative_error(ort.run(model, x), tvm_backend.run_library(result.path, x, ["image"])) <= RTOL

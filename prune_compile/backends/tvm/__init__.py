@@ -13,6 +13,7 @@ from .targets import (
     TARGET_NAMES,
     TargetOptions,
     check_toolchain,
+    check_tunable,
     make_target,
     target_dict,
 )
@@ -20,5 +21,5 @@ from .tuning import RPCSettings, TuningOptions, TuningSummary, allocate_trials, 
 
 __all__ = ["ARM_APT_PACKAGE", "ARM_BOARDS", "ARM_CROSS_COMPILER", "CONV_LAYOUTS", "TARGET_NAMES", "BuildResult",
            "RPCSettings", "TargetOptions", "TuningOptions", "TuningSummary", "allocate_trials", "build",
-           "check_toolchain", "compile_model", "cuda_device", "default_database_root", "library_runner", "load_library",
-           "make_target", "run_library", "target_dict"]
+           "check_toolchain", "check_tunable", "compile_model", "cuda_device", "default_database_root",
+           "library_runner", "load_library", "make_target", "run_library", "target_dict"]

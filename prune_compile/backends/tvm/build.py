@@ -29,6 +29,7 @@ from .targets import (
     DEFAULT_OPTIONS,
     TargetOptions,
     check_toolchain,
+    check_tunable,
     find_nvcc,
     make_target,
     resolve_conv_layout,
@@ -92,13 +93,15 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
     from tvm.relax.frontend.onnx import from_onnx
 
     tvm_target = make_target(target, target_options)
+    tuned = tuning is not None and tuning.trials > 0
+    if tuned:
+        check_tunable(target, target_options)
     try:
         mod = from_onnx(model, keep_params_in_input=False)
     except Exception as e:
         raise BackendError(f"TVM's ONNX frontend rejected the model: {_last_line(e)}") from e
     summary = None
     pipeline = "default (untuned)"
-    tuned = tuning is not None and tuning.trials > 0
     layout = resolve_conv_layout(target_options.conv_layout, target, tuned)
     lanes = vector_lanes(tvm_target) if layout == "NCHWc" else 0  # 0 on GPUs: they keep NCHW
     try:

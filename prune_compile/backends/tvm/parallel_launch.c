@@ -33,6 +33,18 @@ int prune_compile_parallel_launch(FTVMParallelLambda flambda, void* cdata, int n
 int prune_compile_parallel_threads(void);
 uint64_t prune_compile_parallel_launches(void);
 
+/* tvm-ffi's value cell (TVMFFIAny, tvm/ffi/c_api.h) as far as an int result needs it */
+typedef struct {
+  int32_t type_index;
+  uint32_t zero_padding;
+  int64_t v_int64;
+} FFIAny;
+#define FFI_INT 1 /* kTVMFFIInt */
+/* Functions a loaded library offers by name (`module["prune_compile_install_launcher"]`), also over TVM's RPC, where
+ * the board's server loads the library and nothing of ours runs in that process. */
+int __tvm_ffi_prune_compile_install_launcher(void* self, const FFIAny* args, int32_t num_args, FFIAny* result);
+int __tvm_ffi_prune_compile_parallel_launches(void* self, const FFIAny* args, int32_t num_args, FFIAny* result);
+
 #ifdef __cplusplus
 }
 #endif
@@ -150,6 +162,32 @@ int prune_compile_parallel_threads(void) {
 }
 
 uint64_t prune_compile_parallel_launches(void) { return __atomic_load_n(&launches, __ATOMIC_RELAXED); }
+
+/* The launcher pointer of the TVM-generated code in the library this file is linked into (TVM sets it to its own
+ * launcher when it loads the library), and TVM's barrier, whose thread groups our launcher does not create. Weak:
+ * absent in a library without parallel loops, and in the launcher compiled on its own. */
+extern void* __TVMBackendParallelLaunch __attribute__((weak));
+extern void* __TVMBackendParallelBarrier __attribute__((weak));
+
+/* Points this library's parallel loops at our launcher (what load_library does from Python). Returns 1, or 0 with
+ * TVM's launcher left in place when the library has no parallel loops or synchronizes with TVM's barrier. */
+int __tvm_ffi_prune_compile_install_launcher(void* self, const FFIAny* args, int32_t num_args, FFIAny* result) {
+  (void)self, (void)args, (void)num_args;
+  int ok = &__TVMBackendParallelLaunch != NULL && &__TVMBackendParallelBarrier == NULL;
+  if (ok) __TVMBackendParallelLaunch = (void*)prune_compile_parallel_launch;
+  result->type_index = FFI_INT;
+  result->zero_padding = 0;
+  result->v_int64 = ok;
+  return 0;
+}
+
+int __tvm_ffi_prune_compile_parallel_launches(void* self, const FFIAny* args, int32_t num_args, FFIAny* result) {
+  (void)self, (void)args, (void)num_args;
+  result->type_index = FFI_INT;
+  result->zero_padding = 0;
+  result->v_int64 = (int64_t)prune_compile_parallel_launches();
+  return 0;
+}
 
 int prune_compile_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
   pthread_once(&once, start_pool);

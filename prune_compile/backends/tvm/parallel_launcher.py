@@ -24,7 +24,9 @@ Where TVM code runs before there is a library of ours (MetaSchedule's runner wor
 latency search timing in-memory executables), `register` compiles the launcher on its own and makes it the one TVM
 hands every module it loads or JIT-compiles afterwards in that process (tvm-ffi's context symbol registry, which TVM
 fills its own launcher into when it loads): the tuner then chooses schedules and the planner counts layers with the
-launcher they will run with, and a busy neighbour does not double their readings.
+launcher they will run with, and a busy neighbour does not double their readings. On a board tuned over TVM's RPC
+nothing of ours runs in the server's process: there each candidate carries the launcher, and the runner calls the
+candidate's `prune_compile_install_launcher` function (INSTALL_FUNCTION) before it times it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ import tempfile
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_launch.c")
 LAUNCH_SYMBOL = "prune_compile_parallel_launch"
 LAUNCHES_SYMBOL = "prune_compile_parallel_launches"
+# functions a loaded library offers by name (module.get_function), also over TVM's RPC: installs our launcher in that
+# library (returns 1, or 0 when it keeps TVM's, as `install`); how many launches ours has run in its process
+INSTALL_FUNCTION = "prune_compile_install_launcher"
+LAUNCHES_FUNCTION = "prune_compile_parallel_launches"
 POINTER_SYMBOL = "__TVMBackendParallelLaunch"
 # a library whose code synchronizes inside a parallel region calls TVM's barrier with TVM's own thread group, which
 # our launcher does not create: such a library keeps TVM's launcher

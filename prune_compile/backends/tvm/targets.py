@@ -69,6 +69,17 @@ def target_dict(name: str, options: TargetOptions = DEFAULT_OPTIONS) -> dict:
     raise UsageError(f"--target {name}: unknown target ({', '.join(TARGET_NAMES)})")
 
 
+def check_tunable(name: str, options: TargetOptions = DEFAULT_OPTIONS) -> None:
+    """MetaSchedule tunes CPU code for a known core count (the target's num-cores): a board preset that does not
+    give one needs --num-cores, said before any work is done (TVM's own error came after pruning, as a build
+    failure)."""
+    d = target_dict(name, options)
+    if d["kind"] == "llvm" and "num-cores" not in d:
+        with_cores = ", ".join(b for b, v in ARM_BOARDS.items() if v["cores"])
+        raise UsageError(f"--tune for --target {name} needs the board's core count: pass --num-cores N "
+                         f"(--arm-board {options.arm_board} does not give one; {with_cores} do)")
+
+
 def resolve_conv_layout(layout: str, target_name: str, tuned: bool) -> str:
     """The layout convolutions are scheduled in. `auto`: NCHWc for tuned `cpu` builds (its schedule rule beat
     MetaSchedule's NCHW space on every model measured, and ONNX Runtime's kernels use the same layout), NCHW

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from ...errors import BackendError, UsageError
 from . import parallel_launcher
+from .targets import ARM_CROSS_COMPILER
 from .threads import ENV as THREADS_ENV
 from .threads import thread_env
 
@@ -177,16 +178,28 @@ def _time_candidate(rt_mod, device, _config, repeated_args) -> list[float]:
     return medians
 
 
-def _export_aarch64(mod) -> str:
-    """MetaSchedule export function for remote aarch64 boards: a shared library linked here, not on the board."""
+def _time_remote_candidate(_session, rt_mod, device, config, repeated_args) -> list[float]:
+    """MetaSchedule RPC run evaluator: `_time_candidate`'s timing on the board, with our launcher. The board's RPC
+    server is plain TVM, nothing of ours runs there to register it, so the candidate carries the launcher
+    (`_export_remote`) and one call of its install function points its parallel loops at it (a candidate without
+    parallel loops keeps TVM's, which it never calls)."""
+    if not parallel_launcher.opted_out():
+        rt_mod.get_function(parallel_launcher.INSTALL_FUNCTION, query_imports=True)()
+    return _time_candidate(rt_mod, device, config, repeated_args)
+
+
+def _export_remote(mod, compiler: str | None = None) -> str:
+    """MetaSchedule export function for candidates timed over RPC: a shared library linked here (a board has no
+    compiler; `compiler`: the cross compiler, None for this machine's), with our launcher linked in."""
     import tempfile
 
     from tvm.support import cc
 
-    from .targets import ARM_CROSS_COMPILER
-
     path = os.path.join(tempfile.mkdtemp(prefix="prune-compile-ms-"), "candidate.so")
-    mod.export_library(path, fcompile=cc.cross_compiler(ARM_CROSS_COMPILER))
+    if parallel_launcher.opted_out():
+        mod.export_library(path, fcompile=cc.cross_compiler(compiler) if compiler else None)
+    else:
+        mod.export_library(path, fcompile=parallel_launcher.fcompile(compiler))
     return path
 
 
@@ -268,7 +281,7 @@ def _runner(target_name: str, rpc: RPCSettings | None):
     host, port = rpc.host_port()
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc.key,
                                  session_timeout_sec=rpc.session_timeout_s)
-    return ms.runner.RPCRunner(rpc_config=config, max_workers=1)
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=1, f_run_evaluator=_time_remote_candidate)
 
 
 def _import_tensor_intrinsics() -> None:
@@ -315,8 +328,10 @@ def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
 
     key = (target_name, rpc, os.environ.get(THREADS_ENV), parallel_launcher.opted_out())
     if key not in _WORKERS:
-        builder = ms.builder.LocalBuilder(f_build=_build_candidate,
-                                          f_export=_export_aarch64 if target_name == "arm" else None,
+        export = None  # MetaSchedule's default: this machine's compiler, for the local runner
+        if rpc is not None:
+            export = functools.partial(_export_remote, compiler=ARM_CROSS_COMPILER if target_name == "arm" else None)
+        builder = ms.builder.LocalBuilder(f_build=_build_candidate, f_export=export,
                                           timeout_sec=BUILD_TIMEOUT_S, max_workers=os.cpu_count() or 1)
         _WORKERS[key] = (builder, _runner(target_name, rpc))
     return _WORKERS[key]
