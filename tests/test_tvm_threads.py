@@ -4,6 +4,7 @@ with the target's cores."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -71,3 +72,10 @@ def test_tuning_measures_with_the_targets_cores_and_keys_the_database_by_them() 
     # Records measured with one thread rank schedules for one thread: they must not serve a two-thread build.
     assert database_dir("/db", "cpu", str(cpu), 1) != database_dir("/db", "cpu", str(cpu), 2)
     assert database_dir("/db", "cpu", str(cpu), None) != database_dir("/db", "cpu", str(cpu), 2)
+    # CPU candidates timed on a board (median of single calls, our launcher) are not records of the earlier timing
+    # (the mean over 100 ms, TVM's launcher), which the target alone keyed; GPU candidates are still timed that way
+    arm = make_target("arm", TargetOptions(num_cores=4))
+    gpu = make_target("gpu")
+    for name, target in (("arm", arm), ("gpu", gpu)):
+        legacy = os.path.join("/db", f"{name}-{hashlib.sha256(str(target).encode()).hexdigest()[:12]}")
+        assert (database_dir("/db", name, str(target), None) == legacy) == (name == "gpu")

@@ -47,7 +47,9 @@ BUILD_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 60.0
 RUN_SECONDS = 0.1  # how long a candidate is timed for (MetaSchedule's default evaluator: at least 100 ms of calls)
 RUN_CALLS = (10, 2000)  # single calls timed per candidate, at least and at most
-LOCAL_TIMING = "median-of-calls"  # how the local runner times (`_time_candidate`): part of the database's key
+# how CPU candidates are timed, here and on a board (`_time_candidate`, with our launcher): part of the database's key
+CPU_TIMING = "median-of-calls"
+CPU_TARGETS = ("cpu", "arm")  # GPU candidates keep MetaSchedule's export and timing
 LEDGER = "ledger.json"
 MS_LOGGER = "tvm.s_tir.meta_schedule"
 
@@ -98,9 +100,11 @@ def default_database_root() -> str:
 
 
 def database_dir(root: str, target_name: str, target_json: str, threads: int | None = None) -> str:
-    """One database per target and, measured here, thread count and timing method: records are only comparable
-    with records measured the same way."""
-    key = target_json if threads is None else f"{target_json}|threads={threads}|timing={LOCAL_TIMING}"
+    """One database per target, thread count (measured here; a board uses its own) and timing method: records are
+    only comparable with records measured the same way."""
+    key = target_json if threads is None else f"{target_json}|threads={threads}"
+    if target_name in CPU_TARGETS:
+        key += f"|timing={CPU_TIMING}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(root, f"{target_name}-{digest}")
 
@@ -281,7 +285,8 @@ def _runner(target_name: str, rpc: RPCSettings | None):
     host, port = rpc.host_port()
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc.key,
                                  session_timeout_sec=rpc.session_timeout_s)
-    return ms.runner.RPCRunner(rpc_config=config, max_workers=1, f_run_evaluator=_time_remote_candidate)
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=1,
+                               f_run_evaluator=_time_remote_candidate if target_name in CPU_TARGETS else None)
 
 
 def _import_tensor_intrinsics() -> None:
@@ -329,7 +334,7 @@ def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
     key = (target_name, rpc, os.environ.get(THREADS_ENV), parallel_launcher.opted_out())
     if key not in _WORKERS:
         export = None  # MetaSchedule's default: this machine's compiler, for the local runner
-        if rpc is not None:
+        if rpc is not None and target_name in CPU_TARGETS:
             export = functools.partial(_export_remote, compiler=ARM_CROSS_COMPILER if target_name == "arm" else None)
         builder = ms.builder.LocalBuilder(f_build=_build_candidate, f_export=export,
                                           timeout_sec=BUILD_TIMEOUT_S, max_workers=os.cpu_count() or 1)
