@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "jetson-orin")
     p.add_argument("--gpu-arch", default="sm_90", metavar="sm_XX", help="CUDA architecture of the gpu target")
     p.add_argument("--num-cores", type=int, default=None, metavar="N",
-                   help="threads the compiled code uses (default: this machine's cores; the board's for arm)")
+                   help="threads the compiled code uses (default: this machine's cores; the board's for arm, which "
+                        "--tune needs when --arm-board gives none)")
     p.add_argument("--conv-layout", choices=CONV_LAYOUTS, default="auto",
                    help="data layout TVM schedules convolutions in (NHWC: channels innermost; NCHWc: channels "
                         "blocked by the vector width with a register-blocked schedule, CPU targets with --tune; "
