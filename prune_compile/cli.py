@@ -272,8 +272,14 @@ def _summary(result: api.RunResult) -> str:
             d = t["device_code"]
             lines.append(f"  device   {d['format']} for {d['arch']} ({d['bytes']:,} bytes, {d['compiler']})")
     for engine, t in sorted(result.timings.get("engines", {}).items()):
+        used = t.get("fma_peak_fraction")
+        of_peak = f"; {used['before']:.2f} -> {used['after']:.2f} of the FMA peak" if used else ""
         lines.append(f"latency    {engine}: {t['before']['median_ms']:.3f} -> {t['after']['median_ms']:.3f} ms "
-                     f"({t['speedup']:.2f}x, median of {t['after']['runs']} runs)")
+                     f"({t['speedup']:.2f}x, median of {t['after']['runs']} runs{of_peak})")
+    peak = result.timings.get("fma_peak")
+    if peak and "gflops" in peak:
+        lines.append(f"           FMA peak {peak['gflops']:.0f} GFLOP/s ({peak['threads']} threads, measured); a "
+                     "fraction near 1 leaves only fewer MACs to gain")
     for path in sorted(result.files.values()):
         lines.append(f"wrote      {path}")
     return "\n".join(lines)

@@ -131,16 +131,24 @@ def _latency(timings: dict[str, Any]) -> str:
         return ('<h2>Latency</h2><p class="muted">Not measured in this run (pass <code>--measure-latency</code>).'
                 "</p>")
     slowest = max(max(t["before"]["median_ms"], t["after"]["median_ms"]) for t in engines.values()) or 1.0
-    rows = ["<table><tr><th>engine</th><th>before (ms)</th><th>after (ms)</th><th>speedup</th><th></th></tr>"]
+    rows = ["<table><tr><th>engine</th><th>before (ms)</th><th>after (ms)</th><th>speedup</th>"
+            "<th>of FMA peak</th><th></th></tr>"]
     for name, t in sorted(engines.items()):
         b, a = t["before"]["median_ms"], t["after"]["median_ms"]
+        used = t.get("fma_peak_fraction")
+        of_peak = f"{used['before']:.2f} &rarr; {used['after']:.2f}" if used else "-"
         rows.append(f"<tr><td>{escape(name)}</td><td class=num>{b:.3f}</td><td class=num>{a:.3f}</td>"
-                    f"<td class=num>{t['speedup']:.2f}x</td><td>"
+                    f"<td class=num>{t['speedup']:.2f}x</td><td class=num>{of_peak}</td><td>"
                     f'<div class="bar" title="before"><div class="frozen" style="width:{100 * b / slowest:.1f}%">'
                     f'</div></div><div class="bar" title="after" style="margin-top:2px"><div class="kept" '
                     f'style="width:{100 * a / slowest:.1f}%"></div></div></td></tr>')
+    peak = timings.get("fma_peak") or {}
+    peak_note = (f" Of FMA peak: the MACs per second over this machine's measured float32 FMA peak "
+                 f"({peak['gflops']:.0f} GFLOP/s, {peak['threads']} threads); near 1, only fewer MACs make it faster."
+                 if "gflops" in peak else
+                 f" FMA peak not measured: {escape(peak['error'])}." if "error" in peak else "")
     rows.append("</table><p class=muted>Median of timed runs in one process on this machine "
-                f"(measured {escape(timings.get('created', ''))}); grey: before, blue: after.</p>")
+                f"(measured {escape(timings.get('created', ''))}); grey: before, blue: after.{peak_note}</p>")
     return "<h2>Latency</h2>" + "\n".join(rows)
 
 

@@ -13,8 +13,11 @@ import sys
 import onnx
 import pytest
 
+from prune_compile.api import load_model
+from prune_compile.backends.tvm.threads import available_cores
 from prune_compile.cli import main
 from prune_compile.errors import UsageError
+from prune_compile.passes.cost import graph_cost
 from prune_compile.passes.pipeline import PASSES, format_pipeline, parse_pipeline, resolve
 
 from .test_cli import DEFAULT_MODEL, OUTPUTS
@@ -207,11 +210,24 @@ def test_bad_toml_config_is_a_usage_error(tmp_path, capsys, text, needle) -> Non
 def test_measure_latency_reports_speedups(tmp_path, capsys) -> None:
     out = tmp_path / "o"
     assert _cli(DEFAULT_MODEL, "-o", str(out), "--ratio", "0.5", "--measure-latency") == 0
-    assert re.search(r"latency +onnxruntime: [\d.]+ -> [\d.]+ ms", capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert re.search(r"latency +onnxruntime: [\d.]+ -> [\d.]+ ms", printed)
     engines = json.loads((out / "timings.json").read_text())["engines"]
     ort = engines["onnxruntime"]
     assert ort["before"]["runs"] >= 10 and ort["speedup"] > 1.0  # 3.8x fewer MACs: faster even on a noisy machine
     assert "measure" not in json.loads((out / "report.json").read_text())  # timings stay out of report.json
+    # each engine's MACs per second over the machine's measured FMA peak, before and after
+    timings = json.loads((out / "timings.json").read_text())
+    peak = timings["fma_peak"]
+    assert peak["gflops"] > 0 and peak["threads"] == available_cores()
+    macs = {"before": graph_cost(load_model(DEFAULT_MODEL).graph)["macs"],
+            "after": graph_cost(load_model(str(out / "model.pruned.onnx")).graph)["macs"]}
+    for label in ("before", "after"):
+        used = ort["fma_peak_fraction"][label]
+        assert used == pytest.approx(2 * macs[label] / (ort[label]["median_ms"] * 1e6) / peak["gflops"], abs=1e-4)
+        assert 0 < used < 1  # a model cannot outrun the FMA pipes
+    assert "of the FMA peak" in printed
+    assert "of FMA peak" in (out / "report.html").read_text()
 
 
 # -- terminals, permissions ------------------------------------------------------------------------------

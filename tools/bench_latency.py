@@ -35,9 +35,9 @@ import tempfile
 import time
 
 import numpy as np
-from fma_peak import PeakUnavailable
-from fma_peak import measure as measure_fma_peak
 
+from prune_compile.backends.fma_peak import PeakUnavailable, fraction
+from prune_compile.backends.fma_peak import measure as measure_fma_peak
 from prune_compile.backends.tvm.targets import CONV_LAYOUTS
 from prune_compile.passes.latency import quiet_indices, quiet_or_all
 
@@ -213,7 +213,7 @@ def _timed_rounds(runs: list[tuple[str, str, str, str, int, dict | None]], feeds
 
 
 def _fma_peak(threads: int, before: dict | None = None) -> dict:
-    """The machine's FMA peak with `threads` threads (tools/fma_peak.py), the faster of this reading and `before`:
+    """The machine's FMA peak with `threads` threads (backends/fma_peak.py), the faster of this reading and `before`:
     taken before and after the timed rounds, so a slow phase at one of the two moments does not set it."""
     try:
         reading = measure_fma_peak(threads)
@@ -436,7 +436,7 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
             result["tvm_tuned_over_ort"][label], result["tvm_tuned_over_ort_range"][label] = _ratio(ratios)
     if "gflops" in result["fma_peak"]:
         result["fma_peak_fraction"] = {
-            engine: {label: round(2 * result["macs"][label] / (m["median_ms"] * 1e6) / result["fma_peak"]["gflops"], 4)
+            engine: {label: fraction(result["macs"][label], m["median_ms"], result["fma_peak"])
                      for label, m in per_variant.items() if "median_ms" in m}
             for engine, per_variant in result["latency_ms"].items()}
     print(json.dumps(result, indent=1, sort_keys=True))

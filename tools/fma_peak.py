@@ -1,11 +1,6 @@
-"""The machine's float32 FMA peak (GFLOP/s), measured: fma_peak.c compiled for this CPU (-march=native) and run.
+"""The machine's float32 FMA peak, measured (prune_compile/backends/fma_peak.py). Prints JSON.
 
-bench_latency.py divides each engine's MACs per second by it: the fraction of the peak a model runs at says what is
-left to gain in the kernels (pruned resnet18 on the 2-core Zen 5 host: both engines at ~0.85-0.9, so which of two
-is 2% faster is not a kernel-design question any more). The peak is the fastest of `repeats` runs: a slow phase
-(another process on a core) reads low, never high.
-
-Run: .venv/bin/python tools/fma_peak.py [--threads N] [--seconds S] [--repeats R]  (prints JSON)
+Run: .venv/bin/python tools/fma_peak.py [--threads N] [--seconds S] [--repeats R]
 """
 
 from __future__ import annotations
@@ -13,48 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
-
-
-class PeakUnavailable(RuntimeError):
-    """No C compiler, or the probe failed: the caller reports it instead of a fraction."""
-
-
-def compile_probe(directory: str) -> str:
-    """The probe compiled into `directory`, for this CPU. $CC, else cc."""
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise PeakUnavailable(f"no C compiler ({compiler}) to build {os.path.basename(SOURCE)}")
-    binary = os.path.join(directory, "fma_peak")
-    # -ffp-contract=fast: `a * b + c` on vectors becomes one FMA (GCC's default outside ISO mode; clang's is "on")
-    cmd = [compiler, "-O2", "-march=native", "-ffp-contract=fast", "-o", binary, SOURCE, "-lpthread"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise PeakUnavailable(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
-    return binary
-
-
-def run_probe(binary: str, threads: int, seconds: float) -> dict:
-    proc = subprocess.run([binary, str(threads), str(seconds)], capture_output=True, text=True,
-                          timeout=60 + 10 * seconds)
-    if proc.returncode != 0:
-        raise PeakUnavailable(f"{os.path.basename(binary)} failed: {proc.stderr.strip()[:300]}")
-    return json.loads(proc.stdout)
-
-
-def measure(threads: int, seconds: float = 0.3, repeats: int = 3) -> dict:
-    """{"gflops": the fastest run's, "readings_gflops": every run's, "vector_bytes", "fused", "threads"}."""
-    with tempfile.TemporaryDirectory(prefix="fma-peak-") as directory:
-        binary = compile_probe(directory)
-        runs = [run_probe(binary, threads, seconds) for _ in range(repeats)]
-    best = max(runs, key=lambda r: r["gflops"])
-    return {"gflops": best["gflops"], "readings_gflops": [r["gflops"] for r in runs],
-            "per_thread_gflops": best["per_thread_gflops"], "vector_bytes": best["vector_bytes"],
-            "fused": bool(best["fused"]), "threads": threads}
+from prune_compile.backends.fma_peak import measure
 
 
 def main() -> None:

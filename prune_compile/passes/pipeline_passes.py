@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import fma_peak
 from ..errors import UsageError
 from ..ir import export_onnx
 from .pipeline import JobState, body
@@ -210,6 +211,7 @@ def _median_ms(fn, runs: int) -> dict[str, float]:
 def _measure(state: JobState, opts: dict) -> None:
     """Latency of the original model and of the current one, each engine timed the same way in this process."""
     from ..backends import ort
+    from .cost import graph_cost
 
     runs = opts.get("runs", 0)
     if runs < 0:
@@ -241,3 +243,22 @@ def _measure(state: JobState, opts: dict) -> None:
     for t in engines.values():
         t["speedup"] = round(t["before"]["median_ms"] / t["after"]["median_ms"], 3)
     state.latency["engines"] = engines
+    # how much of the cores each engine uses: what is left to gain in its kernels, and what only fewer MACs can buy
+    peak = _fma_peak()
+    state.latency["fma_peak"] = peak
+    if "gflops" in peak:
+        macs = {"before": graph_cost(state.initial)["macs"], "after": graph_cost(state.graph)["macs"]}
+        for t in engines.values():
+            t["fma_peak_fraction"] = {label: fma_peak.fraction(macs[label], t[label]["median_ms"], peak)
+                                      for label in ("before", "after")}
+
+
+def _fma_peak() -> dict:
+    """The FMA peak of the cores the engines run on (ONNX Runtime's and TVM's pools use them all), or the reason
+    there is none (no C compiler)."""
+    from ..backends.tvm.threads import available_cores
+
+    try:
+        return fma_peak.measure(available_cores())
+    except fma_peak.PeakUnavailable as e:
+        return {"error": str(e)}

@@ -3,8 +3,7 @@
  * {"vector_bytes": W, "fused": 0|1, "chains": C, "threads": N, "per_thread_gflops": [...], "gflops": sum}.
  *
  * Nothing else is in the loop (no loads, no stores, no spills): each chain depends only on itself, and there are
- * more chains than the FMA pipes times their latency, so the pipes are the limit. tools/fma_peak.py compiles and
- * runs it; bench_latency.py divides each engine's MACs per second by this.
+ * more chains than the FMA pipes times their latency, so the pipes are the limit. fma_peak.py compiles and runs it.
  */
 #include <pthread.h>
 #include <stdio.h>

@@ -1,0 +1,61 @@
+"""The machine's float32 FMA peak (GFLOP/s), measured: fma_peak.c compiled for this CPU (-march=native) and run.
+
+A model's MACs per second over this peak says how much of the cores it uses: what is left to gain in the kernels,
+and what only fewer MACs can buy (pruned resnet18 on the 2-core Zen 5 host: ONNX Runtime and tuned TVM both at
+~0.85-0.9, where which of the two is 2% faster is noise; mobilenet_v2's depthwise convs, memory-bound, ~0.5). The
+`measure` pass reports it per engine, before and after pruning; tools/bench_latency.py per engine and variant.
+The peak is the fastest of `repeats` runs: a slow phase (another process on a core) reads low, never high.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
+
+
+class PeakUnavailable(RuntimeError):
+    """No C compiler, or the probe failed: the caller reports it instead of a fraction."""
+
+
+def compile_probe(directory: str) -> str:
+    """The probe compiled into `directory`, for this CPU. $CC, else cc (TVM links the libraries it builds with one
+    too)."""
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise PeakUnavailable(f"no C compiler ({compiler}) to build {os.path.basename(SOURCE)}")
+    binary = os.path.join(directory, "fma_peak")
+    # -ffp-contract=fast: `a * b + c` on vectors becomes one FMA (GCC's default outside ISO mode; clang's is "on")
+    cmd = [compiler, "-O2", "-march=native", "-ffp-contract=fast", "-o", binary, SOURCE, "-lpthread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise PeakUnavailable(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
+    return binary
+
+
+def run_probe(binary: str, threads: int, seconds: float) -> dict:
+    proc = subprocess.run([binary, str(threads), str(seconds)], capture_output=True, text=True,
+                          timeout=60 + 10 * seconds)
+    if proc.returncode != 0:
+        raise PeakUnavailable(f"{os.path.basename(binary)} failed: {proc.stderr.strip()[:300]}")
+    return json.loads(proc.stdout)
+
+
+def measure(threads: int, seconds: float = 0.3, repeats: int = 3) -> dict:
+    """{"gflops": the fastest run's, "readings_gflops": every run's, "vector_bytes", "fused", "threads"}."""
+    with tempfile.TemporaryDirectory(prefix="fma-peak-") as directory:
+        binary = compile_probe(directory)
+        runs = [run_probe(binary, threads, seconds) for _ in range(repeats)]
+    best = max(runs, key=lambda r: r["gflops"])
+    return {"gflops": best["gflops"], "readings_gflops": [r["gflops"] for r in runs],
+            "per_thread_gflops": best["per_thread_gflops"], "vector_bytes": best["vector_bytes"],
+            "fused": bool(best["fused"]), "threads": threads}
+
+
+def fraction(macs: int, median_ms: float, peak: dict) -> float:
+    """`macs` in `median_ms` as a fraction of the peak (2 FLOPs a MAC)."""
+    return round(2 * macs / (median_ms * 1e6) / peak["gflops"], 4)
