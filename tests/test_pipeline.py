@@ -230,6 +230,17 @@ def test_measure_latency_reports_speedups(tmp_path, capsys) -> None:
     assert "of FMA peak" in (out / "report.html").read_text()
 
 
+def test_measure_latency_without_a_c_compiler_says_why_there_is_no_fma_peak(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler")
+    out = tmp_path / "o"
+    assert _cli(DEFAULT_MODEL, "-o", str(out), "--ratio", "0.5", "--measure-latency") == 0
+    assert "FMA peak" not in capsys.readouterr().out
+    timings = json.loads((out / "timings.json").read_text())
+    assert "no-such-compiler" in timings["fma_peak"]["error"]
+    assert "fma_peak_fraction" not in timings["engines"]["onnxruntime"]
+    assert "FMA peak not measured: no C compiler (no-such-compiler)" in (out / "report.html").read_text()
+
+
 # -- terminals, permissions ------------------------------------------------------------------------------
 def _run_on_a_terminal(args: list[str]) -> tuple[int, str]:
     """Run the CLI with stdout/stderr on a pseudo-terminal; returns (exit code, everything it printed)."""
