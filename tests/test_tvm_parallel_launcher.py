@@ -196,7 +196,7 @@ def test_the_tuners_runner_times_candidates_with_our_launcher(tmp_path) -> None:
         runner.pool.shutdown()
 
 
-def _time_on_board(port: int, key: str, artifact: str, func, scope: dict) -> None:
+def _time_on_board(target_name: str, port: int, key: str, artifact: str, func, scope: dict) -> None:
     """What the RPC runner does with `artifact` (a candidate of `func`), then the same in a session of our own (each
     session is a process of the server's) to read how many launches our launcher ran there."""
     import tvm
@@ -205,7 +205,7 @@ def _time_on_board(port: int, key: str, artifact: str, func, scope: dict) -> Non
 
     from prune_compile.backends.tvm import tuning
 
-    runner = tuning._runner("arm", tuning.RPCSettings(f"127.0.0.1:{port}", key))
+    runner = tuning._runner(target_name, tuning.RPCSettings(f"127.0.0.1:{port}", key))
     assert runner.f_run_evaluator is tuning._time_remote_candidate
     (future,) = runner.run([ms.runner.RunnerInput(artifact, "cpu", ms.arg_info.ArgInfo.from_prim_func(func))])
     result = future.result()
@@ -234,7 +234,7 @@ def test_a_board_tuned_over_rpc_times_candidates_with_our_launcher(tmp_path) -> 
     target = tvm.target.Target({"kind": "llvm"})
     artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None))
     with rpc_board("board") as port:
-        _time_on_board(port, "board", artifact, scope["func"], scope)
+        _time_on_board("cpu", port, "board", artifact, scope["func"], scope)
 
 
 @pytest.mark.big
@@ -252,4 +252,4 @@ def test_an_aarch64_board_under_qemu_times_candidates_with_our_launcher(tmp_path
                                      ARM_CROSS_COMPILER)
     python, env = qemu_python(arm_sysroot, str(tmp_path))
     with rpc_board("aarch64-board", python, env, timeout=300) as port:
-        _time_on_board(port, "aarch64-board", artifact, scope["func"], scope)
+        _time_on_board("arm", port, "aarch64-board", artifact, scope["func"], scope)

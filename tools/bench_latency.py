@@ -218,11 +218,12 @@ def _fma_peak(threads: int, before: dict | None = None) -> dict:
     try:
         reading = measure_fma_peak(threads)
     except PeakUnavailable as e:
-        return before if before and "gflops" in before else {"error": str(e)}
-    if before and "gflops" in before:
-        reading = max(before, reading, key=lambda r: r["gflops"]) | {
-            "readings_gflops": before["readings_gflops"] + reading["readings_gflops"]}
-    return reading
+        reading = {"error": str(e)}
+    measured = [r for r in (before, reading) if r and "gflops" in r]
+    if not measured:
+        return reading
+    return max(measured, key=lambda r: r["gflops"]) | {
+        "readings_gflops": [g for r in measured for g in r["readings_gflops"]]}
 
 
 def _quiet_ratios(a: dict, b: dict, wanted: int) -> list[float] | None:
