@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -452,7 +453,12 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
     }
     if state.replayed_from:
         summary["replayed_plan"] = state.replayed_from
+    alignment = _channel_alignment(state)
+    if alignment:
+        summary["channel_alignment"] = alignment
     if planning is None:
+        if alignment:
+            summary["warnings"] = [alignment["warning"]]
         return summary
     if planning.round_to > 1:
         summary["round_to"] = planning.round_to
@@ -475,6 +481,8 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
         summary["ratio_found"] = round(planned.ratio_used, 6)
     warnings = [f"--ignore {g} matches no parameter of a prunable group" for g in planned.unmatched_ignores]
     warnings += [f"--override {g} matches no parameter of a prunable group" for g in planned.unmatched_overrides]
+    if alignment:
+        warnings.append(alignment["warning"])
     if warnings:
         summary["warnings"] = warnings
     if planned.importance_notes:
@@ -487,6 +495,28 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
                                   "chosen_ratios": {str(k): round(v, 6) for k, v in
                                                     sorted(planned.group_ratios.items())}}
     return summary
+
+
+def _channel_alignment(state) -> dict[str, Any]:
+    """Convs the plan moved off the CPU runtimes' blocked kernels (see passes/alignment.py); {} when none, or when
+    the latency policy chose the counts (it timed them on the engine)."""
+    from .backends.ort import nchwc_alignment
+    from .passes.alignment import alignment_warning, host_vector_lanes, misaligned_convs, runtime_blocks
+
+    if state.planning is not None and state.planning.policy == "latency":
+        return {}
+    lanes = host_vector_lanes()
+    blocks = runtime_blocks(sorted(state.targets), nchwc_alignment(), lanes)
+    if not blocks:
+        return {}
+    block = max(blocks.values())
+    misaligned = misaligned_convs(state.initial, state.graph, block)
+    if not misaligned:
+        return {}
+    convs = sum(1 for n in state.graph.nodes if n.op == "conv")
+    return {"block": block, "runtimes": blocks, "convs": convs,
+            "misaligned": [dataclasses.asdict(m) for m in misaligned],
+            "warning": alignment_warning(misaligned, blocks, lanes, convs)}
 
 
 _DAMAGE = {"output-change": "relative L2 change of the outputs",

@@ -22,6 +22,7 @@ th{font-weight:600;background:#f6f7fb}td.num{text-align:right;font-variant-numer
 .kept{background:#3b7ddd}.removed{background:repeating-linear-gradient(45deg,#e8694a,#e8694a 3px,#f3a08b 3px,
 #f3a08b 6px)}.frozen{background:#b9bcc6}code{font-size:12px;background:#f3f4f8;padding:1px 4px;border-radius:3px}
 .legend span{display:inline-block;width:12px;height:12px;margin:0 4px -2px 12px;border-radius:2px}
+.warnings{border-left:4px solid #e0a020;background:#fdf6e3;padding:6px 12px 6px 28px;margin:14px 0}
 """
 
 
@@ -170,6 +171,13 @@ def _targets(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _warnings(warnings: list[str]) -> str:
+    """What the CLI printed as warnings (unmatched --ignore/--override, convs off the CPU's channel blocks)."""
+    if not warnings:
+        return ""
+    return '<ul class="warnings">' + "".join(f"<li>{escape(w)}</li>" for w in warnings) + "</ul>"
+
+
 def render_report(report: dict[str, Any], plan_doc: dict[str, Any], timings: dict[str, Any]) -> str:
     c, p = report["cost"], report["pruning"]
     cards = [
@@ -196,6 +204,7 @@ def render_report(report: dict[str, Any], plan_doc: dict[str, Any], timings: dic
         + (f", MACs target {p['target_macs']}x" if p.get("target_macs") else
            f", ratio {p['ratio']}" if p.get("ratio") is not None else "") + "</p>",
         f'<div class="cards">{card_html}</div>',
+        _warnings(p.get("warnings", [])),
         _latency(timings),
         _targets(report),
         "<h2>Channels per layer</h2>",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -74,3 +76,43 @@ def relative_error(reference: list[np.ndarray], actual: list[np.ndarray]) -> flo
         diff = float(np.abs(r - a).max()) if r.size else 0.0
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+
+
+def nchwc_conv_counts(model: onnx.ModelProto | str | os.PathLike) -> tuple[int, int]:
+    """(convs ONNX Runtime runs in its blocked NCHWc kernels, convs it runs plain) in the graph its optimizer makes
+    of `model` for this CPU (written to a temp file: the only way ORT shows it; fused convs count once)."""
+    import onnxruntime as ort
+
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    ort.set_default_logger_severity(3)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    blocked = sum(1 for n in nodes if n.domain == NCHWC_DOMAIN and n.op_type == "Conv")
+    return blocked, sum(1 for n in nodes if n.domain != NCHWC_DOMAIN and n.op_type in ("Conv", "FusedConv"))
+
+
+@functools.cache
+def nchwc_alignment() -> int:
+    """The channel counts ONNX Runtime's NCHWc kernels take on this CPU: multiples of the returned number (0: it has
+    no NCHWc kernels here). Asked of ORT itself: its optimizer gives a depthwise conv, or a dense conv's input of
+    16 channels or more, the NCHWc form only for such counts (ORT 1.31 on AVX-512: multiples of 4, zero-padded to
+    its 16-float block; any other count runs a plain conv between layout reorders)."""
+    from onnx import TensorProto, helper
+
+    for count in (2, 4, 8, 16):
+        weight = helper.make_tensor("w", TensorProto.FLOAT, [count, 1, 3, 3], [0.1] * (count * 9))
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], group=count, pads=[1, 1, 1, 1])], "nchwc_probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, count, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, count, 8, 8])], [weight])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        if nchwc_conv_counts(model) == (1, 0):
+            return count
+    return 0
