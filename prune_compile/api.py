@@ -502,21 +502,19 @@ def _channel_alignment(state) -> dict[str, Any]:
     the latency policy chose the counts (it timed them on the engine)."""
     from .backends.ort import nchwc_alignment
     from .passes.alignment import alignment_warning, host_vector_lanes, misaligned_convs, runtime_blocks
+    from .passes.cost import graph_cost
 
     if state.planning is not None and state.planning.policy == "latency":
         return {}
     lanes = host_vector_lanes()
     blocks = runtime_blocks(sorted(state.targets), nchwc_alignment(), lanes)
-    if not blocks:
-        return {}
-    block = max(blocks.values())
-    misaligned = misaligned_convs(state.initial, state.graph, block)
+    misaligned = misaligned_convs(state.initial, state.graph, blocks, lanes)
     if not misaligned:
         return {}
     convs = sum(1 for n in state.graph.nodes if n.op == "conv")
-    return {"block": block, "runtimes": blocks, "convs": convs,
+    return {"block": max(blocks.values()), "runtimes": blocks, "convs": convs,
             "misaligned": [dataclasses.asdict(m) for m in misaligned],
-            "warning": alignment_warning(misaligned, blocks, lanes, convs)}
+            "warning": alignment_warning(misaligned, blocks, lanes, convs, graph_cost(state.graph)["macs"])}
 
 
 _DAMAGE = {"output-change": "relative L2 change of the outputs",

@@ -1,12 +1,13 @@
 """Channel alignment: which pruned convolutions fell off the CPU runtimes' blocked kernels.
 
-CPU runtimes run convolutions in channel blocks, and only channel counts that fit their blocks take those kernels:
-ONNX Runtime's NCHWc kernels take multiples of 4 (1.31 on AVX-512: a depthwise conv's channels, a dense conv's
-input; padded with zeros to its 16-float block; asked of ORT by `backends.ort.nchwc_alignment`), our TVM cpu kernels
-multiples of 8 on x86 (the AVX-512 vector or half of it, `conv_nchwc.channel_block`) and of 4 on NEON. Any other
-count runs a generic kernel between layout reorders, and a plan without `round_to` leaves such counts (30% of 32
-channels keeps 23): the pruned model can be slower than the original with half its MACs. torchvision's mobilenet_v2
-at ratio 0.3 ran at 0.70-0.95x the original's speed on ONNX Runtime (29 of 52 convs plain; Zen 5, 2 threads) and at
+CPU runtimes run convolutions in channel blocks, and only channel counts that fit their blocks take those kernels.
+ONNX Runtime's NCHWc kernels (1.31, AVX-512, probed: `backends.ort.nchwc_alignment`) take a depthwise conv whose
+channels, and a dense conv whose input channels, are multiples of 4 (a dense input narrower than the vector is read
+as NCHW; output channels are zero-padded to the 16-float block). Our TVM kernels (`conv_nchwc.conv_layouts`) block a
+conv by its output channels: multiples of 8 on x86 (the AVX-512 vector or half of it), of 4 on NEON. Any other count
+runs a plain conv between layout reorders, and a plan without `round_to` leaves such counts (30% of 32 channels
+keeps 23): the pruned model can be slower than the original with half its MACs. torchvision's mobilenet_v2 at ratio
+0.3 ran at 0.70-0.95x the original's speed on ONNX Runtime (29 of 52 convs plain; Zen 5, 2 threads) and at
 1.19-1.53x with `--round-to` 4, 8 or 16. The report names such convs and the `--round-to` that avoids them.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from ..ir import Graph
 
+ORT = "ONNX Runtime"
 NEON_BLOCK = 4  # float32 lanes of a 128-bit NEON register (the arm target)
 TVM_X86_BLOCK = 8  # the smallest channel block of our TVM cpu kernels on AVX2 and AVX-512
 
@@ -25,8 +27,11 @@ TVM_X86_BLOCK = 8  # the smallest channel block of our TVM cpu kernels on AVX2 a
 @dataclass(frozen=True)
 class MisalignedConv:
     node: str
-    before: int  # output channels of the original conv (a multiple of the block)
-    after: int  # output channels kept (not one)
+    side: str  # the count that left the block: "out" (channels written) or "in" (channels read)
+    before: int  # that count in the original conv
+    after: int  # and in the pruned one
+    macs: int  # the pruned conv's
+    runtimes: tuple[str, ...]  # the runtimes that ran it blocked before and cannot now
 
 
 def host_vector_lanes(cpuinfo: str | None = None) -> int:
@@ -51,7 +56,7 @@ def runtime_blocks(targets: Sequence[str], ort_alignment: int, lanes: int) -> di
     """The channel multiple each CPU runtime of the outputs needs: ONNX Runtime's (it runs the exported ONNX; 0:
     no blocked kernels here, left out), TVM's for the cpu target on this host, for the arm target NEON's. A GPU
     target adds nothing."""
-    blocks = {"ONNX Runtime": ort_alignment} if ort_alignment > 1 else {}
+    blocks = {ORT: ort_alignment} if ort_alignment > 1 else {}
     if "cpu" in targets:
         blocks["TVM cpu"] = min(lanes, TVM_X86_BLOCK)
     if "arm" in targets:
@@ -59,19 +64,34 @@ def runtime_blocks(targets: Sequence[str], ort_alignment: int, lanes: int) -> di
     return blocks
 
 
-def misaligned_convs(before: Graph, after: Graph, block: int) -> list[MisalignedConv]:
-    """Convs of `after` whose output channels are not a multiple of `block` while the same conv's in `before` were:
-    pruning moved them off the blocked kernels (a count that was never aligned is not the plan's doing)."""
-    if block <= 1:
-        return []
-    original = {n.name: n.inputs[1].shape[0] for n in before.nodes if _is_conv(n)}
+def _off_block(runtime: str, block: int, lanes: int, out_channels: int, in_channels: int, group: int) -> str | None:
+    """Which count keeps `runtime` from running a conv blocked ("out", "in"), or None when it runs it blocked."""
+    if runtime != ORT:  # TVM blocks every conv by its output channels
+        return "out" if out_channels % block else None
+    if group > 1:  # depthwise only; ORT runs other grouped convs plain whatever the counts
+        return "out" if group == out_channels == in_channels and out_channels % block else None
+    return "in" if in_channels >= lanes and in_channels % block else None
+
+
+def misaligned_convs(before: Graph, after: Graph, blocks: dict[str, int], lanes: int) -> list[MisalignedConv]:
+    """Convs of `after` that a runtime of `blocks` ran in its blocked kernels in `before` and cannot in `after`:
+    pruning moved them off (a conv that was never blocked is not the plan's doing)."""
+    from .cost import node_macs
+
+    original = {n.name: _channels(n) for n in before.nodes if _is_conv(n)}
     out = []
     for n in after.nodes:
         if not _is_conv(n) or n.name not in original:
             continue
-        was, kept = original[n.name], n.inputs[1].shape[0]
-        if was % block == 0 and kept % block:
-            out.append(MisalignedConv(n.name, int(was), int(kept)))
+        now = _channels(n)
+        moved = [(runtime, side) for runtime, block in blocks.items()
+                 if _off_block(runtime, block, lanes, *original[n.name]) is None
+                 and (side := _off_block(runtime, block, lanes, *now))]
+        if moved:
+            side = moved[0][1]
+            index = 0 if side == "out" else 1
+            out.append(MisalignedConv(n.name, side, int(original[n.name][index]), int(now[index]),
+                                      int(node_macs(n)), tuple(runtime for runtime, _ in moved)))
     return out
 
 
@@ -80,15 +100,27 @@ def _is_conv(node) -> bool:
             and node.inputs[1].is_constant and node.inputs[1].shape is not None)
 
 
+def _channels(node) -> tuple[int, int, int]:
+    """(output channels, input channels, group) of a conv, from its weight [out, in / group, ...]."""
+    shape, group = node.inputs[1].shape, int(node.attrs.get("group", 1))
+    return int(shape[0]), int(shape[1]) * group, group
+
+
 def alignment_warning(misaligned: Sequence[MisalignedConv], blocks: dict[str, int], lanes: int, total_convs: int,
-                      shown: int = 4) -> str:
-    """One line for the CLI and the report: how many convs, a few of them, which runtimes, and the option."""
+                      total_macs: int, shown: int = 4) -> str:
+    """One line for the CLI and the report: per runtime how many convs and how much of the model, a few of them,
+    and the option that avoids it."""
     block = max(blocks.values())
-    examples = ", ".join(f"{m.node} {m.after} of {m.before}" for m in misaligned[:shown])
+    per_runtime = []
+    for runtime in blocks:
+        hit = [m for m in misaligned if runtime in m.runtimes]
+        if hit:
+            share = sum(m.macs for m in hit) / max(total_macs, 1)
+            per_runtime.append(f"{runtime} {len(hit)} of {total_convs} ({share:.0%} of the MACs; it needs "
+                               f"multiples of {blocks[runtime]})")
+    examples = ", ".join(f"{m.node} {m.side} {m.after} of {m.before}" for m in misaligned[:shown])
     more = f", and {len(misaligned) - shown} more" if len(misaligned) > shown else ""
-    needs = ", ".join(f"{name} {b}" for name, b in blocks.items())
     lanes_note = f" (multiples of {lanes}, the vector width, also waste no lanes)" if lanes > block else ""
-    return (f"{len(misaligned)} of {total_convs} convolutions keep output channel counts that are not multiples of "
-            f"{block} ({examples}{more}): CPU runtimes run convs on such counts outside their blocked kernels "
-            f"(multiples needed: {needs}), and the pruned model can run slower than the original; "
-            f"--round-to {block} keeps every count on the blocks{lanes_note}")
+    return (f"the plan moves convolutions off the CPU runtimes' blocked kernels: {'; '.join(per_runtime)} "
+            f"({examples}{more}); such convs run plain between layout reorders, and the pruned model can run slower "
+            f"than the original; --round-to {block} keeps every count on the blocks{lanes_note}")
