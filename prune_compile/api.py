@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -498,23 +497,13 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
 
 
 def _channel_alignment(state) -> dict[str, Any]:
-    """Convs the plan moved off the CPU runtimes' blocked kernels (see passes/alignment.py); {} when none, or when
-    the latency policy chose the counts (it timed them on the engine)."""
-    from .backends.ort import nchwc_alignment
-    from .passes.alignment import alignment_warning, host_vector_lanes, misaligned_convs, runtime_blocks
-    from .passes.cost import graph_cost
+    """Convs the plan moved off the CPU runtimes' blocked kernels (passes/alignment.py); {} when none, or when the
+    latency policy chose the counts (it timed them on the engine)."""
+    from .passes.alignment import channel_alignment
 
     if state.planning is not None and state.planning.policy == "latency":
         return {}
-    lanes = host_vector_lanes()
-    blocks = runtime_blocks(sorted(state.targets), nchwc_alignment(), lanes)
-    misaligned = misaligned_convs(state.initial, state.graph, blocks, lanes)
-    if not misaligned:
-        return {}
-    convs = sum(1 for n in state.graph.nodes if n.op == "conv")
-    return {"block": max(blocks.values()), "runtimes": blocks, "convs": convs,
-            "misaligned": [dataclasses.asdict(m) for m in misaligned],
-            "warning": alignment_warning(misaligned, blocks, lanes, convs, graph_cost(state.graph)["macs"])}
+    return channel_alignment(state.initial, state.graph, sorted(state.targets))
 
 
 _DAMAGE = {"output-change": "relative L2 change of the outputs",

@@ -11,8 +11,9 @@ surgery); the module object stays the same, so optimizers must be recreated afte
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ class PruneResult:
     macs_after: int
     params_before: int
     params_after: int
+    # e.g. convs the plan moved off the CPU runtimes' channel blocks (also raised as Python warnings)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def macs_ratio(self) -> float:
@@ -64,6 +67,7 @@ def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOption
     sensitivity policy measures on `example_inputs` (pass a real calibration batch) with the relative output
     change, or `metric(outputs) -> damage` (numpy outputs of the model on them, e.g. error rate)."""
     from .backends.torch_module import apply_plan_to_module
+    from .passes.alignment import channel_alignment
     from .passes.cost import graph_cost
     from .passes.plan import plan_to_json
     from .passes.policy import make_plan
@@ -78,9 +82,16 @@ def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOption
     planned = make_plan(graph, deps, planning, gradients=gradients, calibration=calibration, metric=metric)
     doc = plan_to_json(deps, planned.plan, attention=attention)
     before = graph_cost(graph)
-    after = graph_cost(pruned_copy(graph, planned.plan, deps)) if not planned.plan.is_empty() else before
+    pruned = pruned_copy(graph, planned.plan, deps) if not planned.plan.is_empty() else graph
+    after = graph_cost(pruned)
+    notes = []
+    if planning.policy != "latency":  # the latency policy timed its counts
+        alignment = channel_alignment(graph, pruned)
+        notes = [alignment["warning"]] if alignment else []
     apply_plan_to_module(module, doc, example_inputs)
-    return PruneResult(module, doc, before["macs"], after["macs"], before["parameters"], after["parameters"])
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return PruneResult(module, doc, before["macs"], after["macs"], before["parameters"], after["parameters"], notes)
 
 
 def iterative_prune(module, example_inputs: Sequence[Any], *, target_macs: float, steps: int,

@@ -116,3 +116,17 @@ def test_batch_norm_recalibration_restores_statistics_after_pruning() -> None:
     assert torch.allclose(bn.running_mean, want_mean, atol=1e-4)
     assert torch.allclose(bn.running_var, want_var, rtol=0.05)
     assert bn.momentum == momentum and not model.training
+
+
+def test_prune_module_warns_of_convs_moved_off_the_cpu_blocks() -> None:
+    """The torch flow gets the CLI's channel-alignment check: as a Python warning and in the result."""
+    from prune_compile.backends.ort import nchwc_alignment
+
+    if nchwc_alignment() <= 1:
+        pytest.skip("ONNX Runtime has no NCHWc kernels on this CPU")
+    x = torch.randn(1, 1, 28, 28)
+    with pytest.warns(UserWarning, match="blocked kernels") as caught:
+        result = prune_module(_small_cnn(), [x], PlanningOptions(ratio=0.3))
+    assert result.warnings == [str(w.message) for w in caught if "blocked kernels" in str(w.message)]
+    aligned = prune_module(_small_cnn(), [x], PlanningOptions(ratio=0.3, round_to=nchwc_alignment()))
+    assert aligned.warnings == [] and aligned.macs_ratio > 1.2

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from ..ir import Graph
 
@@ -124,3 +125,21 @@ def alignment_warning(misaligned: Sequence[MisalignedConv], blocks: dict[str, in
     return (f"the plan moves convolutions off the CPU runtimes' blocked kernels: {'; '.join(per_runtime)} "
             f"({examples}{more}); such convs run plain between layout reorders, and the pruned model can run slower "
             f"than the original; --round-to {block} keeps every count on the blocks{lanes_note}")
+
+
+def channel_alignment(before: Graph, after: Graph, targets: Sequence[str] = ()) -> dict[str, Any]:
+    """What report.json holds in `pruning.channel_alignment`: the runtimes' multiples, the convs `after` moved off
+    them, and the warning line; {} when none moved (or no runtime here has blocked kernels). `targets`: the
+    compile targets (ONNX Runtime on this machine always counts: it runs the exported ONNX)."""
+    from ..backends.ort import nchwc_alignment
+    from .cost import graph_cost
+
+    lanes = host_vector_lanes()
+    blocks = runtime_blocks(targets, nchwc_alignment(), lanes)
+    misaligned = misaligned_convs(before, after, blocks, lanes)
+    if not misaligned:
+        return {}
+    convs = sum(1 for n in after.nodes if n.op == "conv")
+    return {"block": max(blocks.values()), "runtimes": blocks, "convs": convs,
+            "misaligned": [asdict(m) for m in misaligned],
+            "warning": alignment_warning(misaligned, blocks, lanes, convs, graph_cost(after)["macs"])}
