@@ -51,8 +51,19 @@ def _layers(plan_doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _layer_table(plan_doc: dict[str, Any]) -> str:
+def _layer_table(plan_doc: dict[str, Any], alignment: dict[str, Any]) -> str:
     rows = _layers(plan_doc)
+    # when the plan moved convs off the CPU runtimes' channel blocks (passes/alignment.py), the groups whose kept
+    # count left the largest block's multiples are what --round-to changes
+    block = alignment.get("block", 0)
+
+    def note(r: dict[str, Any]) -> str:
+        if not r["prunable"]:
+            return r["reason"]
+        kept = r["channels"] - r["removed"]
+        return f"not a multiple of {block} (CPU blocks)" if block and kept % block and \
+            not r["channels"] % block else ""
+
     if not rows:
         return '<p class="muted">No parameter-carrying layers.</p>'
     out = ['<p class="legend"><span class="kept"></span>kept<span class="removed"></span>removed'
@@ -64,7 +75,7 @@ def _layer_table(plan_doc: dict[str, Any]) -> str:
         out.append(f"<tr><td><code>{escape(r['param'])}</code></td><td class=num>{r['group']}</td>"
                    f"<td class=num>{r['channels']}</td><td class=num>{kept}</td><td class=num>{r['removed']}</td>"
                    f"<td>{_bar(kept, r['removed'], not r['prunable'])}</td>"
-                   f"<td class=muted>{escape(r['reason']) if not r['prunable'] else ''}</td></tr>")
+                   f"<td class=muted>{escape(note(r))}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -208,7 +219,7 @@ def render_report(report: dict[str, Any], plan_doc: dict[str, Any], timings: dic
         _latency(timings),
         _targets(report),
         "<h2>Channels per layer</h2>",
-        _layer_table(plan_doc),
+        _layer_table(plan_doc, p.get("channel_alignment", {})),
     ]
     if frozen:
         body += ["<h2>Why groups are frozen</h2><table><tr><th>groups</th><th>reason</th></tr>", frozen, "</table>"]

@@ -102,7 +102,13 @@ def test_report_names_the_convs_onnx_runtime_runs_plain(tmp_path, capsys) -> Non
     assert f"--round-to {block}" in warning and f"ONNX Runtime {len(alignment['misaligned'])} of {len(after)}" \
         in warning
     assert f"warning: {warning}" in err
-    assert "class=\"warnings\"" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "class=\"warnings\"" in html
+    # the layer table marks the rows of the groups whose kept count left the block: every pruned group here
+    plan = json.loads((out / "plan.json").read_text())
+    off = [g for g in plan["groups"] if g["prunable"] and not g["channels"] % block
+           and (g["channels"] - len(g["removed"])) % block]
+    assert off and html.count(f"not a multiple of {block} (CPU blocks)") >= len(off)
 
 
 @pytest.mark.big
