@@ -172,3 +172,22 @@ def test_latency_policy_counts_are_not_second_guessed(tmp_path) -> None:
     for policy, warned in (("uniform", True), ("latency", False)):
         state = SimpleNamespace(planning=SimpleNamespace(policy=policy), targets={}, **graphs)
         assert bool(_channel_alignment(state)) is warned, policy
+
+
+def test_a_failing_probe_costs_the_check_not_the_run(tmp_path, monkeypatch) -> None:
+    """Without a writable temp directory ORT cannot show its optimized graph: the run goes on, without the ORT
+    part of the check, and says why."""
+    import tempfile
+
+    def unwritable(*_a, **_k):
+        raise OSError(30, "Read-only file system")
+
+    nchwc_alignment.cache_clear()
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", unwritable)
+    try:
+        with pytest.warns(UserWarning, match="NCHWc channel multiple: .*Read-only"):
+            assert nchwc_alignment() == 0
+        assert main([DEFAULT_MODEL, "-o", str(tmp_path / "o"), "-q", "--ratio", "0.3"]) == 0
+        assert "channel_alignment" not in json.loads((tmp_path / "o" / "report.json").read_text())["pruning"]
+    finally:
+        nchwc_alignment.cache_clear()
