@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from prune_compile.backends.ort import nchwc_alignment, nchwc_conv_counts
 from prune_compile.cli import main
-from prune_compile.passes.alignment import host_vector_lanes, runtime_blocks
+from prune_compile.passes.alignment import advised_round_to, host_vector_lanes, runtime_blocks
 
 from .test_cli import DEFAULT_MODEL
 
@@ -99,7 +99,9 @@ def test_report_names_the_convs_onnx_runtime_runs_plain(tmp_path, capsys) -> Non
     assert all(m["after"] % block and not m["before"] % block for m in alignment["misaligned"])
     warning = next(w for w in pruning["warnings"] if "blocked kernels" in w)
     assert warning == alignment["warning"]
-    assert f"--round-to {block}" in warning and f"ONNX Runtime {len(alignment['misaligned'])} of {len(after)}" \
+    advised = alignment["round_to"]
+    assert advised % block == 0 and advised >= min(host_vector_lanes(), 8)
+    assert f"--round-to {advised}" in warning and f"ONNX Runtime {len(alignment['misaligned'])} of {len(after)}" \
         in warning
     assert f"warning: {warning}" in err
     html = (out / "report.html").read_text()
@@ -121,7 +123,7 @@ def test_report_matches_onnx_runtime_on_torchvision_models(tmp_path, factory) ->
 
 
 def test_aligned_plan_and_unpruned_run_have_no_alignment_warning(tmp_path) -> None:
-    block = _block(("cpu",))
+    block = advised_round_to(runtime_blocks(("cpu",), nchwc_alignment(), host_vector_lanes()), host_vector_lanes())
     for name, extra in (("aligned", ["--ratio", "0.3", "--round-to", str(block)]), ("unpruned", [])):
         out = tmp_path / name
         assert main([DEFAULT_MODEL, "-o", str(out), "-q", "--target", "cpu", *extra]) == 0
