@@ -430,6 +430,8 @@ def library_name(target: str) -> str:
 
 
 def _pruning_summary(deps, plan, state) -> dict[str, Any]:
+    from .passes.alignment import channel_alignment
+
     planning, planned = state.planning, state.planned
     frozen: dict[str, int] = {}
     for g in deps.groups:
@@ -452,7 +454,8 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
     }
     if state.replayed_from:
         summary["replayed_plan"] = state.replayed_from
-    alignment = _channel_alignment(state)
+    alignment = channel_alignment(state.initial, state.graph, sorted(state.targets),
+                                  state.planning.policy if state.planning else None)
     if alignment:
         summary["channel_alignment"] = alignment
     if planning is None:
@@ -494,16 +497,6 @@ def _pruning_summary(deps, plan, state) -> dict[str, Any]:
                                   "chosen_ratios": {str(k): round(v, 6) for k, v in
                                                     sorted(planned.group_ratios.items())}}
     return summary
-
-
-def _channel_alignment(state) -> dict[str, Any]:
-    """Convs the plan moved off the CPU runtimes' blocked kernels (passes/alignment.py); {} when none, or when the
-    latency policy chose the counts (it timed them on the engine)."""
-    from .passes.alignment import channel_alignment
-
-    if state.planning is not None and state.planning.policy == "latency":
-        return {}
-    return channel_alignment(state.initial, state.graph, sorted(state.targets))
 
 
 _DAMAGE = {"output-change": "relative L2 change of the outputs",

@@ -265,7 +265,7 @@ def _summary(result: api.RunResult) -> str:
         lines.append(f"compiled   {target}: {t['library']} ({t['pipeline']})"
                      + (f", max relative error vs ONNX Runtime {check['max_relative_error']:.2e}" if check else ""))
         tu = result.timings.get("tuning", {}).get(target)
-        if "untuned" in t["pipeline"]:
+        if "tuning" not in t:
             lines.append("  untuned  TVM's default schedules, often 20-100x slower than ONNX Runtime on a CPU; "
                          "--tune N tunes them (resnet18, mobilenet_v2 here: 2000-3200, 10-25 min on 2 cores)")
         if tu:

@@ -84,10 +84,8 @@ def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOption
     before = graph_cost(graph)
     pruned = pruned_copy(graph, planned.plan, deps) if not planned.plan.is_empty() else graph
     after = graph_cost(pruned)
-    notes = []
-    if planning.policy != "latency":  # the latency policy timed its counts
-        alignment = channel_alignment(graph, pruned)
-        notes = [alignment["warning"]] if alignment else []
+    alignment = channel_alignment(graph, pruned, policy=planning.policy)
+    notes = [alignment["warning"]] if alignment else []
     apply_plan_to_module(module, doc, example_inputs)
     for note in notes:
         warnings.warn(note, stacklevel=2)

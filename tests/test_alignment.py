@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from prune_compile.backends.ort import nchwc_alignment, nchwc_conv_counts
+from prune_compile.backends.ort import conv_model, nchwc_alignment, nchwc_conv_counts
 from prune_compile.cli import main
 from prune_compile.passes.alignment import advised_round_to, host_vector_lanes, runtime_blocks
 
@@ -29,6 +28,14 @@ def test_host_vector_lanes(cpuinfo, lanes) -> None:
     assert host_vector_lanes(cpuinfo) == lanes
 
 
+def test_host_vector_lanes_agree_with_the_cpu_target_tvm_compiles_for() -> None:
+    """Read from /proc/cpuinfo to spare runs without a target TVM's import; the kernels' own width decides."""
+    from prune_compile.backends.tvm.conv_nchwc import vector_lanes
+    from prune_compile.backends.tvm.targets import make_target
+
+    assert host_vector_lanes() == vector_lanes(make_target("cpu"))
+
+
 ORT, TVM_CPU, TVM_ARM = "ONNX Runtime", "TVM cpu", "TVM arm"
 
 
@@ -40,29 +47,20 @@ def test_runtime_blocks_follow_the_runtimes_that_run_the_outputs(targets, ort, l
     assert runtime_blocks(targets, ort, lanes) == blocks
 
 
-def _one_conv(cin: int, cout: int, group: int) -> onnx.ModelProto:
-    from onnx import TensorProto, helper
-
-    weight = numpy_helper.from_array(np.full((cout, cin // group, 3, 3), 0.1, np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], group=group, pads=[1, 1, 1, 1])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 8, 8])], [weight])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-
-
 def test_ort_alignment_holds_for_other_counts_and_dense_inputs() -> None:
     """The probe looks at one depthwise count; ORT's rule covers every multiple of it, and dense convs' inputs."""
     align = nchwc_alignment()
-    if align == 0:
-        pytest.skip("ONNX Runtime has no NCHWc kernels on this CPU")
+    if align == 0:  # the probe says ORT has no NCHWc kernels here: then it runs every conv plain
+        assert all(nchwc_conv_counts(conv_model(c, c, c)) == (0, 1) for c in (4, 8, 16, 32))
+        assert all(nchwc_conv_counts(conv_model(c, 32, 1)) == (0, 1) for c in (16, 32))
+        return
     for count in (3 * align, 5 * align, 6 * align):
-        assert nchwc_conv_counts(_one_conv(count, count, count)) == (1, 0), count
-        assert nchwc_conv_counts(_one_conv(count + 16, 32, 1)) == (1, 0), count + 16
+        assert nchwc_conv_counts(conv_model(count, count, count)) == (1, 0), count
+        assert nchwc_conv_counts(conv_model(count + 16, 32, 1)) == (1, 0), count + 16
     if align > 1:
         for count in (3 * align + 1, 5 * align - 1, 3 * align // 2):  # the last: the probe found the smallest
-            assert nchwc_conv_counts(_one_conv(count, count, count)) == (0, 1), count
-            assert nchwc_conv_counts(_one_conv(count + 16, 32, 1)) == (0, 1), count + 16
+            assert nchwc_conv_counts(conv_model(count, count, count)) == (0, 1), count
+            assert nchwc_conv_counts(conv_model(count + 16, 32, 1)) == (0, 1), count + 16
 
 
 def _conv_out_channels(path) -> dict[str, int]:
@@ -76,33 +74,35 @@ def _block(targets=()) -> int:
 
 
 def _check_against_ort(model: str, out, extra: Sequence[str]) -> dict:
-    """Prune `model` at ratio 0.3 (no --round-to, no compile target): the convs the report says ONNX Runtime can no
-    longer run blocked are as many as the plain convs ORT's optimizer makes of the pruned model, beyond the
-    original's. Returns the report's pruning section."""
+    """Prune `model` at ratio 0.3 (no --round-to): the convs the report says ONNX Runtime can no longer run blocked
+    are as many as the plain convs ORT's optimizer makes of the pruned model, beyond the original's (none, on a CPU
+    where ORT has no NCHWc kernels). Returns the report's pruning section."""
     assert main([model, "-o", str(out), "-q", "--ratio", "0.3", *extra]) == 0
     pruning = json.loads((out / "report.json").read_text())["pruning"]
-    ort_hit = [m for m in pruning["channel_alignment"]["misaligned"] if "ONNX Runtime" in m["runtimes"]]
+    misaligned = pruning.get("channel_alignment", {}).get("misaligned", [])
+    ort_hit = [m for m in misaligned if "ONNX Runtime" in m["runtimes"]]
     original_plain = nchwc_conv_counts(model)[1] if model.endswith(".onnx") else 0
     assert len(ort_hit) == nchwc_conv_counts(out / "model.pruned.onnx")[1] - original_plain
     return pruning
 
 
 def test_report_names_the_convs_onnx_runtime_runs_plain(tmp_path, capsys) -> None:
-    if nchwc_alignment() <= 1:
-        pytest.skip("ONNX Runtime has no NCHWc kernels on this CPU")
+    """With the cpu target TVM's rule applies too, so the run warns on any CPU; ORT's part is checked against ORT."""
     out = tmp_path / "o"
-    pruning = _check_against_ort(DEFAULT_MODEL, out, [])
+    pruning = _check_against_ort(DEFAULT_MODEL, out, ["--target", "cpu"])
     err = capsys.readouterr().err
     alignment = pruning["channel_alignment"]
-    block, after = _block(), _conv_out_channels(out / "model.pruned.onnx")
-    assert alignment["block"] == block and alignment["convs"] == len(after)
+    block, after = _block(("cpu",)), _conv_out_channels(out / "model.pruned.onnx")
+    assert alignment["block"] == block and alignment["convs"] == len(after) and TVM_CPU in alignment["runtimes"]
     assert all(m["after"] % block and not m["before"] % block for m in alignment["misaligned"])
     warning = next(w for w in pruning["warnings"] if "blocked kernels" in w)
     assert warning == alignment["warning"]
     advised = alignment["round_to"]
     assert advised % block == 0 and advised >= min(host_vector_lanes(), 8)
-    assert f"--round-to {advised}" in warning and f"ONNX Runtime {len(alignment['misaligned'])} of {len(after)}" \
-        in warning
+    assert f"--round-to {advised}" in warning
+    for runtime in alignment["runtimes"]:
+        hit = sum(runtime in m["runtimes"] for m in alignment["misaligned"])
+        assert (f"{runtime} {hit} of {len(after)}" in warning) is bool(hit), runtime
     assert f"warning: {warning}" in err
     html = (out / "report.html").read_text()
     assert "class=\"warnings\"" in html
@@ -116,10 +116,9 @@ def test_report_names_the_convs_onnx_runtime_runs_plain(tmp_path, capsys) -> Non
 @pytest.mark.big
 @pytest.mark.parametrize("factory", ["torchvision.models:mobilenet_v2", "torchvision.models:resnet18"])
 def test_report_matches_onnx_runtime_on_torchvision_models(tmp_path, factory) -> None:
-    if nchwc_alignment() <= 1:
-        pytest.skip("ONNX Runtime has no NCHWc kernels on this CPU")
     pruning = _check_against_ort(factory, tmp_path / "o", ["--input-shape", "x=1,3,224,224"])
-    assert len(pruning["channel_alignment"]["misaligned"]) >= 10
+    if nchwc_alignment():  # ratio 0.3 leaves counts like 23 and 45 in at least ten convs of either model
+        assert len(pruning["channel_alignment"]["misaligned"]) >= 10
 
 
 def test_aligned_plan_and_unpruned_run_have_no_alignment_warning(tmp_path) -> None:
@@ -130,32 +129,37 @@ def test_aligned_plan_and_unpruned_run_have_no_alignment_warning(tmp_path) -> No
         report = json.loads((out / "report.json").read_text())["pruning"]
         assert "channel_alignment" not in report and "warnings" not in report, name
         # the advice works: ONNX Runtime runs every conv of the pruned model blocked, as it did the original's
-        assert nchwc_conv_counts(out / "model.pruned.onnx")[1] == nchwc_conv_counts(DEFAULT_MODEL)[1] == 0, name
+        # (every conv plain in both, on a CPU where it has no NCHWc kernels)
+        plain = 0 if nchwc_alignment() else len(_conv_out_channels(DEFAULT_MODEL))
+        assert nchwc_conv_counts(out / "model.pruned.onnx")[1] == nchwc_conv_counts(DEFAULT_MODEL)[1] == plain, name
     aligned, original = (_conv_out_channels(p) for p in (tmp_path / "aligned" / "model.pruned.onnx", DEFAULT_MODEL))
     assert aligned != original, "the aligned plan must prune something"
     assert all(c % block == 0 for n, c in aligned.items() if original[n] % block == 0)
 
 
-def test_compiled_targets_raise_the_block(tmp_path) -> None:
-    """Ratio 0.4 in multiples of 4 keeps 20 of 32 channels: ONNX Runtime's multiple, not the cpu target's 8 (x86)."""
-    if _block(("cpu",)) <= _block():
-        pytest.skip("TVM's cpu block is no larger than ONNX Runtime's on this CPU")
-    for targets, warned in (([], False), (["--target", "cpu"], True)):
-        out = tmp_path / str(warned)
-        assert main([DEFAULT_MODEL, "-o", str(out), "-q", "--ratio", "0.4", "--round-to", "4", *targets]) == 0
-        pruning = json.loads((out / "report.json").read_text())["pruning"]
-        assert ("channel_alignment" in pruning) is warned
-    # TVM blocks a conv by its output channels: the convs named are those whose output count left the multiple
-    block = _block(("cpu",))
+def test_tvm_rule_is_the_output_channels_and_ort_rule_the_inputs(tmp_path) -> None:
+    """Ratio 0.4 in multiples of 4 keeps 20 of 32 channels: on ONNX Runtime's multiple of 4, off the cpu target's 8.
+    Each runtime's rule, applied to the same graphs: TVM names exactly the convs whose output count left 8, ORT
+    (multiples of 4) none."""
+    from prune_compile.ir import import_onnx
+    from prune_compile.passes.alignment import misaligned_convs
+
+    out = tmp_path / "o"
+    assert main([DEFAULT_MODEL, "-o", str(out), "-q", "--ratio", "0.4", "--round-to", "4"]) == 0
+    graphs = [import_onnx(onnx.load(str(p))) for p in (DEFAULT_MODEL, out / "model.pruned.onnx")]
     before, after = _conv_out_channels(DEFAULT_MODEL), _conv_out_channels(out / "model.pruned.onnx")
-    assert sorted((m["node"], m["side"], m["before"], m["after"], tuple(m["runtimes"]))
-                  for m in pruning["channel_alignment"]["misaligned"]) == \
-        sorted((n, "out", before[n], c, (TVM_CPU,)) for n, c in after.items() if c % block and not before[n] % block)
+    expected = sorted((n, "out", before[n], c, (TVM_CPU,)) for n, c in after.items() if c % 8 and not before[n] % 8)
+    assert expected, "ratio 0.4 in multiples of 4 must leave counts off 8"
+    named = misaligned_convs(*graphs, {ORT: 4, TVM_CPU: 8}, lanes=16)
+    assert sorted((m.node, m.side, m.before, m.after, m.runtimes) for m in named) == expected
+    assert misaligned_convs(*graphs, {ORT: 4}, lanes=16) == []
 
 
 def test_replayed_plan_is_checked_too(tmp_path) -> None:
-    assert main([DEFAULT_MODEL, "-o", str(tmp_path / "a"), "-q", "--ratio", "0.3"]) == 0
-    assert main([DEFAULT_MODEL, "-o", str(tmp_path / "b"), "-q", "--plan", str(tmp_path / "a" / "plan.json")]) == 0
+    cpu = ["--target", "cpu"]  # TVM's rule: a warning on any CPU
+    assert main([DEFAULT_MODEL, "-o", str(tmp_path / "a"), "-q", "--ratio", "0.3", *cpu]) == 0
+    assert main([DEFAULT_MODEL, "-o", str(tmp_path / "b"), "-q", "--plan", str(tmp_path / "a" / "plan.json"),
+                 *cpu]) == 0
     first, replayed = (json.loads((tmp_path / d / "report.json").read_text())["pruning"] for d in "ab")
     assert replayed["channel_alignment"] == first["channel_alignment"]
     assert replayed["warnings"] == [first["channel_alignment"]["warning"]]
@@ -163,17 +167,13 @@ def test_replayed_plan_is_checked_too(tmp_path) -> None:
 
 def test_latency_policy_counts_are_not_second_guessed(tmp_path) -> None:
     """The latency policy chose its counts by timing them on the engine: no warning, whatever the counts."""
-    from types import SimpleNamespace
-
-    from prune_compile.api import _channel_alignment
     from prune_compile.ir import import_onnx
+    from prune_compile.passes.alignment import channel_alignment
 
     assert main([DEFAULT_MODEL, "-o", str(tmp_path / "a"), "-q", "--ratio", "0.3"]) == 0
-    graphs = {"initial": import_onnx(onnx.load(DEFAULT_MODEL)),
-              "graph": import_onnx(onnx.load(str(tmp_path / "a" / "model.pruned.onnx")))}
+    graphs = [import_onnx(onnx.load(str(p))) for p in (DEFAULT_MODEL, tmp_path / "a" / "model.pruned.onnx")]
     for policy, warned in (("uniform", True), ("latency", False)):
-        state = SimpleNamespace(planning=SimpleNamespace(policy=policy), targets={}, **graphs)
-        assert bool(_channel_alignment(state)) is warned, policy
+        assert bool(channel_alignment(*graphs, ["cpu"], policy)) is warned, policy
 
 
 def test_a_failing_probe_costs_the_check_not_the_run(tmp_path, monkeypatch) -> None:

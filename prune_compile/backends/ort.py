@@ -14,13 +14,17 @@ import onnx
 from ..errors import BackendError
 
 
-def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | None = None):
-    """An ORT CPU session; warnings silenced (ORT's optimizer is chatty about shapes it re-derives)."""
+def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | None = None,
+            optimized_path: str | None = None):
+    """An ORT CPU session; warnings silenced (ORT's optimizer is chatty about shapes it re-derives).
+    `optimized_path`: where ORT writes the graph its optimizer made for this CPU."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -85,18 +89,24 @@ NCHWC_DOMAIN = "com.microsoft.nchwc"
 def nchwc_conv_counts(model: onnx.ModelProto | str | os.PathLike) -> tuple[int, int]:
     """(convs ONNX Runtime runs in its blocked NCHWc kernels, convs it runs plain) in the graph its optimizer makes
     of `model` for this CPU (written to a temp file: the only way ORT shows it; fused convs count once)."""
-    import onnxruntime as ort
-
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    ort.set_default_logger_severity(3)
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        nodes = onnx.load(opts.optimized_model_filepath).graph.node
+        optimized = os.path.join(tmp, "optimized.onnx")
+        session(model, optimized_path=optimized)
+        nodes = onnx.load(optimized).graph.node
     blocked = sum(1 for n in nodes if n.domain == NCHWC_DOMAIN and n.op_type == "Conv")
     return blocked, sum(1 for n in nodes if n.domain != NCHWC_DOMAIN and n.op_type in ("Conv", "FusedConv"))
+
+
+def conv_model(in_channels: int, out_channels: int, group: int = 1, size: int = 8) -> onnx.ModelProto:
+    """A model of one 3x3 conv (padded, constant weights) on a [1, in_channels, size, size] input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.full((out_channels, in_channels // group, 3, 3), 0.1, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], group=group, pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_channels, size, size])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 @functools.cache
@@ -105,17 +115,9 @@ def nchwc_alignment() -> int:
     no NCHWc kernels here). Asked of ORT itself: its optimizer gives a depthwise conv, or a dense conv's input of
     16 channels or more, the NCHWc form only for such counts (ORT 1.31 on AVX-512: multiples of 4, zero-padded to
     its 16-float block; any other count runs a plain conv between layout reorders)."""
-    from onnx import TensorProto, helper
-
     for count in (2, 4, 8, 16):
-        weight = helper.make_tensor("w", TensorProto.FLOAT, [count, 1, 3, 3], [0.1] * (count * 9))
-        graph = helper.make_graph(
-            [helper.make_node("Conv", ["x", "w"], ["y"], group=count, pads=[1, 1, 1, 1])], "nchwc_probe",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, count, 8, 8])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, count, 8, 8])], [weight])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
         try:
-            blocked = nchwc_conv_counts(model) == (1, 0)
+            blocked = nchwc_conv_counts(conv_model(count, count, group=count)) == (1, 0)
         except Exception as e:  # a probe must not fail the run: no writable temp dir, an ORT without NCHWc output
             warnings.warn(f"cannot ask ONNX Runtime for its NCHWc channel multiple: {e}", stacklevel=2)
             return 0

@@ -37,7 +37,9 @@ class MisalignedConv:
 
 def host_vector_lanes(cpuinfo: str | None = None) -> int:
     """float32 lanes of this CPU's vectors: 16 with AVX-512F, 8 with AVX, 4 otherwise (NEON, SSE). `cpuinfo`: the
-    text of /proc/cpuinfo (read when None; where there is none, an x86 machine is taken to have AVX)."""
+    text of /proc/cpuinfo (read when None; where there is none, an x86 machine is taken to have AVX). The same
+    answer as `conv_nchwc.vector_lanes` for the cpu target (tested), without importing TVM (seconds) in runs
+    that compile nothing."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -79,10 +81,10 @@ def misaligned_convs(before: Graph, after: Graph, blocks: dict[str, int], lanes:
     pruning moved them off (a conv that was never blocked is not the plan's doing)."""
     from .cost import node_macs
 
-    original = {n.name: _channels(n) for n in before.nodes if _is_conv(n)}
+    original = {n.name: _channels(n) for n in _convs(before)}
     out = []
-    for n in after.nodes:
-        if not _is_conv(n) or n.name not in original:
+    for n in _convs(after):
+        if n.name not in original:
             continue
         now = _channels(n)
         moved = [(runtime, side) for runtime, block in blocks.items()
@@ -96,9 +98,11 @@ def misaligned_convs(before: Graph, after: Graph, blocks: dict[str, int], lanes:
     return out
 
 
-def _is_conv(node) -> bool:
-    return (node.op == "conv" and len(node.inputs) > 1 and node.inputs[1] is not None
-            and node.inputs[1].is_constant and node.inputs[1].shape is not None)
+def _convs(graph: Graph) -> list:
+    """The convs with a constant weight (the latency table's weight layers, convs only)."""
+    from .latency import weight_layer_nodes
+
+    return [n for n in weight_layer_nodes(graph) if n.op == "conv"]
 
 
 def _channels(node) -> tuple[int, int, int]:
@@ -112,7 +116,7 @@ def advised_round_to(blocks: dict[str, int], lanes: int) -> int:
     Runtime takes multiples of 4 but pads them to its vector block: mobilenet_v2 at ratio 0.3 ran at 0.78x the
     original's latency with `--round-to 4`, 0.67x with 8, 0.66x with 16, 1.24x without (ORT, Zen 5, one interleaved
     `bench_latency --compare` run), and 8 keeps more channels than 16."""
-    return max(*blocks.values(), min(lanes, TVM_X86_BLOCK))
+    return max([*blocks.values(), min(lanes, TVM_X86_BLOCK)])
 
 
 def alignment_warning(misaligned: Sequence[MisalignedConv], blocks: dict[str, int], lanes: int, total_convs: int,
@@ -135,13 +139,17 @@ def alignment_warning(misaligned: Sequence[MisalignedConv], blocks: dict[str, in
             f"than the original; --round-to {block} keeps every count on the blocks{lanes_note}")
 
 
-def channel_alignment(before: Graph, after: Graph, targets: Sequence[str] = ()) -> dict[str, Any]:
+def channel_alignment(before: Graph, after: Graph, targets: Sequence[str] = (),
+                      policy: str | None = None) -> dict[str, Any]:
     """What report.json holds in `pruning.channel_alignment`: the runtimes' multiples, the convs `after` moved off
-    them, and the warning line; {} when none moved (or no runtime here has blocked kernels). `targets`: the
-    compile targets (ONNX Runtime on this machine always counts: it runs the exported ONNX)."""
+    them, and the warning line; {} when none moved (or no runtime here has blocked kernels), and for plans of the
+    latency `policy`, which timed its counts on the engine. `targets`: the compile targets (ONNX Runtime on this
+    machine always counts: it runs the exported ONNX)."""
     from ..backends.ort import nchwc_alignment
     from .cost import graph_cost
 
+    if policy == "latency":
+        return {}
     lanes = host_vector_lanes()
     blocks = runtime_blocks(targets, nchwc_alignment(), lanes)
     misaligned = misaligned_convs(before, after, blocks, lanes)
