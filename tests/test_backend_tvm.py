@@ -74,7 +74,7 @@ def test_pruned_torchvision_model_tvm_equals_ort_equals_torch(tmp_path, name: st
             assert ort.relative_error([torch_out], ort_out) <= RTOL
 
 
-@pytest.mark.parametrize("model_id", ["ppocr_cls", "ppocrv4_rec"])
+@pytest.mark.parametrize("model_id", ["ppocr_cls", "ppocrv4_rec", "nudenet_yolov8n"])
 def test_pruned_third_party_model_tvm_equals_ort(tmp_path, model_cache_dir: str, model_id: str) -> None:
     import onnx
 

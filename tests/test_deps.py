@@ -3,6 +3,8 @@ and the rewrite of channel-count attributes."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,33 @@ def test_attention_heads_mode_prunes_whole_heads() -> None:
         assert sorted(rows.tolist()) == sorted(expected), unit
         feeds = {graph.inputs[0].name: np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)}
         assert oracle_error(graph, deps, exact_plan(deps, 0.5), feeds) <= 1e-5
+
+
+class _DistributionHead(nn.Module):
+    """YOLOv8's box head: 4 box sides x 16 bins as one conv's 64 channels, reshaped to [4, 16], the bins moved to the
+    channel axis for a softmax and a fixed 1x1 conv (their expectation). The box sides land on that conv's height
+    axis, which no channel rule maps through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.box = nn.Conv2d(8, 64, 1)
+        self.dfl = nn.Conv2d(16, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        boxes = self.box(torch.relu(self.stem(x))).flatten(2)  # [1, 64, anchors]
+        bins = boxes.view(1, 4, 16, -1).transpose(2, 1).softmax(1)  # [1, 16 bins, 4 sides, anchors]
+        return self.dfl(bins).view(1, 4, -1)
+
+
+def test_a_group_reaching_an_axis_its_op_has_no_rule_for_is_frozen() -> None:
+    x = torch.randn(1, 3, 4, 4)
+    graph = import_torch_module(_DistributionHead(), (x,))
+    deps = analyze(graph)
+    box = [g for g in deps.groups if any(param_name(m) == "box.weight" for m in g.producers())]
+    assert box and not any(g.prunable for g in box)
+    assert any(re.fullmatch(r"node '.*': conv has no channel rule for axis 2 of '.*'", g.reason) for g in box)
+    assert {param_name(g.producers()[0]) for g in deps.prunable() if g.size > 1} == {"stem.weight"}
+    plan = uniform_plan(deps, 0.5)
+    feeds = {graph.inputs[0].name: x.numpy()}
+    assert oracle_error(graph, deps, plan, feeds) <= 1e-5

@@ -150,3 +150,31 @@ def test_lifted_operands_become_attributes() -> None:
     assert reshape.attrs == {"shape": [1, 8]}
     assert slc.attrs == {"starts": [1], "ends": [4], "axes": [1], "steps": [1]}
     assert _roundtrip_error(model) == 0.0
+
+
+def test_control_flow_stays_opaque_and_its_branches_are_not_folded(capfd) -> None:
+    # An If whose branch holds a foldable constant subgraph. Our IR cannot represent branches (the If is opaque), so
+    # nothing inside them is folded: onnx-graphsurgeon would evaluate them with ONNX Runtime as IR-14 models it
+    # rejects, printing a warning for every branch and leaving them as they were anyway.
+    ones = helper.make_node("Constant", [], ["ones"], value=numpy_helper.from_array(np.ones(5, np.float32)))
+    two = helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.float32(2.0)))
+    twos = helper.make_node("Mul", ["ones", "two"], ["twos"])
+    shifted = helper.make_node("Add", ["x", "twos"], ["then_out"])
+    then_branch = helper.make_graph([ones, two, twos, shifted], "then", [],
+                                    [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [2, 5])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["x"], ["else_out"])], "else", [],
+                                    [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [2, 5])])
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch, name="branch")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])
+    c = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    model = _model([branch], [x, c], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])])
+    g = import_onnx(model)
+    assert [(n.op, n.opaque.op_type) for n in g.nodes] == [("opaque", "If")]
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    exported = export_onnx(g)
+    assert [n.op_type for n in exported.graph.node[0].attribute[1].g.node] == ["Constant", "Constant", "Mul", "Add"]
+    xs = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": xs, "c": np.array(cond)}
+        assert ort.relative_error(ort.run(model, feeds), ort.run(exported, feeds)) == 0.0

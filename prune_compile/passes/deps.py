@@ -101,10 +101,13 @@ class _Analysis(RuleSink):
         self.reasons: list[str] = []
         self.roles: dict[int, str] = {}
         self.node = ""
+        self.touched: set[int] = set()  # slots the current node's rule spoke about
 
     # -- RuleSink -------------------------------------------------------------------------------------------
     def _slot(self, v: Value, axis: int) -> int:
-        return self.slot_of[(id(v), axis % len(v.shape))]
+        s = self.slot_of[(id(v), axis % len(v.shape))]
+        self.touched.add(s)
+        return s
 
     def couple(self, a: Value, axis_a: int, b: Value, axis_b: int) -> None:
         sa, sb = self._slot(a, axis_a), self._slot(b, axis_b)
@@ -127,9 +130,9 @@ class _Analysis(RuleSink):
         self.dst.append(self.base[sb] + ib)
 
     def role(self, const: Value, axis: int, role: str) -> None:
+        s = self._slot(const, axis)
         if not const.is_constant:
             return
-        s = self._slot(const, axis)
         if _ROLE_RANK[role] > _ROLE_RANK.get(self.roles.get(s, ""), 0):
             self.roles[s] = role
 
@@ -162,8 +165,21 @@ class _Analysis(RuleSink):
                 self.freeze(v, axis, f"graph output '{v.name}'")
         for node in self.graph.nodes:
             self.node = node.name
+            self.touched = set()
             apply_rule(self, node)
+            self._freeze_unaccounted(node)
         return self._groups()
+
+    def _freeze_unaccounted(self, node) -> None:
+        """Fail closed on the slots a rule said nothing about (a conv's spatial axes, say): a group that reaches one
+        through a reshape or transpose would change that operand's shape while the op's output stays as it was."""
+        for v in [*node.inputs, *node.outputs]:
+            if v is None:
+                continue
+            for axis, d in enumerate(v.static_shape()):
+                if d > 1 and self.slot_of[(id(v), axis)] not in self.touched:
+                    self.freeze(v, axis, f"node '{node.name}': {node.op} has no channel rule for axis {axis} "
+                                         f"of '{v.name}'")
 
     def _groups(self) -> list[Group]:
         from scipy.sparse import coo_matrix
