@@ -17,7 +17,7 @@ from prune_compile.passes.deps import analyze
 from prune_compile.passes.plan import Plan, param_name, plan_to_json, uniform_plan
 from prune_compile.passes.rewrite import apply_plan, pruned_copy
 
-from .oracle import exact_plan, oracle_error
+from .oracle import exact_plan, oracle_error, torch_onnx_graph
 from .random_arch import Builder
 
 
@@ -165,3 +165,35 @@ def test_a_group_reaching_an_axis_its_op_has_no_rule_for_is_frozen() -> None:
     plan = uniform_plan(deps, 0.5)
     feeds = {graph.inputs[0].name: x.numpy()}
     assert oracle_error(graph, deps, plan, feeds) <= 1e-5
+
+
+def _group_normed(groups: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(groups, 8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    return model
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_group_norm_prunes_whole_groups_and_one_group_is_inexact(groups: int) -> None:
+    # Both importers write GroupNorm as reshape [C, H, W] -> [G, C/G*H*W], instance_norm, reshape back. Several
+    # groups: whole groups go (channel c rides on group c // (C/G)), exactly; one group: any channel, but the
+    # statistics cover every channel, so the group is inexact.
+    model, x = _group_normed(groups), torch.randn(1, 3, 6, 6)
+    signatures = []
+    for graph in (import_torch_module(model, (x,)), torch_onnx_graph(model, x)):
+        deps = analyze(graph)
+        (conv,) = [g for g in deps.groups if any(param_name(m) == "0.weight" for m in g.producers())]
+        assert conv.prunable and conv.size == (8 if groups == 1 else groups)
+        assert conv.exact == (groups > 1)
+        if groups == 1:
+            assert "instance_norm statistics over this axis" in conv.inexact_reason
+        else:
+            rows = next(m for m in conv.members if param_name(m) == "0.weight").indices
+            assert rows.tolist() == np.arange(8).reshape(groups, 8 // groups).tolist()
+            feeds = {graph.inputs[0].name: x.numpy()}
+            assert oracle_error(graph, deps, Plan({conv.id: np.arange(groups // 2)}), feeds) <= 1e-5
+        signatures.append(sorted((g.size, g.prunable, g.exact) for g in deps.groups))
+    assert signatures[0] == signatures[1]

@@ -126,3 +126,46 @@ def test_graph_verifies_and_shapes_are_static() -> None:
     graph.verify()
     assert all(isinstance(d, int) for v in graph.values() for d in v.shape)
     assert np.prod(graph.outputs[0].shape) == 2
+
+
+class _Normed(nn.Module):
+    """GroupNorm with and without its affine, and ConvNeXt-V2's global response norm (addcmul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gn = nn.GroupNorm(4, 8)
+        self.gn_plain = nn.GroupNorm(2, 8, affine=False)
+        self.gamma = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gn_plain(self.gn(x))
+        response = y.norm(p=2, dim=(2, 3), keepdim=True)
+        return torch.addcmul(y, self.gamma, response, value=0.5)
+
+
+def test_group_norm_and_addcmul_lower_to_known_ops() -> None:
+    torch.manual_seed(0)
+    model = _Normed()
+    with torch.no_grad():
+        model.gn.weight.uniform_(0.5, 1.5)
+        model.gn.bias.normal_()
+    graph = _check(model, torch.randn(1, 8, 5, 5))
+    assert not any(n.op == "opaque" for n in graph.nodes)
+    # As ONNX exporters write GroupNorm: [N, C, H, W] -> [N, G, C/G*H*W], normalized per group, back, affine.
+    norms = [n for n in graph.nodes if n.op == "instance_norm"]
+    assert [n.inputs[0].shape for n in norms] == [(1, 4, 50), (1, 2, 100)]
+    assert {"gn.weight", "gn.bias"} <= {v.name for v in graph.constants()}
+
+
+def test_stack_repeat_interleave_and_bicubic_lower_to_known_ops() -> None:
+    # CrossViT (stack, bicubic resize of position embeddings) and GCViT (repeat_interleave of global queries).
+    class M(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.interpolate(x, size=(7, 9), mode="bicubic", align_corners=False)
+            z = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=True)[..., :7, :9]
+            s = torch.stack([y, z, y * z], dim=2)  # [1, 3, 3, 7, 9]
+            return s.repeat_interleave(2, dim=1).flatten(1, 2)
+
+    graph = _check(M(), torch.randn(1, 3, 4, 5))
+    assert not any(n.op == "opaque" for n in graph.nodes)
+    assert {"resize", "concat", "unsqueeze", "tile"} <= set(graph.op_counts())

@@ -104,3 +104,35 @@ def test_attention_with_unequal_widths_fails_naming_the_module() -> None:
     only_inner = type(plan)({g.id: plan.removed[g.id] for g in inner if g.id in plan.removed})
     with pytest.raises(UnsupportedModelError, match="attn"):
         apply_plan_to_module(block, plan_to_json(deps, only_inner), [x])
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_group_norm_keeps_its_group_width(groups: int) -> None:
+    from .test_deps import _group_normed
+
+    model, x = _group_normed(groups), torch.randn(1, 3, 6, 6)
+    graph = import_torch_module(model, (x,))
+    deps = analyze(graph)
+    plan = uniform_plan(deps, 0.5)
+    pruned = apply_plan_to_module(copy.deepcopy(model), plan_to_json(deps, plan), [x])
+    norm = pruned[1]
+    assert norm.num_channels == 4 and norm.num_groups == {1: 1, 2: 1, 8: 4}[groups]
+    with torch.no_grad():
+        got = pruned(x).numpy()
+    expected = ort.run(export_onnx(pruned_copy(graph, plan, deps)), {graph.inputs[0].name: x.numpy()})
+    assert ort.relative_error(expected, [got]) <= RTOL
+
+
+def test_group_norm_without_affine_on_a_pruned_width_fails_naming_the_module() -> None:
+    # Nothing in the plan names its groups; one group takes any width, several cannot be guessed.
+    for groups, error in ((1, None), (2, r"'1': GroupNorm\(affine=False\) built for 8 channels receives 4")):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(groups, 8, affine=False),
+                                    torch.nn.Conv2d(8, 4, 1)).eval()
+        x = torch.randn(1, 3, 6, 6)
+        deps = analyze(import_torch_module(model, (x,)))
+        doc = plan_to_json(deps, uniform_plan(deps, 0.5))
+        if error is None:
+            assert apply_plan_to_module(model, doc, [x])[1].num_channels == 4
+        else:
+            with pytest.raises(UnsupportedModelError, match=error):
+                apply_plan_to_module(model, doc, [x])

@@ -38,6 +38,8 @@ def removals_from_plan(doc: Mapping[str, Any], shapes: Mapping[str, Sequence[int
                 name, axis = _unfold(m, shapes)
             else:
                 name, axis = m["param"], m["axis"]
+            if name not in shapes and m.get("role") == "passthrough":
+                continue  # a constant the importer made (GroupNorm's per-group scale): not module state
             if name not in shapes:
                 raise UnsupportedModelError(f"plan names '{name}', which this module does not have: the plan was "
                                             "made for a different model")
@@ -135,7 +137,11 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
             m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, nn.GroupNorm) and m.weight is not None:
-            m.num_channels = m.weight.shape[0]
+            old_channels, m.num_channels = m.num_channels, m.weight.shape[0]
+            if m.num_groups > 1 and m.num_channels != old_channels:
+                # The dependency pass prunes a GroupNorm with several groups by whole groups (channel c is in
+                # group c // (C/G)): the group width stays, the count follows.
+                m.num_groups = m.num_channels // (old_channels // m.num_groups)
             if m.num_channels % m.num_groups:
                 raise UnsupportedModelError(f"'{path}': {m.num_channels} channels are not divisible by "
                                             f"num_groups={m.num_groups} after pruning")
@@ -238,11 +244,31 @@ def _check_runs(module, example_inputs: Sequence[Any]) -> None:
 
     was_training = module.training
     module.eval()
+    hooks = [m.register_forward_pre_hook(_group_norm_width_check(path))
+             for path, m in module.named_modules() if isinstance(m, torch.nn.GroupNorm) and m.weight is None]
     try:
         with torch.no_grad():
             module(*example_inputs)
+    except UnsupportedModelError:
+        raise
     except Exception as e:
         raise UnsupportedModelError(f"the pruned module does not run: {str(e).splitlines()[0][:300]} (model code "
                                     "that hard-codes a width cannot be fixed by slicing tensors)") from e
     finally:
         module.train(was_training)
+        for h in hooks:
+            h.remove()
+
+
+def _group_norm_width_check(path: str):
+    """A GroupNorm without affine parameters has nothing in the plan that says its width changed: one group
+    takes the width it receives; with several, refuse to run rather than normalize over the wrong groups."""
+    def check(m, args) -> None:
+        if args and args[0].shape[1] != m.num_channels:
+            if m.num_groups == 1:
+                m.num_channels = int(args[0].shape[1])
+                return
+            raise UnsupportedModelError(f"'{path}': GroupNorm(affine=False) built for {m.num_channels} channels "
+                                        f"receives {args[0].shape[1]}; its group count cannot be read from the plan "
+                                        "(ignore the layers that feed it)")
+    return check

@@ -493,6 +493,50 @@ def _batch_norm(imp, node):
     return (out, None, None) if isinstance(val, (tuple, list)) else out
 
 
+@_aten(aten.group_norm.default, aten.native_group_norm.default)
+def _group_norm(imp, node):
+    """Lowered as ONNX exporters write it: reshape [N, C, ...] to [N, G, C/G*...], instance_norm, reshape back,
+    then the per-channel affine. Both importers give one graph, and the dependency pass sees the groups: whole
+    groups prune (the reshape's G follows), and G = 1 normalizes over the channels (an inexact group)."""
+    x = imp.v(node.args[0])
+    if node.target is aten.native_group_norm.default:
+        weight, bias, groups, eps = node.args[1], node.args[2], int(node.args[6]), float(node.args[7])
+    else:
+        groups = int(node.args[1])
+        weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), float(_arg(node, 4, "eps", 1e-5))
+    n, c = x.shape[:2]
+    val = node.meta["val"]
+    out = imp._value_from_fake(node.name, val[0] if isinstance(val, (tuple, list)) else val)
+    per_group = c // groups * int(np.prod(x.shape[2:], dtype=np.int64))
+    grouped = imp.emit_tmp(node, "reshape", [x], {"shape": [n, groups, per_group]}, (n, groups, per_group), x.dtype)
+    scale = imp.array(node, "group_scale", np.ones(groups, dtype=x.dtype))
+    shift = imp.array(node, "group_shift", np.zeros(groups, dtype=x.dtype))
+    normed = imp.emit_tmp(node, "instance_norm", [grouped, scale, shift], {"epsilon": eps}, grouped.shape, x.dtype)
+    steps = [(op, imp.v(p)) for op, p in (("mul", weight), ("add", bias)) if p is not None]
+    y = (imp.emit_tmp(node, "reshape", [normed], {"shape": list(x.shape)}, x.shape, x.dtype) if steps
+         else imp.emit(node, "reshape", [normed], {"shape": list(x.shape)}, out=out))
+    per_channel = [c] + [1] * (x.rank - 2)
+    for k, (op, p) in enumerate(steps):
+        p = imp.emit_tmp(node, "reshape", [p], {"shape": per_channel}, per_channel, p.dtype)
+        y = (imp.emit(node, op, [y, p], out=out) if k == len(steps) - 1
+             else imp.emit_tmp(node, op, [y, p], {}, x.shape, x.dtype))
+    return (out, None, None) if isinstance(val, (tuple, list)) else out
+
+
+@_aten(aten.addcmul.default)
+def _addcmul(imp, node):
+    """input + value * t1 * t2 (ConvNeXt-V2's global response norm)."""
+    x, t1, t2 = (imp.v(a) for a in node.args[:3])
+    value = float(_arg(node, 3, "value", 1.0))
+    out = imp.out(node)
+    prod_shape = np.broadcast_shapes(t1.shape, t2.shape)
+    y = imp.emit_tmp(node, "mul", [t1, t2], {}, prod_shape, out.dtype)
+    if value != 1.0:
+        y = imp.emit_tmp(node, "mul", [y, imp.array(node, "value", np.asarray(value, dtype=out.dtype))], {},
+                         prod_shape, out.dtype)
+    return imp.emit(node, "add", [x, y], out=out)
+
+
 @_aten(aten.layer_norm.default)
 def _layer_norm(imp, node):
     x = imp.v(node.args[0])
@@ -534,6 +578,17 @@ def _cat(imp, node):
     ins = [imp.v(a) for a in node.args[0]]
     rank = len(node.meta["val"].shape)
     return imp.emit(node, "concat", ins, {"axis": int(_arg(node, 1, "dim", 0)) % rank})
+
+
+@_aten(aten.stack.default)
+def _stack(imp, node):
+    """stack → each input unsqueezed at `dim`, then concat."""
+    ins = [imp.v(a) for a in node.args[0]]
+    out = imp.out(node)
+    dim = int(_arg(node, 1, "dim", 0)) % out.rank
+    parts = [imp.emit_tmp(node, "unsqueeze", [v], {"axes": [dim]}, v.shape[:dim] + (1,) + v.shape[dim:], v.dtype)
+             for v in ins]
+    return imp.emit(node, "concat", parts, {"axis": dim}, out=out)
 
 
 @_aten(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
@@ -643,6 +698,23 @@ def _repeat(imp, node):
     if len(repeats) != x.rank:
         return imp._opaque(node)
     return imp.emit(node, "tile", [x], {"repeats": repeats})
+
+
+@_aten(aten.repeat_interleave.self_int)
+def _repeat_interleave(imp, node):
+    """x.repeat_interleave(r, dim) with an int r: unsqueeze after `dim`, tile r times, merge the two axes."""
+    x = imp.v(node.args[0])
+    repeats, dim = int(node.args[1]), _arg(node, 2, "dim")
+    if dim is None:
+        return imp._opaque(node)  # flattens first; not seen in models
+    dim = int(dim) % x.rank
+    wide = x.shape[:dim + 1] + (1,) + x.shape[dim + 1:]
+    y = imp.emit_tmp(node, "unsqueeze", [x], {"axes": [dim + 1]}, wide, x.dtype)
+    tiled = wide[:dim + 1] + (repeats,) + wide[dim + 2:]
+    y = imp.emit_tmp(node, "tile", [y], {"repeats": [repeats if a == dim + 1 else 1 for a in range(len(wide))]},
+                     tiled, x.dtype)
+    out = imp.out(node)
+    return imp.emit(node, "reshape", [y], {"shape": list(out.shape)}, out=out)
 
 
 @_aten(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default)
@@ -785,12 +857,15 @@ def _upsample_nearest(imp, node):
     return imp.emit(node, "resize", [x], attrs, out=out)
 
 
-@_aten(aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default)
+@_aten(aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default, aten.upsample_bicubic2d.vec,
+       aten.upsample_bicubic2d.default)
 def _upsample_bilinear(imp, node):
     x = imp.v(node.args[0])
     out = imp.out(node)
     align = bool(_arg(node, 2, "align_corners", False))
-    attrs = {"mode": "linear", "coordinate_transformation_mode": "align_corners" if align else "pytorch_half_pixel",
+    cubic = node.target in (aten.upsample_bicubic2d.vec, aten.upsample_bicubic2d.default)
+    attrs = {"mode": "cubic" if cubic else "linear",
+             "coordinate_transformation_mode": "align_corners" if align else "pytorch_half_pixel",
              "nearest_mode": "round_prefer_floor", "cubic_coeff_a": -0.75, "exclude_outside": 0,
              "extrapolation_value": 0.0, "antialias": 0, "keep_aspect_ratio_policy": "stretch",
              "sizes": list(out.shape)}

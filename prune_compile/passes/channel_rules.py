@@ -267,6 +267,11 @@ def _gather(sink: RuleSink, node: Node) -> None:
 def _batch_norm(sink: RuleSink, node: Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
     _identity(sink, x, y)
+    if node.op == "instance_norm":
+        # Statistics over every axis after the channels: exporters write GroupNorm(1, C) as a reshape to
+        # [N, 1, C*H*W] and an instance_norm, so channels can sit there (like layer_norm's).
+        for axis in range(2, len(x.shape)):
+            sink.mixing(x, axis, f"node '{node.name}': instance_norm statistics over this axis")
     for p in node.inputs[1:]:
         if p is not None:
             sink.couple(p, 0, y, 1)
@@ -406,7 +411,7 @@ def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value,
         sink.couple(x, bx[0], y, by[0])
         return
     if len(bx) > 1 and len(by) > 1:
-        _freeze_rest(sink, node, x, bx, y, by)
+        _couple_nested_pair(sink, node, x, bx, y, by, block)
         return
     # One side is a single axis (the merged one); the other side has several (the split ones).
     single, single_axis, multi, multi_axes = (x, bx[0], y, by) if len(bx) == 1 else (y, by[0], x, bx)
@@ -422,6 +427,61 @@ def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value,
     for k, a in enumerate(multi_axes):
         if k != carrier:
             sink.freeze(multi, a, f"node '{node.name}': {RESHAPE_FREEZE}")
+
+
+def _digit_spans(xsizes: list[int], ysizes: list[int]) -> tuple[list[int], list[tuple[int, int]],
+                                                                 list[tuple[int, int]]] | None:
+    """The common mixed-radix digits of a block's two factorizations, as strides (stride[k] = product of digits k
+    and after), and each axis of either side as its span [first, end) of digits, outermost first. None when
+    there is no common refinement (e.g. [6, 4] -> [4, 6])."""
+    def strides(sizes: list[int]) -> list[int]:
+        return [int(np.prod(sizes[k:], dtype=np.int64)) for k in range(len(sizes) + 1)]
+
+    sx, sy = strides(xsizes), strides(ysizes)
+    bounds = sorted(set(sx) | set(sy), reverse=True)
+    if any(hi % lo for hi, lo in zip(bounds[:-1], bounds[1:], strict=True)):
+        return None
+    pos = {b: k for k, b in enumerate(bounds)}
+    return (bounds, [(pos[sx[k]], pos[sx[k + 1]]) for k in range(len(xsizes))],
+            [(pos[sy[k]], pos[sy[k + 1]]) for k in range(len(ysizes))])
+
+
+def _couple_nested_pair(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value, by: list[int],
+                        block: int) -> None:
+    """A block that splits and merges at once: GroupNorm as exporters write it, [C, H, W] -> [G, C/G*H*W], or
+    MobileViT's patch unfolding. Channels ride on one pair of axes whose digits nest (G's digits are C's outer
+    ones: channel c <-> group c // (C/G), so whole groups go); every other axis of the block is frozen. Pairs are
+    tried outermost first, where NCHW layouts keep their channels."""
+    refined = _digit_spans([x.shape[a] for a in bx], [y.shape[a] for a in by])
+    pairs = []  # (x position, y position, the y axis nests in the x axis)
+    if refined is not None:
+        _, xspans, yspans = refined
+        for i, (x0, x1) in enumerate(xspans):
+            for j, (y0, y1) in enumerate(yspans):
+                if x0 <= y0 and y1 <= x1:
+                    pairs.append((i, j, True))
+                elif y0 <= x0 and x1 <= y1:
+                    pairs.append((i, j, False))
+    if not pairs:
+        _freeze_rest(sink, node, x, bx, y, by)
+        return
+    # A pair's candidate slot is its nested (smaller) axis: one index per unit of channels.
+    i, j, y_nested = pairs[sink.carrier(node, block, [(y, by[j]) if yn else (x, bx[i]) for i, j, yn in pairs])]
+    bounds, xspans, yspans = refined
+    if y_nested:
+        big, big_axis, big_end, small, small_axis, small_end = x, bx[i], xspans[i][1], y, by[j], yspans[j][1]
+    else:
+        big, big_axis, big_end, small, small_axis, small_end = y, by[j], yspans[j][1], x, bx[i], xspans[i][1]
+    # The small axis's index is a digit of the big axis's index: (big // digits below it) mod its size.
+    below = bounds[small_end] // bounds[big_end]
+    flat = np.arange(big.shape[big_axis])
+    sink.couple_pairs(small, small_axis, (flat // below) % small.shape[small_axis], big, big_axis, flat)
+    for k, a in enumerate(bx):
+        if k != i:
+            sink.freeze(x, a, f"node '{node.name}': {RESHAPE_FREEZE}")
+    for k, a in enumerate(by):
+        if k != j:
+            sink.freeze(y, a, f"node '{node.name}': {RESHAPE_FREEZE}")
 
 
 def _freeze_rest(sink: RuleSink, node: Node, x: Value, xa: list[int], y: Value, ya: list[int]) -> None:
