@@ -6,9 +6,11 @@ Exit codes: 0 ok, 2 usage error, 3 unsupported model/op, 4 backend/toolchain fai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import api
 from .backends.tvm.targets import CONV_LAYOUTS
@@ -119,14 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is None:
         parser.error("the following arguments are required: -o/--output")
     try:
-        shapes = api.parse_input_shapes(args.input_shape)
-        result = api.run(args.model, args.output, input_shapes=shapes, ratio=args.ratio,
-                         targets=args.target or ["none"], verify=not args.no_verify,
-                         attention=args.attention, tune=args.tune, tune_db=args.tune_db,
-                         rpc=_rpc_settings(args), target_options=_target_options(args),
-                         progress=None if args.quiet else _progress(), planning=_planning(args),
-                         passes=args.passes, plan=args.plan, measure_latency=args.measure_latency,
-                         print_after_all=args.print_after_all, dump_ir=args.dump_ir)
+        with _stdout_reserved():
+            shapes = api.parse_input_shapes(args.input_shape)
+            result = api.run(args.model, args.output, input_shapes=shapes, ratio=args.ratio,
+                             targets=args.target or ["none"], verify=not args.no_verify,
+                             attention=args.attention, tune=args.tune, tune_db=args.tune_db,
+                             rpc=_rpc_settings(args), target_options=_target_options(args),
+                             progress=None if args.quiet else _progress(), planning=_planning(args),
+                             passes=args.passes, plan=args.plan, measure_latency=args.measure_latency,
+                             print_after_all=args.print_after_all, dump_ir=args.dump_ir)
     except PruneCompileError as e:
         print(f"prune-compile: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -137,6 +140,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not args.quiet:
         print(_summary(result))
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_reserved() -> Iterator[None]:
+    """stdout carries only our summary or `--json` report: while the job runs, whatever the libraries under it
+    print (Python or C, or a compiler they start) goes to stderr."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no usable descriptors (an embedding host): the Python-level redirect still holds
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _latency_factor(text: str) -> float:

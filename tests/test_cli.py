@@ -255,3 +255,24 @@ def test_pt2_exported_program(tmp_path, capsys) -> None:
     assert report["verification"]["max_relative_error"] <= 1e-5
     assert _cli(str(path), "-o", str(tmp_path / "p"), "--input-shape", "input=1,3,8,8") == 2
     assert "fixed at export" in capsys.readouterr().err
+
+
+def test_json_stdout_holds_only_the_report_whatever_the_libraries_print(tmp_path, capfd, monkeypatch) -> None:
+    # onnx-graphsurgeon printed its warnings on stdout; a library printing from C writes to fd 1 directly.
+    from prune_compile.ir import onnx_importer
+
+    fold = onnx_importer._fold_constants
+
+    def noisy_fold(*args, **kwargs):
+        print("[W] a library's warning")
+        os.write(1, b"a C library's chatter\n")
+        return fold(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_importer, "_fold_constants", noisy_fold)
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "o"), "--ratio", "0.5", "--json") == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["pruning"]["ratio"] == 0.5
+    assert "a library's warning" in err and "a C library's chatter" in err
+    assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "p"), "--ratio", "0.5") == 0
+    out, _ = capfd.readouterr()
+    assert out.startswith("model ") and "chatter" not in out

@@ -178,3 +178,23 @@ def test_control_flow_stays_opaque_and_its_branches_are_not_folded(capfd) -> Non
     for cond in (True, False):
         feeds = {"x": xs, "c": np.array(cond)}
         assert ort.relative_error(ort.run(model, feeds), ort.run(exported, feeds)) == 0.0
+
+
+def test_folding_a_large_constant_prints_nothing(capfd) -> None:
+    # onnx-graphsurgeon warns on stdout about folded tensors over 1 MiB (vision transformers' position-bias
+    # tables): stdout belongs to the CLI's report.
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    severity = G_LOGGER.severity
+    shape = helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([512, 1024], np.int64)))
+    table = helper.make_node("ConstantOfShape", ["shape"], ["table"],
+                             value=numpy_helper.from_array(np.array([0.5], np.float32)))
+    index = helper.make_node("Constant", [], ["index"], value=numpy_helper.from_array(np.array([3], np.int64)))
+    row = helper.make_node("Gather", ["table", "index"], ["row"], axis=0)
+    add = helper.make_node("Add", ["x", "row"], ["y"], name="add")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])
+    g = import_onnx(_model([shape, table, index, row, add], [x], [y]))
+    assert [n.op for n in g.nodes] == ["add"]
+    assert capfd.readouterr() == ("", "")
+    assert G_LOGGER.severity == severity  # the user's own onnx-graphsurgeon logging is left as it was

@@ -131,8 +131,12 @@ def _fix_input_shapes(model: onnx.ModelProto, overrides: dict[str, Sequence[int]
 def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, dict[str, str]]:
     import onnx_graphsurgeon as gs
     import onnxruntime
+    from onnx_graphsurgeon.logger import G_LOGGER
 
     onnxruntime.set_default_logger_severity(3)  # gs evaluates folded subgraphs with ORT, which is chatty
+    # gs prints its warnings on stdout (a missing `colored` module, "large outputs" of folded position-bias
+    # tables), where they would corrupt `--json`; none is actionable for our users.
+    severity, G_LOGGER.severity = G_LOGGER.severity, max(G_LOGGER.severity, G_LOGGER.ERROR)
     # Folding a Shape needs its input's shape, which is known only after the subgraph before it folded and
     # shape inference ran again: iterate to a fixpoint (swin_t's ONNX export needs 5 rounds).
     folded = model
@@ -151,6 +155,8 @@ def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto
                 break
     except Exception as e:
         raise UnsupportedModelError(f"'{where}': constant folding failed: {_first_line(e)}") from e
+    finally:
+        G_LOGGER.severity = severity
     folded.ir_version = model.ir_version
     del folded.opset_import[:]
     folded.opset_import.extend(model.opset_import)
