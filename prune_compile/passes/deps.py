@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import GraphError, UsageError
-from ..ir.graph import Graph, Value
+from ..ir.graph import Graph, Node, Value
 from .channel_rules import CONSUMER, PASSTHROUGH, PRODUCER, RESHAPE_FREEZE, RuleSink, apply_rule
+from .silencing import Silencing
 
 _ROLE_RANK = {PRODUCER: 3, CONSUMER: 2, PASSTHROUGH: 1}
 
@@ -102,6 +103,7 @@ class _Analysis(RuleSink):
         self.roles: dict[int, str] = {}
         self.node = ""
         self.touched: set[int] = set()  # slots the current node's rule spoke about
+        self.contractions: list[tuple[Node, list[tuple[Value, int]]]] = []
 
     # -- RuleSink -------------------------------------------------------------------------------------------
     def _slot(self, v: Value, axis: int) -> int:
@@ -140,6 +142,9 @@ class _Analysis(RuleSink):
         key = (node.name, block)
         self.blocks[key] = candidates
         return min(self.carriers.get(key, 0), len(candidates) - 1)
+
+    def contract(self, node, operands: list[tuple[Value, int]]) -> None:
+        self.contractions.append((node, operands))
 
     def _mark(self, arr: np.ndarray, v: Value, axis: int, reason: str) -> None:
         s = self._slot(v, axis)
@@ -225,7 +230,24 @@ class _Analysis(RuleSink):
                                    if g.producers() else len(self.slots), self._first_index(g)))
         for i, g in enumerate(groups):
             g.id = i
+        self._check_contractions(groups)
         return groups
+
+    def _check_contractions(self, groups: list[Group]) -> None:
+        """A group summed over between two activations is exact only if one factor is zero in the zeroed model
+        (see passes.silencing)."""
+        group_of = {(id(m.value), m.axis): g for g in groups for m in g.members}
+        for node, operands in self.contractions:
+            g = next((group_of[k] for v, a in operands if (k := (id(v), a % len(v.shape))) in group_of), None)
+            if g is None or not g.exact:
+                continue
+            silencing = Silencing({id(m.value): m.role for m in g.members})
+            if not any(silencing.silenced(v) for v, _ in operands):
+                g.exact = False
+                via = silencing.culprit
+                g.inexact_reason = (f"node '{node.name}': {node.op} sums these channels' products of activations "
+                                    "that are not zero when their producers are"
+                                    + (f" ({via.op} '{via.name}' on the way)" if via is not None else ""))
 
     @staticmethod
     def _first_index(g: Group) -> int:
