@@ -22,6 +22,7 @@ TIMM = "timm==1.0.31"
 MODELS = [
     ("test_efficientnet_gn", False, ""),  # GroupNorm(C/8 groups) after depthwise convs: whole groups prune
     ("test_nfnet", False, ""),  # scaled weight standardization: the conv weights are computed from parameters
+    ("test_efficientnet_evos", False, ""),  # EvoNorm: variance over groups (torch's var had no lowering)
     ("test_byobnet", False, ""),
     ("test_convnext", False, ""),
     ("test_maxvit", False, ""),

@@ -169,3 +169,23 @@ def test_stack_repeat_interleave_and_bicubic_lower_to_known_ops() -> None:
     graph = _check(M(), torch.randn(1, 3, 4, 5))
     assert not any(n.op == "opaque" for n in graph.nodes)
     assert {"resize", "concat", "unsqueeze", "tile"} <= set(graph.op_counts())
+
+
+def test_variance_and_rms_norm_lower_to_known_ops() -> None:
+    # EvoNorm's variance (biased and unbiased) and RMSNorm (newer ViTs): the torch importer had no lowering, so the
+    # model could not be exported. RMSNorm's mean over the channels freezes them, as on the ONNX path.
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.RMSNorm(6, eps=1e-6)
+            self.plain = nn.RMSNorm(6)
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            spread = x.var(dim=(2, 3), keepdim=True) + torch.var(x, dim=1, correction=0, keepdim=True)
+            return self.plain(self.norm(x + spread))
+
+    graph = _check(M(), torch.randn(1, 4, 5, 6))
+    assert not any(n.op == "opaque" for n in graph.nodes)
+    assert "norm.weight" in {v.name for v in graph.constants()}

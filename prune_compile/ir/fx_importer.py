@@ -550,6 +550,28 @@ def _layer_norm(imp, node):
     return imp.emit(node, "layer_norm", ins, {"axis": -len(shape), "epsilon": float(eps)})
 
 
+@_aten(aten.rms_norm.default)
+def _rms_norm(imp, node):
+    """x / sqrt(mean(x^2) + eps) * weight, as ONNX exporters before opset 23 write it. The mean over the channels
+    freezes them (no channel rule treats it as layer_norm's mixing yet): fail closed, on both importers alike."""
+    x = imp.v(node.args[0])
+    shape = list(node.args[1])
+    weight, eps = _arg(node, 2, "weight"), _arg(node, 3, "eps")
+    eps = float(torch.finfo(torch.float32).eps) if eps is None else float(eps)
+    dims = list(range(x.rank - len(shape), x.rank))
+    kept = tuple(1 if a in dims else d for a, d in enumerate(x.shape))
+    squared = imp.emit_tmp(node, "mul", [x, x], {}, x.shape, x.dtype)
+    mean = imp.emit_tmp(node, "reduce_mean", [squared], {"axes": dims, "keepdims": 1}, kept, x.dtype)
+    shifted = imp.emit_tmp(node, "add", [mean, imp.array(node, "eps", np.asarray(eps, dtype=x.dtype))], {}, kept,
+                           x.dtype)
+    rms = imp.emit_tmp(node, "sqrt", [shifted], {}, kept, x.dtype)
+    out = imp.out(node)
+    if weight is None:
+        return imp.emit(node, "div", [x, rms], out=out)
+    normed = imp.emit_tmp(node, "div", [x, rms], {}, x.shape, x.dtype)
+    return imp.emit(node, "mul", [normed, imp.v(weight)], out=out)
+
+
 @_aten(aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int)
 def _softmax(imp, node):
     op = "softmax" if "softmax" in str(node.target) and "log" not in str(node.target) else "log_softmax"
@@ -735,6 +757,32 @@ def _vector_norm(imp, node):
     dims = _arg(node, 2, "dim")
     dims = list(range(x.rank)) if dims is None else [int(d) % x.rank for d in _listify(dims)]
     return imp.emit(node, "reduce_l2", [x], {"axes": dims, "keepdims": int(bool(_arg(node, 3, "keepdim", False)))})
+
+
+@_aten(aten.var.dim, aten.var.correction)
+def _var(imp, node):
+    """var(x, dims) = mean((x - mean(x))^2) * n / (n - correction) (EvoNorm's group statistics)."""
+    x = imp.v(node.args[0])
+    dims = _arg(node, 1, "dim")
+    dims = list(range(x.rank)) if dims is None else [int(d) % x.rank for d in _listify(dims)]
+    if node.target is aten.var.dim:
+        correction = 1 if _arg(node, 2, "unbiased", True) else 0
+        keep = bool(_arg(node, 3, "keepdim", False))
+    else:
+        correction = node.kwargs.get("correction")
+        correction = 1 if correction is None else float(correction)
+        keep = bool(node.kwargs.get("keepdim", False))
+    n = int(np.prod([x.shape[d] for d in dims], dtype=np.int64))
+    kept = tuple(1 if a in dims else d for a, d in enumerate(x.shape))
+    mean = imp.emit_tmp(node, "reduce_mean", [x], {"axes": dims, "keepdims": 1}, kept, x.dtype)
+    centered = imp.emit_tmp(node, "sub", [x, mean], {}, x.shape, x.dtype)
+    squared = imp.emit_tmp(node, "mul", [centered, centered], {}, x.shape, x.dtype)
+    out = imp.out(node)
+    if correction == 0:
+        return imp.emit(node, "reduce_mean", [squared], {"axes": dims, "keepdims": int(keep)}, out=out)
+    biased = imp.emit_tmp(node, "reduce_mean", [squared], {"axes": dims, "keepdims": int(keep)}, out.shape, x.dtype)
+    scale = imp.array(node, "correction", np.asarray(n / max(n - correction, 1), dtype=x.dtype))
+    return imp.emit(node, "mul", [biased, scale], out=out)
 
 
 @_aten(aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default)
