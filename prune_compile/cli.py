@@ -147,11 +147,14 @@ def _stdout_reserved() -> Iterator[None]:
     """stdout carries only our summary or `--json` report: while the job runs, whatever the libraries under it
     print (Python or C, or a compiler they start) goes to stderr."""
     sys.stdout.flush()
+    saved = None
     try:
         saved = os.dup(1)
         os.dup2(2, 1)
     except OSError:  # no usable descriptors (an embedding host): the Python-level redirect still holds
-        saved = None
+        if saved is not None:
+            os.close(saved)
+            saved = None
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
