@@ -189,3 +189,19 @@ def test_variance_and_rms_norm_lower_to_known_ops() -> None:
     graph = _check(M(), torch.randn(1, 4, 5, 6))
     assert not any(n.op == "opaque" for n in graph.nodes)
     assert "norm.weight" in {v.name for v in graph.constants()}
+
+
+def test_adaptive_max_pool_lowers_unless_its_indices_are_used() -> None:
+    class Pooled(nn.Module):  # BAT's attention pooling
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.adaptive_max_pool2d(x, 1) + F.adaptive_max_pool2d(x, (2, 3)).amax((2, 3), keepdim=True)
+
+    class Indices(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            values, indices = F.adaptive_max_pool2d(x, 1, return_indices=True)
+            return values + indices.float()
+
+    graph = _check(Pooled(), torch.randn(1, 4, 6, 9))
+    assert [n.op for n in graph.nodes][:2] == ["global_max_pool", "max_pool"]
+    graph = import_torch_module(Indices().eval(), (torch.randn(1, 4, 6, 9),))
+    assert graph.nodes[0].op == "opaque"

@@ -830,6 +830,24 @@ def _adaptive_avg_pool(imp, node):
     return imp._opaque(node)
 
 
+@_aten(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool1d.default)
+def _adaptive_max_pool(imp, node):
+    """Its values as a global or regular max pool (BAT's attention pooling); the argmax indices have no lowering."""
+    x = imp.v(node.args[0])
+    if any(u.target is operator.getitem and u.args[1] == 1 for u in node.users):
+        return imp._opaque(node)
+    nsp = x.rank - 2
+    out_size, in_size = _expand(node.args[1], nsp), list(x.shape[2:])
+    out = imp._value_from_fake(node.name, node.meta["val"][0])
+    if all(o == 1 for o in out_size):
+        return imp.emit(node, "global_max_pool", [x], out=out), None
+    if not all(i % o == 0 for o, i in zip(out_size, in_size, strict=True)):
+        return imp._opaque(node)
+    k = [i // o for o, i in zip(out_size, in_size, strict=True)]
+    attrs = {"kernel_shape": k, "strides": k, "pads": [0] * (2 * nsp), "dilations": [1] * nsp, "ceil_mode": 0}
+    return imp.emit(node, "max_pool", [x], attrs, out=out), None
+
+
 @_aten(aten.pad.default, aten.constant_pad_nd.default)
 def _pad(imp, node):
     x = imp.v(node.args[0])
