@@ -178,11 +178,13 @@ class _Analysis(RuleSink):
     def _freeze_unaccounted(self, node) -> None:
         """Fail closed on the slots a rule said nothing about (a conv's spatial axes, say): a group that reaches one
         through a reshape or transpose would change that operand's shape while the op's output stays as it was."""
+        touched = self.touched
         for v in [*node.inputs, *node.outputs]:
             if v is None:
                 continue
-            for axis, d in enumerate(v.static_shape()):
-                if d > 1 and self.slot_of[(id(v), axis)] not in self.touched:
+            key = id(v)
+            for axis, d in enumerate(v.shape):  # static: checked when the slots were made
+                if d > 1 and self.slot_of[(key, axis)] not in touched:
                     self.freeze(v, axis, f"node '{node.name}': {node.op} has no channel rule for axis {axis} "
                                          f"of '{v.name}'")
 
