@@ -559,7 +559,7 @@ def _rms_norm(imp, node):
     weight, eps = _arg(node, 2, "weight"), _arg(node, 3, "eps")
     eps = float(torch.finfo(torch.float32).eps) if eps is None else float(eps)
     dims = list(range(x.rank - len(shape), x.rank))
-    kept = tuple(1 if a in dims else d for a, d in enumerate(x.shape))
+    kept = _keepdims_shape(x.shape, dims)
     squared = imp.emit_tmp(node, "mul", [x, x], {}, x.shape, x.dtype)
     mean = imp.emit_tmp(node, "reduce_mean", [squared], {"axes": dims, "keepdims": 1}, kept, x.dtype)
     shifted = imp.emit_tmp(node, "add", [mean, imp.array(node, "eps", np.asarray(eps, dtype=x.dtype))], {}, kept,
@@ -570,6 +570,11 @@ def _rms_norm(imp, node):
         return imp.emit(node, "div", [x, rms], out=out)
     normed = imp.emit_tmp(node, "div", [x, rms], {}, x.shape, x.dtype)
     return imp.emit(node, "mul", [normed, imp.v(weight)], out=out)
+
+
+def _keepdims_shape(shape: Sequence[int], dims: Sequence[int]) -> tuple[int, ...]:
+    """The shape of a reduction over `dims` with keepdims."""
+    return tuple(1 if a in dims else d for a, d in enumerate(shape))
 
 
 @_aten(aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int)
@@ -773,7 +778,7 @@ def _var(imp, node):
         correction = 1 if correction is None else float(correction)
         keep = bool(node.kwargs.get("keepdim", False))
     n = int(np.prod([x.shape[d] for d in dims], dtype=np.int64))
-    kept = tuple(1 if a in dims else d for a, d in enumerate(x.shape))
+    kept = _keepdims_shape(x.shape, dims)
     mean = imp.emit_tmp(node, "reduce_mean", [x], {"axes": dims, "keepdims": 1}, kept, x.dtype)
     centered = imp.emit_tmp(node, "sub", [x, mean], {}, x.shape, x.dtype)
     squared = imp.emit_tmp(node, "mul", [centered, centered], {}, x.shape, x.dtype)
@@ -816,36 +821,37 @@ def _avg_pool(imp, node):
 @_aten(aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default, aten._adaptive_avg_pool2d.default)
 def _adaptive_avg_pool(imp, node):
     x = imp.v(node.args[0])
-    nsp = x.rank - 2
-    out_size = _expand(node.args[1], nsp)
-    in_size = list(x.shape[2:])
-    if all(o == 1 for o in out_size):
+    k = _adaptive_window(x, node.args[1])
+    if k is None:
+        return imp._opaque(node)
+    if k == list(x.shape[2:]):
         return imp.emit(node, "global_avg_pool", [x])
-    if all(o == i for o, i in zip(out_size, in_size, strict=True)):
+    if all(d == 1 for d in k):
         return imp.emit(node, "identity", [x])
-    if all(i % o == 0 for o, i in zip(out_size, in_size, strict=True)):
-        k = [i // o for o, i in zip(out_size, in_size, strict=True)]
-        return imp.emit(node, "avg_pool", [x], {"kernel_shape": k, "strides": k, "pads": [0] * (2 * nsp),
-                                                "ceil_mode": 0, "count_include_pad": 0})
-    return imp._opaque(node)
+    return imp.emit(node, "avg_pool", [x], {"kernel_shape": k, "strides": k, "pads": [0] * (2 * len(k)),
+                                            "ceil_mode": 0, "count_include_pad": 0})
 
 
 @_aten(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool1d.default)
 def _adaptive_max_pool(imp, node):
     """Its values as a global or regular max pool (BAT's attention pooling); the argmax indices have no lowering."""
     x = imp.v(node.args[0])
-    if any(u.target is operator.getitem and u.args[1] == 1 for u in node.users):
+    k = _adaptive_window(x, node.args[1])
+    if k is None or any(u.target is operator.getitem and u.args[1] == 1 for u in node.users):
         return imp._opaque(node)
-    nsp = x.rank - 2
-    out_size, in_size = _expand(node.args[1], nsp), list(x.shape[2:])
     out = imp._value_from_fake(node.name, node.meta["val"][0])
-    if all(o == 1 for o in out_size):
+    if k == list(x.shape[2:]):
         return imp.emit(node, "global_max_pool", [x], out=out), None
-    if not all(i % o == 0 for o, i in zip(out_size, in_size, strict=True)):
-        return imp._opaque(node)
-    k = [i // o for o, i in zip(out_size, in_size, strict=True)]
-    attrs = {"kernel_shape": k, "strides": k, "pads": [0] * (2 * nsp), "dilations": [1] * nsp, "ceil_mode": 0}
+    attrs = {"kernel_shape": k, "strides": k, "pads": [0] * (2 * len(k)), "dilations": [1] * len(k), "ceil_mode": 0}
     return imp.emit(node, "max_pool", [x], attrs, out=out), None
+
+
+def _adaptive_window(x: Value, output_size: Any) -> list[int] | None:
+    """The window (and stride) of an adaptive pool of `x` to `output_size`, when the input divides evenly."""
+    out_size = _expand(output_size, x.rank - 2)
+    if any(i % o for o, i in zip(out_size, x.shape[2:], strict=True)):
+        return None
+    return [i // o for o, i in zip(out_size, x.shape[2:], strict=True)]
 
 
 @_aten(aten.pad.default, aten.constant_pad_nd.default)

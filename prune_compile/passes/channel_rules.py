@@ -479,20 +479,18 @@ def _couple_nested_pair(sink: RuleSink, node: Node, x: Value, bx: list[int], y: 
     tried outermost first, where NCHW layouts keep their channels."""
     refined = _digit_spans([x.shape[a] for a in bx], [y.shape[a] for a in by])
     pairs = []  # (x position, y position, the y axis nests in the x axis)
-    if refined is not None:
-        _, xspans, yspans = refined
-        for i, (x0, x1) in enumerate(xspans):
-            for j, (y0, y1) in enumerate(yspans):
-                if x0 <= y0 and y1 <= x1:
-                    pairs.append((i, j, True))
-                elif y0 <= x0 and x1 <= y1:
-                    pairs.append((i, j, False))
+    bounds, xspans, yspans = refined or ([], [], [])
+    for i, (x0, x1) in enumerate(xspans):
+        for j, (y0, y1) in enumerate(yspans):
+            if x0 <= y0 and y1 <= x1:
+                pairs.append((i, j, True))
+            elif y0 <= x0 and x1 <= y1:
+                pairs.append((i, j, False))
     if not pairs:
         _freeze_rest(sink, node, x, bx, y, by)
         return
     # A pair's candidate slot is its nested (smaller) axis: one index per unit of channels.
     i, j, y_nested = pairs[sink.carrier(node, block, [(y, by[j]) if yn else (x, bx[i]) for i, j, yn in pairs])]
-    bounds, xspans, yspans = refined
     if y_nested:
         big, big_axis, big_end, small, small_axis, small_end = x, bx[i], xspans[i][1], y, by[j], yspans[j][1]
     else:
