@@ -252,3 +252,47 @@ def test_a_bias_added_after_a_matmul_is_its_producer() -> None:
     assert g.exact
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 5, 8)).astype(np.float32)}
     assert oracle_error(b.graph, deps, Plan({g.id: np.array([1, 4])}), feeds) <= 1e-5
+
+
+class _ChannelReduced(nn.Module):
+    """A conv's channels read by a weight (a 1x1 conv) and by a reduce over them: CBAM's channel pooling (mean,
+    max), a plain sum (through a BatchNorm or not), an L2 norm."""
+
+    def __init__(self, reduce: str) -> None:
+        super().__init__()
+        self.reduce = reduce
+        self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.norm = nn.BatchNorm2d(8) if reduce == "sum_bn" else nn.Identity()
+        if reduce == "sum_bn":
+            with torch.no_grad():
+                self.norm.running_mean.normal_()
+                self.norm.bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x))
+        reduced = {"mean": lambda: y.mean(1, keepdim=True), "amax": lambda: y.amax(1, keepdim=True),
+                   "sum": lambda: y.sum(1, keepdim=True), "sum_bn": lambda: y.sum(1, keepdim=True),
+                   "l2": lambda: torch.linalg.vector_norm(y, dim=1, keepdim=True)}[self.reduce]()
+        return self.head(y) + reduced
+
+
+@pytest.mark.parametrize("reduce", ["mean", "amax", "sum", "sum_bn", "l2"])
+def test_a_reduce_over_the_channels_prunes_them(reduce: str) -> None:
+    # A mean or max over the channels reads fewer of them after pruning (inexact, like layer_norm's statistics);
+    # a sum or L2 norm is unchanged by channels that are zero in the zeroed model (exact), but a BatchNorm shift
+    # makes them non-zero. These froze the channels before (RMSNorm, global response norm, CBAM).
+    torch.manual_seed(0)
+    model, x = _ChannelReduced(reduce).eval(), torch.randn(1, 3, 6, 6)
+    signatures = []
+    for graph in (import_torch_module(model, (x,)), torch_onnx_graph(model, x)):
+        deps = analyze(graph)
+        (g,) = deps.prunable()
+        assert g.size == 8 and g.exact == (reduce in ("sum", "l2"))
+        reason = {"mean": r"node '.*': reduce_mean over this axis", "amax": r"node '.*': reduce_max over this axis",
+                  "sum_bn": r"node '.*': reduce_sum sums these channels' values that are not zero when their "
+                            r"producers are \(batch_norm '.*' on the way\)"}.get(reduce, "")
+        assert re.fullmatch(reason, g.inexact_reason)
+        error = oracle_error(graph, deps, Plan({g.id: np.arange(1, 7)}), {graph.inputs[0].name: x.numpy()})
+        assert (error <= 1e-5) if g.exact else (error > 1e-3)
+        signatures.append(sorted((g.size, g.prunable, g.exact) for g in deps.groups))
+    assert signatures[0] == signatures[1]

@@ -50,7 +50,8 @@ class RuleSink(Protocol):
         return 0
 
     def contract(self, node: Node, operands: list[tuple[Value, int]]) -> None:
-        """`node` multiplies these (coupled) slots and sums over them; see `passes.silencing`."""
+        """`node` sums over these (coupled) slots, multiplying them first when there are several; see
+        `passes.silencing`."""
 
 
 Rule = Callable[[RuleSink, Node], None]
@@ -566,8 +567,12 @@ def _reduce(sink: RuleSink, node: Node) -> None:
     out_axis = 0
     for axis in range(rank):
         if axis in axes:
-            if x.shape[axis] > 1:
-                sink.freeze(x, axis, f"node '{node.name}': {node.op} over this axis")
+            if x.shape[axis] > 1 and node.op in ("reduce_sum", "reduce_l2"):
+                sink.contract(node, [(x, axis)])  # a zero channel adds nothing: exact where the channels are zero
+            elif x.shape[axis] > 1:
+                # A mean, max or product over the channels (RMSNorm, a global response norm, CBAM's channel
+                # pooling) reads fewer of them after pruning, like layer_norm's statistics: allowed, inexact.
+                sink.mixing(x, axis, f"node '{node.name}': {node.op} over this axis")
             out_axis += 1 if keep else 0
             continue
         sink.couple(x, axis, y, out_axis)

@@ -144,6 +144,8 @@ class _Analysis(RuleSink):
         return min(self.carriers.get(key, 0), len(candidates) - 1)
 
     def contract(self, node, operands: list[tuple[Value, int]]) -> None:
+        for v, axis in operands:
+            self._slot(v, axis)  # accounted for: a sum over the slot is a consumer without a weight
         self.contractions.append((node, operands))
 
     def _mark(self, arr: np.ndarray, v: Value, axis: int, reason: str) -> None:
@@ -236,8 +238,8 @@ class _Analysis(RuleSink):
         return groups
 
     def _check_contractions(self, groups: list[Group]) -> None:
-        """A group summed over between two activations is exact only if one factor is zero in the zeroed model
-        (see passes.silencing)."""
+        """A group summed over with no weight in between (a product of two activations, or a reduce_sum) is exact
+        only if one summed factor is zero in the zeroed model (see passes.silencing)."""
         group_of = {(id(m.value), m.axis): g for g in groups for m in g.members}
         for node, operands in self.contractions:
             g = next((group_of[k] for v, a in operands if (k := (id(v), a % len(v.shape))) in group_of), None)
@@ -247,7 +249,8 @@ class _Analysis(RuleSink):
             if not any(silencing.silenced(v) for v, _ in operands):
                 g.exact = False
                 via = silencing.culprit
-                g.inexact_reason = (f"node '{node.name}': {node.op} sums these channels' products of activations "
+                what = "products of activations" if len(operands) > 1 else "values"
+                g.inexact_reason = (f"node '{node.name}': {node.op} sums these channels' {what} "
                                     "that are not zero when their producers are"
                                     + (f" ({via.op} '{via.name}' on the way)" if via is not None else ""))
 

@@ -2,10 +2,11 @@
 
 An exact group prunes to what the original computes with the removed channels' producer rows and consumer columns
 zeroed (design §5.1). A weight consumer ends every path of a removed channel by its zeroed column. A product of two
-activations that sums over the channels (q·kᵀ over head_dim, a lambda layer's content term) has no such column: the
-term of a removed channel vanishes only if one of its two factors is zero there. That holds when the factor's path
-from its producer maps zero to zero; a batch_norm shift, a softmax or a sigmoid on the way makes it non-zero, and
-the group is then inexact (pruning still removes the channels; it just is not the zeroed model).
+activations that sums over the channels (q·kᵀ over head_dim, a lambda layer's content term), or a plain sum over
+them, has no such column: the term of a removed channel vanishes only if one of its factors is zero there. That
+holds when the factor's path from its producer maps zero to zero; a batch_norm shift, a softmax or a sigmoid on the
+way makes it non-zero, and the group is then inexact (pruning still removes the channels; it just is not the zeroed
+model).
 """
 
 from __future__ import annotations
