@@ -30,7 +30,8 @@ class PruneResult:
     macs_after: int
     params_before: int
     params_after: int
-    # e.g. convs the plan moved off the CPU runtimes' channel blocks (also raised as Python warnings)
+    # convs the plan moved off the CPU runtimes' channel blocks; a module whose outputs differ from the pruned
+    # graph's (see module_drift). Also raised as Python warnings.
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -87,9 +88,46 @@ def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOption
     alignment = channel_alignment(graph, pruned, policy=planning.policy)
     notes = [alignment["warning"]] if alignment else []
     apply_plan_to_module(module, doc, example_inputs)
+    if not planned.plan.is_empty():
+        drift = module_drift(module, pruned, example_inputs)
+        if drift is not None and drift > DRIFT_TOLERANCE:
+            notes.append(f"the pruned module's outputs differ from the pruned graph's by {drift:.1e} (relative) on "
+                         "the example inputs: its code computes something from a pruned width that the graph keeps "
+                         "as it was (an unbiased variance's n/(n-1) over the channels, say); fine-tuning absorbs "
+                         "it, and an ONNX exported from the module follows the module")
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return PruneResult(module, doc, before["macs"], after["macs"], before["parameters"], after["parameters"], notes)
+
+
+DRIFT_TOLERANCE = 1e-3  # far above float32 noise (1e-6), far below a wrong slice
+
+
+def module_drift(module, graph, example_inputs: Sequence[Any]) -> float | None:
+    """Relative difference between the (pruned) module and the (pruned) graph on the example inputs, run by
+    ONNX Runtime; None where the graph cannot be exported (torch-only ops) or the outputs are not tensors."""
+    import torch
+
+    from .backends import ort
+    from .errors import PruneCompileError
+    from .ir import export_onnx
+
+    try:
+        model = export_onnx(graph)
+    except PruneCompileError:
+        return None
+    feeds = {v.name: t.detach().cpu().numpy() for v, t in zip(graph.inputs, example_inputs, strict=True)}
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(*example_inputs)
+    finally:
+        module.train(was_training)
+    outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, (tuple, list)) else None
+    if outs is None or not all(isinstance(t, torch.Tensor) for t in outs) or len(outs) != len(graph.outputs):
+        return None
+    return ort.relative_error(ort.run(model, feeds), [t.detach().cpu().numpy() for t in outs])
 
 
 def iterative_prune(module, example_inputs: Sequence[Any], *, target_macs: float, steps: int,

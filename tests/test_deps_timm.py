@@ -1,41 +1,53 @@
 """Architectures from timm's model zoo (random weights, the timm wheel imported from its zip with no dependency
 installed), through both importers: every op understood, the consumer-zeroing oracle on the exact groups, every
-prunable group rewritable, and the two paths agree on the groups. The list holds the models that found bugs or
-exercise a rule nothing else does; each entry says which."""
+prunable group rewritable, the two paths agree on the groups, and torch surgery on the module gives what the pruned
+graph computes (or refuses, naming why). The list holds the models that found bugs or exercise a rule nothing else
+does; each entry says which."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+from prune_compile.backends.torch_module import apply_plan_to_module
+from prune_compile.errors import UnsupportedModelError
 from prune_compile.ir.fx_importer import import_torch_module
 from prune_compile.passes.deps import analyze
-from prune_compile.passes.plan import uniform_plan
+from prune_compile.passes.plan import plan_to_json, uniform_plan
 from prune_compile.passes.rewrite import pruned_copy
+from prune_compile.pruner import DRIFT_TOLERANCE, module_drift
 
 from .oracle import exact_plan, oracle_error, torch_onnx_graph
 from .third_party import fetch_wheel
 from .zoo import randomize
 
 TIMM = "timm==1.0.31"
-# (model, big?, a reason string that some group must carry: frozen or inexact)
+# (model, big?, a reason string that some group must carry: frozen or inexact, what torch surgery gives: "" the
+# pruned module equals the pruned ONNX, "drift" it differs (model code computes from a pruned width), or the error)
 MODELS = [
-    ("test_efficientnet_gn", False, ""),  # GroupNorm(C/8 groups) after depthwise convs: whole groups prune
-    ("test_nfnet", False, ""),  # scaled weight standardization: the conv weights are computed from parameters
-    ("test_efficientnet_evos", False, ""),  # EvoNorm: variance over groups (torch's var had no lowering)
-    ("test_byobnet", False, ""),
-    ("test_convnext", False, ""),
-    ("test_maxvit", False, ""),
-    ("test_vit_relpos", False, ""),
-    ("mobilevitv2_050", True, "instance_norm statistics over this axis"),  # GroupNorm(1, C): was exact, broke
-    ("poolformer_s12", True, "instance_norm statistics over this axis"),  # the oracle by 0.31 and 1.2e-4
-    ("convnextv2_atto", True, "reduce_mean over this axis"),  # addcmul (global response norm)
-    ("crossvit_tiny_240", True, ""),  # stack, bicubic resize
-    ("gcvit_xxtiny", True, ""),  # repeat_interleave; folded position-bias tables over 1 MiB
-    ("lambda_resnet26t", True, "matmul sums these channels' products of activations"),  # was exact, 0.17 off
-    ("resmlp_12_224", True, "conv has no channel rule for axis 3"),  # token MLPs reach the stem conv's width
+    ("test_efficientnet_gn", False, "", ""),  # GroupNorm(C/8 groups) after depthwise convs: whole groups prune
+    # scaled weight standardization: the conv weights are computed from parameters (torch surgery cannot map back)
+    ("test_nfnet", False, "", r"folded\(stem.conv1.gain\+stem.conv1.weight\)', a constant folded from"),
+    ("test_efficientnet_evos", False, "", ""),  # EvoNorm: variance over groups; surgery updates its `groups`
+    ("test_byobnet", False, "", ""),
+    ("test_convnext", False, "", ""),  # layer scale gamma.reshape(1, -1, 1, 1): folded, mapped back to gamma
+    ("test_maxvit", False, "", ""),  # dim_head and head-first qkv rows; fused attention's scale kept
+    ("test_vit_relpos", False, "", ""),
+    ("test_vit", False, "", ""),  # timm's attention reshapes to `attn_dim`
+    ("convnext_atto_rms", False, "reduce_mean over this axis", ""),  # RMSNorm: its mean over the channels
+    ("convnext_zepto_rms", False, "reduce_mean over this axis", "drift"),  # SimpleNorm's unbiased variance
+    ("mobilevitv2_050", True, "instance_norm statistics over this axis", ""),  # GroupNorm(1, C): was exact, broke
+    ("poolformer_s12", True, "instance_norm statistics over this axis", ""),  # the oracle by 0.31 and 1.2e-4
+    ("convnextv2_atto", True, "reduce_mean over this axis", ""),  # addcmul, global response norm
+    ("crossvit_tiny_240", True, "", ""),  # stack, bicubic resize
+    ("gcvit_xxtiny", True, "", ""),  # repeat_interleave; folded position-bias tables over 1 MiB; k, v-only qkv
+    ("lambda_resnet26t", True, "matmul sums these channels' products of activations",  # was exact, 0.17 off
+     r"in 'stages.2.1.self_attn' \(LambdaLayer\): split_with_sizes"),  # split sizes in integer attributes
+    ("resmlp_12_224", True, "conv has no channel rule for axis 3", ""),  # token MLPs reach the stem conv's width
 ]
-CASES = [pytest.param(n, r, marks=[pytest.mark.big] if big else [], id=n) for n, big, r in MODELS]
+CASES = [pytest.param(n, r, s, marks=[pytest.mark.big] if big else [], id=n) for n, big, r, s in MODELS]
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +60,31 @@ def timm(model_cache_dir: str):
     return timm
 
 
-@pytest.mark.parametrize("name,reason", CASES)
-def test_timm_architecture_on_both_paths(timm, name: str, reason: str) -> None:
+@pytest.mark.parametrize("name,reason,surgery", CASES)
+def test_timm_architecture_on_both_paths(timm, name: str, reason: str, surgery: str) -> None:
     torch.manual_seed(0)
     model = randomize(timm.create_model(name, pretrained=False))
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
-    signatures = []
+    signatures, pruned = [], []
     for graph in (import_torch_module(model, (x,)), torch_onnx_graph(model, x)):
         assert not [n.name for n in graph.nodes if n.op == "opaque"]
         deps = analyze(graph)
         assert deps.prunable()
         feeds = {graph.inputs[0].name: x.numpy()}
         assert oracle_error(graph, deps, exact_plan(deps, 0.5), feeds) <= 1e-4
-        pruned_copy(graph, uniform_plan(deps, 0.5), deps)  # inexact groups too: shapes stay consistent
+        plan = uniform_plan(deps, 0.5)
+        pruned.append((pruned_copy(graph, plan, deps), plan_to_json(deps, plan)))  # inexact groups too
         if reason:
             assert any(reason in g.reason or reason in g.inexact_reason for g in deps.groups)
         signatures.append(sorted((g.size, g.prunable, g.exact) for g in deps.groups))
     assert signatures[0] == signatures[1]
+    # Torch surgery with the torch path's plan: the module the user fine-tunes computes what the pruned ONNX does.
+    graph, doc = pruned[0]
+    module = copy.deepcopy(model)
+    if surgery not in ("", "drift"):
+        with pytest.raises(UnsupportedModelError, match=surgery):
+            apply_plan_to_module(module, doc, [x])
+        return
+    apply_plan_to_module(module, doc, [x])
+    drift = module_drift(module, graph, [x])
+    assert (drift > DRIFT_TOLERANCE) if surgery == "drift" else (drift <= 1e-4)

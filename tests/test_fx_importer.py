@@ -172,8 +172,8 @@ def test_stack_repeat_interleave_and_bicubic_lower_to_known_ops() -> None:
 
 
 def test_variance_and_rms_norm_lower_to_known_ops() -> None:
-    # EvoNorm's variance (biased and unbiased) and RMSNorm (newer ViTs): the torch importer had no lowering, so the
-    # model could not be exported. RMSNorm's mean over the channels freezes them, as on the ONNX path.
+    # EvoNorm's variance (biased and unbiased), RMSNorm (newer ViTs) and rsqrt: the torch importer had no lowering,
+    # so the model could not be exported. Both paths write RMSNorm as the same decomposition.
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -184,7 +184,7 @@ def test_variance_and_rms_norm_lower_to_known_ops() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             spread = x.var(dim=(2, 3), keepdim=True) + torch.var(x, dim=1, correction=0, keepdim=True)
-            return self.plain(self.norm(x + spread))
+            return self.plain(self.norm(x + spread)) * torch.rsqrt(spread.abs() + 1.0)  # timm's RmsNorm2d
 
     graph = _check(M(), torch.randn(1, 4, 5, 6))
     assert not any(n.op == "opaque" for n in graph.nodes)

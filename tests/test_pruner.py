@@ -4,6 +4,7 @@ Taylor importance from a user loss, and the group-sparsity regularizer."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -134,3 +135,34 @@ def test_prune_module_warns_of_convs_moved_off_the_cpu_blocks() -> None:
     assert result.warnings == raised and bool(raised) is (nchwc_alignment() > 1)
     aligned = prune_module(_small_cnn(), [x], PlanningOptions(ratio=0.3, round_to=max(nchwc_alignment(), 1)))
     assert aligned.warnings == [] and aligned.macs_ratio > 1.2
+
+
+class _StdNormed(torch.nn.Module):
+    """timm's SimpleNorm: x / std(x) over the channels, the variance unbiased (n/(n-1), n = the width) or not."""
+
+    def __init__(self, unbiased: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.unbiased = unbiased
+        self.conv, self.head = torch.nn.Conv2d(1, 16, 3), torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(y / torch.sqrt(y.var(dim=1, keepdim=True, unbiased=self.unbiased) + 1e-5))
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_prune_module_warns_where_the_module_computes_from_a_pruned_width(unbiased: bool) -> None:
+    # The graph keeps the original n/(n-1) (as it keeps an attention scale); the module recomputes it from its
+    # new width. Nothing to fix by slicing, but the user should know the two differ.
+    import warnings
+
+    x = torch.randn(1, 1, 10, 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = prune_module(_StdNormed(unbiased), [x], PlanningOptions(ratio=0.5))
+    assert result.module.conv.out_channels == 8
+    drift = [w for w in result.warnings if "differ from the pruned graph's" in w]
+    assert len(drift) == unbiased and [str(w.message) for w in caught if str(w.message) in drift] == drift
+    if unbiased:
+        assert float(re.search(r"by ([0-9.e+-]+) \(relative\)", drift[0]).group(1)) > 1e-2

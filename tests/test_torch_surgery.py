@@ -136,3 +136,58 @@ def test_group_norm_without_affine_on_a_pruned_width_fails_naming_the_module() -
         else:
             with pytest.raises(UnsupportedModelError, match=error):
                 apply_plan_to_module(model, doc, [x])
+
+
+class _PreNormBlock(torch.nn.Module):
+    """An LLM-style residual stream: embed, then x + mlp(norm(x)), then a normed head."""
+
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        make = {"rms": lambda: torch.nn.RMSNorm(16),
+                "rms_plain": lambda: torch.nn.RMSNorm(16, elementwise_affine=False),
+                "layer_plain": lambda: torch.nn.LayerNorm(16, elementwise_affine=False)}[norm]
+        self.embed, self.norm, self.final = torch.nn.Linear(6, 16), make(), make()
+        self.up, self.down, self.head = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 3)
+        if norm == "rms":
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
+                self.final.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.down(torch.nn.functional.silu(self.up(self.norm(h))))
+        return self.head(self.final(h))
+
+
+@pytest.mark.parametrize("norm", ["rms", "rms_plain", "layer_plain"])
+def test_a_pre_norm_residual_stream_prunes_and_its_norms_follow(norm: str) -> None:
+    # The residual stream's mean over the channels made RMSNorm freeze it; now it prunes (inexact, like LayerNorm's
+    # statistics). Surgery sets each norm's normalized_shape: from its weight, or without one (nothing in the plan
+    # names it) from the width it receives.
+    torch.manual_seed(0)
+    model, x = _PreNormBlock(norm).eval(), torch.randn(2, 5, 6)
+    graph = import_torch_module(model, (x,))
+    deps = analyze(graph)
+    stream = next(g for g in deps.groups if any(param_name(m) == "embed.weight" for m in g.producers()))
+    assert stream.prunable and not stream.exact and stream.size == 16
+    plan = uniform_plan(deps, 0.5)
+    pruned = apply_plan_to_module(copy.deepcopy(model), plan_to_json(deps, plan), [x])
+    assert pruned.norm.normalized_shape == pruned.final.normalized_shape == (8,)
+    with torch.no_grad():
+        got = pruned(x).numpy()
+    expected = ort.run(export_onnx(pruned_copy(graph, plan, deps)), {graph.inputs[0].name: x.numpy()})
+    assert ort.relative_error(expected, [got]) <= RTOL
+
+
+class _HardCodedPool(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], 8, 16).mean(-1)  # model code that hard-codes the width
+
+
+def test_model_code_that_hard_codes_a_width_is_named() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), _HardCodedPool(), torch.nn.Linear(8, 2)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    deps = analyze(import_torch_module(model, (x,)))
+    error = r"does not run: in '1' \(_HardCodedPool\): shape '\[1, 8, 16\]' is invalid"
+    with pytest.raises(UnsupportedModelError, match=error):
+        apply_plan_to_module(model, plan_to_json(deps, uniform_plan(deps, 0.5)), [x])

@@ -65,6 +65,12 @@ def _unfold(member: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> t
             return src, axis - lead
         if len(src_shape) == 2 and folded_shape == src_shape[::-1] and src_shape[0] != src_shape[1]:
             return src, 1 - axis
+        # A reshape that only adds or drops size-1 axes keeps the others in order (ConvNeXt's
+        # gamma.reshape(1, -1, 1, 1)): the pruned axis is the source's axis of the same rank among them.
+        wide = [a for a, d in enumerate(folded_shape) if d != 1]
+        src_wide = [a for a, d in enumerate(src_shape) if d != 1]
+        if axis in wide and [folded_shape[a] for a in wide] == [src_shape[a] for a in src_wide]:
+            return src, src_wide[wide.index(axis)]
     raise UnsupportedModelError(f"plan prunes '{param}' (axis {axis}), folded from '{src}' by an operation whose "
                                 "axis mapping is ambiguous: torch surgery cannot apply it")
 
@@ -103,16 +109,18 @@ def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequenc
     return module
 
 
+def _normalized_shape(m) -> tuple | None:
+    shape = getattr(m, "normalized_shape", None)
+    return tuple(shape) if isinstance(shape, (tuple, list)) else None
+
+
 def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads_mode: bool) -> None:
+    import torch
     from torch import nn
 
     handled = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                nn.Embedding, nn.MultiheadAttention)
-    shrunk_from: dict[str, dict[int, int]] = {}  # per module path: old width → new width
-    for (name, axis), old in old_sizes.items():
-        path, _, attr = name.rpartition(".")
-        owner = root.get_submodule(path) if path else root
-        shrunk_from.setdefault(path, {})[old] = getattr(owner, attr).shape[axis]
+    shrunk_from = _widths_shrunk(root, old_sizes)
     for path, m in root.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             w = m.weight  # conv: [out, in/groups, ...]; transposed: [in, out/groups, ...]
@@ -134,8 +142,10 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads
             ref = m.weight if m.weight is not None else m.running_mean
             if ref is not None:
                 m.num_features = ref.shape[0]
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-            m.normalized_shape = tuple(m.weight.shape)
+        elif _normalized_shape(m) is not None and isinstance(getattr(m, "weight", None), torch.Tensor):
+            # LayerNorm, RMSNorm and lookalikes (timm's RmsNorm): the shape follows the affine weight
+            if m.weight.dim() == len(m.normalized_shape):
+                m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, nn.GroupNorm) and m.weight is not None:
             old_channels, m.num_channels = m.num_channels, m.weight.shape[0]
             if m.num_groups > 1 and m.num_channels != old_channels:
@@ -151,22 +161,53 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads
             _fix_attention(path, m, heads_mode, old_sizes)
         elif type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2") and hasattr(m, "qkv"):
             _fix_window_attention(path, m, heads_mode, old_sizes)
-        elif isinstance(getattr(m, "head_dim", None), int):
+        elif _head_dim_attribute(m) is not None:
             _fix_head_attributes(path, m, heads_mode, old_sizes)
-        for attr in WIDTH_ATTRIBUTES if path in shrunk_from and not isinstance(m, handled) else ():
+        widths = shrunk_from.get(path) if not isinstance(m, handled) else None
+        for attr in WIDTH_ATTRIBUTES if widths else ():
             value = getattr(m, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value in shrunk_from[path]:
-                setattr(m, attr, shrunk_from[path][value])
+            if isinstance(value, int) and not isinstance(value, bool) and value in widths:
+                setattr(m, attr, widths[value])
+        if widths and isinstance(getattr(m, "shape", None), tuple) and all(type(d) is int for d in m.shape):
+            m.shape = tuple(widths.get(d, d) if d > 1 else d for d in m.shape)  # timm's Scale: (dim, 1, 1)
+        if widths and "norm" in type(m).__name__.lower() and isinstance(getattr(m, "groups", None), int):
+            _fix_norm_groups(path, m, old_sizes)
 
 
-def _rescale_queries(weight, bias, width: int, factor: float) -> None:
-    """Multiply the query rows (the first `width` of a fused qkv projection) by `factor`, in place."""
+def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, dict[int, int]]:
+    """Per module path: old width -> new width, over the module's own tensors and its children's (an attention
+    block's `embed_dim` is its projections' width). A width that became two different ones is left out."""
+    found: dict[str, dict[int, set[int]]] = {}
+    for (name, axis), old in old_sizes.items():
+        path, _, attr = name.rpartition(".")
+        owner = root.get_submodule(path) if path else root
+        new = getattr(owner, attr).shape[axis]
+        for p in {path, path.rpartition(".")[0]} if path else {path}:
+            found.setdefault(p, {}).setdefault(old, set()).add(new)
+    return {p: {old: next(iter(new)) for old, new in widths.items() if len(new) == 1} for p, widths in found.items()}
+
+
+def _fix_norm_groups(path: str, m, old_sizes: Mapping[tuple[str, int], int]) -> None:
+    """A group normalization kept as a module attribute (timm's EvoNorm-S): the dependency pass removes whole
+    groups, so the group width stays and the count follows, as for nn.GroupNorm."""
+    own = sorted((name, old) for (name, axis), old in old_sizes.items()
+                 if axis == 0 and name.rpartition(".")[0] == path)
+    if not own or own[0][1] % m.groups:
+        return
+    name, old = own[0]
+    new, width = getattr(m, name.rpartition(".")[2]).shape[0], old // m.groups
+    if new % width == 0:  # else the module does not group these channels (EvoNorm-S without its activation)
+        m.groups = new // width
+
+
+def _rescale_queries(weight, bias, rows: slice | list[int], factor: float) -> None:
+    """Multiply the query rows of a (fused qkv) projection by `factor`, in place."""
     import torch
 
     with torch.no_grad():
-        weight[:width].mul_(factor)
+        weight[rows] *= factor
         if bias is not None:
-            bias[:width].mul_(factor)
+            bias[rows] *= factor
 
 
 def _fix_window_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
@@ -185,21 +226,26 @@ def _fix_window_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
         raise UnsupportedModelError(f"'{path}': width {new_c} is not divisible by num_heads={m.num_heads}")
     new_head_dim = new_c // m.num_heads
     if type(m).__name__ == "ShiftedWindowAttention" and new_head_dim != old_head_dim:
-        _rescale_queries(m.qkv.weight, m.qkv.bias, new_c, (new_head_dim / old_head_dim) ** 0.5)
+        _rescale_queries(m.qkv.weight, m.qkv.bias, slice(0, new_c), (new_head_dim / old_head_dim) ** 0.5)
 
 
 def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
-    """Attention modules that keep `head_dim` and a head count as attributes and project q, k, v with one fused
-    Linear (`qkv`/`to_qkv`, e.g. torchvision's MaxViT): update whichever the plan shrank."""
+    """Attention modules that keep a head width (`head_dim`, timm's `dim_head`) and a head count as attributes and
+    project q, k, v with one fused Linear (`qkv`/`to_qkv`: torchvision's MaxViT, timm's ViTs and MaxViT): update
+    whichever the plan shrank."""
     heads_attr = next((a for a in ("n_heads", "num_heads", "heads") if isinstance(getattr(m, a, None), int)), None)
     proj = next((a for a in ("to_qkv", "qkv") if hasattr(m, a) and hasattr(getattr(m, a), "weight")), None)
+    dim_attr = _head_dim_attribute(m)
     if heads_attr is None or proj is None:
         return
     old = old_sizes.get((f"{path}.{proj}.weight", 0))
     if old is None:
         return
-    new_width = getattr(m, proj).weight.shape[0] // 3
-    heads, head_dim = getattr(m, heads_attr), m.head_dim
+    heads, head_dim = getattr(m, heads_attr), getattr(m, dim_attr)
+    # q, k and v, or only k and v where the queries come from elsewhere (GCViT's global attention): rows as the
+    # attention's width before pruning tell which
+    parts = old // (heads * head_dim) if old % (heads * head_dim) == 0 else 3
+    new_width = getattr(m, proj).weight.shape[0] // parts
     if heads_mode:
         if new_width % head_dim:
             raise UnsupportedModelError(f"'{path}': width {new_width} is not a whole number of heads of {head_dim}")
@@ -207,7 +253,37 @@ def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
     else:
         if new_width % heads:
             raise UnsupportedModelError(f"'{path}': width {new_width} is not divisible by {heads_attr}={heads}")
-        m.head_dim = new_width // heads
+        setattr(m, dim_attr, new_width // heads)
+        if isinstance(getattr(m, "fused_attn", None), bool) and new_width // heads != head_dim:
+            _keep_timm_scale(path, m, proj, heads, head_dim, new_width // heads)
+    if isinstance(getattr(m, "attn_dim", None), int):  # timm: the heads' output is reshaped to attn_dim
+        m.attn_dim = new_width
+
+
+def _head_dim_attribute(m) -> str | None:
+    return next((a for a in ("head_dim", "dim_head") if isinstance(getattr(m, a, None), int)), None)
+
+
+def _keep_timm_scale(path: str, m, proj: str, heads: int, old_head_dim: int, head_dim: int) -> None:
+    """timm's attention scales by its stored `scale` unfused, but fused SDPA takes head_dim ** -0.5 from q's
+    shape: fold the original scale into q (after its q_norm, if any) and store the new default, so both agree."""
+    factor = (head_dim / old_head_dim) ** 0.5
+    q_norm = getattr(m, "q_norm", None)
+    if q_norm is not None and type(q_norm).__name__ != "Identity":
+        weight = getattr(q_norm, "weight", None)
+        if weight is None:
+            raise UnsupportedModelError(f"'{path}': its q_norm has no weight to keep the attention scale in after "
+                                        "head_dim shrank (prune whole heads: --attention heads)")
+        _rescale_queries(weight, getattr(q_norm, "bias", None), slice(None), factor)
+    else:
+        qkv = getattr(m, proj)
+        if getattr(m, "head_first", False):  # timm's MaxViT: rows [q k v] per head
+            rows = [h * 3 * head_dim + i for h in range(heads) for i in range(head_dim)]
+        else:
+            rows = slice(0, heads * head_dim)
+        _rescale_queries(qkv.weight, qkv.bias, rows, factor)
+    if isinstance(getattr(m, "scale", None), float):
+        m.scale = head_dim ** -0.5
 
 
 def _fix_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
@@ -234,9 +310,9 @@ def _fix_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
     if m.head_dim != old_head_dim:  # attention scales by head_dim ** -0.5 at run time: keep the original scale
         factor = (m.head_dim / old_head_dim) ** 0.5
         if m._qkv_same_embed_dim:
-            _rescale_queries(m.in_proj_weight, m.in_proj_bias, inner, factor)
+            _rescale_queries(m.in_proj_weight, m.in_proj_bias, slice(0, inner), factor)
         else:
-            _rescale_queries(m.q_proj_weight, m.in_proj_bias, inner, factor)
+            _rescale_queries(m.q_proj_weight, m.in_proj_bias, slice(0, inner), factor)
 
 
 def _check_runs(module, example_inputs: Sequence[Any]) -> None:
@@ -246,18 +322,41 @@ def _check_runs(module, example_inputs: Sequence[Any]) -> None:
     module.eval()
     hooks = [m.register_forward_pre_hook(_group_norm_width_check(path))
              for path, m in module.named_modules() if isinstance(m, torch.nn.GroupNorm) and m.weight is None]
+    hooks += [m.register_forward_pre_hook(_normalized_shape_follows)
+              for m in module.modules() if _normalized_shape(m) is not None and getattr(m, "weight", None) is None]
+    running: list[tuple[str, Any]] = []  # modules entered and not left: on an error, the last one raised it
+
+    def leave(m, args, out) -> None:  # a hook's non-None return value would replace the output
+        running.pop()
+
+    for path, m in module.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda m, args, path=path: running.append((path, m))))
+        hooks.append(m.register_forward_hook(leave))
     try:
         with torch.no_grad():
             module(*example_inputs)
     except UnsupportedModelError:
         raise
     except Exception as e:
-        raise UnsupportedModelError(f"the pruned module does not run: {str(e).splitlines()[0][:300]} (model code "
-                                    "that hard-codes a width cannot be fixed by slicing tensors)") from e
+        where = next((f"in '{p}' ({type(m).__name__}): " for p, m in reversed(running) if p), "")
+        what = (str(e).splitlines() or [""])[0][:300] or type(e).__name__  # an AssertionError may say nothing
+        raise UnsupportedModelError(f"the pruned module does not run: {where}{what} (model code that hard-codes "
+                                    "a width cannot be fixed by slicing tensors)") from e
     finally:
         module.train(was_training)
         for h in hooks:
             h.remove()
+
+
+def _normalized_shape_follows(m, args) -> None:
+    """A LayerNorm or RMSNorm without a weight has nothing in the plan either, but it normalizes whatever trailing
+    axes it is given: it takes the pruned width it receives (its width is checked only by that shape)."""
+    import torch
+
+    if args and isinstance(args[0], torch.Tensor):
+        k = len(m.normalized_shape)
+        if tuple(args[0].shape[-k:]) != tuple(m.normalized_shape):
+            m.normalized_shape = tuple(int(d) for d in args[0].shape[-k:])
 
 
 def _group_norm_width_check(path: str):

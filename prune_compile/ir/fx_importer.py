@@ -58,6 +58,7 @@ class _Importer:
         self.graph = Graph(name=name, source="torch.export")
         self.env: dict[torch.fx.Node, Any] = {}  # fx node → Value | tuple of Values | python scalar
         self.real: dict[torch.fx.Node, Any] = {}  # fx node → real torch tensor(s), for constant ones
+        self.tuple_prov: dict[torch.fx.Node, Provenance] = {}  # folded nodes with several outputs
         self.names: set[str] = set()  # value names
         self.node_names: set[str] = set()
 
@@ -151,12 +152,16 @@ class _Importer:
         sources = [n for n in node.all_input_nodes if n in self.real]
         if isinstance(result, torch.Tensor):
             self.env[node] = self._const(node.name, result, self._folded_prov(sources))
+        else:  # a tuple (batch_norm in training mode: weight standardization): its items name these sources
+            self.tuple_prov[node] = self._folded_prov(sources)
 
     def _folded_prov(self, sources: Sequence[torch.fx.Node]) -> Provenance:
         names: set[str] = set()
         for s in sources:
             v = self.env.get(s)
-            if isinstance(v, Value) and v.provenance is not None:
+            if s in self.tuple_prov:
+                names.update(self.tuple_prov[s].sources)
+            elif isinstance(v, Value) and v.provenance is not None:
                 names.update(v.provenance.sources if v.provenance.kind == "folded" else (v.provenance.name,))
         return Provenance("folded", "", tuple(sorted(names)))
 
@@ -291,6 +296,14 @@ for _t, _op in [
     ATEN[_t] = _unary(_op)
 ATEN[aten.hardsigmoid.default] = _unary("hard_sigmoid", alpha=1.0 / 6.0, beta=0.5)
 ATEN[aten.relu6.default] = _unary("clip", min=0.0, max=6.0)
+
+
+@_aten(aten.rsqrt.default)
+def _rsqrt(imp, node):
+    """1 / sqrt(x), as ONNX writes it (it has no Rsqrt): timm's RmsNorm2d and fast norm paths."""
+    x = imp.v(node.args[0])
+    root = imp.emit_tmp(node, "sqrt", [x], {}, x.shape, x.dtype)
+    return imp.emit(node, "reciprocal", [root])
 
 
 @_aten(aten.contiguous.default, aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default)
@@ -552,8 +565,8 @@ def _layer_norm(imp, node):
 
 @_aten(aten.rms_norm.default)
 def _rms_norm(imp, node):
-    """x / sqrt(mean(x^2) + eps) * weight, as ONNX exporters before opset 23 write it. The mean over the channels
-    freezes them (no channel rule treats it as layer_norm's mixing yet): fail closed, on both importers alike."""
+    """x / sqrt(mean(x^2) + eps) * weight, as ONNX exporters before opset 23 write it, so both importers give the
+    same graph (the mean over the channels makes their group inexact, like layer_norm's statistics)."""
     x = imp.v(node.args[0])
     shape = list(node.args[1])
     weight, eps = _arg(node, 2, "weight"), _arg(node, 3, "eps")
