@@ -191,3 +191,108 @@ def test_model_code_that_hard_codes_a_width_is_named() -> None:
     error = r"does not run: in '1' \(_HardCodedPool\): shape '\[1, 8, 16\]' is invalid"
     with pytest.raises(UnsupportedModelError, match=error):
         apply_plan_to_module(model, plan_to_json(deps, uniform_plan(deps, 0.5)), [x])
+
+
+class _GroupStdNorm(torch.nn.Module):
+    """EvoNorm-S's group statistics with the group count kept as an attribute."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.weight = torch.nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        grouped = x.reshape(b, self.groups, c // self.groups, h, w)
+        std = grouped.var(dim=(2, 3, 4), unbiased=False, keepdim=True).add(1e-5).sqrt()
+        return (grouped / std).reshape(b, c, h, w) * self.weight.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_a_group_count_attribute_follows_how_the_groups_were_pruned(groups: int) -> None:
+    # [16] -> [groups, 16 / groups] carries the channels on its larger axis: 2 groups of 8 keep their count and
+    # lose the same offsets in each (inexact: the statistics change); 8 groups of 2 go whole (exact).
+    from prune_compile.pruner import module_drift
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), _GroupStdNorm(16, groups), torch.nn.Conv2d(16, 4, 1))
+    x = torch.randn(1, 3, 6, 6)
+    graph = import_torch_module(model.eval(), (x,))
+    deps = analyze(graph)
+    (conv,) = [g for g in deps.groups if any(param_name(m) == "0.weight" for m in g.producers())]
+    assert conv.exact == (groups == 8)
+    plan = uniform_plan(deps, 0.5)
+    pruned = apply_plan_to_module(copy.deepcopy(model), plan_to_json(deps, plan), [x])
+    assert pruned[1].groups == {2: 2, 8: 4}[groups]
+    assert module_drift(pruned, pruned_copy(graph, plan, deps), [x]) <= RTOL
+
+
+class _Tied(torch.nn.Module):
+    """Two convs sharing one weight (tied weights; CoaT shares a whole position-encoding module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 1)
+        self.b.weight = self.a.weight
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(self.stem(x)))))
+
+
+def test_a_shared_weight_is_sliced_once_and_stays_shared() -> None:
+    from prune_compile.pruner import module_drift
+
+    model, x = _Tied().eval(), torch.randn(1, 3, 6, 6)
+    graph = import_torch_module(model, (x,))
+    deps = analyze(graph)
+    plan = uniform_plan(deps, 0.5)
+    pruned = apply_plan_to_module(copy.deepcopy(model), plan_to_json(deps, plan), [x])
+    assert pruned.a.weight is pruned.b.weight and pruned.a.weight.shape == (4, 4, 1, 1)
+    assert module_drift(pruned, pruned_copy(graph, plan, deps), [x]) <= RTOL
+
+
+class _StdConv(torch.nn.Conv2d):
+    """Weight standardization (BiT's StdConv2d): the conv's weight is computed from its parameter in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                           training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return torch.nn.functional.conv2d(x, w, self.bias)
+
+
+class _LayerScale(torch.nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.reshape(1, -1, 1, 1)  # ConvNeXt's: folded at import, mapped back to gamma
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_a_parameter_folded_through_arithmetic_is_flagged(computed: bool) -> None:
+    # Standardizing over a conv's kept inputs is not the graph's standardized weight with columns removed: the plan
+    # marks such folds `computed`, surgery warns, and the module measurably differs. A reshape folds exactly.
+    import warnings
+
+    from prune_compile.pruner import module_drift
+
+    torch.manual_seed(0)
+    last = _StdConv(8, 4, 1) if computed else torch.nn.Conv2d(8, 4, 1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), _LayerScale(8), torch.nn.ReLU(), last).eval()
+    x = torch.randn(1, 3, 6, 6)
+    graph = import_torch_module(model, (x,))
+    deps = analyze(graph)
+    plan = uniform_plan(deps, 0.5)
+    doc = plan_to_json(deps, plan)
+    flagged = sorted({m["param"] for g in doc["groups"] for m in g["members"] if m.get("computed")})
+    assert flagged == (["folded(3.weight)"] if computed else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = apply_plan_to_module(copy.deepcopy(model), doc, [x])
+    assert any("folded(3.weight) reach the graph through arithmetic" in str(w.message) for w in caught) == computed
+    assert pruned[1].gamma.shape == (4,)
+    drift = module_drift(pruned, pruned_copy(graph, plan, deps), [x])
+    assert (drift > 1e-2) if computed else (drift <= RTOL)

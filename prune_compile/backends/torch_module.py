@@ -5,7 +5,8 @@ in the plan is sliced along the planned axes (a new `nn.Parameter` keeps `requir
 shape attributes are made consistent with their tensors: Conv (in/out channels, groups of depthwise convs), Linear,
 BatchNorm/InstanceNorm (num_features), LayerNorm (normalized_shape), GroupNorm (num_channels), Embedding,
 MultiheadAttention (embed_dim, head_dim; heads when whole heads went), and integer attributes that name a pruned
-width (`hidden_dim`, `embed_dim`, `dim`, `num_features`, `channels`: torchvision's ViT reshapes with one).
+width (`hidden_dim`, `embed_dim`, `dim`, `num_features`, `channels`, `in_channels`, `width`, ...: torchvision's ViT
+reshapes with one) on the modules that hold the pruned tensors, when that width became one new width there.
 
 Constants the importer folded from a parameter (an expand, unsqueeze or transpose of it) map back to that
 parameter when the axis mapping is unambiguous, else this fails naming the parameter: never a guess.
@@ -15,6 +16,7 @@ a width cannot be fixed by slicing).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +24,8 @@ import numpy as np
 
 from ..errors import UnsupportedModelError, UsageError
 
-WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "dim", "num_features", "channels")
+WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "dim", "num_features", "channels", "in_channels", "out_channels",
+                    "in_chs", "out_chs", "expand_chs", "width", "dim_out", "out_dim")  # RexNet, CSPNet, Hiera
 
 
 def removals_from_plan(doc: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, dict[int, set]]:
@@ -81,14 +84,27 @@ def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequenc
 
     if doc.get("format") != "prune-compile.plan/1":
         raise UsageError(f"not a prune-compile plan (format {doc.get('format')!r})")
-    state = dict(module.named_parameters()) | dict(module.named_buffers())
-    shapes = {n: tuple(t.shape) for n, t in state.items()}
-    removals = removals_from_plan(doc, shapes)
+    # A tensor shared by several modules (tied weights, CoaT's shared position encoding) has several names; the
+    # plan may use any of them. Slice it once, and give every owner the same new tensor so it stays shared.
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    aliases: dict[int, list[str]] = {}
+    for n, t in named:
+        aliases.setdefault(id(t), []).append(n)
+    shapes = {n: tuple(t.shape) for n, t in named}
+    removals: dict[str, dict[int, set]] = {}
+    for name, axes in removals_from_plan(doc, shapes).items():
+        for alias in aliases[id(dict(named)[name])]:
+            for axis, removed in axes.items():
+                removals.setdefault(alias, {}).setdefault(axis, set()).update(removed)
     old_sizes: dict[tuple[str, int], int] = {}
+    done: set[str] = set()
     for name, axes in sorted(removals.items()):
+        if name in done:
+            continue
         owner_path, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
         tensor = getattr(owner, attr)
+        done.update(aliases[id(tensor)])
         new = tensor.detach()
         for axis, removed in sorted(axes.items()):
             size = new.shape[axis]
@@ -96,14 +112,28 @@ def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequenc
                 raise UnsupportedModelError(f"plan removes index {max(removed)} of '{name}' axis {axis} (size {size})")
             keep = torch.as_tensor(np.setdiff1d(np.arange(size), sorted(removed)), dtype=torch.long,
                                    device=new.device)
-            old_sizes[(name, axis)] = size
             new = new.index_select(axis, keep)
         new = new.contiguous().clone()
         if isinstance(tensor, torch.nn.Parameter):
-            setattr(owner, attr, torch.nn.Parameter(new, requires_grad=tensor.requires_grad))
-        else:
-            owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
-    _fix_module_attributes(module, old_sizes, doc.get("analysis", {}).get("attention") == "heads")
+            new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
+        for alias in aliases[id(tensor)]:
+            alias_path, _, alias_attr = alias.rpartition(".")
+            alias_owner = module.get_submodule(alias_path) if alias_path else module
+            for axis in axes:
+                old_sizes[(alias, axis)] = tensor.shape[axis]
+            if isinstance(new, torch.nn.Parameter):
+                setattr(alias_owner, alias_attr, new)
+            else:
+                alias_owner.register_buffer(alias_attr, new,
+                                            persistent=alias_attr not in alias_owner._non_persistent_buffers_set)
+    _fix_module_attributes(module, old_sizes, removals, doc.get("analysis", {}).get("attention") == "heads")
+    computed = sorted({m["param"] for g in doc.get("groups", []) if g.get("removed") for m in g["members"]
+                       if m.get("computed") and m["removed"]})
+    if computed:
+        warnings.warn(f"torch surgery: {', '.join(computed[:3])}{' ...' if len(computed) > 3 else ''} reach the "
+                      "graph through arithmetic folded at import (weight standardization, say): the module "
+                      "recomputes it from the kept channels, so where it mixes channels the pruned module differs "
+                      "from the pruned graph (prune_module measures by how much)", stacklevel=2)
     if example_inputs is not None:
         _check_runs(module, example_inputs)
     return module
@@ -114,7 +144,8 @@ def _normalized_shape(m) -> tuple | None:
     return tuple(shape) if isinstance(shape, (tuple, list)) else None
 
 
-def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads_mode: bool) -> None:
+def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], removals: Mapping[str, dict[int, set]],
+                           heads_mode: bool) -> None:
     import torch
     from torch import nn
 
@@ -148,10 +179,8 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads
                 m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, nn.GroupNorm) and m.weight is not None:
             old_channels, m.num_channels = m.num_channels, m.weight.shape[0]
-            if m.num_groups > 1 and m.num_channels != old_channels:
-                # The dependency pass prunes a GroupNorm with several groups by whole groups (channel c is in
-                # group c // (C/G)): the group width stays, the count follows.
-                m.num_groups = m.num_channels // (old_channels // m.num_groups)
+            removed = removals.get(f"{path}.weight", {}).get(0, set())
+            m.num_groups = _groups_after(old_channels, m.num_groups, removed) or m.num_groups
             if m.num_channels % m.num_groups:
                 raise UnsupportedModelError(f"'{path}': {m.num_channels} channels are not divisible by "
                                             f"num_groups={m.num_groups} after pruning")
@@ -163,41 +192,54 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], heads
             _fix_window_attention(path, m, heads_mode, old_sizes)
         elif _head_dim_attribute(m) is not None:
             _fix_head_attributes(path, m, heads_mode, old_sizes)
+        elif all(isinstance(vars(m).get(a), int) for a in ("key_dim", "val_dim", "num_heads")):
+            _fix_key_value_dims(path, m, removals, old_sizes)
         widths = shrunk_from.get(path) if not isinstance(m, handled) else None
         for attr in WIDTH_ATTRIBUTES if widths else ():
-            value = getattr(m, attr, None)
+            value = vars(m).get(attr)  # an instance attribute, not a property computed from the tensors
             if isinstance(value, int) and not isinstance(value, bool) and value in widths:
                 setattr(m, attr, widths[value])
-        if widths and isinstance(getattr(m, "shape", None), tuple) and all(type(d) is int for d in m.shape):
-            m.shape = tuple(widths.get(d, d) if d > 1 else d for d in m.shape)  # timm's Scale: (dim, 1, 1)
+        for attr, value in list(vars(m).items()) if widths else ():
+            # sizes kept as a tuple or list: MetaFormer's Scale (dim, 1, 1), FocalNet's split [dim, dim, L + 1]
+            if isinstance(value, (tuple, list)) and value and all(type(d) is int for d in value):
+                mapped = type(value)(widths.get(d, d) if d > 1 else d for d in value)
+                if mapped != value:
+                    setattr(m, attr, mapped)
         if widths and "norm" in type(m).__name__.lower() and isinstance(getattr(m, "groups", None), int):
-            _fix_norm_groups(path, m, old_sizes)
+            # a group normalization kept as a module attribute (timm's EvoNorm-S)
+            own = [axes[0] for name, axes in removals.items() if name.rpartition(".")[0] == path and 0 in axes]
+            old = next((o for (name, axis), o in old_sizes.items() if axis == 0 and name.rpartition(".")[0] == path),
+                       None)
+            if own and old is not None and old % m.groups == 0:
+                m.groups = _groups_after(old, m.groups, own[0]) or m.groups
 
 
 def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, dict[int, int]]:
-    """Per module path: old width -> new width, over the module's own tensors and its children's (an attention
-    block's `embed_dim` is its projections' width). A width that became two different ones is left out."""
+    """Per module path: old width -> new width, over the tensors of the module and of every module inside it (an
+    attention block's `embed_dim` is its projections' width, Res2Net's `width` its ModuleList's convs'). A width
+    that became two different ones there is left out: the attribute cannot say which."""
     found: dict[str, dict[int, set[int]]] = {}
     for (name, axis), old in old_sizes.items():
         path, _, attr = name.rpartition(".")
         owner = root.get_submodule(path) if path else root
         new = getattr(owner, attr).shape[axis]
-        for p in {path, path.rpartition(".")[0]} if path else {path}:
-            found.setdefault(p, {}).setdefault(old, set()).add(new)
+        parts = path.split(".") if path else []
+        for depth in range(len(parts) + 1):
+            found.setdefault(".".join(parts[:depth]), {}).setdefault(old, set()).add(new)
     return {p: {old: next(iter(new)) for old, new in widths.items() if len(new) == 1} for p, widths in found.items()}
 
 
-def _fix_norm_groups(path: str, m, old_sizes: Mapping[tuple[str, int], int]) -> None:
-    """A group normalization kept as a module attribute (timm's EvoNorm-S): the dependency pass removes whole
-    groups, so the group width stays and the count follows, as for nn.GroupNorm."""
-    own = sorted((name, old) for (name, axis), old in old_sizes.items()
-                 if axis == 0 and name.rpartition(".")[0] == path)
-    if not own or own[0][1] % m.groups:
-        return
-    name, old = own[0]
-    new, width = getattr(m, name.rpartition(".")[2]).shape[0], old // m.groups
-    if new % width == 0:  # else the module does not group these channels (EvoNorm-S without its activation)
-        m.groups = new // width
+def _groups_after(channels: int, groups: int, removed: set) -> int | None:
+    """The group count once `removed` of `channels` in `groups` equal groups go. The dependency pass removes whole
+    groups (GroupNorm's reshape nests them: the count follows) or the same offsets in every group (a split whose
+    inner axis carries the channels: the count stays). Neither (None): the module does not group these channels
+    on the path that was analyzed (EvoNorm-S without its activation), so its count is left alone."""
+    width = channels // groups
+    blocks = {i // width for i in removed}
+    if len(removed) == len(blocks) * width:  # every group touched went entirely
+        return groups - len(blocks)
+    offsets = [sorted(i % width for i in removed if i // width == g) for g in range(groups)]
+    return groups if all(o == offsets[0] for o in offsets) else None
 
 
 def _rescale_queries(weight, bias, rows: slice | list[int], factor: float) -> None:
@@ -231,10 +273,10 @@ def _fix_window_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
 
 def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
     """Attention modules that keep a head width (`head_dim`, timm's `dim_head`) and a head count as attributes and
-    project q, k, v with one fused Linear (`qkv`/`to_qkv`: torchvision's MaxViT, timm's ViTs and MaxViT): update
-    whichever the plan shrank."""
+    project q, k, v with one fused Linear (`qkv`/`to_qkv`) or a separate `q` (torchvision's MaxViT; timm's ViTs,
+    MaxViT, NextViT): update whichever the plan shrank."""
     heads_attr = next((a for a in ("n_heads", "num_heads", "heads") if isinstance(getattr(m, a, None), int)), None)
-    proj = next((a for a in ("to_qkv", "qkv") if hasattr(m, a) and hasattr(getattr(m, a), "weight")), None)
+    proj = next((a for a in ("to_qkv", "qkv", "q") if hasattr(m, a) and hasattr(getattr(m, a), "weight")), None)
     dim_attr = _head_dim_attribute(m)
     if heads_attr is None or proj is None:
         return
@@ -242,8 +284,8 @@ def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
     if old is None:
         return
     heads, head_dim = getattr(m, heads_attr), getattr(m, dim_attr)
-    # q, k and v, or only k and v where the queries come from elsewhere (GCViT's global attention): rows as the
-    # attention's width before pruning tell which
+    # q, k and v, only k and v where the queries come from elsewhere (GCViT's global attention), or a separate q
+    # (NextViT): rows as the attention's width before pruning tell which
     parts = old // (heads * head_dim) if old % (heads * head_dim) == 0 else 3
     new_width = getattr(m, proj).weight.shape[0] // parts
     if heads_mode:
@@ -258,6 +300,35 @@ def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
             _keep_timm_scale(path, m, proj, heads, head_dim, new_width // heads)
     if isinstance(getattr(m, "attn_dim", None), int):  # timm: the heads' output is reshaped to attn_dim
         m.attn_dim = new_width
+
+
+def _fix_key_value_dims(path: str, m, removals: Mapping[str, dict[int, set]],
+                        old_sizes: Mapping[tuple[str, int], int]) -> None:
+    """LeViT-style attention (LeViT, TinyViT, EfficientFormer): each head's rows of the fused projection are
+    [q (key_dim), k (key_dim), v (val_dim)] (`kv`: [k, v]), split by those attributes. Read the new dims off the
+    rows the plan removed, which must be the same in every head."""
+    heads, kd, vd = m.num_heads, m.key_dim, m.val_dim
+    for proj, segments in (("qkv", (kd, kd, vd)), ("kv", (kd, vd))):
+        block = sum(segments)
+        rows = next((axes[0] for name, axes in removals.items() if name.startswith(f"{path}.{proj}.") and 0 in axes
+                     and old_sizes.get((name, 0)) == heads * block), None)
+        if rows is not None:
+            break
+    else:
+        return
+    bounds = np.cumsum((0, *segments))
+    counts = {tuple(sum(1 for r in rows if r // block == h and lo <= r % block < hi)
+                    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)) for h in range(heads)}
+    if len(counts) != 1:
+        raise UnsupportedModelError(f"'{path}': the plan removes different q/k/v dims in different heads")
+    (removed,) = counts
+    new_kd, new_vd = kd - removed[-2], vd - removed[-1]
+    if len(segments) == 3 and removed[0] != removed[1]:
+        raise UnsupportedModelError(f"'{path}': the plan removes {removed[0]} query dims but {removed[1]} key dims")
+    m.key_dim, m.val_dim = new_kd, new_vd
+    for attr, value in (("key_attn_dim", new_kd * heads), ("val_attn_dim", new_vd * heads)):
+        if isinstance(vars(m).get(attr), int):
+            setattr(m, attr, value)
 
 
 def _head_dim_attribute(m) -> str | None:

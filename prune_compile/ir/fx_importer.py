@@ -27,6 +27,15 @@ _METADATA_ONLY = {
     aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.new_empty.default,
     aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
 }
+# Folding these only moves a tensor's elements: a constant folded from one parameter through them is that
+# parameter, which torch surgery can slice (any other op makes the fold `computed`).
+_LAYOUT_ONLY = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.permute.default, aten.transpose.int,
+    aten.t.default, aten.clone.default, aten.detach.default, aten.alias.default, aten.contiguous.default,
+    aten.lift_fresh_copy.default, aten._to_copy.default, aten.flatten.using_ints, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.unbind.int, aten.slice.Tensor, aten.select.int, aten.chunk.default,
+}
 # Nondeterministic ops are never folded.
 _RANDOM = {aten.rand.default, aten.randn.default, aten.rand_like.default, aten.randn_like.default,
            aten.bernoulli.default, aten.dropout.default, aten.native_dropout.default}
@@ -150,20 +159,21 @@ class _Importer:
             result = node.target(*args, **kwargs)
         self.real[node] = result
         sources = [n for n in node.all_input_nodes if n in self.real]
+        prov = self._folded_prov(sources, computed=node.target not in _LAYOUT_ONLY)
         if isinstance(result, torch.Tensor):
-            self.env[node] = self._const(node.name, result, self._folded_prov(sources))
+            self.env[node] = self._const(node.name, result, prov)
         else:  # a tuple (batch_norm in training mode: weight standardization): its items name these sources
-            self.tuple_prov[node] = self._folded_prov(sources)
+            self.tuple_prov[node] = prov
 
-    def _folded_prov(self, sources: Sequence[torch.fx.Node]) -> Provenance:
+    def _folded_prov(self, sources: Sequence[torch.fx.Node], computed: bool = False) -> Provenance:
         names: set[str] = set()
         for s in sources:
             v = self.env.get(s)
-            if s in self.tuple_prov:
-                names.update(self.tuple_prov[s].sources)
-            elif isinstance(v, Value) and v.provenance is not None:
-                names.update(v.provenance.sources if v.provenance.kind == "folded" else (v.provenance.name,))
-        return Provenance("folded", "", tuple(sorted(names)))
+            prov = self.tuple_prov.get(s) or (v.provenance if isinstance(v, Value) else None)
+            if prov is not None:
+                names.update(prov.sources if prov.kind == "folded" else (prov.name,))
+                computed = computed or prov.computed
+        return Provenance("folded", "", tuple(sorted(names)), computed)
 
     def _opaque(self, node: torch.fx.Node) -> Any:
         """Keep `node` as a torch opaque op (analysis freezes it; ONNX export refuses it, naming it)."""

@@ -26,12 +26,14 @@ class Provenance:
     """Where a constant came from, in the input model's own names.
 
     kind: "torch_parameter", "torch_buffer", "torch_constant", "onnx_initializer", "onnx_constant_node"
-    or "folded" (computed at import from the constants named in `sources`).
+    or "folded" (computed at import from the constants named in `sources`). `computed`: the fold did arithmetic
+    (weight standardization, a scale times a weight), not only moved elements (reshape, transpose, expand).
     """
 
     kind: str
     name: str
     sources: tuple[str, ...] = ()
+    computed: bool = False
 
     def __str__(self) -> str:
         if self.kind == "folded":

@@ -184,6 +184,8 @@ def _constant_origins(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[s
     inits = {i.name for i in before.graph.initializer}
     origins: dict[str, str] = {}
 
+    computed: set[str] = set()  # folds that did arithmetic on the way, not only moved elements
+
     def sources(name: str, seen: set[str]) -> set[str]:
         if name in inits:
             return {name}
@@ -193,6 +195,8 @@ def _constant_origins(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[s
         seen.add(name)
         if n.op_type == "Constant":
             return {n.output[0]}
+        if n.op_type not in _LAYOUT_ONLY:
+            computed.add(name)
         out: set[str] = set()
         for i in n.input:
             if i:
@@ -213,8 +217,14 @@ def _constant_origins(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[s
         elif n is not None and n.op_type == "Constant":
             origins[init.name] = "constant_node:" + (n.name or init.name)
         else:
-            origins[init.name] = "folded:" + "|".join(sorted(sources(init.name, set())))
+            computed.clear()
+            names = "|".join(sorted(sources(init.name, set())))
+            origins[init.name] = ("computed:" if computed else "folded:") + names
     return origins
+
+
+_LAYOUT_ONLY = {"Identity", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Cast", "Slice",
+                "Split", "Gather", "Tile"}  # folding these only moves elements
 
 
 # -- building the IR ---------------------------------------------------------------------------------------
@@ -260,8 +270,8 @@ def _build_graph(model: onnx.ModelProto, source: str, origins: dict[str, str]) -
         elif origin.startswith("alias:"):
             prov = Provenance("onnx_initializer", init.name, (origin.split(":", 1)[1],))
         else:
-            srcs = tuple(s for s in origin.split(":", 1)[1].split("|") if s)
-            prov = Provenance("folded", init.name, srcs)
+            kind, _, names = origin.partition(":")
+            prov = Provenance("folded", init.name, tuple(s for s in names.split("|") if s), kind == "computed")
         ctx.values[init.name] = Value(init.name, arr.shape, arr.dtype, data=arr, provenance=prov)
     for inp in model.graph.input:
         if inp.name in ctx.values:

@@ -50,7 +50,7 @@ def fold_batch_norms(graph: Graph) -> int:
         else:
             sources = tuple(v.provenance.name for v in bn.inputs[1:] if v.provenance is not None)
             bias = Value(f"{w.name}.folded_bias", bias_data.shape, dtype, bias_data,
-                         Provenance("folded", "", sources))
+                         Provenance("folded", "", sources, computed=True))
             conv.inputs = [conv.inputs[0], w, bias]
         y, x = bn.outputs[0], conv.outputs[0]
         graph.replace_all_uses(y, x)

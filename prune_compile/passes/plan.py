@@ -78,6 +78,8 @@ def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = Non
             if _is_folded(m):
                 entry["folded"] = True
                 entry["shape"] = [int(d) for d in m.value.shape]  # lets torch surgery map it to its source
+                if m.value.provenance.computed:
+                    entry["computed"] = True  # the module recomputes it from the kept channels
             members.append(entry)
         members.sort(key=lambda d: (d["param"], d["axis"]))
         groups.append({"id": g.id, "prunable": g.prunable, "reason": g.reason, "channels": g.size,
