@@ -46,6 +46,17 @@ MODELS = [
     ("lambda_resnet26t", True, "matmul sums these channels' products of activations",  # was exact, 0.17 off
      r"in 'stages.2.1.self_attn' \(LambdaLayer\): split_with_sizes"),  # split sizes in integer attributes
     ("resmlp_12_224", True, "conv has no channel rule for axis 3", ""),  # token MLPs reach the stem conv's width
+    # torch surgery on blocks that keep widths in attributes, found by a 119-architecture surgery sweep
+    ("levit_128s", True, "", ""),  # key_dim / val_dim split each head's qkv rows
+    ("pvt_v2_b0", True, "", ""),  # separate q and kv projections
+    ("hiera_tiny_224", True, "", ""),  # dim_out
+    ("focalnet_tiny_srf", True, "", ""),  # a list attribute: input_split [dim, dim, levels + 1]
+    ("res2net50_14w_8s", True, "", ""),  # `width` of the convs in a ModuleList below the block
+    ("rexnet_100", True, "", ""),  # in_channels of a partial residual
+    ("mixnet_s", True, "", ""),  # split sizes of mixed convs
+    ("resnetv2_50x1_bit", True, "", "drift"),  # weight standardization: folded by arithmetic, recomputed
+    ("coat_lite_mini", True, "",  # a shared position-encoding module; then attention assumes qkv width == input's
+     r"in 'serial_blocks1.0.factoratt_crpe' \(FactorAttnConvRelPosEnc\): shape"),
 ]
 CASES = [pytest.param(n, r, s, marks=[pytest.mark.big] if big else [], id=n) for n, big, r, s in MODELS]
 

@@ -49,7 +49,20 @@ def test_weight_subgraph_folds_into_a_constant_with_provenance() -> None:
     assert bias.provenance.kind == "folded"
     assert set(bias.provenance.sources) == {"bias_shape", "bias_offset"}
     np.testing.assert_allclose(bias.data, np.full(8, 0.75, np.float32))
+    assert bias.provenance.computed  # an Add: torch surgery cannot just slice a source to get it
     assert _roundtrip_error(_conv_model()) <= 1e-6
+
+
+@pytest.mark.parametrize("op", ["Reshape", "Mul"])
+def test_a_fold_that_only_moves_elements_is_not_computed(op: str) -> None:
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    arg = numpy_helper.from_array(np.array([4, 3, 1, 1], np.int64) if op == "Reshape" else np.float32(2), "arg")
+    fold = helper.make_node(op, ["w", "arg"], ["w2"])
+    conv = helper.make_node("Conv", ["x", "w2"], ["y"], name="conv")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    weight = import_onnx(_model([fold, conv], [x], [y], [w, arg])).nodes[0].inputs[1]
+    assert weight.provenance.kind == "folded" and weight.provenance.computed == (op == "Mul")
 
 
 @pytest.mark.parametrize("opset", [9, 11, 13, 17, 18, 21])

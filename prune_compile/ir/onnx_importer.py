@@ -179,7 +179,8 @@ def _is_weight_transpose(node) -> bool:
 
 
 def _constant_origins(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, str]:
-    """For each constant in `after`, which initializers / Constant nodes of `before` it derives from."""
+    """For each constant in `after`, which initializers / Constant nodes of `before` it derives from, and whether
+    the fold did arithmetic on them ("computed:") or only moved their elements ("folded:")."""
     producer = {o: n for n in before.graph.node for o in n.output}
     inits = {i.name for i in before.graph.initializer}
     origins: dict[str, str] = {}
