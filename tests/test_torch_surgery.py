@@ -296,3 +296,40 @@ def test_a_parameter_folded_through_arithmetic_is_flagged(computed: bool) -> Non
     assert pruned[1].gamma.shape == (4,)
     drift = module_drift(pruned, pruned_copy(graph, plan, deps), [x])
     assert (drift > 1e-2) if computed else (drift <= RTOL)
+
+
+class _KeyValueAttention(torch.nn.Module):
+    """LeViT's attention: each head's qkv rows are [q (key_dim), k (key_dim), v (val_dim)], split by attributes;
+    then a split kept as a list attribute (FocalNet's input_split) feeds the projection."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, key_dim: int = 4, val_dim: int = 6) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = heads, key_dim, val_dim
+        self.val_attn_dim, self.scale = heads * val_dim, key_dim ** -0.5
+        self.qkv = torch.nn.Linear(dim, heads * (2 * key_dim + val_dim))
+        self.gate = torch.nn.Linear(dim, 2 * dim + 1)
+        self.input_split = [dim, dim, 1]
+        self.proj = torch.nn.Linear(self.val_attn_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
+        attn = (q.transpose(1, 2) * self.scale) @ k.permute(0, 2, 3, 1)
+        out = (attn.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(b, n, self.val_attn_dim)
+        a, c, g = self.gate(x).split(self.input_split, -1)
+        return self.proj(out) * a + c * g
+
+
+def test_widths_kept_in_key_value_dims_and_in_a_list_follow_the_plan() -> None:
+    from prune_compile.pruner import module_drift
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), _KeyValueAttention(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(1, 7, 5)
+    graph = import_torch_module(model, (x,))
+    deps = analyze(graph)
+    plan = uniform_plan(deps, 0.5)
+    pruned = apply_plan_to_module(copy.deepcopy(model), plan_to_json(deps, plan), [x])
+    attn = pruned[1]
+    assert (attn.key_dim, attn.val_dim, attn.val_attn_dim) == (2, 3, 6) and attn.input_split == [4, 4, 1]
+    assert module_drift(pruned, pruned_copy(graph, plan, deps), [x]) <= RTOL
