@@ -86,14 +86,13 @@ def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequenc
         raise UsageError(f"not a prune-compile plan (format {doc.get('format')!r})")
     # A tensor shared by several modules (tied weights, CoaT's shared position encoding) has several names; the
     # plan may use any of them. Slice it once, and give every owner the same new tensor so it stays shared.
-    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    named = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
     aliases: dict[int, list[str]] = {}
-    for n, t in named:
+    for n, t in named.items():
         aliases.setdefault(id(t), []).append(n)
-    shapes = {n: tuple(t.shape) for n, t in named}
     removals: dict[str, dict[int, set]] = {}
-    for name, axes in removals_from_plan(doc, shapes).items():
-        for alias in aliases[id(dict(named)[name])]:
+    for name, axes in removals_from_plan(doc, {n: tuple(t.shape) for n, t in named.items()}).items():
+        for alias in aliases[id(named[name])]:
             for axis, removed in axes.items():
                 removals.setdefault(alias, {}).setdefault(axis, set()).update(removed)
     old_sizes: dict[tuple[str, int], int] = {}
@@ -206,12 +205,11 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], remov
                 if mapped != value:
                     setattr(m, attr, mapped)
         if widths and "norm" in type(m).__name__.lower() and isinstance(getattr(m, "groups", None), int):
-            # a group normalization kept as a module attribute (timm's EvoNorm-S)
-            own = [axes[0] for name, axes in removals.items() if name.rpartition(".")[0] == path and 0 in axes]
-            old = next((o for (name, axis), o in old_sizes.items() if axis == 0 and name.rpartition(".")[0] == path),
-                       None)
-            if own and old is not None and old % m.groups == 0:
-                m.groups = _groups_after(old, m.groups, own[0]) or m.groups
+            # a group normalization kept as a module attribute (timm's EvoNorm-S): its own tensors' channels
+            own = next(((old_sizes[(n, 0)], axes[0]) for n, axes in sorted(removals.items())
+                        if n.rpartition(".")[0] == path and 0 in axes), None)
+            if own is not None and own[0] % m.groups == 0:
+                m.groups = _groups_after(own[0], m.groups, own[1]) or m.groups
 
 
 def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, dict[int, int]]:
