@@ -319,3 +319,89 @@ def test_widths_kept_in_key_value_dims_and_in_a_list_follow_the_plan() -> None:
     attn = pruned[1]
     assert (attn.key_dim, attn.val_dim, attn.val_attn_dim) == (2, 3, 6) and attn.input_split == [4, 4, 1]
     assert drift <= RTOL
+
+
+class _FoldedFromSeveral(torch.nn.Module):
+    """Weights the model computes in forward from several tensors, folded at import: BEiT/EVA's qkv bias
+    torch.cat((q_bias, k_bias, v_bias)) (k_bias a buffer), NFNet-style gain * weight, and a square weight used
+    transposed (no shape tells its axes apart). The 12 channels removed at 0.5 sit at different offsets in each
+    concatenated part: a, b and c each lose two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 12, bias=False)
+        self.a, self.c = torch.nn.Parameter(torch.rand(4)), torch.nn.Parameter(torch.rand(4))
+        self.register_buffer("b", torch.rand(4))
+        self.gain = torch.nn.Parameter(torch.rand(12) + 0.5)
+        self.mid = torch.nn.Parameter(torch.randn(12, 12, 1))
+        self.square = torch.nn.Parameter(torch.randn(12, 12))
+        self.out = torch.nn.Linear(12, 3)
+        with torch.no_grad():  # the channels the plan removes: small wherever they are read
+            removed = [1, 3, 5, 6, 9, 10]
+            self.fc.weight[removed] *= 1e-3
+            self.mid[:, removed] *= 1e-3
+            for k, part in enumerate((self.a, self.b, self.c)):
+                part[[i % 4 for i in removed if i // 4 == k]] *= 1e-3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.nn.functional.linear(x, self.fc.weight, torch.cat((self.a, self.b, self.c))))
+        h = torch.relu(torch.nn.functional.conv1d(h.transpose(1, 2), self.gain.view(-1, 1, 1) * self.mid))
+        return self.out(torch.nn.functional.linear(h.transpose(1, 2), self.square.t()))
+
+
+def test_constants_folded_from_several_parameters_map_back_to_each() -> None:
+    # Before the importer recorded where each folded element comes from, surgery refused all three folds.
+    torch.manual_seed(0)
+    model, x = _FoldedFromSeveral().eval(), torch.randn(1, 7, 5)
+    pruned, drift = _pruned_at_half(model, x)
+    assert [tuple(t.shape) for t in (pruned.a, pruned.b, pruned.c)] == [(2,), (2,), (2,)]
+    assert "b" in dict(pruned.named_buffers()) and pruned.gain.shape == (6,) and pruned.square.shape == (6, 6)
+    assert drift <= RTOL
+
+
+class _RepeatedInConcat(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 8, bias=False)
+        self.a = torch.nn.Parameter(torch.rand(4))
+        self.out = torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            self.fc.weight[[0, 1, 2, 7]] *= 1e-3  # a's copies lose different entries: {0, 1, 2} and {3}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(torch.nn.functional.linear(x, self.fc.weight, torch.cat((self.a, self.a)))))
+
+
+def test_a_parameter_concatenated_twice_and_pruned_differently_is_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"repeats 'a' axis 0 with different channels removed"):
+        _pruned_at_half(_RepeatedInConcat().eval(), torch.randn(1, 7, 5))
+
+
+class _RotaryAttention(torch.nn.Module):
+    """EVA-02's attention: rotary position embeddings pair channels inside each head (interleaved), so the analysis
+    prunes whole heads even in head_dim mode; the module's head count must follow, not its head_dim."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, tokens: int = 7) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused_attn = heads, 4, True
+        self.qkv = torch.nn.Linear(dim, 3 * heads * 4)
+        self.proj = torch.nn.Linear(heads * 4, dim)
+        self.register_buffer("sin", torch.randn(tokens, 4))
+        self.register_buffer("cos", torch.randn(tokens, 4))
+
+    def _rotate(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.cos + torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape) * self.sin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(self._rotate(q), self._rotate(k), v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_heads_pruned_whole_by_the_analysis_shrink_the_head_count() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), _RotaryAttention(), torch.nn.Linear(8, 3)).eval()
+    pruned, drift = _pruned_at_half(model, torch.randn(1, 7, 5))
+    assert (pruned[1].num_heads, pruned[1].head_dim) == (1, 4)
+    assert drift <= RTOL

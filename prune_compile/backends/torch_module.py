@@ -37,17 +37,38 @@ def removals_from_plan(doc: Mapping[str, Any], shapes: Mapping[str, Sequence[int
         for m in group["members"]:
             if not m["removed"]:
                 continue
-            if m.get("folded"):
-                name, axis = _unfold(m, shapes)
+            if "maps" in m:
+                parts = _unfold_mapped(m)
+            elif m.get("folded"):
+                parts = [(*_unfold(m, shapes), set(m["removed"]))]
             else:
-                name, axis = m["param"], m["axis"]
-            if name not in shapes and m.get("role") == "passthrough":
-                continue  # a constant the importer made (GroupNorm's per-group scale): not module state
-            if name not in shapes:
-                raise UnsupportedModelError(f"plan names '{name}', which this module does not have: the plan was "
-                                            "made for a different model")
-            out.setdefault(name, {}).setdefault(axis, set()).update(m["removed"])
+                parts = [(m["param"], m["axis"], set(m["removed"]))]
+            for name, axis, removed in parts:
+                if name not in shapes and m.get("role") == "passthrough":
+                    continue  # a constant the importer made (GroupNorm's per-group scale): not module state
+                if name not in shapes:
+                    raise UnsupportedModelError(f"plan names '{name}', which this module does not have: the plan "
+                                                "was made for a different model")
+                out.setdefault(name, {}).setdefault(axis, set()).update(removed)
     return out
+
+
+def _unfold_mapped(member: Mapping[str, Any]) -> list[tuple[str, int, set]]:
+    """A folded constant's removed indices in its sources, by the importer's index map (`maps`: source, source
+    axis, offset, length per segment; a `cat` of q_bias, k_bias and v_bias has three)."""
+    local: dict[tuple[str, int], list[set]] = {}
+    for name, axis, offset, length in member["maps"]:
+        local.setdefault((name, axis), []).append({i - offset for i in member["removed"]
+                                                   if offset <= i < offset + length})
+    parts = []
+    for (name, axis), segments in local.items():
+        if any(s != segments[0] for s in segments):  # cat((w, w)): one slice of w cannot remove different rows
+            raise UnsupportedModelError(f"plan prunes '{member['param']}' (axis {member['axis']}), which repeats "
+                                        f"'{name}' axis {axis} with different channels removed in each copy: "
+                                        "torch surgery cannot slice the one parameter both ways")
+        if segments[0]:
+            parts.append((name, axis, segments[0]))
+    return parts
 
 
 def _unfold(member: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> tuple[str, int]:
@@ -190,7 +211,7 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], remov
         elif type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2") and hasattr(m, "qkv"):
             _fix_window_attention(path, m, heads_mode, old_sizes)
         elif _head_dim_attribute(m) is not None:
-            _fix_head_attributes(path, m, heads_mode, old_sizes)
+            _fix_head_attributes(path, m, heads_mode, removals, old_sizes)
         elif all(isinstance(vars(m).get(a), int) for a in ("key_dim", "val_dim", "num_heads")):
             _fix_key_value_dims(path, m, removals, old_sizes)
         widths = shrunk_from.get(path) if not isinstance(m, handled) else None
@@ -269,10 +290,11 @@ def _fix_window_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
         _rescale_queries(m.qkv.weight, m.qkv.bias, slice(0, new_c), (new_head_dim / old_head_dim) ** 0.5)
 
 
-def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
+def _fix_head_attributes(path: str, m, heads_mode: bool, removals: Mapping[str, dict[int, set]], old_sizes) -> None:
     """Attention modules that keep a head width (`head_dim`, timm's `dim_head`) and a head count as attributes and
     project q, k, v with one fused Linear (`qkv`/`to_qkv`) or a separate `q` (torchvision's MaxViT; timm's ViTs,
-    MaxViT, NextViT): update whichever the plan shrank."""
+    MaxViT, NextViT): update whichever the plan shrank. Whole heads go in heads mode, and also where the analysis
+    could only prune whole heads (rotary position embeddings pair channels inside a head: EVA-02)."""
     heads_attr = next((a for a in ("n_heads", "num_heads", "heads") if isinstance(getattr(m, a, None), int)), None)
     proj = next((a for a in ("to_qkv", "qkv", "q") if hasattr(m, a) and hasattr(getattr(m, a), "weight")), None)
     dim_attr = _head_dim_attribute(m)
@@ -286,7 +308,8 @@ def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
     # (NextViT): rows as the attention's width before pruning tell which
     parts = old // (heads * head_dim) if old % (heads * head_dim) == 0 else 3
     new_width = getattr(m, proj).weight.shape[0] // parts
-    if heads_mode:
+    removed = removals.get(f"{path}.{proj}.weight", {}).get(0, set())
+    if heads_mode or _whole_heads(removed, old // parts, head_dim):
         if new_width % head_dim:
             raise UnsupportedModelError(f"'{path}': width {new_width} is not a whole number of heads of {head_dim}")
         setattr(m, heads_attr, new_width // head_dim)
@@ -298,6 +321,15 @@ def _fix_head_attributes(path: str, m, heads_mode: bool, old_sizes) -> None:
             _keep_timm_scale(path, m, proj, heads, head_dim, new_width // heads)
     if isinstance(getattr(m, "attn_dim", None), int):  # timm: the heads' output is reshaped to attn_dim
         m.attn_dim = new_width
+
+
+def _whole_heads(removed_rows: set, width: int, head_dim: int) -> bool:
+    """Whether the removed rows of a projection made of parts (q, k, v) of `width` rows each are whole heads."""
+    blocks: dict[tuple[int, int], int] = {}
+    for i in removed_rows:
+        key = (i // width, i % width // head_dim)  # (part, head)
+        blocks[key] = blocks.get(key, 0) + 1
+    return bool(blocks) and all(n == head_dim for n in blocks.values())
 
 
 def _fix_key_value_dims(path: str, m, removals: Mapping[str, dict[int, set]],

@@ -8,6 +8,7 @@ paths see the same graph. Every other ATen op maps to normalized ops (`ATEN` tab
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import torch.fx
 
 from ..errors import UnsupportedModelError
+from .fold_index_map import IndexMap, fold_index_map, identity_map
 from .graph import Graph, OpaqueInfo, Provenance, Value
 
 aten = torch.ops.aten
@@ -35,6 +37,7 @@ _LAYOUT_ONLY = {
     aten.t.default, aten.clone.default, aten.detach.default, aten.alias.default, aten.contiguous.default,
     aten.lift_fresh_copy.default, aten._to_copy.default, aten.flatten.using_ints, aten.split.Tensor,
     aten.split_with_sizes.default, aten.unbind.int, aten.slice.Tensor, aten.select.int, aten.chunk.default,
+    aten.cat.default, aten.stack.default,
 }
 # Nondeterministic ops are never folded.
 _RANDOM = {aten.rand.default, aten.randn.default, aten.rand_like.default, aten.randn_like.default,
@@ -161,7 +164,11 @@ class _Importer:
         sources = [n for n in node.all_input_nodes if n in self.real]
         prov = self._folded_prov(sources, computed=node.target not in _LAYOUT_ONLY)
         if isinstance(result, torch.Tensor):
-            self.env[node] = self._const(node.name, result, prov)
+            index_map = () if node.target in _METADATA_ONLY else fold_index_map(
+                node.target, node.args, result.shape, self._index_map,
+                lambda n: tuple(self.real[n].shape) if n in self.real else tuple(n.meta["val"].shape),
+                lambda a: isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor))
+            self.env[node] = self._const(node.name, result, dataclasses.replace(prov, index_map=index_map))
         else:  # a tuple (batch_norm in training mode: weight standardization): its items name these sources
             self.tuple_prov[node] = prov
 
@@ -174,6 +181,15 @@ class _Importer:
                 names.update(prov.sources if prov.kind == "folded" else (prov.name,))
                 computed = computed or prov.computed
         return Provenance("folded", "", tuple(sorted(names)), computed)
+
+    def _index_map(self, node: torch.fx.Node) -> IndexMap | None:
+        v = self.env.get(node)
+        prov = v.provenance if isinstance(v, Value) and node not in self.tuple_prov else None
+        if prov is None:
+            return None
+        if prov.kind == "folded":
+            return prov.index_map
+        return identity_map(prov.name, v.shape)
 
     def _opaque(self, node: torch.fx.Node) -> Any:
         """Keep `node` as a torch opaque op (analysis freezes it; ONNX export refuses it, naming it)."""

@@ -28,12 +28,15 @@ class Provenance:
     kind: "torch_parameter", "torch_buffer", "torch_constant", "onnx_initializer", "onnx_constant_node"
     or "folded" (computed at import from the constants named in `sources`). `computed`: the fold did arithmetic
     (weight standardization, a scale times a weight), not only moved elements (reshape, transpose, expand).
+    `index_map`: for a torch fold, which source element each element is (see ir/fold_index_map.py); None when
+    the fold's indexing was not tracked.
     """
 
     kind: str
     name: str
     sources: tuple[str, ...] = ()
     computed: bool = False
+    index_map: tuple | None = None
 
     def __str__(self) -> str:
         if self.kind == "folded":
