@@ -405,3 +405,18 @@ def test_heads_pruned_whole_by_the_analysis_shrink_the_head_count() -> None:
     pruned, drift = _pruned_at_half(model, torch.randn(1, 7, 5))
     assert (pruned[1].num_heads, pruned[1].head_dim) == (1, 4)
     assert drift <= RTOL
+
+
+class _PlainTensorAttribute(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.w = torch.nn.Linear(5, 8), torch.nn.Parameter(torch.randn(3, 8))
+        self.c = torch.rand(8)  # neither parameter nor buffer: torch.export lifts it as a constant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.relu(self.fc(x)), self.w * self.c)
+
+
+def test_a_fold_from_a_tensor_the_module_does_not_hold_is_named() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"'folded\(c\+w\)', which is partly 'c': not a parameter"):
+        _pruned_at_half(_PlainTensorAttribute().eval(), torch.randn(1, 7, 5))

@@ -46,6 +46,10 @@ def removals_from_plan(doc: Mapping[str, Any], shapes: Mapping[str, Sequence[int
             for name, axis, removed in parts:
                 if name not in shapes and m.get("role") == "passthrough":
                     continue  # a constant the importer made (GroupNorm's per-group scale): not module state
+                if name not in shapes and "maps" in m:
+                    raise UnsupportedModelError(f"plan prunes '{m['param']}', which is partly '{name}': not a "
+                                                "parameter or buffer of this module (a tensor its code makes, or "
+                                                "the plan was made for a different model)")
                 if name not in shapes:
                     raise UnsupportedModelError(f"plan names '{name}', which this module does not have: the plan "
                                                 "was made for a different model")
