@@ -57,6 +57,7 @@ MODELS = [
     ("resnetv2_50x1_bit", True, "", "drift"),  # weight standardization: folded by arithmetic, recomputed
     ("coat_lite_mini", True, "",  # a shared position-encoding module; then attention assumes qkv width == input's
      r"in 'serial_blocks1.0.factoratt_crpe' \(FactorAttnConvRelPosEnc\): shape"),
+    ("test_mambaout", False, "", ""),  # split_indices (hidden, hidden - conv, conv) over fc1's rows: read per segment
     ("beit_base_patch16_224", False, "", ""),  # qkv bias = cat(q_bias, k_bias buffer, v_bias), folded: mapped back
 ]
 SMALLER = {"beit_base_patch16_224": {"depth": 2, "embed_dim": 192, "num_heads": 3}}  # the architecture, fewer blocks

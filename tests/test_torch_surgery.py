@@ -420,3 +420,23 @@ class _PlainTensorAttribute(torch.nn.Module):
 def test_a_fold_from_a_tensor_the_module_does_not_hold_is_named() -> None:
     with pytest.raises(UnsupportedModelError, match=r"'folded\(c\+w\)', which is partly 'c': not a parameter"):
         _pruned_at_half(_PlainTensorAttribute().eval(), torch.randn(1, 7, 5))
+
+
+class _PooledPair(torch.nn.Module):
+    """A tuple attribute that sums to a pruned width but is not a split of it: a pooling kernel (3, 3) beside a
+    6-channel conv. Surgery must leave it alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.kernel = torch.nn.Conv2d(3, 6, 1), (3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(torch.relu(self.conv(x)), self.kernel)
+
+
+def test_a_tuple_that_only_sums_to_a_pruned_width_is_left_alone() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_PooledPair(), torch.nn.Conv2d(6, 2, 1)).eval()
+    pruned, drift = _pruned_at_half(model, torch.randn(1, 3, 9, 9))
+    assert pruned[0].kernel == (3, 3) and pruned[0].conv.out_channels == 3
+    assert drift <= RTOL

@@ -176,6 +176,7 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], remov
     handled = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                nn.Embedding, nn.MultiheadAttention)
     shrunk_from = _widths_shrunk(root, old_sizes)
+    split_from = _removed_by_width(old_sizes, removals)
     for path, m in root.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             w = m.weight  # conv: [out, in/groups, ...]; transposed: [in, out/groups, ...]
@@ -226,7 +227,8 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], remov
         for attr, value in list(vars(m).items()) if widths else ():
             # sizes kept as a tuple or list: MetaFormer's Scale (dim, 1, 1), FocalNet's split [dim, dim, L + 1]
             if isinstance(value, (tuple, list)) and value and all(type(d) is int for d in value):
-                mapped = type(value)(widths.get(d, d) if d > 1 else d for d in value)
+                mapped = (_split_after(value, split_from.get(path, {}), widths)
+                          or type(value)(widths.get(d, d) if d > 1 else d for d in value))
                 if mapped != value:
                     setattr(m, attr, mapped)
         if widths and "norm" in type(m).__name__.lower() and isinstance(getattr(m, "groups", None), int):
@@ -250,6 +252,33 @@ def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, 
         for depth in range(len(parts) + 1):
             found.setdefault(".".join(parts[:depth]), {}).setdefault(old, set()).add(new)
     return {p: {old: next(iter(new)) for old, new in widths.items() if len(new) == 1} for p, widths in found.items()}
+
+
+def _removed_by_width(old_sizes: Mapping[tuple[str, int], int],
+                      removals: Mapping[str, dict[int, set]]) -> dict[str, dict[int, frozenset]]:
+    """Per module path: old width -> the indices removed from every tensor axis of that width in the module and the
+    modules inside it, where that is one set (else left out)."""
+    found: dict[str, dict[int, set[frozenset]]] = {}
+    for (name, axis), old in old_sizes.items():
+        path = name.rpartition(".")[0]
+        parts = path.split(".") if path else []
+        for depth in range(len(parts) + 1):
+            found.setdefault(".".join(parts[:depth]), {}).setdefault(old, set()).add(frozenset(removals[name][axis]))
+    return {p: {old: next(iter(r)) for old, r in by.items() if len(r) == 1} for p, by in found.items()}
+
+
+def _split_after(sizes: Sequence[int], removed_by_width: Mapping[int, frozenset], widths: Mapping[int, int]):
+    """Split sizes of a pruned axis (MambaOut's split_indices (hidden, hidden - conv, conv) over fc1's rows,
+    FocalNet's [dim, dim, L + 1]): what each segment keeps of the removed indices. Only where the sizes sum to a
+    pruned width of this module and one of them is a pruned width itself (a kernel size (3, 3) is neither)."""
+    removed = removed_by_width.get(sum(sizes))
+    if removed is None or len(sizes) < 2 or not any(d > 1 and d in widths for d in sizes):
+        return None
+    out, start = [], 0
+    for d in sizes:
+        out.append(d - sum(1 for i in removed if start <= i < start + d))
+        start += d
+    return type(sizes)(out)
 
 
 def _groups_after(channels: int, groups: int, removed: set) -> int | None:
