@@ -28,8 +28,9 @@ TIMM = "timm==1.0.31"
 # pruned module equals the pruned ONNX, "drift" it differs (model code computes from a pruned width), or the error)
 MODELS = [
     ("test_efficientnet_gn", False, "", ""),  # GroupNorm(C/8 groups) after depthwise convs: whole groups prune
-    # scaled weight standardization: the conv weights are computed from parameters (torch surgery cannot map back)
-    ("test_nfnet", False, "", r"folded\(stem.conv1.gain\+stem.conv1.weight\)', a constant folded from"),
+    # scaled weight standardization of gain and weight (reshaped to (1, out, -1) and back): mapped back to both, and
+    # recomputed over the kept inputs
+    ("test_nfnet", False, "", "drift"),
     ("test_efficientnet_evos", False, "", ""),  # EvoNorm: variance over groups; surgery updates its `groups`
     ("test_byobnet", False, "", ""),
     ("test_convnext", False, "", ""),  # layer scale gamma.reshape(1, -1, 1, 1): folded, mapped back to gamma
@@ -59,6 +60,7 @@ MODELS = [
      r"in 'serial_blocks1.0.factoratt_crpe' \(FactorAttnConvRelPosEnc\): shape"),
     ("test_mambaout", False, "", ""),  # split_indices (hidden, hidden - conv, conv) over fc1's rows: read per segment
     ("beit_base_patch16_224", False, "", ""),  # qkv bias = cat(q_bias, k_bias buffer, v_bias), folded: mapped back
+    ("xcit_nano_12_p16_224", True, "", ""),  # Fourier encoding through a 1x1 conv, folded; XCA derives head_dim
 ]
 SMALLER = {"beit_base_patch16_224": {"depth": 2, "embed_dim": 192, "num_heads": 3}}  # the architecture, fewer blocks
 CASES = [pytest.param(n, r, s, marks=[pytest.mark.big] if big else [], id=n) for n, big, r, s in MODELS]

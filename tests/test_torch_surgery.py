@@ -440,3 +440,72 @@ def test_a_tuple_that_only_sums_to_a_pruned_width_is_left_alone() -> None:
     pruned, drift = _pruned_at_half(model, torch.randn(1, 3, 9, 9))
     assert pruned[0].kernel == (3, 3) and pruned[0].conv.out_channels == 3
     assert drift <= RTOL
+
+
+class _ProjectedEncoding(torch.nn.Module):
+    """XCiT's Fourier position encoding: a constant made from arange only, projected by a 1x1 conv and repeated
+    over the batch; folded at import into one constant whose channels are the conv's output channels."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.token_projection = torch.nn.Conv2d(4, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        grid = torch.arange(h * w, dtype=torch.float32).reshape(1, 1, h, w) / (h * w)
+        pos = torch.cat([torch.sin(grid), torch.cos(grid), torch.sin(2 * grid), torch.cos(2 * grid)], 1)
+        return x + self.token_projection(pos).repeat(b, 1, 1, 1)
+
+
+class _Interleaved(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(5, 8, bias=False), torch.nn.Linear(8, 3)
+        self.a, self.b = torch.nn.Parameter(torch.rand(4)), torch.nn.Parameter(torch.rand(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # bias [a0, b0, a1, b1, ...]: a stack is not tracked
+        return self.out(torch.relu(torch.nn.functional.linear(x, self.fc.weight,
+                                                              torch.stack((self.a, self.b), 1).reshape(-1))))
+
+
+def test_a_projected_constant_maps_to_the_projection_and_a_stack_is_not_guessed() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _ProjectedEncoding(), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 2, 1)).eval()
+    pruned, drift = _pruned_at_half(model, torch.randn(1, 3, 5, 5))
+    assert pruned[1].token_projection.out_channels == 4 and drift <= RTOL
+    # Each element of a stack is some source's, but no map was recorded for it: refused, not sliced as nothing.
+    with pytest.raises(UnsupportedModelError, match=r"'folded\(a\+b\)', a constant folded from \['a', 'b'\]"):
+        _pruned_at_half(_Interleaved().eval(), torch.randn(1, 7, 5))
+
+
+class _ScaledStdConv(torch.nn.Conv2d):
+    """NFNet's ScaledStdConv2d: batch_norm standardizes weight.reshape(1, out, -1) with (gain * scale) as its
+    weight, then reshape_as(weight): the fold flattens the weight's input axes and splits them back."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 1)
+        self.gain = torch.nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                           weight=(self.gain * 0.5).view(-1), training=True, momentum=0.0, eps=1e-6)
+        return torch.nn.functional.conv2d(x, w.reshape_as(self.weight), self.bias)
+
+
+def test_weight_standardization_with_a_gain_slices_both_parameters() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), _ScaledStdConv(8, 6), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 2, 1)).eval()
+    x = torch.randn(1, 3, 5, 5)
+    deps = analyze(import_torch_module(model, (x,)))
+    doc = plan_to_json(deps, uniform_plan(deps, 0.5))
+    kept = {}
+    for g in doc["groups"]:
+        for m in g["members"]:
+            if m["param"] in ("0.weight", "4.weight") and g["removed"]:
+                kept[m["param"]] = sorted(set(range(g["channels"])) - set(g["removed"]))
+    pruned = apply_plan_to_module(copy.deepcopy(model), doc, [x])
+    out, cin = kept["4.weight"], kept["0.weight"]
+    assert torch.equal(pruned[2].weight, model[2].weight[out][:, cin])
+    assert torch.equal(pruned[2].gain, model[2].gain[out])

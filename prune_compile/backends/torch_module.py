@@ -215,10 +215,11 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], remov
             _fix_attention(path, m, heads_mode, old_sizes)
         elif type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2") and hasattr(m, "qkv"):
             _fix_window_attention(path, m, heads_mode, old_sizes)
-        elif _head_dim_attribute(m) is not None:
-            _fix_head_attributes(path, m, heads_mode, removals, old_sizes)
         elif all(isinstance(vars(m).get(a), int) for a in ("key_dim", "val_dim", "num_heads")):
             _fix_key_value_dims(path, m, removals, old_sizes)
+        elif _head_dim_attribute(m) is not None or (isinstance(vars(m).get("num_heads"), int)
+                                                     and (hasattr(m, "qkv") or hasattr(m, "q"))):
+            _fix_head_attributes(path, m, heads_mode, removals, old_sizes)
         widths = shrunk_from.get(path) if not isinstance(m, handled) else None
         for attr in WIDTH_ATTRIBUTES if widths else ():
             value = vars(m).get(attr)  # an instance attribute, not a property computed from the tensors
@@ -336,12 +337,22 @@ def _fix_head_attributes(path: str, m, heads_mode: bool, removals: Mapping[str, 
     old = old_sizes.get((f"{path}.{proj}.weight", 0))
     if old is None:
         return
-    heads, head_dim = getattr(m, heads_attr), getattr(m, dim_attr)
-    # q, k and v, only k and v where the queries come from elsewhere (GCViT's global attention), or a separate q
-    # (NextViT): rows as the attention's width before pruning tell which
-    parts = old // (heads * head_dim) if old % (heads * head_dim) == 0 else 3
+    heads = getattr(m, heads_attr)
+    if dim_attr is None:  # head_dim derived from the width at run time (XCiT's XCA, CaiT's ClassAttn)
+        parts = 1 if proj == "q" else 3
+        if old % (parts * heads):
+            return
+        head_dim = old // (parts * heads)
+    else:
+        # q, k and v, only k and v where the queries come from elsewhere (GCViT's global attention), or a separate
+        # q (NextViT): rows as the attention's width before pruning tell which
+        head_dim = getattr(m, dim_attr)
+        parts = old // (heads * head_dim) if old % (heads * head_dim) == 0 else 3
     new_width = getattr(m, proj).weight.shape[0] // parts
     removed = removals.get(f"{path}.{proj}.weight", {}).get(0, set())
+    if dim_attr is None and (new_width % heads or len({sum(1 for i in removed if i // (old // parts) == p)
+                                                        for p in range(parts)}) > 1):
+        return  # not q, k, v of equal widths (a lambda layer's qkv): leave it, the run check names the module
     if heads_mode or _whole_heads(removed, old // parts, head_dim):
         if new_width % head_dim:
             raise UnsupportedModelError(f"'{path}': width {new_width} is not a whole number of heads of {head_dim}")
@@ -349,7 +360,8 @@ def _fix_head_attributes(path: str, m, heads_mode: bool, removals: Mapping[str, 
     else:
         if new_width % heads:
             raise UnsupportedModelError(f"'{path}': width {new_width} is not divisible by {heads_attr}={heads}")
-        setattr(m, dim_attr, new_width // heads)
+        if dim_attr is not None:
+            setattr(m, dim_attr, new_width // heads)
         if isinstance(getattr(m, "fused_attn", None), bool) and new_width // heads != head_dim:
             _keep_timm_scale(path, m, proj, heads, head_dim, new_width // heads)
     if isinstance(getattr(m, "attn_dim", None), int):  # timm: the heads' output is reshaped to attn_dim

@@ -123,7 +123,10 @@ class _Importer:
             src, idx = node.args
             if src in self.real:
                 self.real[node] = self.real[src][idx]
-                self.env[node] = self._const(node.name, self.real[node], self._folded_prov([src]))
+                prov = self._folded_prov([src])
+                if idx == 0 and src in self.tuple_prov:
+                    prov = dataclasses.replace(prov, index_map=self.tuple_prov[src].index_map)
+                self.env[node] = self._const(node.name, self.real[node], prov)
                 return
             parts = self.env[src]
             if not isinstance(parts, tuple) or parts[idx] is None:
@@ -163,14 +166,11 @@ class _Importer:
         self.real[node] = result
         sources = [n for n in node.all_input_nodes if n in self.real]
         prov = self._folded_prov(sources, computed=node.target not in _LAYOUT_ONLY)
+        index_map = self._fold_index_map(node, result)
         if isinstance(result, torch.Tensor):
-            index_map = () if node.target in _METADATA_ONLY else fold_index_map(
-                node.target, node.args, result.shape, self._index_map,
-                lambda n: tuple(self.real[n].shape) if n in self.real else tuple(n.meta["val"].shape),
-                lambda a: isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor))
             self.env[node] = self._const(node.name, result, dataclasses.replace(prov, index_map=index_map))
         else:  # a tuple (batch_norm in training mode: weight standardization): its items name these sources
-            self.tuple_prov[node] = prov
+            self.tuple_prov[node] = dataclasses.replace(prov, index_map=index_map)  # the map of item 0
 
     def _folded_prov(self, sources: Sequence[torch.fx.Node], computed: bool = False) -> Provenance:
         names: set[str] = set()
@@ -181,6 +181,22 @@ class _Importer:
                 names.update(prov.sources if prov.kind == "folded" else (prov.name,))
                 computed = computed or prov.computed
         return Provenance("folded", "", tuple(sorted(names)), computed)
+
+    def _fold_index_map(self, node: torch.fx.Node, result: Any) -> IndexMap | None:
+        """The index map of a folded result (of its first item, for a tuple)."""
+        first = result[0] if isinstance(result, (tuple, list)) and result else result
+        if not isinstance(first, torch.Tensor):
+            return None
+        if node.target in _METADATA_ONLY:
+            return ()
+        index_map = fold_index_map(
+            node.target, node.args, first.shape, self._index_map,
+            lambda n: tuple(self.real[n].shape) if n in self.real else tuple(n.meta["val"].shape),
+            lambda a: isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor))
+        sources = self._folded_prov([n for n in node.all_input_nodes if n in self.real]).sources
+        if index_map is not None and {name for name, _ in index_map} != set(sources):
+            return None  # a map must account for every source, or surgery would leave one unsliced
+        return index_map
 
     def _index_map(self, node: torch.fx.Node) -> IndexMap | None:
         v = self.env.get(node)

@@ -80,9 +80,9 @@ def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = Non
                 entry["shape"] = [int(d) for d in m.value.shape]  # lets torch surgery map it to its source
                 if m.value.provenance.computed:
                     entry["computed"] = True  # the module recomputes it from the kept channels
-                if m.value.provenance.index_map is not None:  # which source elements this axis reads
-                    entry["maps"] = [[name, *e[m.axis]] for name, e in m.value.provenance.index_map
-                                     if e[m.axis] is not None]
+                segments = [(name, e[m.axis]) for name, e in m.value.provenance.index_map or () if e[m.axis]]
+                if m.value.provenance.index_map is not None and all(s[0] != "merged" for _, s in segments):
+                    entry["maps"] = [[name, *s] for name, s in segments]  # which source elements this axis reads
             members.append(entry)
         members.sort(key=lambda d: (d["param"], d["axis"]))
         groups.append({"id": g.id, "prunable": g.prunable, "reason": g.reason, "channels": g.size,
