@@ -205,3 +205,24 @@ def test_adaptive_max_pool_lowers_unless_its_indices_are_used() -> None:
     assert [n.op for n in graph.nodes][:2] == ["global_max_pool", "max_pool"]
     graph = import_torch_module(Indices().eval(), (torch.randn(1, 4, 6, 9),))
     assert graph.nodes[0].op == "opaque"
+
+
+class _Folds(nn.Module):
+    """Weight subgraphs whose elements the importer follows back to the parameters (torch surgery's element map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(4, 2, 3)), nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.linear(x, self.w.reshape(1, 4, -1).reshape(4, 2, 3).flatten(1))  # axis 1 flattens w's axes 1, 2
+        x = F.linear(x, torch.cat((self.b, self.b * 2), 1).t())  # b's axis 1 at offsets 0 and 6 of axis 0
+        return F.linear(x, torch.cat((self.w.reshape(4, 6), self.b), 1))  # a flattened axis in a cat: once crashed
+
+
+def test_folded_constants_map_their_elements_to_the_parameters() -> None:
+    graph = import_torch_module(_Folds().eval(), (torch.randn(3, 6),))
+    maps = sorted((v.shape, v.provenance.index_map) for v in graph.constants() if v.provenance.kind == "folded")
+    assert maps == [((4, 6), (("w", ((0, 0, 4), ("merged", ((1, 2), (2, 3))))),)),
+                    ((4, 12), None),  # a flattened axis at an offset is not tracked
+                    ((12, 4), (("b", ((1, 0, 6), (0, 0, 4))), ("b", ((1, 6, 6), (0, 0, 4)))))]

@@ -3,7 +3,8 @@
 Torch surgery slices the user's parameters, not the folded constants the graph holds; so for every folded
 constant the torch importer records, per source and per axis of the folded tensor, which source axis that axis
 reads and at which offset (`cat` places each input at an offset). This is exact bookkeeping through the ops that
-move elements or apply pointwise arithmetic; any other op (an index, a reduction, a matmul, weight standardization)
+move elements, apply pointwise arithmetic, standardize per channel (batch_norm over a weight) or project a constant
+without sources (a conv or linear of a Fourier encoding); any other op (an index, a stack, a reduction, a matmul)
 makes the map unknown (None), and surgery falls back to matching shapes or refuses, naming the constant.
 
 A map is a tuple of `(source name, entries)`, one per use of a source (a source concatenated twice appears twice);
@@ -201,6 +202,8 @@ def _cat(tensors: Sequence[Any], dim: int, out_shape: tuple[int, ...], map_of, s
             return None
         for name, entries in m:
             e = list(entries)
+            if e[dim] is not None and e[dim][0] == "merged":
+                return None  # a flattened axis at an offset: not tracked
             if e[dim] is not None:
                 src_axis, off, length = e[dim]
                 e[dim] = (src_axis, off + offset, length)
