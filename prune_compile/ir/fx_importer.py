@@ -166,7 +166,7 @@ class _Importer:
         self.real[node] = result
         sources = [n for n in node.all_input_nodes if n in self.real]
         prov = self._folded_prov(sources, computed=node.target not in _LAYOUT_ONLY)
-        index_map = self._fold_index_map(node, result)
+        index_map = self._fold_index_map(node, result, prov.sources)
         if isinstance(result, torch.Tensor):
             self.env[node] = self._const(node.name, result, dataclasses.replace(prov, index_map=index_map))
         else:  # a tuple (batch_norm in training mode: weight standardization): its items name these sources
@@ -182,7 +182,7 @@ class _Importer:
                 computed = computed or prov.computed
         return Provenance("folded", "", tuple(sorted(names)), computed)
 
-    def _fold_index_map(self, node: torch.fx.Node, result: Any) -> IndexMap | None:
+    def _fold_index_map(self, node: torch.fx.Node, result: Any, sources: Sequence[str]) -> IndexMap | None:
         """The index map of a folded result (of its first item, for a tuple)."""
         first = result[0] if isinstance(result, (tuple, list)) and result else result
         if not isinstance(first, torch.Tensor):
@@ -193,7 +193,6 @@ class _Importer:
             node.target, node.args, first.shape, self._index_map,
             lambda n: tuple(self.real[n].shape) if n in self.real else tuple(n.meta["val"].shape),
             lambda a: isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor))
-        sources = self._folded_prov([n for n in node.all_input_nodes if n in self.real]).sources
         if index_map is not None and {name for name, _ in index_map} != set(sources):
             return None  # a map must account for every source, or surgery would leave one unsliced
         return index_map
