@@ -509,3 +509,28 @@ def test_weight_standardization_with_a_gain_slices_both_parameters() -> None:
     out, cin = kept["4.weight"], kept["0.weight"]
     assert torch.equal(pruned[2].weight, model[2].weight[out][:, cin])
     assert torch.equal(pruned[2].gain, model[2].gain[out])
+
+
+class _PartialConv(torch.nn.Module):
+    """FasterNet's partial convolution: split sizes kept as two integer attributes of the module that splits."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.dim_conv3, self.dim_untouched = dim // 4, dim - dim // 4
+        self.partial_conv3 = torch.nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
+        return torch.cat((self.partial_conv3(x1), x2), 1)
+
+
+def test_split_sizes_kept_in_integer_attributes_follow_the_plan() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), _PartialConv(), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    deps = analyze(import_torch_module(model, (x,)))
+    (split,) = plan_to_json(deps, uniform_plan(deps, 0.5))["splits"]
+    assert split["module"] == "2" and split["sizes"] == [2, 6] and sum(split["kept"]) < 8
+    pruned, drift = _pruned_at_half(model, x)
+    assert [pruned[2].dim_conv3, pruned[2].dim_untouched] == split["kept"] and drift <= RTOL

@@ -8,14 +8,17 @@ MultiheadAttention (embed_dim, head_dim; heads when whole heads went), and integ
 width (`hidden_dim`, `embed_dim`, `dim`, `num_features`, `channels`, `in_channels`, `width`, ...: torchvision's ViT
 reshapes with one) on the modules that hold the pruned tensors, when that width became one new width there.
 
-Constants the importer folded from a parameter (an expand, unsqueeze or transpose of it) map back to that
-parameter when the axis mapping is unambiguous, else this fails naming the parameter: never a guess.
+Constants the importer folded from parameters map back to them by the plan's element map (`maps`: a cat of
+biases, a reshape round trip, a gain times a weight); without one (ONNX plans, untracked ops) a fold from one
+parameter maps back when its shape leaves one reading (an expand, a size-1 reshape, a 2-D transpose), else this fails
+naming the constant: never a guess. Split sizes the code keeps in attributes follow the plan's `splits`.
 Finally the module runs on the example inputs; a shape error names the module path (model code that hard-codes
 a width cannot be fixed by slicing).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -150,7 +153,14 @@ def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequenc
             else:
                 alias_owner.register_buffer(alias_attr, new,
                                             persistent=alias_attr not in alias_owner._non_persistent_buffers_set)
+    split_updates = _split_attribute_updates(module, doc.get("splits", []))  # read before anything changes
     _fix_module_attributes(module, old_sizes, removals, doc.get("analysis", {}).get("attention") == "heads")
+    for (path, attr), (old, new) in split_updates.items():
+        owner = module.get_submodule(path)
+        # the graph's split beats the width map's guess for a list (InceptionNeXt's (in - 3 gc, gc, gc, gc)), not
+        # a rule that knows the module (LeViT's key_dim)
+        if isinstance(old, (list, tuple)) or getattr(owner, attr) == old:
+            setattr(owner, attr, new)
     computed = sorted({m["param"] for g in doc.get("groups", []) if g.get("removed") for m in g["members"]
                        if m.get("computed") and m["removed"]})
     if computed:
@@ -253,6 +263,34 @@ def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, 
         for depth in range(len(parts) + 1):
             found.setdefault(".".join(parts[:depth]), {}).setdefault(old, set()).add(new)
     return {p: {old: next(iter(new)) for old, new in widths.items() if len(new) == 1} for p, widths in found.items()}
+
+
+def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[Any, Any]]:
+    """Split sizes the module keeps in attributes of the module that splits (the plan's `splits`): a list or tuple
+    equal to the sizes takes the kept sizes; an integer attribute named like a width (`dim_conv3`, `dim_qk`,
+    `key_dim`, `d`, ...) equal to some sizes takes their kept size when that is one number. (module path,
+    attribute) -> (old, new), only where every split of that module agrees."""
+    found: dict[tuple[str, str], set] = {}
+    old: dict[tuple[str, str], Any] = {}
+    for split in splits:
+        try:
+            m = root.get_submodule(split["module"])
+        except AttributeError:
+            continue
+        kept_of: dict[int, set[int]] = {}
+        for size, kept in zip(split["sizes"], split["kept"], strict=True):
+            kept_of.setdefault(size, set()).add(kept)
+        for attr, value in vars(m).items():
+            if isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
+                found.setdefault((split["module"], attr), set()).add(tuple(split["kept"]))
+            elif type(value) is int and len(kept_of.get(value, ())) == 1 and _SPLIT_SIZE_NAME.search(attr):
+                found.setdefault((split["module"], attr), set()).update(kept_of[value])
+            old[(split["module"], attr)] = value
+    return {key: (old[key], type(old[key])(next(iter(values))) if isinstance(old[key], list) else next(iter(values)))
+            for key, values in found.items() if len(values) == 1}
+
+
+_SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d$")
 
 
 def _removed_by_width(old_sizes: Mapping[tuple[str, int], int],

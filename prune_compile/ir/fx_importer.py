@@ -266,7 +266,9 @@ class _Importer:
             i += 1
             name = f"{node.name}_{i}"
         self.node_names.add(name)
-        return self.graph.add_node(op, ins, outs, attrs, name=name, origin=node.name, opaque=opaque)
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        scope = stack[-1][0] if stack and isinstance(stack[-1][0], str) else ""
+        return self.graph.add_node(op, ins, outs, attrs, name=name, origin=node.name, opaque=opaque, scope=scope)
 
     def emit(self, node: torch.fx.Node, op: str, ins: Sequence[Value | None], attrs: dict[str, Any] | None = None,
              out: Value | None = None) -> Value:

@@ -106,7 +106,7 @@ class Value:
 class Node:
     """One op. `op` is a normalized name from the op registry, or "opaque" with `opaque` set."""
 
-    __slots__ = ("op", "name", "attrs", "origin", "opaque", "_inputs", "_outputs")
+    __slots__ = ("op", "name", "attrs", "origin", "opaque", "scope", "_inputs", "_outputs")
 
     def __init__(
         self,
@@ -117,12 +117,14 @@ class Node:
         attrs: dict[str, Any] | None = None,
         origin: str = "",
         opaque: OpaqueInfo | None = None,
+        scope: str = "",
     ) -> None:
         self.op = op
         self.name = name
         self.attrs: dict[str, Any] = dict(attrs or {})
         self.origin = origin or name
         self.opaque = opaque
+        self.scope = scope  # torch: the path of the module whose forward made this op ("" if unknown)
         self._inputs: tuple[Value | None, ...] = ()
         self._outputs: tuple[Value, ...] = ()
         self.inputs = inputs
@@ -197,8 +199,9 @@ class Graph:
         name: str | None = None,
         origin: str = "",
         opaque: OpaqueInfo | None = None,
+        scope: str = "",
     ) -> Node:
-        node = Node(op, name or f"{op}_{len(self.nodes)}", inputs, outputs, attrs, origin, opaque)
+        node = Node(op, name or f"{op}_{len(self.nodes)}", inputs, outputs, attrs, origin, opaque, scope)
         self.nodes.append(node)
         return node
 
@@ -270,7 +273,7 @@ class Graph:
                   self.ir_version, self.source)
         for n in self.nodes:
             g.nodes.append(Node(n.op, n.name, [copy_value(v) for v in n.inputs], [copy_value(v) for v in n.outputs],
-                                copy.deepcopy(n.attrs), n.origin, n.opaque))
+                                copy.deepcopy(n.attrs), n.origin, n.opaque, n.scope))
         g.outputs = [copy_value(v) for v in self.outputs]
         return g
 

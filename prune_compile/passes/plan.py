@@ -88,7 +88,32 @@ def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = Non
         groups.append({"id": g.id, "prunable": g.prunable, "reason": g.reason, "channels": g.size,
                        "removed": [int(i) for i in removed], "exact": g.exact,
                        "inexact_reason": g.inexact_reason, "members": members})
-    return {"format": PLAN_FORMAT, "analysis": {"attention": attention or deps.attention}, "groups": groups}
+    doc = {"format": PLAN_FORMAT, "analysis": {"attention": attention or deps.attention}, "groups": groups}
+    splits = _split_sizes(deps, plan)
+    if splits:
+        doc["splits"] = splits
+    return doc
+
+
+def _split_sizes(deps: DependencyResult, plan: Plan) -> list[dict[str, Any]]:
+    """Splits whose sizes the plan changes, with the module that made them (torch graphs): model code often keeps
+    split sizes in integer attributes (FasterNet's dim_conv3, a lambda layer's dim_qk), which torch surgery updates
+    from these."""
+    from .rewrite import removed_by_slot
+
+    removed = removed_by_slot(deps, plan)
+    out: dict[int, dict[str, Any]] = {}
+    for v, _, _ in removed.values():
+        node = v.producer
+        if node is None or node.op != "split" or not node.scope or id(node) in out:
+            continue
+        axis = node.attrs["axis"] % len(v.shape)
+        sizes = [int(d) for d in node.attrs["split"]]
+        kept = [d - len(removed[(id(o), axis)][2]) if (id(o), axis) in removed else d
+                for o, d in zip(node.outputs, sizes, strict=True)]
+        if kept != sizes:
+            out[id(node)] = {"node": node.origin, "module": node.scope, "axis": axis, "sizes": sizes, "kept": kept}
+    return sorted(out.values(), key=lambda d: (d["module"], d["node"]))
 
 
 def plan_from_json(deps: DependencyResult, doc: dict[str, Any]) -> Plan:
