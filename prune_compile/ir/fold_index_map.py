@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .reshape_runs import reshape_runs
+
 aten = torch.ops.aten
 
 Entry = tuple[int, int, int] | tuple[str, tuple] | None
@@ -121,8 +123,8 @@ def _reshape(m: IndexMap, shape: tuple[int, ...], out_shape: tuple[int, ...]) ->
     """Reshape: axes of size 1 come and go; the others are matched in runs whose sizes multiply to the same number,
     and a run's source axes are flattened into pieces and cut again at the output's sizes. A cut inside a piece
     (a (6,) viewed as (2, 3) where the 6 are one source axis) is not tracked."""
-    runs = _reshape_runs(shape, out_shape)
-    if runs is None:
+    runs, rest, out_rest = reshape_runs(shape, out_shape)
+    if rest or out_rest:
         return None
     out = []
     for name, entries in m:
@@ -147,29 +149,6 @@ def _reshape(m: IndexMap, shape: tuple[int, ...], out_shape: tuple[int, ...]) ->
                 new[oa] = _entry(take)
         out.append((name, tuple(new)))
     return tuple(out)
-
-
-def _reshape_runs(shape: tuple[int, ...], out_shape: tuple[int, ...]):
-    axes = [a for a, d in enumerate(shape) if d != 1]
-    out_axes = [a for a, d in enumerate(out_shape) if d != 1]
-    runs, i, j = [], 0, 0
-    while i < len(axes) and j < len(out_axes):
-        run, out_run = [axes[i]], [out_axes[j]]
-        size, out_size = shape[axes[i]], out_shape[out_axes[j]]
-        i, j = i + 1, j + 1
-        while size != out_size:
-            if size < out_size and i < len(axes):
-                run.append(axes[i])
-                size *= shape[axes[i]]
-                i += 1
-            elif out_size < size and j < len(out_axes):
-                out_run.append(out_axes[j])
-                out_size *= out_shape[out_axes[j]]
-                j += 1
-            else:
-                return None
-        runs.append((run, out_run))
-    return runs if i == len(axes) and j == len(out_axes) else None
 
 
 def _pieces(entry: Entry, size: int) -> list[tuple[Any, int]]:

@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from ..ir.graph import Node, Value
+from ..ir.reshape_runs import reshape_runs
 
 PRODUCER, CONSUMER, PASSTHROUGH = "producer", "consumer", "passthrough"
 RESHAPE_FREEZE = "reshape splits or merges this axis with the one that carries the channels"
@@ -403,32 +404,11 @@ def reshape_couple(sink: RuleSink, node: Node, x: Value, y: Value) -> None:
     removals are not expressible). Candidates are tried largest first; the analysis moves a block to the next
     candidate when the carried channels end up frozen (swin_v2 normalizes q and k over head_dim: heads carry).
     """
-    xs, ys = list(x.shape), list(y.shape)
-    xi = [i for i, d in enumerate(xs) if d != 1]
-    yi = [i for i, d in enumerate(ys) if d != 1]
-    i = j = block = 0
-    while i < len(xi) or j < len(yi):
-        if i >= len(xi) or j >= len(yi):
-            _freeze_rest(sink, node, x, xi[i:], y, yi[j:])
-            return
-        bx, by = [xi[i]], [yi[j]]
-        px, py = xs[xi[i]], ys[yi[j]]
-        i += 1
-        j += 1
-        while px != py:
-            if px < py and i < len(xi):
-                bx.append(xi[i])
-                px *= xs[xi[i]]
-                i += 1
-            elif py < px and j < len(yi):
-                by.append(yi[j])
-                py *= ys[yi[j]]
-                j += 1
-            else:
-                _freeze_rest(sink, node, x, bx + xi[i:], y, by + yi[j:])
-                return
+    runs, rest_x, rest_y = reshape_runs(x.shape, y.shape)
+    for block, (bx, by) in enumerate(runs):
         _couple_block(sink, node, x, bx, y, by, block)
-        block += 1
+    if rest_x or rest_y:
+        _freeze_rest(sink, node, x, rest_x, y, rest_y)
 
 
 def _couple_block(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value, by: list[int],
