@@ -265,6 +265,9 @@ def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, 
     return {p: {old: next(iter(new)) for old, new in widths.items() if len(new) == 1} for p, widths in found.items()}
 
 
+_SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d$")  # an integer attribute that may hold a split size
+
+
 def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[Any, Any]]:
     """Split sizes the module keeps in attributes of the module that splits (the plan's `splits`): a list or tuple
     equal to the sizes takes the kept sizes; an integer attribute named like a width (`dim_conv3`, `dim_qk`,
@@ -286,11 +289,12 @@ def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]) -> dict[
             elif type(value) is int and len(kept_of.get(value, ())) == 1 and _SPLIT_SIZE_NAME.search(attr):
                 found.setdefault((split["module"], attr), set()).update(kept_of[value])
             old[(split["module"], attr)] = value
-    return {key: (old[key], type(old[key])(next(iter(values))) if isinstance(old[key], list) else next(iter(values)))
-            for key, values in found.items() if len(values) == 1}
-
-
-_SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d$")
+    updates = {}
+    for key, values in found.items():
+        if len(values) == 1:
+            new = next(iter(values))
+            updates[key] = (old[key], list(new) if isinstance(old[key], list) else new)
+    return updates
 
 
 def _removed_by_width(old_sizes: Mapping[tuple[str, int], int],
