@@ -99,9 +99,10 @@ def _split_sizes(deps: DependencyResult, plan: Plan) -> list[dict[str, Any]]:
     """Splits whose sizes the plan changes, with the module that made them (torch graphs): model code often keeps
     split sizes in integer attributes (FasterNet's dim_conv3, a lambda layer's dim_qk), which torch surgery updates
     from these."""
-    from .rewrite import removed_by_slot
+    from .rewrite import kept_indices, removed_by_slot, split_sizes_after
 
     removed = removed_by_slot(deps, plan)
+    kept_of = kept_indices(removed)
     out: dict[int, dict[str, Any]] = {}
     for v, _, _ in removed.values():
         node = v.producer
@@ -109,8 +110,7 @@ def _split_sizes(deps: DependencyResult, plan: Plan) -> list[dict[str, Any]]:
             continue
         axis = node.attrs["axis"] % len(v.shape)
         sizes = [int(d) for d in node.attrs["split"]]
-        kept = [d - len(removed[(id(o), axis)][2]) if (id(o), axis) in removed else d
-                for o, d in zip(node.outputs, sizes, strict=True)]
+        kept = split_sizes_after(node, kept_of)
         if kept != sizes:
             out[id(node)] = {"node": node.origin, "module": node.scope, "axis": axis, "sizes": sizes, "kept": kept}
     return sorted(out.values(), key=lambda d: (d["module"], d["node"]))

@@ -41,16 +41,7 @@ def apply_plan(graph: Graph, deps: DependencyResult, plan: Plan) -> int:
     removed = removed_by_slot(deps, plan)
     if not removed:
         return 0
-
-    def kept(v: Value | None, axis: int) -> np.ndarray | None:
-        """Kept indices along (v, axis), or None when nothing is removed there."""
-        if v is None:
-            return None
-        entry = removed.get((id(v), axis % len(v.shape)))
-        if entry is None:
-            return None
-        return np.setdiff1d(np.arange(v.shape[axis]), entry[2])
-
+    kept = kept_indices(removed)
     for node in graph.nodes:
         fix = _ATTR_FIXES.get(node.op)
         if fix is not None:
@@ -74,6 +65,29 @@ def apply_plan(graph: Graph, deps: DependencyResult, plan: Plan) -> int:
 Kept = Callable[[Value | None, int], np.ndarray | None]
 
 
+def kept_indices(removed: dict[SlotKey, tuple[Value, int, np.ndarray]]) -> Kept:
+    """(v, axis) → the indices kept along it, or None when nothing is removed there."""
+
+    def kept(v: Value | None, axis: int) -> np.ndarray | None:
+        if v is None:
+            return None
+        entry = removed.get((id(v), axis % len(v.shape)))
+        if entry is None:
+            return None
+        return np.setdiff1d(np.arange(v.shape[axis]), entry[2])
+
+    return kept
+
+
+def split_sizes_after(node: Node, kept: Kept) -> list[int]:
+    """A split node's sizes once the planned channels are gone."""
+    sizes = []
+    for out, size in zip(node.outputs, node.attrs["split"], strict=True):
+        k = kept(out, node.attrs["axis"])
+        sizes.append(int(size) if k is None else len(k))
+    return sizes
+
+
 def _fix_conv(node: Node, kept: Kept) -> None:
     x = node.inputs[0]
     k = kept(x, 1)
@@ -82,12 +96,7 @@ def _fix_conv(node: Node, kept: Kept) -> None:
 
 
 def _fix_split(node: Node, kept: Kept) -> None:
-    axis = node.attrs["axis"]
-    sizes = []
-    for out, size in zip(node.outputs, node.attrs["split"], strict=True):
-        k = kept(out, axis)
-        sizes.append(size if k is None else len(k))
-    node.attrs["split"] = sizes
+    node.attrs["split"] = split_sizes_after(node, kept)
 
 
 def _fix_slice(node: Node, kept: Kept) -> None:
