@@ -44,8 +44,9 @@ MODELS = [
     ("convnextv2_atto", True, "reduce_mean over this axis", ""),  # addcmul, global response norm
     ("crossvit_tiny_240", True, "", ""),  # stack, bicubic resize
     ("gcvit_xxtiny", True, "", ""),  # repeat_interleave; folded position-bias tables over 1 MiB; k, v-only qkv
-    ("lambda_resnet26t", True, "matmul sums these channels' products of activations",  # was exact, 0.17 off
-     r"in 'stages.2.1.self_attn' \(LambdaLayer\): shape '\[1, 128, 16, 16\]' is invalid"),  # per-head dims
+    # the oracle was exact, 0.17 off; surgery: the model code reshapes its output to (B, C, H, W), C the input's width
+    ("lambda_resnet26t", True, "matmul sums these channels' products of activations",
+     r"in 'stages.2.1.self_attn' \(LambdaLayer\): shape '\[1, 128, 16, 16\]' is invalid"),
     ("resmlp_12_224", True, "conv has no channel rule for axis 3", ""),  # token MLPs reach the stem conv's width
     # torch surgery on blocks that keep widths in attributes, found by a 119-architecture surgery sweep
     ("levit_128s", True, "", ""),  # key_dim / val_dim split each head's qkv rows

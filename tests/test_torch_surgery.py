@@ -534,3 +534,41 @@ def test_split_sizes_kept_in_integer_attributes_follow_the_plan() -> None:
     assert split["module"] == "2" and split["sizes"] == [2, 6] and sum(split["kept"]) < 8
     pruned, drift = _pruned_at_half(model, x)
     assert [pruned[2].dim_conv3, pruned[2].dim_untouched] == split["kept"] and drift <= RTOL
+
+
+class _BottleneckAttention(torch.nn.Module):
+    """BoTNet's attention: a 1x1 conv makes q, k, v, split by sizes kept in attributes, and the model code reshapes
+    by widths per head (`dim_head_qk`, `dim_head_v`) that the plan's splits give only over the head count; a
+    relative position table is as wide as one head's q."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, tokens: int = 9) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head_qk, self.dim_head_v = heads, 4, dim // heads
+        self.dim_out_qk, self.dim_out_v = heads * self.dim_head_qk, heads * self.dim_head_v
+        self.scale = self.dim_head_qk ** -0.5
+        self.qkv = torch.nn.Conv2d(dim, 2 * self.dim_out_qk + self.dim_out_v, 1)
+        self.rel = torch.nn.Parameter(torch.randn(tokens, self.dim_head_qk))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = torch.split(self.qkv(x), [self.dim_out_qk, self.dim_out_qk, self.dim_out_v], dim=1)
+        q = q.reshape(b * self.num_heads, self.dim_head_qk, -1).transpose(-1, -2)
+        k = k.reshape(b * self.num_heads, self.dim_head_qk, -1)
+        v = v.reshape(b * self.num_heads, self.dim_head_v, -1).transpose(-1, -2)
+        attn = ((q @ k) * self.scale + q @ self.rel.t()).softmax(dim=-1)
+        return (attn @ v).transpose(-1, -2).reshape(b, self.dim_out_v, h, w)
+
+
+@pytest.mark.parametrize("attention", ["head_dim", "heads"])
+def test_widths_per_head_follow_the_splits_over_the_head_count(attention: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _BottleneckAttention(), torch.nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 3, 3)
+    graph = import_torch_module(model, (x,))
+    deps = analyze(graph, attention=attention)
+    (split,) = plan_to_json(deps, uniform_plan(deps, 0.5))["splits"]
+    assert split["sizes"] == [8, 8, 8] and split["kept"] == [4, 4, 4]
+    pruned, drift = _pruned_at_half(model, x, graph, deps)
+    attn = pruned[1]
+    per_head = (2, 2) if attention == "head_dim" else (1, 4)  # (heads, width of q per head)
+    assert (attn.num_heads, attn.dim_head_qk, attn.dim_out_qk) == (*per_head, 4) and drift <= RTOL

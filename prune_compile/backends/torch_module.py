@@ -155,8 +155,10 @@ def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequenc
                                             persistent=alias_attr not in alias_owner._non_persistent_buffers_set)
     split_updates = _split_attribute_updates(module, doc.get("splits", []))  # read before anything changes
     _fix_module_attributes(module, old_sizes, removals, doc.get("analysis", {}).get("attention") == "heads")
-    for (path, attr), (old, new) in split_updates.items():
+    for (path, attr), (old, new, heads) in split_updates.items():
         owner = module.get_submodule(path)
+        if heads is not None and getattr(owner, heads[0]) != heads[1]:
+            continue  # whole heads went: the width per head stays
         # the graph's split beats the width map's guess for a list (InceptionNeXt's (in - 3 gc, gc, gc, gc)), not
         # a rule that knows the module (LeViT's key_dim)
         if isinstance(old, (list, tuple)) or getattr(owner, attr) == old:
@@ -271,10 +273,13 @@ _SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d$")  # an integer attri
 def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[Any, Any]]:
     """Split sizes the module keeps in attributes of the module that splits (the plan's `splits`): a list or tuple
     equal to the sizes takes the kept sizes; an integer attribute named like a width (`dim_conv3`, `dim_qk`,
-    `key_dim`, `d`, ...) equal to some sizes takes their kept size when that is one number. (module path,
-    attribute) -> (old, new), only where every split of that module agrees."""
+    `key_dim`, `d`, ...) equal to some sizes takes their kept size when that is one number, else one equal to some
+    sizes over the module's head count (BoTNet's `dim_head_qk`, q's width per head) their kept size over it, as
+    long as the head count stays (`heads`: then the update names that attribute and its count). (module path,
+    attribute) -> (old, new, heads), only where every split of that module agrees."""
     found: dict[tuple[str, str], set] = {}
     old: dict[tuple[str, str], Any] = {}
+    per_head: dict[tuple[str, str], tuple[str, int]] = {}
     for split in splits:
         try:
             m = root.get_submodule(split["module"])
@@ -283,18 +288,31 @@ def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]) -> dict[
         kept_of: dict[int, set[int]] = {}
         for size, kept in zip(split["sizes"], split["kept"], strict=True):
             kept_of.setdefault(size, set()).add(kept)
+        heads_attr = _head_count_attribute(m)
+        heads = vars(m)[heads_attr] if heads_attr else 0
         for attr, value in vars(m).items():
+            key = (split["module"], attr)
             if isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
-                found.setdefault((split["module"], attr), set()).add(tuple(split["kept"]))
-            elif type(value) is int and len(kept_of.get(value, ())) == 1 and _SPLIT_SIZE_NAME.search(attr):
-                found.setdefault((split["module"], attr), set()).update(kept_of[value])
-            old[(split["module"], attr)] = value
+                found.setdefault(key, set()).add(tuple(split["kept"]))
+            elif type(value) is int and attr != heads_attr and _SPLIT_SIZE_NAME.search(attr):
+                values = set(kept_of.get(value, ()))
+                if not values and heads > 1 and value * heads in kept_of:  # a size equal to it wins (lambda's k)
+                    per_head[key] = (heads_attr, heads)
+                    # a count that does not divide by the heads is no per-head width: the set gets two values
+                    values |= {k // heads if k % heads == 0 else -1 for k in kept_of[value * heads]}
+                if values:
+                    found.setdefault(key, set()).update(values)
+            old[key] = value
     updates = {}
     for key, values in found.items():
         if len(values) == 1:
             new = next(iter(values))
-            updates[key] = (old[key], list(new) if isinstance(old[key], list) else new)
+            updates[key] = (old[key], list(new) if isinstance(old[key], list) else new, per_head.get(key))
     return updates
+
+
+def _head_count_attribute(m) -> str | None:
+    return next((a for a in ("n_heads", "num_heads", "heads") if type(vars(m).get(a)) is int), None)
 
 
 def _removed_by_width(old_sizes: Mapping[tuple[str, int], int],
