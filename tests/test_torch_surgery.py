@@ -572,3 +572,37 @@ def test_widths_per_head_follow_the_splits_over_the_head_count(attention: str) -
     attn = pruned[1]
     per_head = (2, 2) if attention == "head_dim" else (1, 4)  # (heads, width of q per head)
     assert (attn.num_heads, attn.dim_head_qk, attn.dim_out_qk) == (*per_head, 4) and drift <= RTOL
+
+
+class _SelectiveKernel(torch.nn.Module):
+    """SKNet's selective kernel: the input is split into equal parts by a size computed from `in_channels`, one conv
+    path each, and an attention picks between the paths."""
+
+    def __init__(self, channels: int = 8, out: int = 6, paths: int = 2) -> None:
+        super().__init__()
+        self.in_channels, self.num_paths = channels, paths  # no tensor of the module is `channels` wide
+        self.paths = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Conv2d(channels // paths, out, 3, padding=1 + i, dilation=1 + i),
+                                torch.nn.BatchNorm2d(out), torch.nn.ReLU()) for i in range(paths))
+        self.select = torch.nn.Conv2d(out, out * paths, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.in_channels // self.num_paths, 1)
+        x = torch.stack([path(part) for path, part in zip(self.paths, parts, strict=True)], 1)
+        b, _, c, h, w = x.shape
+        attn = self.select(x.sum(1).mean((2, 3), keepdim=True)).view(b, self.num_paths, c, 1, 1).softmax(1)
+        return (x * attn).sum(1)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_width_split_into_equal_parts_follows_the_plan(inplace: bool) -> None:
+    """After an in-place ReLU, torch's functionalization replays the split at each of its uses, and the split nodes
+    carry the scope of the convs that consume them, not of the module that split: surgery looks outward."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(inplace=inplace), _SelectiveKernel(),
+                                torch.nn.ReLU(), torch.nn.Conv2d(6, 2, 1)).eval()
+    x = torch.randn(1, 3, 5, 5)
+    graph = import_torch_module(model, (x,))
+    assert {n.scope for n in graph.nodes if n.op == "split"} == ({"2.paths.0.0", "2.paths.1.0"} if inplace else {"2"})
+    pruned, drift = _pruned_at_half(model, x, graph)
+    assert pruned[2].in_channels == pruned[0].out_channels < 8 and drift <= RTOL

@@ -271,44 +271,64 @@ _SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d$")  # an integer attri
 
 
 def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[Any, Any]]:
-    """Split sizes the module keeps in attributes of the module that splits (the plan's `splits`): a list or tuple
-    equal to the sizes takes the kept sizes; an integer attribute named like a width (`dim_conv3`, `dim_qk`,
-    `key_dim`, `d`, ...) equal to some sizes takes their kept size when that is one number, else one equal to some
-    sizes over the module's head count (BoTNet's `dim_head_qk`, q's width per head) their kept size over it, as
-    long as the head count stays (`heads`: then the update names that attribute and its count). (module path,
-    attribute) -> (old, new, heads), only where every split of that module agrees."""
+    """Split sizes the module keeps in attributes of the module that splits (the plan's `splits`), or of the
+    innermost module around it that has such attributes (torch's decomposition can give a split the scope of its
+    consumer: SKNet's split lands in the conv of each path), torch.nn's own layers skipped (their attributes follow
+    their tensors). (module path, attribute) -> (old, new, heads), only where every split of that module agrees;
+    see _split_attributes_of for what matches."""
     found: dict[tuple[str, str], set] = {}
     old: dict[tuple[str, str], Any] = {}
-    per_head: dict[tuple[str, str], tuple[str, int]] = {}
+    per_head: dict[tuple[str, str], tuple[str, int] | None] = {}
     for split in splits:
-        try:
-            m = root.get_submodule(split["module"])
-        except AttributeError:
-            continue
-        kept_of: dict[int, set[int]] = {}
-        for size, kept in zip(split["sizes"], split["kept"], strict=True):
-            kept_of.setdefault(size, set()).add(kept)
-        heads_attr = _head_count_attribute(m)
-        heads = vars(m)[heads_attr] if heads_attr else 0
-        for attr, value in vars(m).items():
-            key = (split["module"], attr)
-            if isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
-                found.setdefault(key, set()).add(tuple(split["kept"]))
-            elif type(value) is int and attr != heads_attr and _SPLIT_SIZE_NAME.search(attr):
-                values = set(kept_of.get(value, ()))
-                if not values and heads > 1 and value * heads in kept_of:  # a size equal to it wins (lambda's k)
-                    per_head[key] = (heads_attr, heads)
-                    # a count that does not divide by the heads is no per-head width: the set gets two values
-                    values |= {k // heads if k % heads == 0 else -1 for k in kept_of[value * heads]}
-                if values:
-                    found.setdefault(key, set()).update(values)
-            old[key] = value
+        parts = split["module"].split(".") if split["module"] else []
+        for depth in range(len(parts), -1, -1):
+            path = ".".join(parts[:depth])
+            try:
+                m = root.get_submodule(path)
+            except AttributeError:
+                break
+            if type(m).__module__.startswith("torch.nn."):
+                continue
+            matches = _split_attributes_of(m, split)
+            for attr, (values, heads) in matches.items():
+                found.setdefault((path, attr), set()).update(values)
+                old[(path, attr)] = vars(m)[attr]
+                per_head[(path, attr)] = heads
+            if matches:
+                break
     updates = {}
     for key, values in found.items():
         if len(values) == 1:
             new = next(iter(values))
-            updates[key] = (old[key], list(new) if isinstance(old[key], list) else new, per_head.get(key))
+            updates[key] = (old[key], list(new) if isinstance(old[key], list) else new, per_head[key])
     return updates
+
+
+def _split_attributes_of(m, split: Mapping[str, Any]) -> dict[str, tuple[set, tuple[str, int] | None]]:
+    """The attributes of `m` that hold sizes of `split`, and the values they could take: a list or tuple equal to
+    the sizes takes the kept sizes; an integer attribute named like a width (`dim_conv3`, `dim_qk`, `key_dim`, `d`,
+    ...) equal to some sizes takes their kept size (several values: ambiguous), else one equal to their sum the kept
+    sum (SKNet's in_channels), else one equal to some sizes over the module's head count (BoTNet's `dim_head_qk`,
+    q's width per head) their kept size over it, as long as the head count stays (then the head attribute and its
+    count come along)."""
+    kept_of: dict[int, set[int]] = {}
+    for size, kept in zip(split["sizes"], split["kept"], strict=True):
+        kept_of.setdefault(size, set()).add(kept)
+    heads_attr = _head_count_attribute(m)
+    heads = vars(m)[heads_attr] if heads_attr else 0
+    matches: dict[str, tuple[set, tuple[str, int] | None]] = {}
+    for attr, value in vars(m).items():
+        if isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
+            matches[attr] = ({tuple(split["kept"])}, None)
+        elif type(value) is int and attr != heads_attr and _SPLIT_SIZE_NAME.search(attr):
+            if value in kept_of:
+                matches[attr] = (set(kept_of[value]), None)
+            elif value == sum(split["sizes"]):
+                matches[attr] = ({sum(split["kept"])}, None)
+            elif heads > 1 and value * heads in kept_of:  # a count that does not divide is no width per head
+                matches[attr] = ({k // heads if k % heads == 0 else -1 for k in kept_of[value * heads]},
+                                 (heads_attr, heads))
+    return matches
 
 
 def _head_count_attribute(m) -> str | None:
