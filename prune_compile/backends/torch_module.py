@@ -270,7 +270,8 @@ def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, 
 _SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d$")  # an integer attribute that may hold a split size
 
 
-def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[Any, Any]]:
+def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]
+                             ) -> dict[tuple[str, str], tuple[Any, Any, tuple[str, int] | None]]:
     """Split sizes the module keeps in attributes of the module that splits (the plan's `splits`), or of the
     innermost module around it that has such attributes (torch's decomposition can give a split the scope of its
     consumer: SKNet's split lands in the conv of each path), torch.nn's own layers skipped (their attributes follow
