@@ -606,3 +606,31 @@ def test_a_width_split_into_equal_parts_follows_the_plan(inplace: bool) -> None:
     assert {n.scope for n in graph.nodes if n.op == "split"} == ({"2.paths.0.0", "2.paths.1.0"} if inplace else {"2"})
     pruned, drift = _pruned_at_half(model, x, graph)
     assert pruned[2].in_channels == pruned[0].out_channels < 8 and drift <= RTOL
+
+
+class _PixelEmbed(torch.nn.Module):
+    """Model code that reshapes by a width it keeps as an attribute, with no split: TNT's pixel embedding (`in_dim`),
+    EfficientFormer-V2's attention (`dh`)."""
+
+    def __init__(self, attr: str, dim: int = 8) -> None:
+        super().__init__()
+        self.attr = attr
+        setattr(self, attr, dim)
+        self.proj = torch.nn.Conv2d(3, dim, 1)
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        return self.norm(self.proj(x).reshape(b, getattr(self, self.attr), h * w).transpose(1, 2))
+
+
+@pytest.mark.parametrize("attr", ["in_dim", "dh"])
+def test_a_width_kept_for_a_reshape_follows_the_plan(attr: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_PixelEmbed(attr), torch.nn.Linear(8, 2)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    deps = analyze(import_torch_module(model, (x,)))
+    (reshape,) = plan_to_json(deps, uniform_plan(deps, 0.5))["reshapes"]
+    assert reshape["module"] == "0" and reshape["shape"] == [1, 8, 16] and reshape["kept"][1] < 8
+    pruned, drift = _pruned_at_half(model, x)
+    assert getattr(pruned[0], attr) == reshape["kept"][1] and drift <= RTOL

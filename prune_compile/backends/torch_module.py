@@ -11,7 +11,8 @@ reshapes with one) on the modules that hold the pruned tensors, when that width 
 Constants the importer folded from parameters map back to them by the plan's element map (`maps`: a cat of
 biases, a reshape round trip, a gain times a weight); without one (ONNX plans, untracked ops) a fold from one
 parameter maps back when its shape leaves one reading (an expand, a size-1 reshape, a 2-D transpose), else this fails
-naming the constant: never a guess. Split sizes the code keeps in attributes follow the plan's `splits`.
+naming the constant: never a guess. Split sizes and reshape widths the code keeps in
+attributes follow the plan's `splits` and `reshapes`.
 Finally the module runs on the example inputs; a shape error names the module path (model code that hard-codes
 a width cannot be fixed by slicing).
 """
@@ -153,7 +154,8 @@ def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequenc
             else:
                 alias_owner.register_buffer(alias_attr, new,
                                             persistent=alias_attr not in alias_owner._non_persistent_buffers_set)
-    split_updates = _split_attribute_updates(module, doc.get("splits", []))  # read before anything changes
+    # read before anything changes
+    split_updates = _split_attribute_updates(module, doc.get("splits", []), doc.get("reshapes", []))
     _fix_module_attributes(module, old_sizes, removals, doc.get("analysis", {}).get("attention") == "heads")
     for (path, attr), (old, new, heads) in split_updates.items():
         owner = module.get_submodule(path)
@@ -267,20 +269,20 @@ def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, 
     return {p: {old: next(iter(new)) for old, new in widths.items() if len(new) == 1} for p, widths in found.items()}
 
 
-_SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d$")  # an integer attribute that may hold a split size
+_SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d[hkqv]?$")  # an integer attribute that may hold a width
 
 
-def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]
+def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]], reshapes: Sequence[Mapping[str, Any]] = ()
                              ) -> dict[tuple[str, str], tuple[Any, Any, tuple[str, int] | None]]:
-    """Split sizes the module keeps in attributes of the module that splits (the plan's `splits`), or of the
-    innermost module around it that has such attributes (torch's decomposition can give a split the scope of its
-    consumer: SKNet's split lands in the conv of each path), torch.nn's own layers skipped (their attributes follow
-    their tensors). (module path, attribute) -> (old, new, heads), only where every split of that module agrees;
-    see _split_attributes_of for what matches."""
+    """Split sizes and reshape targets the module keeps in attributes (the plan's `splits` and `reshapes`) of the
+    module that splits or reshapes, or of the innermost module around it that has such attributes (torch's
+    decomposition can give a split the scope of its consumer: SKNet's split lands in the conv of each path),
+    torch.nn's own layers skipped (their attributes follow their tensors). (module path, attribute) -> (old, new,
+    heads), only where every split and reshape of that module agrees; see _split_attributes_of for what matches."""
     found: dict[tuple[str, str], set] = {}
     old: dict[tuple[str, str], Any] = {}
     per_head: dict[tuple[str, str], tuple[str, int] | None] = {}
-    for split in splits:
+    for split in [*splits, *map(_reshape_as_split, reshapes)]:
         parts = split["module"].split(".") if split["module"] else []
         for depth in range(len(parts), -1, -1):
             path = ".".join(parts[:depth])
@@ -305,6 +307,13 @@ def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]]
     return updates
 
 
+def _reshape_as_split(reshape: Mapping[str, Any]) -> dict[str, Any]:
+    """A reshape's changed target sizes, matched like a split's sizes but not as a whole (they are several axes)."""
+    pairs = [(d, n) for d, n in zip(reshape["shape"], reshape["kept"], strict=True) if d != n]
+    return {"module": reshape["module"], "sizes": [d for d, _ in pairs], "kept": [n for _, n in pairs],
+            "whole": False}
+
+
 def _split_attributes_of(m, split: Mapping[str, Any]) -> dict[str, tuple[set, tuple[str, int] | None]]:
     """The attributes of `m` that hold sizes of `split`, and the values they could take: a list or tuple equal to
     the sizes takes the kept sizes; an integer attribute named like a width (`dim_conv3`, `dim_qk`, `key_dim`, `d`,
@@ -319,12 +328,13 @@ def _split_attributes_of(m, split: Mapping[str, Any]) -> dict[str, tuple[set, tu
     heads = vars(m)[heads_attr] if heads_attr else 0
     matches: dict[str, tuple[set, tuple[str, int] | None]] = {}
     for attr, value in vars(m).items():
-        if isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
+        whole = split.get("whole", True)
+        if whole and isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
             matches[attr] = ({tuple(split["kept"])}, None)
         elif type(value) is int and attr != heads_attr and _SPLIT_SIZE_NAME.search(attr):
             if value in kept_of:
                 matches[attr] = (set(kept_of[value]), None)
-            elif value == sum(split["sizes"]):
+            elif whole and value == sum(split["sizes"]):
                 matches[attr] = ({sum(split["kept"])}, None)
             elif heads > 1 and value * heads in kept_of:  # a count that does not divide is no width per head
                 matches[attr] = ({k // heads if k % heads == 0 else -1 for k in kept_of[value * heads]},

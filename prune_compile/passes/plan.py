@@ -92,6 +92,9 @@ def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = Non
     splits = _split_sizes(deps, plan)
     if splits:
         doc["splits"] = splits
+    reshapes = _reshape_targets(deps, plan)
+    if reshapes:
+        doc["reshapes"] = reshapes
     return doc
 
 
@@ -113,6 +116,22 @@ def _split_sizes(deps: DependencyResult, plan: Plan) -> list[dict[str, Any]]:
         kept = split_sizes_after(node, kept_of)
         if kept != sizes:
             out[id(node)] = {"node": node.origin, "module": node.scope, "axis": axis, "sizes": sizes, "kept": kept}
+    return sorted(out.values(), key=lambda d: (d["module"], d["node"]))
+
+
+def _reshape_targets(deps: DependencyResult, plan: Plan) -> list[dict[str, Any]]:
+    """Reshapes whose target shape the plan changes, with the module that made them (torch graphs): model code often
+    reshapes by widths it keeps in attributes (TNT's `in_dim`), which torch surgery updates from these."""
+    from .rewrite import removed_by_slot
+
+    out: dict[int, dict[str, Any]] = {}
+    for v, axis, idx in removed_by_slot(deps, plan).values():
+        node = v.producer
+        if node is None or node.op != "reshape" or not node.scope:
+            continue
+        entry = out.setdefault(id(node), {"node": node.origin, "module": node.scope,
+                                          "shape": [int(d) for d in v.shape], "kept": [int(d) for d in v.shape]})
+        entry["kept"][axis] -= len(idx)
     return sorted(out.values(), key=lambda d: (d["module"], d["node"]))
 
 
