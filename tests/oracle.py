@@ -44,6 +44,30 @@ def oracle_error(graph: Graph, deps: DependencyResult, plan: Plan, feeds: dict[s
     return ort.relative_error(ort.run(export_onnx(zeroed), feeds), ort.run(export_onnx(pruned), feeds))
 
 
+def group_oracle(graph: Graph, deps: DependencyResult, feeds: dict[str, np.ndarray], plans: list[Plan]):
+    """oracle_error for many small plans on one graph (each exact group alone), with the original exported and
+    loaded once: the constants any of `plans` zeroes are graph inputs with their values as defaults, which ONNX
+    Runtime lets a run override, so each plan's consumer-zeroed original is the one session fed its zeroed
+    constants (the same function as zeroed_graph's copy; only the pruned model is built per plan). Yields each
+    plan's relative error, in order."""
+    from onnx import helper
+
+    from prune_compile.passes.oracle import zeroed_constants
+
+    zeroed = [zeroed_constants(deps, p) for p in plans]
+    names = set().union(*zeroed)
+    model = export_onnx(graph)
+    if not names <= {t.name for t in model.graph.initializer}:  # a constant the exporter writes otherwise
+        yield from (oracle_error(graph, deps, p, feeds) for p in plans)
+        return
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer if t.name in names)
+    original = ort.session(model)
+    for plan, constants in zip(plans, zeroed, strict=True):
+        expected = ort.run(original, {**feeds, **constants})
+        yield ort.relative_error(expected, ort.run(export_onnx(pruned_copy(graph, plan, deps)), feeds))
+
+
 def exact_plan(deps: DependencyResult, ratio: float) -> Plan:
     """Uniform L2 plan restricted to exact prunable groups."""
     from prune_compile.passes.plan import uniform_plan
@@ -71,4 +95,4 @@ def sample(items: list, n: int) -> list:
     return [items[i] for i in sorted(set(picks.tolist()))]
 
 
-__all__ = ["analyze", "exact_plan", "oracle_error", "sample", "torch_onnx_graph", "zeroed_model"]
+__all__ = ["analyze", "exact_plan", "group_oracle", "oracle_error", "sample", "torch_onnx_graph", "zeroed_model"]
