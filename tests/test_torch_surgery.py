@@ -190,8 +190,13 @@ def test_model_code_that_hard_codes_a_width_is_named() -> None:
     x = torch.randn(1, 3, 6, 6)
     deps = analyze(import_torch_module(model, (x,)))
     error = r"does not run: in '1' \(_HardCodedPool\): shape '\[1, 8, 16\]' is invalid"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UnsupportedModelError, match=error):
         apply_plan_to_module(model, plan_to_json(deps, uniform_plan(deps, 0.5)), [x])
+    # the refused plan left the module as it was: tensors, attributes, and it still runs
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
+    assert (model[0].out_channels, model[2].in_features) == (8, 8) and model(x).shape == (1, 2)
 
 
 class _GroupStdNorm(torch.nn.Module):

@@ -108,11 +108,48 @@ def _unfold(member: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> t
 
 
 def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequence[Any] | None = None):
-    """Slice `module` in place according to the plan document; returns the module. See the module docstring."""
-    import torch
-
+    """Slice `module` in place according to the plan document; returns the module. See the module docstring. On
+    any error the module is left as it was (tensors, attributes and submodules), so a refused plan costs nothing."""
     if doc.get("format") != "prune-compile.plan/1":
         raise UsageError(f"not a prune-compile plan (format {doc.get('format')!r})")
+    saved = _snapshot(module)
+    try:
+        return _apply_plan(module, doc, example_inputs)
+    except BaseException:
+        _restore(saved)
+        raise
+
+
+def _snapshot(module) -> list[tuple[Any, dict[str, Any]]]:
+    """Every submodule's attributes (its parameter, buffer and child dicts copied) and every tensor's storage, as
+    `_restore` puts them back. Surgery replaces tensors rather than editing them (in-place edits go to copies:
+    _rescale_queries), so keeping the old objects is enough; no tensor is cloned."""
+    saved = []
+    for m in module.modules():
+        state = dict(vars(m))
+        for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            if key in state:
+                state[key] = state[key].copy()
+        saved.append((m, state))
+    tensors = {id(t): t for m in module.modules() for t in [*m._parameters.values(), *m._buffers.values()]
+               if t is not None}
+    saved.append((None, {"tensors": [(t, t.data) for t in tensors.values()]}))
+    return saved
+
+
+def _restore(saved: list[tuple[Any, dict[str, Any]]]) -> None:
+    for m, state in saved:
+        if m is None:
+            for t, data in state["tensors"]:
+                t.data = data
+            continue
+        vars(m).clear()
+        vars(m).update(state)
+
+
+def _apply_plan(module, doc: Mapping[str, Any], example_inputs: Sequence[Any] | None):
+    import torch
+
     # A tensor shared by several modules (tied weights, CoaT's shared position encoding) has several names; the
     # plan may use any of them. Slice it once, and give every owner the same new tensor so it stays shared.
     named = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
@@ -391,9 +428,9 @@ def _rescale_queries(weight, bias, rows: slice | list[int], factor: float) -> No
     import torch
 
     with torch.no_grad():
-        weight[rows] *= factor
-        if bias is not None:
-            bias[rows] *= factor
+        for t in (weight, bias) if bias is not None else (weight,):
+            t.data = t.data.clone()  # never the storage the module had: a refused plan restores it as it was
+            t[rows] *= factor
 
 
 def _fix_window_attention(path: str, m, heads_mode: bool, old_sizes) -> None:
