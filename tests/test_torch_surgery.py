@@ -639,3 +639,27 @@ def test_a_width_kept_for_a_reshape_follows_the_plan(attr: str) -> None:
     assert reshape["module"] == "0" and reshape["shape"] == [1, 8, 16] and reshape["kept"][1] < 8
     pruned, drift = _pruned_at_half(model, x)
     assert getattr(pruned[0], attr) == reshape["kept"][1] and drift <= RTOL
+
+
+class _Subsample(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[2] * x.shape[3])  # no width attribute of its own
+
+
+class _HoldsAnUnrelatedWidth(torch.nn.Module):
+    """LeViT's attention downsampling: its `key_attn_dim` happens to equal the width its subsampling child reshapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_attn_dim = 8
+        self.proj, self.down = torch.nn.Conv2d(3, 8, 1), _Subsample()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.proj(x)).mean(-1)
+
+
+def test_a_reshape_updates_only_the_module_that_reshapes() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_HoldsAnUnrelatedWidth(), torch.nn.Linear(8, 2)).eval()
+    pruned, drift = _pruned_at_half(model, torch.randn(1, 3, 4, 4))
+    assert pruned[0].proj.out_channels < 8 and pruned[0].key_attn_dim == 8 and drift <= RTOL

@@ -312,8 +312,8 @@ _SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d[hkqv]?$")  # an intege
 def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]], reshapes: Sequence[Mapping[str, Any]] = ()
                              ) -> dict[tuple[str, str], tuple[Any, Any, tuple[str, int] | None]]:
     """Split sizes and reshape targets the module keeps in attributes (the plan's `splits` and `reshapes`) of the
-    module that splits or reshapes, or of the innermost module around it that has such attributes (torch's
-    decomposition can give a split the scope of its consumer: SKNet's split lands in the conv of each path),
+    module that splits or reshapes, or, for a split, of the innermost module around it that has such attributes
+    (torch's decomposition can give a split the scope of its consumer: SKNet's split lands in each path's conv),
     torch.nn's own layers skipped (their attributes follow their tensors). (module path, attribute) -> (old, new,
     heads), only where every split and reshape of that module agrees; see _split_attributes_of for what matches."""
     found: dict[tuple[str, str], set] = {}
@@ -321,7 +321,7 @@ def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]], reshapes
     per_head: dict[tuple[str, str], tuple[str, int] | None] = {}
     for split in [*splits, *map(_reshape_as_split, reshapes)]:
         parts = split["module"].split(".") if split["module"] else []
-        for depth in range(len(parts), -1, -1):
+        for depth in range(len(parts), -1 if split.get("outward", True) else len(parts) - 1, -1):
             path = ".".join(parts[:depth])
             try:
                 m = root.get_submodule(path)
@@ -345,10 +345,13 @@ def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]], reshapes
 
 
 def _reshape_as_split(reshape: Mapping[str, Any]) -> dict[str, Any]:
-    """A reshape's changed target sizes, matched like a split's sizes but not as a whole (they are several axes)."""
+    """A reshape's changed target sizes, matched like a split's sizes but not as a whole (they are several axes),
+    and only in the module that reshapes: reshapes are everywhere, and a module around one may hold an unrelated
+    width of the same value (LeViT's attention downsampling holds key_attn_dim == the width its subsampling
+    reshapes; taken for a key width, it broke the split of k and v)."""
     pairs = [(d, n) for d, n in zip(reshape["shape"], reshape["kept"], strict=True) if d != n]
     return {"module": reshape["module"], "sizes": [d for d, _ in pairs], "kept": [n for _, n in pairs],
-            "whole": False}
+            "whole": False, "outward": False}
 
 
 def _split_attributes_of(m, split: Mapping[str, Any]) -> dict[str, tuple[set, tuple[str, int] | None]]:
