@@ -112,39 +112,32 @@ def apply_plan_to_module(module, doc: Mapping[str, Any], example_inputs: Sequenc
     any error the module is left as it was (tensors, attributes and submodules), so a refused plan costs nothing."""
     if doc.get("format") != "prune-compile.plan/1":
         raise UsageError(f"not a prune-compile plan (format {doc.get('format')!r})")
-    saved = _snapshot(module)
+    states, storages = _snapshot(module)
     try:
         return _apply_plan(module, doc, example_inputs)
     except BaseException:
-        _restore(saved)
+        for m, state in states:
+            vars(m).clear()
+            vars(m).update(state)
+        for t, data in storages:
+            t.data = data
         raise
 
 
-def _snapshot(module) -> list[tuple[Any, dict[str, Any]]]:
-    """Every submodule's attributes (its parameter, buffer and child dicts copied) and every tensor's storage, as
-    `_restore` puts them back. Surgery replaces tensors rather than editing them (in-place edits go to copies:
+def _snapshot(module) -> tuple[list[tuple[Any, dict[str, Any]]], list[tuple[Any, Any]]]:
+    """Every submodule's attributes (its parameter, buffer and child dicts copied) and every tensor's storage, to
+    put back if surgery fails. Surgery replaces tensors rather than editing them (in-place edits go to copies:
     _rescale_queries), so keeping the old objects is enough; no tensor is cloned."""
-    saved = []
+    states = []
     for m in module.modules():
         state = dict(vars(m))
         for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             if key in state:
                 state[key] = state[key].copy()
-        saved.append((m, state))
+        states.append((m, state))
     tensors = {id(t): t for m in module.modules() for t in [*m._parameters.values(), *m._buffers.values()]
                if t is not None}
-    saved.append((None, {"tensors": [(t, t.data) for t in tensors.values()]}))
-    return saved
-
-
-def _restore(saved: list[tuple[Any, dict[str, Any]]]) -> None:
-    for m, state in saved:
-        if m is None:
-            for t, data in state["tensors"]:
-                t.data = data
-            continue
-        vars(m).clear()
-        vars(m).update(state)
+    return states, [(t, t.data) for t in tensors.values()]
 
 
 def _apply_plan(module, doc: Mapping[str, Any], example_inputs: Sequence[Any] | None):
@@ -366,9 +359,9 @@ def _split_attributes_of(m, split: Mapping[str, Any]) -> dict[str, tuple[set, tu
         kept_of.setdefault(size, set()).add(kept)
     heads_attr = _head_count_attribute(m)
     heads = vars(m)[heads_attr] if heads_attr else 0
+    whole = split.get("whole", True)
     matches: dict[str, tuple[set, tuple[str, int] | None]] = {}
     for attr, value in vars(m).items():
-        whole = split.get("whole", True)
         if whole and isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
             matches[attr] = ({tuple(split["kept"])}, None)
         elif type(value) is int and attr != heads_attr and _SPLIT_SIZE_NAME.search(attr):
@@ -382,8 +375,11 @@ def _split_attributes_of(m, split: Mapping[str, Any]) -> dict[str, tuple[set, tu
     return matches
 
 
+_HEAD_COUNT_NAMES = ("n_heads", "num_heads", "heads")
+
+
 def _head_count_attribute(m) -> str | None:
-    return next((a for a in ("n_heads", "num_heads", "heads") if type(vars(m).get(a)) is int), None)
+    return next((a for a in _HEAD_COUNT_NAMES if type(vars(m).get(a)) is int), None)
 
 
 def _removed_by_width(old_sizes: Mapping[tuple[str, int], int],
@@ -460,7 +456,7 @@ def _fix_head_attributes(path: str, m, heads_mode: bool, removals: Mapping[str, 
     project q, k, v with one fused Linear (`qkv`/`to_qkv`) or a separate `q` (torchvision's MaxViT; timm's ViTs,
     MaxViT, NextViT): update whichever the plan shrank. Whole heads go in heads mode, and also where the analysis
     could only prune whole heads (rotary position embeddings pair channels inside a head: EVA-02)."""
-    heads_attr = next((a for a in ("n_heads", "num_heads", "heads") if isinstance(getattr(m, a, None), int)), None)
+    heads_attr = next((a for a in _HEAD_COUNT_NAMES if isinstance(getattr(m, a, None), int)), None)
     proj = next((a for a in ("to_qkv", "qkv", "q") if hasattr(m, a) and hasattr(getattr(m, a), "weight")), None)
     dim_attr = _head_dim_attribute(m)
     if heads_attr is None or proj is None:

@@ -89,22 +89,23 @@ def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = Non
                        "removed": [int(i) for i in removed], "exact": g.exact,
                        "inexact_reason": g.inexact_reason, "members": members})
     doc = {"format": PLAN_FORMAT, "analysis": {"attention": attention or deps.attention}, "groups": groups}
-    splits = _split_sizes(deps, plan)
+    from .rewrite import removed_by_slot
+
+    removed = removed_by_slot(deps, plan)  # what the rewrite pass removes, per value and axis
+    splits, reshapes = _split_sizes(removed), _reshape_targets(removed)
     if splits:
         doc["splits"] = splits
-    reshapes = _reshape_targets(deps, plan)
     if reshapes:
         doc["reshapes"] = reshapes
     return doc
 
 
-def _split_sizes(deps: DependencyResult, plan: Plan) -> list[dict[str, Any]]:
+def _split_sizes(removed: dict) -> list[dict[str, Any]]:
     """Splits whose sizes the plan changes, with the module that made them (torch graphs): model code often keeps
     split sizes in integer attributes (FasterNet's dim_conv3, a lambda layer's dim_qk), which torch surgery updates
     from these."""
-    from .rewrite import kept_indices, removed_by_slot, split_sizes_after
+    from .rewrite import kept_indices, split_sizes_after
 
-    removed = removed_by_slot(deps, plan)
     kept_of = kept_indices(removed)
     out: dict[int, dict[str, Any]] = {}
     for v, _, _ in removed.values():
@@ -119,13 +120,11 @@ def _split_sizes(deps: DependencyResult, plan: Plan) -> list[dict[str, Any]]:
     return sorted(out.values(), key=lambda d: (d["module"], d["node"]))
 
 
-def _reshape_targets(deps: DependencyResult, plan: Plan) -> list[dict[str, Any]]:
+def _reshape_targets(removed: dict) -> list[dict[str, Any]]:
     """Reshapes whose target shape the plan changes, with the module that made them (torch graphs): model code often
     reshapes by widths it keeps in attributes (TNT's `in_dim`), which torch surgery updates from these."""
-    from .rewrite import removed_by_slot
-
     out: dict[int, dict[str, Any]] = {}
-    for v, axis, idx in removed_by_slot(deps, plan).values():
+    for v, axis, idx in removed.values():
         node = v.producer
         if node is None or node.op != "reshape" or not node.scope:
             continue
