@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # FULL=1 also runs the tests marked `big` (CI does).
 PYTEST_FLAGS := $(if $(FULL),--run-big,)
+# Test workers (pytest-xdist): one per core, at most 4 (each holds torch and TVM); tests marked `serial` run last,
+# alone. JOBS=0 runs everything in this process (pdb, -s).
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: demo test lint venv clean
 
@@ -23,7 +26,7 @@ demo: $(STAMP)
 	@echo "report: demo-out/report.html (data: demo-out/report.json, plan: demo-out/plan.json)"
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_FLAGS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(JOBS) $(PYTEST_FLAGS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check prune_compile tools tests

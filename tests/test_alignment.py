@@ -165,6 +165,7 @@ def test_replayed_plan_is_checked_too(tmp_path) -> None:
     assert replayed["warnings"] == [first["channel_alignment"]["warning"]]
 
 
+@pytest.mark.serial  # the latency policy times models
 def test_latency_policy_counts_are_not_second_guessed(tmp_path) -> None:
     """The latency policy chose its counts by timing them on the engine: no warning, whatever the counts."""
     from prune_compile.ir import import_onnx

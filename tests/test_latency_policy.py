@@ -28,6 +28,7 @@ from .oracle import oracle_error
 from .test_cli import DEFAULT_MODEL
 
 # the search's record (timings.json) rounds milliseconds to 4 decimals
+pytestmark = pytest.mark.serial  # latency plans are searched by timing models on this machine
 ROUNDED = 1e-5
 
 

@@ -208,6 +208,7 @@ def test_bad_toml_config_is_a_usage_error(tmp_path, capsys, text, needle) -> Non
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.serial  # a speedup and the FMA peak, timed
 def test_measure_latency_reports_speedups(tmp_path, capsys) -> None:
     out = tmp_path / "o"
     assert _cli(DEFAULT_MODEL, "-o", str(out), "--ratio", "0.5", "--measure-latency") == 0

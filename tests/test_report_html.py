@@ -14,19 +14,22 @@ import pytest
 from prune_compile.cli import main
 
 from .test_cli import DEFAULT_MODEL
+from .third_party import cache_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEPT, REMOVED = (0x3B, 0x7D, 0xDD), (0xE8, 0x69, 0x4A)  # the bar colors in report_html._CSS
 
 
 @pytest.fixture(scope="module")
-def chromium(request) -> str:
+def chromium(request, model_cache_dir: str) -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found:
         return found
     if not (request.config.getoption("--run-big") or os.environ.get("PRUNE_COMPILE_RUN_BIG") == "1"):
         pytest.skip("Chromium is not installed: tools/setup_chromium.sh installs it (CI's --run-big does)")
-    subprocess.run([os.path.join(ROOT, "tools", "setup_chromium.sh")], check=True, timeout=900)
+    with cache_lock(os.path.join(model_cache_dir, "chromium-setup")):  # apt runs one install at a time
+        if not (shutil.which("chromium") or shutil.which("chromium-browser")):  # another worker's install
+            subprocess.run([os.path.join(ROOT, "tools", "setup_chromium.sh")], check=True, timeout=900)
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -59,6 +59,7 @@ def test_pruned_model_cross_compiled_for_arm_runs_under_qemu_like_x86(tmp_path, 
 
 
 @pytest.mark.big
+@pytest.mark.serial  # tuning times candidates on the emulated board
 def test_arm_tuning_measures_on_an_aarch64_board_over_rpc(tmp_path, arm_sysroot: str) -> None:
     """`--target arm --tune N --rpc-tracker ... --rpc-key ...`: candidates cross-compiled here, timed on the board
     (an aarch64 Python and TVM under qemu behind a tracker on loopback), and the tuned library computes what ONNX

@@ -296,6 +296,7 @@ def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, siz
         np.testing.assert_allclose(y.numpy(), expected, rtol=RTOL, atol=RTOL)
 
 
+@pytest.mark.serial  # tuning times candidates
 def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:
     model = mixed_convs_onnx()
     lib = str(tmp_path / "m.so")
@@ -394,6 +395,7 @@ def test_channel_concats_and_splits_survive_blocked_layouts(lanes) -> None:
     assert sorted(concats) == ([4, 5, 5] if lanes == 16 else [5, 5, 5])
 
 
+@pytest.mark.serial  # tuning times candidates
 def test_tuned_library_with_channel_concats_and_splits_agrees_with_onnx_runtime(tmp_path) -> None:
     model = channel_joins_onnx()
     lib = str(tmp_path / "m.so")

