@@ -62,7 +62,9 @@ def _machine_share(config: pytest.Config, alone: bool):
     if run_id is None:
         yield
         return
-    base = os.path.join(tempfile.gettempdir(), f"prune-compile-tests-{run_id}")
+    # in the run's temporary directory (each local worker's is a folder in it; pytest removes old runs' directories)
+    folder = os.path.dirname(config.option.basetemp) if config.option.basetemp else tempfile.gettempdir()
+    base = os.path.join(folder, f"machine-{run_id}")
     with open(base + ".gate", "a") as gate, open(base + ".run", "a") as run:
         if alone:
             fcntl.flock(gate, fcntl.LOCK_EX)

@@ -13,7 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_serial_tests_run_alone_on_several_workers(tmp_path) -> None:
     log = tmp_path / "ran.txt"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
-                           os.path.join(HERE, "serial_probe.py")], cwd=os.path.dirname(HERE),
+                           "--basetemp", str(tmp_path / "probe"), os.path.join(HERE, "serial_probe.py")],
+                          cwd=os.path.dirname(HERE),
                           env=dict(os.environ, SERIAL_PROBE_LOG=str(log)), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
