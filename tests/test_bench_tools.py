@@ -228,7 +228,7 @@ def test_bench_accuracy_latency_compares_plans_of_equal_measured_latency(model_c
                 max_ratio = 0.7 if name.endswith("0.7") else 0.9
                 assert kept == size or kept % 8 == 0, (group, kept)
                 assert kept >= size - int(max_ratio * size), (name, group, kept)
-                assert row["searched_target"] > 0 and 1 <= row["searches"] <= 2
+                assert row["searched_target"] > 0 and 1 <= row["chosen_search"] <= row["searches"] <= 2
         for key in ("one_shot", "bn_recalibrated"):
             assert 0 <= row[key] <= 100
         assert len(row["finetuned"]) == result["seeds"] == 1 and 0 <= row["finetuned_mean"] <= 100

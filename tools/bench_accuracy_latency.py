@@ -14,14 +14,17 @@ is not how many MACs it keeps but how accurate the model is at the latency they 
    reported, not fatal.
 3. The original and every plan are re-measured interleaved (bench_latency_plan's rounds: medians of per-round ratios
    over the quiet rounds). A latency plan more than 5% off the uniform plan there is searched again, its target
-   scaled by how far off it is, at most `--researches` times (each search is a minute or two on MNIST).
+   scaled by how far off it is, at most `--researches` times (each search is a minute or two on MNIST). Every
+   version found is re-measured with the rest, and the one nearest the uniform plan's latency in the last
+   measurement is kept: on a small model a re-search can land further off than the plan it replaces.
 4. Each plan is applied to a copy of the trained model (the plan.json document, as `prune_module` applies it):
    accuracy one-shot, with batch-norm statistics recalibrated, and fine-tuned (the same epochs and seeds for every
    plan, `--seeds` runs each, from the recalibrated model). The unpruned model fine-tuned the same way is the
    control (on CREPE fine-tuning also adapts to the synthetic tones).
 
 Prints JSON: per plan its latency fraction (and per-round range), MACs and parameters kept, kept channels per group
-(`kept`: where it pruned), how often it was searched (`searches`) and the accuracies; `seconds`.
+(`kept`: where it pruned), how often it was searched (`searches`) and which search found it (`chosen_search`), and
+the accuracies; `seconds`.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     target = float(np.median([samples[uniform][i] / samples["original"][i] for i in used]))
     log(f"{uniform}: {target:.3f}x of the original: the latency plans' target")
     searched, unreachable, targets, searches = [min(samples["original"])], {}, {}, {}
+    versions: dict[str, dict[str, int]] = {}  # a latency plan's versions ("name@search") → the search that found it
 
     def search(name: str, max_ratio: float, wanted: float) -> None:
         searches[name] = searches.get(name, 0) + 1
@@ -159,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=wanted,
                                                             max_ratio=max_ratio, importance=args.importance),
                                calibration=feeds, latency_timer=timer)
-        except UsageError as e:  # the target is out of this variant's reach (a plan found before stays)
-            if name not in plans:
+        except UsageError as e:  # the target is out of this variant's reach (a version found before stays)
+            if name not in versions:
                 unreachable[name] = str(e)
             log(f"{name}: {e}")
             return
-        plans[name], graphs[name], targets[name] = result.plan, pruned_copy(graph, result.plan, deps), wanted
+        key = f"{name}@{searches[name]}"
+        versions.setdefault(name, {})[key] = searches[name]
+        plans[key], graphs[key], targets[key] = result.plan, pruned_copy(graph, result.plan, deps), wanted
         searched.extend([result.latency["base_ms"]] + [t["original_ms"] for t in result.latency["trajectory"]])
         log(f"{name}: {result.latency['measured_ms'] / result.latency['base_ms']:.3f}x in the search "
             f"(target {wanted:.3f}x)")
@@ -178,17 +184,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # the uniform plan's fraction, timed alone at the start, can be off by 10-20% (a 0.30x plan read 0.35x on the
     # small MNIST model), so a plan whose re-measured latency is more than 5% off the uniform plan's is searched
-    # again with the target scaled by how far off it is, up to --researches times
+    # again with the target scaled by how far off its nearest version is, up to --researches times
     for attempt in range(args.researches + 1):
         samples, used = interleaved_rounds({k: timed_proto(g) for k, g in graphs.items()}, timer, feeds, args.rounds,
                                            min(searched))
         off = {k: float(np.median(per_round(k, uniform))) for k in targets}
-        if attempt == args.researches or all(abs(v - 1) <= 0.05 for v in off.values()):
+        nearest = {name: min(keys, key=lambda k: abs(off[k] - 1)) for name, keys in versions.items()}
+        if attempt == args.researches or all(abs(off[k] - 1) <= 0.05 for k in nearest.values()):
             break
-        for name, v in off.items():
-            if abs(v - 1) > 0.05:
-                search(name, max_ratio_of[name], targets[name] / v)
+        for name, k in nearest.items():
+            if abs(off[k] - 1) > 0.05:
+                search(name, max_ratio_of[name], targets[k] / off[k])
     log(f"re-measured ({len(samples['original'])} rounds, {len(used)} quiet)")
+    chosen_search = {}
+    for name, keys in versions.items():  # the version nearest the uniform plan in the last measurement
+        best = nearest[name]
+        for table in (plans, graphs, targets, samples):
+            table[name] = table[best]
+            for k in keys:
+                del table[k]
+        chosen_search[name] = keys[best]
 
     base_cost = graph_cost(graph)
     rows: dict[str, dict] = {"original": {"accuracy": task.evaluate(task.base), "macs": base_cost["macs"],
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                "rounds_ms": [round(t, 6) for t in samples[name]]}
         if name in targets:
             row["searched_target"] = round(targets[name], 4)
-            row["searches"] = searches[name]
+            row["searches"], row["chosen_search"] = searches[name], chosen_search[name]
         model = copy.deepcopy(task.base)
         apply_plan_to_module(model, plan_to_json(deps, plans[name]), [task.example])
         # the module sliced by the plan document is the graph that was timed (MACs of the re-captured module)
