@@ -56,6 +56,7 @@ MODELS = [
     ("res2net50_14w_8s", True, "", ""),  # `width` of the convs in a ModuleList below the block
     ("rexnet_100", True, "", ""),  # in_channels of a partial residual
     ("mixnet_s", True, "", ""),  # split sizes of mixed convs
+    ("dpn68", True, "", ""),  # residual and dense paths parted by slicing at `num_1x1_c`: the plan's slice bounds
     ("resnetv2_50x1_bit", True, "", "drift"),  # weight standardization: folded by arithmetic, recomputed
     ("coat_lite_mini", True, "",  # a shared position-encoding module; then attention assumes qkv width == input's
      r"in 'serial_blocks1.0.factoratt_crpe' \(FactorAttnConvRelPosEnc\): shape"),

@@ -663,3 +663,31 @@ def test_a_reshape_updates_only_the_module_that_reshapes() -> None:
     model = torch.nn.Sequential(_HoldsAnUnrelatedWidth(), torch.nn.Linear(8, 2)).eval()
     pruned, drift = _pruned_at_half(model, torch.randn(1, 3, 4, 4))
     assert pruned[0].proj.out_channels < 8 and pruned[0].key_attn_dim == 8 and drift <= RTOL
+
+
+class _DualPath(torch.nn.Module):
+    """DPN's dual path block: the first `num_1x1_c` channels are a residual path, the rest a dense path, parted by
+    slicing at an attribute whose name says nothing of widths."""
+
+    def __init__(self, num_1x1_c: int = 8, inc: int = 4) -> None:
+        super().__init__()
+        self.num_1x1_c, self.inc = num_1x1_c, inc
+        self.conv = torch.nn.Conv2d(num_1x1_c + inc, num_1x1_c + inc, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([x[:, :self.num_1x1_c] + y[:, :self.num_1x1_c], x[:, self.num_1x1_c:], y[:, self.num_1x1_c:]],
+                         dim=1)
+
+
+def test_a_slice_bound_kept_in_an_attribute_follows_the_plan() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 1), _DualPath(), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 2, 1)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    deps = analyze(import_torch_module(model, (x,)))
+    slices = plan_to_json(deps, uniform_plan(deps, 0.5))["slices"]
+    moved = {tuple(s["bounds"]): s["kept"] for s in slices}
+    assert {s["module"] for s in slices} == {"1"} and (0, 8) in moved and moved[(0, 8)][1] < 8
+    pruned, drift = _pruned_at_half(model, x)
+    assert pruned[1].num_1x1_c == moved[(0, 8)][1] and pruned[1].inc == 4 and drift <= RTOL

@@ -11,8 +11,8 @@ reshapes with one) on the modules that hold the pruned tensors, when that width 
 Constants the importer folded from parameters map back to them by the plan's element map (`maps`: a cat of
 biases, a reshape round trip, a gain times a weight); without one (ONNX plans, untracked ops) a fold from one
 parameter maps back when its shape leaves one reading (an expand, a size-1 reshape, a 2-D transpose), else this fails
-naming the constant: never a guess. Split sizes and reshape widths the code keeps in
-attributes follow the plan's `splits` and `reshapes`.
+naming the constant: never a guess. Split sizes, reshape widths and slice bounds the code keeps in
+attributes follow the plan's `splits`, `reshapes` and `slices`.
 Finally the module runs on the example inputs; a shape error names the module path (model code that hard-codes
 a width cannot be fixed by slicing).
 """
@@ -185,7 +185,8 @@ def _apply_plan(module, doc: Mapping[str, Any], example_inputs: Sequence[Any] | 
                 alias_owner.register_buffer(alias_attr, new,
                                             persistent=alias_attr not in alias_owner._non_persistent_buffers_set)
     # read before anything changes
-    split_updates = _split_attribute_updates(module, doc.get("splits", []), doc.get("reshapes", []))
+    split_updates = _split_attribute_updates(module, doc.get("splits", []), doc.get("reshapes", []),
+                                             doc.get("slices", []))
     _fix_module_attributes(module, old_sizes, removals, doc.get("analysis", {}).get("attention") == "heads")
     for (path, attr), (old, new, heads) in split_updates.items():
         owner = module.get_submodule(path)
@@ -302,17 +303,19 @@ def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, 
 _SPLIT_SIZE_NAME = re.compile(r"dim|split|chs|channels|^d[hkqv]?$")  # an integer attribute that may hold a width
 
 
-def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]], reshapes: Sequence[Mapping[str, Any]] = ()
+def _split_attribute_updates(root, splits: Sequence[Mapping[str, Any]], reshapes: Sequence[Mapping[str, Any]] = (),
+                             slices: Sequence[Mapping[str, Any]] = ()
                              ) -> dict[tuple[str, str], tuple[Any, Any, tuple[str, int] | None]]:
-    """Split sizes and reshape targets the module keeps in attributes (the plan's `splits` and `reshapes`) of the
-    module that splits or reshapes, or, for a split, of the innermost module around it that has such attributes
-    (torch's decomposition can give a split the scope of its consumer: SKNet's split lands in each path's conv),
-    torch.nn's own layers skipped (their attributes follow their tensors). (module path, attribute) -> (old, new,
-    heads), only where every split and reshape of that module agrees; see _split_attributes_of for what matches."""
+    """Split sizes, reshape targets and slice bounds the module keeps in attributes (the plan's `splits`, `reshapes`
+    and `slices`) of the module that splits, reshapes or slices, or, for a split, of the innermost module around it
+    that has such attributes (torch's decomposition can give a split the scope of its consumer: SKNet's split lands
+    in each path's conv), torch.nn's own layers skipped (their attributes follow their tensors). (module path,
+    attribute) -> (old, new, heads), only where every split, reshape and slice of that module agrees; see
+    _split_attributes_of for what matches."""
     found: dict[tuple[str, str], set] = {}
     old: dict[tuple[str, str], Any] = {}
     per_head: dict[tuple[str, str], tuple[str, int] | None] = {}
-    for split in [*splits, *map(_reshape_as_split, reshapes)]:
+    for split in [*splits, *map(_reshape_as_split, reshapes), *map(_slice_as_split, slices)]:
         parts = split["module"].split(".") if split["module"] else []
         for depth in range(len(parts), -1 if split.get("outward", True) else len(parts) - 1, -1):
             path = ".".join(parts[:depth])
@@ -347,23 +350,35 @@ def _reshape_as_split(reshape: Mapping[str, Any]) -> dict[str, Any]:
             "whole": False, "outward": False}
 
 
+def _slice_as_split(sl: Mapping[str, Any]) -> dict[str, Any]:
+    """A slice's moved bounds, matched like a reshape's sizes (only in the module that slices), by any integer
+    attribute name: a bound is where the model code parts a tensor, and it names that width as it likes (DPN's
+    `num_1x1_c`). Bounds at either end of the axis are no width the code holds."""
+    pairs = [(b, k) for b, k in zip(sl["bounds"], sl["kept"], strict=True) if b != k and 0 < b < sl["size"]]
+    return {"module": sl["module"], "sizes": [b for b, _ in pairs], "kept": [k for _, k in pairs],
+            "whole": False, "outward": False, "named": False}
+
+
 def _split_attributes_of(m, split: Mapping[str, Any]) -> dict[str, tuple[set, tuple[str, int] | None]]:
     """The attributes of `m` that hold sizes of `split`, and the values they could take: a list or tuple equal to
     the sizes takes the kept sizes; an integer attribute named like a width (`dim_conv3`, `dim_qk`, `key_dim`, `d`,
     ...) equal to some sizes takes their kept size (several values: ambiguous), else one equal to their sum the kept
     sum (SKNet's in_channels), else one equal to some sizes over the module's head count (BoTNet's `dim_head_qk`,
     q's width per head) their kept size over it, as long as the head count stays (then the head attribute and its
-    count come along)."""
+    count come along). A slice's bounds (`named` false) match integer attributes of any name, by equality only."""
     kept_of: dict[int, set[int]] = {}
     for size, kept in zip(split["sizes"], split["kept"], strict=True):
         kept_of.setdefault(size, set()).add(kept)
     heads_attr = _head_count_attribute(m)
     heads = vars(m)[heads_attr] if heads_attr else 0
-    whole = split.get("whole", True)
+    whole, named = split.get("whole", True), split.get("named", True)
     matches: dict[str, tuple[set, tuple[str, int] | None]] = {}
     for attr, value in vars(m).items():
         if whole and isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
             matches[attr] = ({tuple(split["kept"])}, None)
+        elif type(value) is int and attr != heads_attr and not named:
+            if value in kept_of:
+                matches[attr] = (set(kept_of[value]), None)
         elif type(value) is int and attr != heads_attr and _SPLIT_SIZE_NAME.search(attr):
             if value in kept_of:
                 matches[attr] = (set(kept_of[value]), None)

@@ -92,11 +92,10 @@ def plan_to_json(deps: DependencyResult, plan: Plan, attention: str | None = Non
     from .rewrite import removed_by_slot
 
     removed = removed_by_slot(deps, plan)  # what the rewrite pass removes, per value and axis
-    splits, reshapes = _split_sizes(removed), _reshape_targets(removed)
-    if splits:
-        doc["splits"] = splits
-    if reshapes:
-        doc["reshapes"] = reshapes
+    for key, entries in (("splits", _split_sizes(removed)), ("slices", _slice_bounds(removed)),
+                         ("reshapes", _reshape_targets(removed))):
+        if entries:
+            doc[key] = entries
     return doc
 
 
@@ -118,6 +117,31 @@ def _split_sizes(removed: dict) -> list[dict[str, Any]]:
         if kept != sizes:
             out[id(node)] = {"node": node.origin, "module": node.scope, "axis": axis, "sizes": sizes, "kept": kept}
     return sorted(out.values(), key=lambda d: (d["module"], d["node"]))
+
+
+def _slice_bounds(removed: dict) -> list[dict[str, Any]]:
+    """Slices of a pruned axis whose bounds the plan moves, with the module that made them (torch graphs): model code
+    often slices at a width it keeps in an attribute (DPN's `num_1x1_c` parts its residual and dense paths), which
+    torch surgery updates from these. One entry per slice and pruned axis; bounds are in [0, size]."""
+    from .rewrite import kept_indices, slice_bounds_after
+
+    kept_of = kept_indices(removed)
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    for x, axis, _ in removed.values():
+        for node in x.users:
+            if node.op != "slice" or not node.scope or node.inputs[0] is not x:
+                continue
+            axes = [a % len(x.shape) for a in node.attrs["axes"]]
+            if axis not in axes or (id(node), axis) in out:
+                continue
+            i = axes.index(axis)
+            starts, ends = slice_bounds_after(node, kept_of)
+            bounds = [int(node.attrs["starts"][i]), int(node.attrs["ends"][i])]
+            if [starts[i], ends[i]] != bounds:
+                out[(id(node), axis)] = {"node": node.origin, "module": node.scope, "axis": axis,
+                                         "size": int(x.shape[axis]), "bounds": bounds,
+                                         "kept": [int(starts[i]), int(ends[i])]}
+    return sorted(out.values(), key=lambda d: (d["module"], d["node"], d["axis"]))
 
 
 def _reshape_targets(removed: dict) -> list[dict[str, Any]]:

@@ -99,11 +99,11 @@ def _fix_split(node: Node, kept: Kept) -> None:
     node.attrs["split"] = split_sizes_after(node, kept)
 
 
-def _fix_slice(node: Node, kept: Kept) -> None:
+def slice_bounds_after(node: Node, kept: Kept) -> tuple[list[int], list[int]]:
+    """A slice node's starts and ends once the planned channels are gone."""
     x, y = node.inputs[0], node.outputs[0]
-    a = node.attrs
-    starts, ends = list(a["starts"]), list(a["ends"])
-    for i, axis in enumerate(a["axes"]):
+    starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+    for i, axis in enumerate(node.attrs["axes"]):
         kx = kept(x, axis)
         if kx is None:
             continue
@@ -111,7 +111,11 @@ def _fix_slice(node: Node, kept: Kept) -> None:
         new_start = int(np.count_nonzero(kx < starts[i]))
         new_len = y.shape[axis] if ky is None else len(ky)
         starts[i], ends[i] = new_start, new_start + new_len
-    a["starts"], a["ends"] = starts, ends
+    return starts, ends
+
+
+def _fix_slice(node: Node, kept: Kept) -> None:
+    node.attrs["starts"], node.attrs["ends"] = slice_bounds_after(node, kept)
 
 
 def _fix_gather(node: Node, kept: Kept) -> None:
