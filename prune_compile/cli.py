@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default="output-change",
                    help="sensitivity policy: the damage measured: relative change of the outputs, or the first "
                         "output's cross-entropy / top-1 error against the labels (or the unpruned model)")
-    p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random"), default="l2",
-                   help="channel importance (group-level, over all members)")
+    p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random", "taylor"), default="l2",
+                   help="channel importance (group-level, over all members); taylor: |weight x gradient| of the "
+                        "--calibration-data cross-entropy (labels, else the model's own top class), torch models")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="kept channel counts are multiples of N (groups smaller than N excepted)")
     p.add_argument("--min-channels", type=int, default=1, metavar="N", help="channels every group keeps at least")

@@ -52,13 +52,52 @@ def _capture(module, example_inputs: Sequence[Any], attention: str):
     return graph, analyze(graph, attention=attention)
 
 
-def _gradients(module, loss_fn: Callable[[Any], Any]) -> dict:
+def gradients_of(module, loss_fn: Callable[[Any], Any]) -> dict:
     """dL/dw by state_dict name, from the user's loss on the current module (for Taylor importance)."""
     module.zero_grad(set_to_none=True)
     loss_fn(module).backward()
     grads = {n: p.grad.detach().cpu().numpy().copy() for n, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
     return grads
+
+
+def cross_entropy_loss(batches: Sequence[Sequence[Any]], labels: np.ndarray | None = None) -> Callable[[Any], Any]:
+    """`loss_fn(module)` for Taylor importance from calibration samples: the mean cross-entropy of the module's first
+    output (class scores along its last axis; a softmax output is read as probabilities) over `batches` (each the
+    forward() inputs of one batch) against `labels` (one class per row, in batch order), or, without labels, against
+    the module's own top class (its own softmax as a soft target would have zero gradient)."""
+    import torch
+
+    from .passes.calibration import LABELS, are_probabilities
+
+    def loss_fn(module):
+        total, rows_seen = None, 0
+        for batch in batches:
+            out = module(*batch)
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            if first.ndim < 2:
+                raise UsageError(f"importance taylor: the model's first output has shape {list(first.shape)}; its "
+                                 "cross-entropy needs class scores along the last axis")
+            rows = first.reshape(-1, first.shape[-1]).double()
+            probabilities = are_probabilities(rows.detach().cpu().numpy())
+            logp = rows.clamp_min(1e-12).log() if probabilities else torch.log_softmax(rows, 1)
+            if labels is None:
+                target = rows.detach().argmax(1)
+            else:
+                target = torch.as_tensor(np.asarray(labels).reshape(-1)[rows_seen:rows_seen + len(rows)],
+                                         dtype=torch.long)
+                if len(target) != len(rows) or target.min() < 0 or target.max() >= rows.shape[1]:
+                    raise UsageError(f"--calibration-data: '{LABELS}' must hold one class in [0, {rows.shape[1]}) "
+                                     "per row of the model's first output")
+            nll = -logp[torch.arange(len(rows)), target].sum()
+            total = nll if total is None else total + nll
+            rows_seen += len(rows)
+        if labels is not None and rows_seen != np.asarray(labels).size:
+            raise UsageError(f"--calibration-data: '{LABELS}' has {np.asarray(labels).size} entries, the model's "
+                             f"first output has {rows_seen} rows of class scores")
+        return total / rows_seen
+
+    return loss_fn
 
 
 def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOptions, *, attention: str = "head_dim",
@@ -76,7 +115,7 @@ def prune_module(module, example_inputs: Sequence[Any], planning: PlanningOption
 
     if planning.importance == "taylor" and loss_fn is None:
         raise UsageError("importance 'taylor' needs loss_fn(module) -> loss to compute gradients")
-    gradients = _gradients(module, loss_fn) if planning.importance == "taylor" else None
+    gradients = gradients_of(module, loss_fn) if planning.importance == "taylor" else None
     graph, deps = _capture(module, example_inputs, attention)
     calibration = {v.name: np.asarray(t.detach().cpu().numpy()) for v, t in zip(graph.inputs, example_inputs,
                                                                                 strict=True)}

@@ -145,4 +145,62 @@ def test_bad_calibration_data_exits_2_and_writes_nothing(tmp_path) -> None:
     assert "array 'image' has shape [2, 1, 64, 64]" in r.stderr
     assert not out.exists() or not os.listdir(out)
     r = _cli("-o", str(out), "--ratio", "0.3", "--calibration-data", bad)
-    assert r.returncode == 2 and "policy 'uniform' does not use them" in r.stderr
+    assert r.returncode == 2 and "policy 'uniform' with importance 'l2' does not use it" in r.stderr
+
+
+def taylor_net():
+    """A small classifier for the CLI (`tests.test_calibration:taylor_net`): the same weights on every call."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def _removed(doc: dict) -> list:
+    return [g["removed"] for g in doc["groups"]]
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_taylor_importance_through_the_cli_is_the_calibration_cross_entropys(tmp_path, labelled: bool) -> None:
+    """`--importance taylor` on a torch model: the plan is the one the gradients of the calibration samples'
+    cross-entropy give (computed here independently: against the labels, or the model's own top class), and not
+    the magnitude plan."""
+    import torch
+
+    from prune_compile.cli import main
+    from prune_compile.ir.fx_importer import import_torch_module
+    from prune_compile.passes.deps import analyze
+    from prune_compile.passes.plan import plan_to_json
+    from prune_compile.passes.policy import PlanningOptions, make_plan
+
+    x, labels = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32), np.arange(8) % 10
+    data = _npz(tmp_path, input=x, **({"labels": labels} if labelled else {}))
+    common = ["tests.test_calibration:taylor_net", "--input-shape", "input=4,3,8,8", "--ratio", "0.5", "-q"]
+    assert main([*common, "-o", str(tmp_path / "t"), "--importance", "taylor", "--calibration-data", data]) == 0
+    assert main([*common, "-o", str(tmp_path / "m")]) == 0
+    taylor, magnitude = (json.loads((tmp_path / d / "plan.json").read_text()) for d in ("t", "m"))
+
+    module = taylor_net().eval()
+    logits = torch.cat([module(torch.from_numpy(x[i:i + 4])) for i in (0, 4)]).double()
+    target = torch.from_numpy(labels) if labelled else logits.argmax(1)
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    grads = {n: p.grad.numpy() for n, p in module.named_parameters()}
+    graph = import_torch_module(module, (torch.from_numpy(x[:4]),))
+    deps = analyze(graph)
+    expected = make_plan(graph, deps, PlanningOptions(ratio=0.5, importance="taylor"), gradients=grads).plan
+    assert _removed(taylor) == _removed(plan_to_json(deps, expected))
+    assert _removed(taylor) != _removed(magnitude)
+
+
+def test_taylor_importance_without_gradients_exits_2_and_writes_nothing(tmp_path) -> None:
+    r = _cli("-o", str(tmp_path / "onnx"), "--ratio", "0.5", "--importance", "taylor")
+    assert r.returncode == 2 and "needs gradients, so a torch model" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "prune_compile.cli", "tests.test_calibration:taylor_net", "-q",
+                        "--input-shape", "input=1,3,8,8", "-o", str(tmp_path / "torch"), "--ratio", "0.5",
+                        "--importance", "taylor"], capture_output=True, text=True, timeout=600,
+                       cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert r.returncode == 2 and "needs --calibration-data" in r.stderr, r.stderr
+    assert not any((tmp_path / d).exists() and os.listdir(tmp_path / d) for d in ("onnx", "torch"))

@@ -112,9 +112,14 @@ def _rows(output: np.ndarray, what: str) -> np.ndarray:
     return out.reshape(-1, out.shape[-1])
 
 
+def are_probabilities(rows: np.ndarray) -> bool:
+    """Whether class scores (one row per sample) are already probabilities: a softmax at the end of the model."""
+    return bool(rows.min() >= 0 and rows.max() <= 1 and np.allclose(rows.sum(1), 1, atol=1e-3))
+
+
 def _log_probs(scores: np.ndarray) -> np.ndarray:
-    if scores.min() >= 0 and scores.max() <= 1 and np.allclose(scores.sum(1), 1, atol=1e-3):
-        return np.log(np.clip(scores, 1e-12, 1))  # already probabilities (a softmax at the end of the model)
+    if are_probabilities(scores):
+        return np.log(np.clip(scores, 1e-12, 1))
     z = scores - scores.max(1, keepdims=True)
     return z - np.log(np.exp(z).sum(1, keepdims=True))
 

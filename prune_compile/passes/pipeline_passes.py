@@ -61,12 +61,34 @@ def _plan(state: JobState, opts: dict) -> None:
         ctx = state.context
         timer = TvmTimer(ctx.target_options, ctx.tune_db, planning.latency_trials) if ctx else \
             TvmTimer(trials_per_layer=planning.latency_trials)
-    state.planned = make_plan(state.graph, state.deps, planning, calibration=feeds, metric=metric,
-                              progress=progress, latency_timer=timer)
+    gradients = _taylor_gradients(state, calibration) if planning.importance == "taylor" else None
+    state.planned = make_plan(state.graph, state.deps, planning, gradients=gradients, calibration=feeds,
+                              metric=metric, progress=progress, latency_timer=timer)
     state.planned.calibration = calibration.describe() if calibration else None
     state.plan = state.planned.plan
     if state.planned.latency:
         state.latency["planning"] = state.planned.latency
+
+
+def _taylor_gradients(state: JobState, calibration) -> dict:
+    """Gradients of the calibration samples' cross-entropy (against their labels, or the model's own top class)
+    with respect to the torch model's parameters: what Taylor importance weighs each weight by."""
+    import torch
+
+    from ..pruner import cross_entropy_loss, gradients_of
+
+    loaded = state.loaded
+    if loaded.kind != "torch" or loaded.module is None:
+        raise UsageError("--importance taylor needs gradients, so a torch model (package.module:factory or .pt2); "
+                         f"'{loaded.source}' is ONNX")
+    if calibration is None:
+        raise UsageError("--importance taylor needs --calibration-data: the samples (and optional 'labels') whose "
+                         "cross-entropy gives the gradients")
+    if state.folded_bn:
+        raise UsageError("--importance taylor scores the model's own weights: run fold-bn after plan, not before")
+    names = [v.name for v in state.graph.inputs]
+    batches = [[torch.from_numpy(batch[n]) for n in names] for batch in calibration.batches]
+    return gradients_of(loaded.module, cross_entropy_loss(batches, calibration.labels))
 
 
 @body("replay")

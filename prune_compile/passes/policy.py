@@ -72,10 +72,13 @@ class PlanningOptions:
                              f"{', '.join(ALLOCATIONS)}")
         if self.sensitivity_metric not in METRICS:
             raise UsageError(f"--sensitivity-metric {self.sensitivity_metric}: expected one of {', '.join(METRICS)}")
-        measures = self.calibration_data or self.sensitivity_metric != "output-change"
-        if policy_checks and self.policy != "sensitivity" and measures:
-            raise UsageError("--calibration-data and --sensitivity-metric are what the sensitivity policy measures "
-                             f"with; policy '{self.policy}' does not use them (add --policy sensitivity)")
+        if policy_checks and self.policy != "sensitivity" and self.sensitivity_metric != "output-change":
+            raise UsageError(f"--sensitivity-metric is what the sensitivity policy measures with; policy "
+                             f"'{self.policy}' does not use it (add --policy sensitivity)")
+        if policy_checks and self.policy != "sensitivity" and self.calibration_data and self.importance != "taylor":
+            raise UsageError("--calibration-data is what the sensitivity policy measures on and Taylor importance "
+                             f"takes gradients from; policy '{self.policy}' with importance '{self.importance}' does "
+                             "not use it (add --policy sensitivity or --importance taylor)")
         if self.importance not in CRITERIA:
             raise UsageError(f"--importance {self.importance}: unknown criterion ({', '.join(CRITERIA)})")
         if not 0.0 <= self.ratio < 1.0:
