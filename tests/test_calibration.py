@@ -195,12 +195,21 @@ def test_taylor_importance_through_the_cli_is_the_calibration_cross_entropys(tmp
     assert _removed(taylor) != _removed(magnitude)
 
 
-def test_taylor_importance_without_gradients_exits_2_and_writes_nothing(tmp_path) -> None:
+def test_taylor_importance_refusals_exit_2_and_write_nothing(tmp_path) -> None:
+    """No gradients (an ONNX model), no samples to take them from, or weights already folded with batch norm."""
     r = _cli("-o", str(tmp_path / "onnx"), "--ratio", "0.5", "--importance", "taylor")
     assert r.returncode == 2 and "needs gradients, so a torch model" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "prune_compile.cli", "tests.test_calibration:taylor_net", "-q",
-                        "--input-shape", "input=1,3,8,8", "-o", str(tmp_path / "torch"), "--ratio", "0.5",
-                        "--importance", "taylor"], capture_output=True, text=True, timeout=600,
-                       cwd=os.path.join(os.path.dirname(__file__), ".."))
+
+    def torch_cli(out: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "prune_compile.cli", "tests.test_calibration:taylor_net", "-q",
+                               "--input-shape", "input=1,3,8,8", "-o", str(tmp_path / out), *args],
+                              capture_output=True, text=True, timeout=600,
+                              cwd=os.path.join(os.path.dirname(__file__), ".."))
+
+    r = torch_cli("torch", "--ratio", "0.5", "--importance", "taylor")
     assert r.returncode == 2 and "needs --calibration-data" in r.stderr, r.stderr
-    assert not any((tmp_path / d).exists() and os.listdir(tmp_path / d) for d in ("onnx", "torch"))
+    data = _npz(tmp_path, input=np.zeros((2, 3, 8, 8), np.float32))
+    r = torch_cli("folded", "--passes",
+                  f"fold-bn,analyze,plan{{importance=taylor calibration={data} ratio=0.5}},rewrite")
+    assert r.returncode == 2 and "run fold-bn after plan" in r.stderr, r.stderr
+    assert not any((tmp_path / d).exists() and os.listdir(tmp_path / d) for d in ("onnx", "torch", "folded"))
