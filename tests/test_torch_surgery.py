@@ -669,9 +669,11 @@ class _DualPath(torch.nn.Module):
     """DPN's dual path block: the first `num_1x1_c` channels are a residual path, the rest a dense path, parted by
     slicing at an attribute whose name says nothing of widths."""
 
-    def __init__(self, num_1x1_c: int = 8, inc: int = 4) -> None:
+    def __init__(self, num_1x1_c: int = 8, inc: int = 4, twin: bool = False) -> None:
         super().__init__()
         self.num_1x1_c, self.inc = num_1x1_c, inc
+        if twin:
+            self.num_1x1_a = num_1x1_c  # another attribute of the same value: which one the code slices at is unknown
         self.conv = torch.nn.Conv2d(num_1x1_c + inc, num_1x1_c + inc, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -691,3 +693,6 @@ def test_a_slice_bound_kept_in_an_attribute_follows_the_plan() -> None:
     assert {s["module"] for s in slices} == {"1"} and (0, 8) in moved and moved[(0, 8)][1] < 8
     pruned, drift = _pruned_at_half(model, x)
     assert pruned[1].num_1x1_c == moved[(0, 8)][1] and pruned[1].inc == 4 and drift <= RTOL
+    model[1] = _DualPath(twin=True)
+    with pytest.raises(UnsupportedModelError, match="does not run"):  # not a guess between the two
+        _pruned_at_half(model, x)

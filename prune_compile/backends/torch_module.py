@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -365,19 +366,22 @@ def _split_attributes_of(m, split: Mapping[str, Any]) -> dict[str, tuple[set, tu
     ...) equal to some sizes takes their kept size (several values: ambiguous), else one equal to their sum the kept
     sum (SKNet's in_channels), else one equal to some sizes over the module's head count (BoTNet's `dim_head_qk`,
     q's width per head) their kept size over it, as long as the head count stays (then the head attribute and its
-    count come along). A slice's bounds (`named` false) match integer attributes of any name, by equality only."""
+    count come along). A slice's bounds (`named` false) match integer attributes of any name, by equality only, and
+    only an attribute whose value no other attribute of the module holds (two of them: which one the code slices at
+    is a guess)."""
     kept_of: dict[int, set[int]] = {}
     for size, kept in zip(split["sizes"], split["kept"], strict=True):
         kept_of.setdefault(size, set()).add(kept)
     heads_attr = _head_count_attribute(m)
     heads = vars(m)[heads_attr] if heads_attr else 0
     whole, named = split.get("whole", True), split.get("named", True)
+    holders = Counter(v for v in vars(m).values() if type(v) is int)
     matches: dict[str, tuple[set, tuple[str, int] | None]] = {}
     for attr, value in vars(m).items():
         if whole and isinstance(value, (list, tuple)) and list(value) == split["sizes"]:
             matches[attr] = ({tuple(split["kept"])}, None)
         elif type(value) is int and attr != heads_attr and not named:
-            if value in kept_of:
+            if value in kept_of and holders[value] == 1:
                 matches[attr] = (set(kept_of[value]), None)
         elif type(value) is int and attr != heads_attr and _SPLIT_SIZE_NAME.search(attr):
             if value in kept_of:
