@@ -213,3 +213,20 @@ def test_taylor_importance_refusals_exit_2_and_write_nothing(tmp_path) -> None:
                   f"fold-bn,analyze,plan{{importance=taylor calibration={data} ratio=0.5}},rewrite")
     assert r.returncode == 2 and "run fold-bn after plan" in r.stderr, r.stderr
     assert not any((tmp_path / d).exists() and os.listdir(tmp_path / d) for d in ("onnx", "torch", "folded"))
+
+
+def test_taylor_importance_on_an_exported_program_equals_the_modules(tmp_path) -> None:
+    """A .pt2 of the same module gives the same Taylor plan: its gradients come from the exported program's module."""
+    import torch
+
+    from prune_compile.cli import main
+
+    torch.export.save(torch.export.export(taylor_net().eval(), (torch.randn(4, 3, 8, 8),)), str(tmp_path / "t.pt2"))
+    data = _npz(tmp_path, input=np.random.default_rng(2).standard_normal((8, 3, 8, 8)).astype(np.float32),
+                labels=np.arange(8) % 10)
+    common = ["--ratio", "0.5", "-q", "--importance", "taylor", "--calibration-data", data]
+    assert main([str(tmp_path / "t.pt2"), "-o", str(tmp_path / "pt2"), *common]) == 0
+    assert main(["tests.test_calibration:taylor_net", "--input-shape", "input=4,3,8,8", "-o", str(tmp_path / "f"),
+                 *common]) == 0
+    plans = [json.loads((tmp_path / d / "plan.json").read_text()) for d in ("pt2", "f")]
+    assert _removed(plans[0]) == _removed(plans[1]) and any(_removed(plans[0]))
