@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from . import api
 from .backends.tvm.targets import CONV_LAYOUTS
 from .errors import PruneCompileError
+from .passes.importance import CRITERIA
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="output-change",
                    help="sensitivity policy: the damage measured: relative change of the outputs, or the first "
                         "output's cross-entropy / top-1 error against the labels (or the unpruned model)")
-    p.add_argument("--importance", choices=("l1", "l2", "bn_scale", "random", "taylor"), default="l2",
+    p.add_argument("--importance", choices=CRITERIA, default="l2",
                    help="channel importance (group-level, over all members); taylor: |weight x gradient| of the "
                         "--calibration-data cross-entropy (labels, else the model's own top class), torch models")
     p.add_argument("--round-to", type=int, default=1, metavar="N",

@@ -68,34 +68,26 @@ def cross_entropy_loss(batches: Sequence[Sequence[Any]], labels: np.ndarray | No
     the module's own top class (its own softmax as a soft target would have zero gradient)."""
     import torch
 
-    from .passes.calibration import LABELS, are_probabilities
+    from .passes.calibration import are_probabilities, check_labels
 
     def loss_fn(module):
-        total, rows_seen = None, 0
+        scores = []
         for batch in batches:
             out = module(*batch)
             first = out[0] if isinstance(out, (tuple, list)) else out
             if first.ndim < 2:
                 raise UsageError(f"importance taylor: the model's first output has shape {list(first.shape)}; its "
                                  "cross-entropy needs class scores along the last axis")
-            rows = first.reshape(-1, first.shape[-1]).double()
-            probabilities = are_probabilities(rows.detach().cpu().numpy())
-            logp = rows.clamp_min(1e-12).log() if probabilities else torch.log_softmax(rows, 1)
-            if labels is None:
-                target = rows.detach().argmax(1)
-            else:
-                target = torch.as_tensor(np.asarray(labels).reshape(-1)[rows_seen:rows_seen + len(rows)],
-                                         dtype=torch.long)
-                if len(target) != len(rows) or target.min() < 0 or target.max() >= rows.shape[1]:
-                    raise UsageError(f"--calibration-data: '{LABELS}' must hold one class in [0, {rows.shape[1]}) "
-                                     "per row of the model's first output")
-            nll = -logp[torch.arange(len(rows)), target].sum()
-            total = nll if total is None else total + nll
-            rows_seen += len(rows)
-        if labels is not None and rows_seen != np.asarray(labels).size:
-            raise UsageError(f"--calibration-data: '{LABELS}' has {np.asarray(labels).size} entries, the model's "
-                             f"first output has {rows_seen} rows of class scores")
-        return total / rows_seen
+            scores.append(first.reshape(-1, first.shape[-1]))
+        rows = torch.cat(scores).double()
+        if labels is None:
+            target = rows.detach().argmax(1)
+        else:
+            check_labels(np.asarray(labels).reshape(-1), rows.shape)
+            target = torch.as_tensor(np.asarray(labels).reshape(-1), dtype=torch.long)
+        logp = rows.clamp_min(1e-12).log() if are_probabilities(rows.detach().cpu().numpy()) else \
+            torch.log_softmax(rows, 1)
+        return -logp[torch.arange(len(rows)), target].mean()
 
     return loss_fn
 

@@ -112,6 +112,15 @@ def _rows(output: np.ndarray, what: str) -> np.ndarray:
     return out.reshape(-1, out.shape[-1])
 
 
+def check_labels(labels: np.ndarray, rows_shape: Sequence[int]) -> None:
+    """`labels` (one class index each) fit class scores of shape [rows, classes] (the model's first output)."""
+    if len(labels) != rows_shape[0]:
+        raise UsageError(f"--calibration-data: '{LABELS}' has {len(labels)} entries, the model's first "
+                         f"output has {rows_shape[0]} rows of class scores")
+    if labels.min() < 0 or labels.max() >= rows_shape[1]:
+        raise UsageError(f"--calibration-data: '{LABELS}' holds classes outside [0, {rows_shape[1]})")
+
+
 def are_probabilities(rows: np.ndarray) -> bool:
     """Whether class scores (one row per sample) are already probabilities: a softmax at the end of the model."""
     return bool(rows.min() >= 0 and rows.max() <= 1 and np.allclose(rows.sum(1), 1, atol=1e-3))
@@ -147,11 +156,7 @@ def damage_metric(name: str, labels: np.ndarray | None = None,
 
     def check(rows: np.ndarray) -> None:
         if labels is not None:
-            if len(target) != len(rows):
-                raise UsageError(f"--calibration-data: '{LABELS}' has {len(target)} entries, the model's first "
-                                 f"output has {len(rows)} rows of class scores")
-            if target.min() < 0 or target.max() >= rows.shape[1]:
-                raise UsageError(f"--calibration-data: '{LABELS}' holds classes outside [0, {rows.shape[1]})")
+            check_labels(target, rows.shape)
 
     if name == "top1":
         def top1(outputs: list[np.ndarray]) -> float:

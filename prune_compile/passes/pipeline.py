@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
+from .importance import CRITERIA
 
 # -- syntax -------------------------------------------------------------------------------------------------
 
@@ -173,7 +174,7 @@ _PLAN_OPTIONS = (
     Option("policy", "str", "uniform | global | sensitivity | latency",
            ("uniform", "global", "sensitivity", "latency")),
     Option("ratio", "float", "fraction of channels removed per group, in [0, 1)"),
-    Option("importance", "str", "channel importance", ("l1", "l2", "bn_scale", "random", "taylor")),
+    Option("importance", "str", "channel importance", CRITERIA),
     Option("round-to", "int", "kept counts are multiples of N"),
     Option("min-channels", "int", "channels every group keeps"),
     Option("max-ratio", "float", "global, latency: the most one group may lose (0.9 global, 0.7 latency)"),
