@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from prune_compile.backends import ort
 from prune_compile.errors import ModelFormatError, UnsupportedModelError, UsageError
 from prune_compile.ir import export_onnx, import_onnx
+from prune_compile.ir.onnx_importer import MAX_OPSET, later_schema_change
+from prune_compile.passes.deps import analyze
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17, domains=()):
@@ -65,9 +68,51 @@ def test_a_fold_that_only_moves_elements_is_not_computed(op: str) -> None:
     assert weight.provenance.kind == "folded" and weight.provenance.computed == (op == "Mul")
 
 
-@pytest.mark.parametrize("opset", [9, 11, 13, 17, 18, 21])
-def test_opsets_9_to_21_import_and_roundtrip(opset: int) -> None:
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 18, 21, 22, 23, 24, 26])
+def test_opsets_9_to_26_import_and_roundtrip(opset: int) -> None:
     assert _roundtrip_error(_conv_model(opset)) <= 1e-6
+    assert [n.op for n in import_onnx(_conv_model(opset)).nodes] == ["conv", "relu"]
+
+
+def test_the_newest_opset_is_the_newest_onnx_runtime_loads() -> None:
+    # MAX_OPSET bounds what the importer accepts because ONNX Runtime folds, verifies and serves the models.
+    onnxruntime.InferenceSession(_conv_model(MAX_OPSET).SerializeToString())
+    with pytest.raises(Exception, match=f"support for domain ai.onnx is till opset {MAX_OPSET}"):
+        onnxruntime.InferenceSession(_conv_model(MAX_OPSET + 1).SerializeToString())
+    with pytest.raises(UnsupportedModelError, match=f"opset {MAX_OPSET + 1}; supported: 7 to {MAX_OPSET}"):
+        import_onnx(_conv_model(MAX_OPSET + 1))
+
+
+def _conv_cast_model(opset: int, **cast_attrs):
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
+    cast = helper.make_node("Cast", ["c"], ["d"], to=TensorProto.FLOAT, name="cast", **cast_attrs)
+    relu = helper.make_node("Relu", ["d"], ["y"], name="relu")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return _model([conv, cast, relu], [x], [y], [w], opset=opset)
+
+
+def test_a_later_opsets_attribute_the_converter_does_not_know_keeps_the_node_opaque() -> None:
+    # Cast gained `round_mode` at opset 24: left unset, Cast means what it meant at opset 21 and converts; set, the
+    # node stays opaque (written back as it was) and freezes the conv's channels, saying why.
+    assert [n.op for n in import_onnx(_conv_cast_model(24)).nodes] == ["conv", "cast", "relu"]
+    model = _conv_cast_model(24, round_mode="up")
+    g = import_onnx(model)
+    assert [n.op for n in g.nodes] == ["conv", "opaque", "relu"]
+    group, _ = analyze(g).groups  # the conv's channels and the input's
+    assert not group.prunable and "node 'cast': sets 'round_mode', added to 'Cast' after opset 21" in group.reason
+    assert _roundtrip_error(model) == 0.0
+    cast = export_onnx(g).graph.node[1]
+    assert {a.name: helper.get_attribute_value(a) for a in cast.attribute}["round_mode"] == b"up"
+
+
+def test_a_later_opsets_change_to_inputs_or_attributes_is_named() -> None:
+    conv = helper.make_node("Conv", ["x", "w"], ["y"])
+    quantize = helper.make_node("QuantizeLinear", ["x", "s"], ["y"])
+    assert later_schema_change(conv, 21) == later_schema_change(conv, 26) == ""  # Conv at 22: wider types only
+    assert later_schema_change(quantize, 23) == (
+        "op 'QuantizeLinear' at opset 23 changed its inputs or outputs since opset 21, which the importer maps")
 
 
 def test_symbolic_dim_needs_an_override_and_the_error_says_so() -> None:

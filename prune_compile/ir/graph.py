@@ -56,6 +56,7 @@ class OpaqueInfo:
     domain: str = ""
     attributes: tuple[Any, ...] = ()
     source: str = "onnx"
+    why: str = ""  # why an op the importer otherwise maps stayed opaque (a later opset changed it)
 
 
 class Value:

@@ -23,7 +23,6 @@ from .graph import Graph, Node, Value
 DEFAULT_OPSET = 18  # for graphs that did not come from ONNX (torch.export)
 # The newest IR version ONNX Runtime 1.31 loads (checked: 13 loads, 14 is refused); onnx 1.23 writes 14.
 MAX_IR_VERSION = 13
-_MIN_IR_FOR_OPSET = {17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
 
 
 def export_onnx(graph: Graph, path: str | os.PathLike | None = None) -> onnx.ModelProto:
@@ -114,8 +113,9 @@ class _Ctx:
         if any(n.domain == "com.microsoft" for n in self.nodes):
             opsets.setdefault("com.microsoft", 1)
         opset_protos = [helper.make_opsetid(d, v) for d, v in sorted(opsets.items())]
-        ir = g.ir_version or _MIN_IR_FOR_OPSET.get(self.opset, MAX_IR_VERSION)
-        ir = max(min(ir, MAX_IR_VERSION), _MIN_IR_FOR_OPSET.get(self.opset, 3))
+        # The input's IR version, raised to what the opset was released with, capped at what the runtime loads.
+        needed = min(helper.find_min_ir_version_for([helper.make_opsetid("", self.opset)]), MAX_IR_VERSION)
+        ir = max(min(g.ir_version or needed, MAX_IR_VERSION), needed)
         model = helper.make_model(graph_proto, opset_imports=opset_protos, ir_version=ir,
                                   producer_name="prune-compile")
         return model

@@ -8,6 +8,7 @@ subgraphs to constants with onnx-graphsurgeon; infer shapes; map every node to a
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,7 +23,12 @@ from .graph import Graph, OpaqueInfo, Provenance, Value
 # Domains whose ops ONNX Runtime can run; anything else is a custom op library we do not have.
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 MIN_OPSET = 17  # older models are converted up to this (LayerNormalization, Split/Reduce forms settle here)
-SUPPORTED_OPSETS = range(7, 22)
+# The converters below follow the ops as specified up to this opset. A later opset's version of an op they convert
+# is converted only when its schema differs by wider type lists or by new attributes the node leaves unset
+# (`later_schema_change`); otherwise the node stays opaque and its channels freeze.
+CONVERTER_OPSET = 21
+MAX_OPSET = 26  # the newest opset ONNX Runtime 1.31 loads (the folding, verification and reference runtime)
+SUPPORTED_OPSETS = range(7, MAX_OPSET + 1)
 _MAX_FOLD_ROUNDS = 12
 
 
@@ -76,7 +82,8 @@ def _prepare(
             )
     default_opset = opsets.get("", opsets.get("ai.onnx", 0))
     if default_opset not in SUPPORTED_OPSETS:
-        raise UnsupportedModelError(f"'{where}' uses ONNX opset {default_opset}; supported: 7 to 21")
+        raise UnsupportedModelError(f"'{where}' uses ONNX opset {default_opset}; supported: "
+                                     f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
     _fix_input_shapes(model, overrides)
     if default_opset < MIN_OPSET:
         try:
@@ -235,6 +242,7 @@ class _Ctx:
         self.values: dict[str, Value] = {}
         self.types: dict[str, onnx.TypeProto] = {}
         self.node_names: set[str] = set()
+        self.opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
         for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
             self.types[vi.name] = vi.type
 
@@ -337,17 +345,18 @@ def _import_node(ctx: _Ctx, n: onnx.NodeProto, index: int) -> None:
             raise GraphError(f"node '{name}' reads '{i}', which no node produces")
     attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
     converted = None
-    if n.domain in ("", "ai.onnx"):
-        conv = _CONVERTERS.get(n.op_type)
-        if conv is not None:
-            converted = conv(ctx, n, attrs, inputs)
+    why = ""
+    if n.domain in ("", "ai.onnx") and n.op_type in _CONVERTERS:
+        why = later_schema_change(n, ctx.opset)
+        if not why:
+            converted = _CONVERTERS[n.op_type](ctx, n, attrs, inputs)
     if converted is None:
         names = list(n.output)
         while names and not names[-1]:
             names.pop()  # trailing omitted optional outputs are positional no-ops
         outputs = [_new_value(ctx, o) for o in names]
         ctx.graph.add_node("opaque", inputs, [o for o in outputs if o is not None], name=name, origin=name,
-                           opaque=OpaqueInfo(n.op_type, n.domain, tuple(n.attribute)))
+                           opaque=OpaqueInfo(n.op_type, n.domain, tuple(n.attribute), why=why))
         if any(o is None for o in outputs):
             # An omitted optional output in the middle: keep names aligned by materializing it.
             raise UnsupportedModelError(f"node '{name}' ({n.op_type}) has an omitted optional output")
@@ -355,6 +364,48 @@ def _import_node(ctx: _Ctx, n: onnx.NodeProto, index: int) -> None:
     op, new_attrs, new_inputs, n_outputs = converted
     outputs = [_new_value(ctx, o) for o in n.output[:n_outputs]]
     ctx.graph.add_node(op, new_inputs, outputs, new_attrs, name=name, origin=name)
+
+
+def later_schema_change(n: onnx.NodeProto, opset: int) -> str:
+    """Why node `n` of a model at `opset` cannot take the converter written for CONVERTER_OPSET's op ("" if it can)."""
+    if opset <= CONVERTER_OPSET:
+        return ""
+    changed, added = _schema_change(n.op_type, opset)
+    if changed:
+        return f"op '{n.op_type}' at opset {opset} {changed} since opset {CONVERTER_OPSET}, which the importer maps"
+    used = sorted(a.name for a in n.attribute if a.name in added)
+    if used:
+        return (f"sets {', '.join(repr(a) for a in used)}, added to '{n.op_type}' after opset {CONVERTER_OPSET}, "
+                "which the importer maps")
+    return ""
+
+
+@functools.cache
+def _schema_change(op_type: str, opset: int) -> tuple[str, frozenset[str]]:
+    """How `op_type` at `opset` differs from CONVERTER_OPSET's: a description of a change in anything but wider type
+    lists and new optional attributes ("" if none), and the names of those new attributes."""
+    new = onnx.defs.get_schema(op_type, opset)
+    if new.since_version <= CONVERTER_OPSET:
+        return "", frozenset()
+    old = onnx.defs.get_schema(op_type, CONVERTER_OPSET)
+
+    def params(schema):
+        return [(p.name, p.option, p.type_str, p.is_homogeneous) for p in [*schema.inputs, *schema.outputs]]
+
+    def types(schema):
+        return {t.type_param_str: set(t.allowed_type_strs) for t in schema.type_constraints}
+
+    kept = {k: (a.type, a.required, a.default_value.SerializeToString()) for k, a in old.attributes.items()}
+    now = {k: (a.type, a.required, a.default_value.SerializeToString()) for k, a in new.attributes.items()}
+    added = frozenset(k for k in now.keys() - kept.keys() if not new.attributes[k].required)
+    old_types, new_types = types(old), types(new)
+    if params(old) != params(new) or old_types.keys() != new_types.keys():
+        return "changed its inputs or outputs", added
+    if any(not old_types[k] <= new_types[k] for k in old_types):
+        return "dropped input or output types", added
+    if any(now.get(k) != v for k, v in kept.items()) or len(now) - len(kept) != len(added):
+        return "changed its attributes", added
+    return "", added
 
 
 def _new_value(ctx: _Ctx, name: str) -> Value | None:

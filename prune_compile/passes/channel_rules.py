@@ -79,7 +79,8 @@ def apply_rule(sink: RuleSink, node: Node) -> None:
     fn = RULES.get(node.op)
     if node.opaque is not None or fn is None:
         what = node.opaque.op_type if node.opaque is not None else node.op
-        freeze_all(sink, node, f"node '{node.name}': op '{what}' has no channel rule")
+        why = node.opaque.why if node.opaque is not None else ""
+        freeze_all(sink, node, f"node '{node.name}': " + (why or f"op '{what}' has no channel rule"))
         return
     fn(sink, node)
 
