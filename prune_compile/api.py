@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -367,11 +366,12 @@ def run(
 def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
     import datetime
 
+    from .ir import onnx_io
     from .passes.cost import graph_cost
     from .passes.deps import analyze
     from .passes.plan import Plan, plan_to_json
     from .report_html import render_report
-    from .util import atomic_write_bytes, atomic_write_text
+    from .util import atomic_write_text
 
     loaded = state.loaded
     if state.rewrite_plan is not None:
@@ -381,7 +381,6 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
     else:  # no planning in the pipeline: plan.json still lists the groups, none pruned
         deps, plan = state.deps or analyze(state.graph), Plan()
     proto = export_onnx(state.graph)
-    data = proto.SerializeToString(deterministic=True)
     before, after = graph_cost(state.initial), graph_cost(state.graph)
     plan_doc = plan_to_json(deps, plan)
     report: dict[str, Any] = {
@@ -395,8 +394,7 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
                  "macs_ratio": round(before["macs"] / after["macs"], 4) if after["macs"] else None,
                  "parameters_ratio": round(before["parameters"] / after["parameters"], 4)
                  if after["parameters"] else None},
-        "outputs": {"onnx": OUTPUT_ONNX, "plan": OUTPUT_PLAN, "html": OUTPUT_HTML, "timings": OUTPUT_TIMINGS,
-                    "onnx_sha256": hashlib.sha256(data).hexdigest()},
+        "outputs": {"onnx": OUTPUT_ONNX, "plan": OUTPUT_PLAN, "html": OUTPUT_HTML, "timings": OUTPUT_TIMINGS},
     }
     if state.folded_bn:
         report["batch_norms_folded"] = state.folded_bn
@@ -412,7 +410,13 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
              "report": os.path.join(outdir, OUTPUT_REPORT), "html": os.path.join(outdir, OUTPUT_HTML),
              "timings": os.path.join(outdir, OUTPUT_TIMINGS)}
     try:
-        atomic_write_bytes(files["onnx"], data)
+        written = onnx_io.save(proto, files["onnx"])
+        report["outputs"]["onnx_sha256"] = onnx_io.sha256(written)
+        if len(written) > 1:  # over protobuf's 2 GiB: the weights are in a data file beside it
+            files["onnx_data"] = written[1]
+            report["outputs"]["onnx_data"] = os.path.basename(written[1])
+        elif os.path.exists(stale := os.path.join(outdir, onnx_io.data_file_name(OUTPUT_ONNX))):
+            os.unlink(stale)  # an earlier large model's weights: this model holds its own
         atomic_write_text(files["plan"], json.dumps(plan_doc, indent=1, sort_keys=True) + "\n")
         atomic_write_text(files["report"], json.dumps(report, indent=2, sort_keys=True) + "\n")
         atomic_write_text(files["timings"], json.dumps(timings, indent=2, sort_keys=True) + "\n")

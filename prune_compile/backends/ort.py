@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import BackendError
+from ..ir import onnx_io
 
 
 def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | None = None,
@@ -29,8 +30,9 @@ def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | N
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif not isinstance(model, bytes):
+        with onnx_io.loadable(model) as source:  # over 2 GiB: a temporary file with external data
+            return session(source, threads, optimized_path)
+    if not isinstance(model, bytes):
         model = os.fspath(model)
     try:
         return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])

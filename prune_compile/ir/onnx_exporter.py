@@ -26,16 +26,17 @@ MAX_IR_VERSION = 13
 
 
 def export_onnx(graph: Graph, path: str | os.PathLike | None = None) -> onnx.ModelProto:
-    """Build an ONNX model from `graph`; write it atomically to `path` when given."""
+    """Build an ONNX model from `graph`; write it atomically to `path` when given (a model over protobuf's 2 GiB
+    with its weights in `path`.data: `onnx_io.save`)."""
     opset = graph.opset_imports.get("", DEFAULT_OPSET)
     ctx = _Ctx(graph, opset)
     for node in graph.nodes:
         ctx.emit_node(node)
     model = ctx.model()
     if path is not None:
-        from ..util import atomic_write_bytes
+        from . import onnx_io
 
-        atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+        onnx_io.save(model, path)
     return model
 
 

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import GraphError, ModelFormatError, UnsupportedModelError, UsageError
+from . import onnx_io
 from .graph import Graph, OpaqueInfo, Provenance, Value
 
 # Domains whose ops ONNX Runtime can run; anything else is a custom op library we do not have.
@@ -66,11 +67,11 @@ def _prepare(
     # onnx 1.23's checker wants a shape on every graph output, which many exporters omit: let shape
     # inference fill them in first (an inference failure is reported by the checker or by the strict pass later).
     try:
-        checked = onnx.shape_inference.infer_shapes(model)
+        checked = onnx_io.infer_shapes(model)
     except Exception:
         checked = model
     try:
-        onnx.checker.check_model(checked)
+        onnx_io.check_model(checked)
     except onnx.checker.ValidationError as e:
         raise ModelFormatError(f"'{where}' fails the ONNX checker: {_first_line(e)}") from e
     opsets = {o.domain: o.version for o in model.opset_import}
@@ -93,7 +94,7 @@ def _prepare(
                 f"'{where}': cannot convert opset {default_opset} to {MIN_OPSET}: {_first_line(e)}") from e
     model, origins = _fold_constants(model, where)
     try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        model = onnx_io.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as e:
         raise UnsupportedModelError(f"'{where}': ONNX shape inference failed: {_first_line(e)}") from e
     return model, origins
@@ -150,7 +151,7 @@ def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto
     try:
         for _ in range(_MAX_FOLD_ROUNDS):
             before = len(folded.graph.node)
-            folded = onnx.shape_inference.infer_shapes(folded, data_prop=True)
+            folded = onnx_io.infer_shapes(folded, data_prop=True)
             g = gs.import_onnx(folded)
             # Not inside If/Loop branches: our IR keeps control flow opaque, and gs would evaluate them as IR-14
             # models that ONNX Runtime rejects (a printed warning per branch, nothing folded).
