@@ -129,9 +129,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> list[str]:
     if not is_large(model):
         atomic_write_bytes(path, model.SerializeToString(deterministic=True))
         return [path]
-    directory = os.path.dirname(os.path.abspath(path))
-    data_path = os.path.join(directory, data_file_name(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    data_path = os.path.join(os.path.dirname(path), data_file_name(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "wb") as data:
             light = _external_form(model, data_file_name(path), data)
