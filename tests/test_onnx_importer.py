@@ -154,6 +154,17 @@ def test_unknown_opset_domain_is_refused_with_the_node_name() -> None:
         import_onnx(model)
 
 
+def test_a_contrib_op_without_an_inferred_shape_is_named_as_the_cause() -> None:
+    # onnx's shape inference has no schema for com.microsoft ops: the error says so rather than blaming the input.
+    gelu = helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft", name="fused_gelu")
+    relu = helper.make_node("Relu", ["g"], ["y"], name="relu")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])
+    with pytest.raises(UnsupportedModelError, match="'fused_gelu'.*op 'Gelu' is from domain 'com.microsoft', whose "
+                                                    "shapes onnx's shape inference does not know"):
+        import_onnx(_model([gelu, relu], [x], [y], domains=["com.microsoft"]))
+
+
 def test_truncated_and_garbage_files_are_format_errors(tmp_path) -> None:
     good = _conv_model().SerializeToString()
     truncated = tmp_path / "truncated.onnx"

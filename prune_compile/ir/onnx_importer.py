@@ -300,9 +300,13 @@ def _build_graph(model: onnx.ModelProto, source: str, origins: dict[str, str]) -
     for n in g.nodes:
         for v in n.outputs:
             if v.shape is None and (v.users or v in g.outputs):
+                domain = n.opaque.domain if n.opaque is not None else ""
+                hint = ("check --input-shape" if domain in ("", "ai.onnx") else
+                        f"op '{n.opaque.op_type}' is from domain '{domain}', whose shapes onnx's shape inference "
+                        "does not know")
                 raise UnsupportedModelError(
                     f"no static shape could be inferred for '{v.name}' (output of node '{n.name}', {n.origin}); "
-                    "check --input-shape")
+                    + hint)
     g.verify()
     return g
 
