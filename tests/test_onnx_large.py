@@ -115,3 +115,21 @@ def test_a_real_two_gib_model_imports_exports_and_runs(tmp_path) -> None:
     got = ort.run(str(path), x)
     del graph
     assert ort.relative_error(ort.run(model, x), got) <= 1e-6
+
+
+def test_the_zeroed_original_shares_the_unchanged_weights_and_leaves_the_original_intact() -> None:
+    from prune_compile.passes.deps import analyze
+    from prune_compile.passes.oracle import zeroed_constants, zeroed_graph
+    from prune_compile.passes.plan import uniform_plan
+
+    graph = import_onnx(DEFAULT_MODEL)
+    deps = analyze(graph)
+    plan = uniform_plan(deps, 0.5)
+    before = {v.name: v.data.copy() for v in graph.constants()}
+    zeroed = zeroed_graph(graph, deps, plan)
+    changed = set(zeroed_constants(deps, plan))
+    assert changed and len(changed) < len(before)
+    copies = {v.name: v.data for v in zeroed.constants()}
+    for v in graph.constants():
+        assert np.array_equal(v.data, before[v.name])
+        assert (copies[v.name] is v.data) == (v.name not in changed)

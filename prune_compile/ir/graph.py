@@ -258,15 +258,17 @@ class Graph:
         yield from self.outputs
 
     # -- whole-graph operations ---------------------------------------------------------------------------
-    def clone(self) -> Graph:
-        """A deep copy (constant arrays copied too), so a pass can rewrite it and leave this graph intact."""
+    def clone(self, share_constants: bool = False) -> Graph:
+        """A deep copy (constant arrays copied too), so a pass can rewrite it and leave this graph intact.
+        `share_constants`: the copy's constants hold this graph's arrays (for a caller that only replaces them,
+        never writes into them: no second copy of a large model's weights)."""
         vmap: dict[int, Value] = {}
 
         def copy_value(v: Value | None) -> Value | None:
             if v is None:
                 return None
             if id(v) not in vmap:
-                data = None if v.data is None else v.data.copy()
+                data = None if v.data is None else v.data if share_constants else v.data.copy()
                 vmap[id(v)] = Value(v.name, v.shape, v.dtype, data=data, provenance=v.provenance)
             return vmap[id(v)]
 

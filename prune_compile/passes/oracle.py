@@ -37,7 +37,7 @@ def zeroed_constants(deps: DependencyResult, plan: Plan) -> dict[str, np.ndarray
 def zeroed_graph(graph, deps: DependencyResult, plan: Plan):
     """A copy of `graph` with the removed channels silenced (see `zeroed_constants`)."""
     zeroed = zeroed_constants(deps, plan)
-    copy = graph.clone()
+    copy = graph.clone(share_constants=True)  # the zeroed arrays replace, never write into, the shared ones
     for v in copy.constants():
         if v.name in zeroed:
             v.data = zeroed[v.name]

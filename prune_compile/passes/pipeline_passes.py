@@ -140,6 +140,7 @@ def _verify(state: JobState, opts: dict) -> None:
 
     proto = export_onnx(state.graph)
     got = ort.run(proto, _feeds_for(proto, state.loaded.example_inputs))
+    del proto  # a large model's copy need not live beside the zeroed original's below
     plan, deps = state.rewrite_plan, state.rewrite_deps
     if plan is None or plan.is_empty():
         err = ort.relative_error(reference_outputs(state.loaded), got)
