@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ class LoadedModel:
     onnx_model: Any = None  # the original ModelProto (ONNX sources)
     module: Any = None  # the nn.Module or ExportedProgram module (torch sources)
     example_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    symbolic_dims: dict[str, dict[int, str]] = field(default_factory=dict)  # ONNX inputs' dims --input-shape fixed
 
 
 def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
@@ -80,12 +82,14 @@ def load_model(model: Any, input_shapes: InputShapes | None = None, seed: int = 
 
 def _load_onnx(path: str, input_shapes: InputShapes, seed: int) -> LoadedModel:
     from .ir.onnx_importer import load_onnx_model
+    from .passes.dynamic_dims import symbolic_input_dims
 
     proto = load_onnx_model(path)
+    symbols = symbolic_input_dims(proto)  # before the import fixes them in place
     graph = import_onnx(proto, input_shapes)
     graph.source = path
     feeds = _random_feeds(graph, seed)
-    return LoadedModel(graph, "onnx", path, onnx_model=proto, example_inputs=feeds)
+    return LoadedModel(graph, "onnx", path, onnx_model=proto, example_inputs=feeds, symbolic_dims=symbols)
 
 
 def _call_factory(spec: str) -> Any:
@@ -381,6 +385,11 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
     else:  # no planning in the pipeline: plan.json still lists the groups, none pruned
         deps, plan = state.deps or analyze(state.graph), Plan()
     proto = export_onnx(state.graph)
+    kept, static_why = {}, ""
+    if loaded.symbolic_dims:
+        started = time.perf_counter()
+        proto, kept, static_why = _with_symbolic_dims(state, proto)
+        state.pass_seconds.append({"pass": "symbolic-dims", "seconds": round(time.perf_counter() - started, 4)})
     before, after = graph_cost(state.initial), graph_cost(state.graph)
     plan_doc = plan_to_json(deps, plan)
     report: dict[str, Any] = {
@@ -398,6 +407,13 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
     }
     if state.folded_bn:
         report["batch_norms_folded"] = state.folded_bn
+    if kept:
+        report["symbolic_dims"] = {name: {str(a): s for a, s in dims.items()} for name, dims in kept.items()}
+    if static_why:
+        fixed = ", ".join(f"{name}[{a}]" for name, dims in loaded.symbolic_dims.items() for a in dims
+                          if a not in kept.get(name, {}))
+        report["pruning"].setdefault("warnings", []).append(
+            f"the pruned model keeps --input-shape's sizes for {fixed} (symbolic in the original): {static_why}")
     if state.verification is not None:
         report["verification"] = state.verification
     if state.targets:
@@ -427,6 +443,46 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
     except OSError as e:
         raise UsageError(f"cannot write to output directory '{outdir}': {e.strerror}") from e
     return RunResult(outdir, files, report, timings)
+
+
+def _with_symbolic_dims(state: Any, proto: Any) -> tuple[Any, dict, str]:
+    """The pruned model with as many of the original's symbolic input dims as hold (`passes/dynamic_dims.py`: the
+    job's graph steps replayed on the original imported at doubled sizes): the model, the dims kept, and why the
+    others stay static ("" if none does)."""
+    from .passes.dynamic_dims import candidates, generalize
+
+    reasons = []
+    for symbols in candidates(state.loaded.symbolic_dims):
+        other, why = _replayed_at_doubled(state, symbols)
+        if other is not None:
+            generalized, why = generalize(proto, other, symbols)
+            if generalized is not None:
+                return generalized, symbols, "; ".join(reasons)
+        reasons.append(why)
+    return proto, {}, "; ".join(reasons)
+
+
+def _replayed_at_doubled(state: Any, symbols: dict) -> tuple[Any, str]:
+    from .ir.onnx_importer import load_onnx_model
+    from .passes.deps import analyze
+    from .passes.dynamic_dims import doubled_shapes
+    from .passes.fold_bn import folded_copy
+    from .passes.plan import plan_from_json, plan_to_json
+    from .passes.rewrite import pruned_copy
+
+    shapes = doubled_shapes({v.name: list(v.shape) for v in state.initial.inputs}, symbols)
+    try:
+        graph = import_onnx(load_onnx_model(state.loaded.source), shapes)
+        for step, deps, plan in state.graph_steps:
+            if step == "rewrite":
+                again = analyze(graph, deps.attention)
+                graph = pruned_copy(graph, plan_from_json(again, plan_to_json(deps, plan)), again)
+            else:
+                graph, _ = folded_copy(graph)
+        return export_onnx(graph), ""
+    except PruneCompileError as e:
+        sizes = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in shapes.items())
+        return None, f"at {sizes} the job fails: {e}"
 
 
 def library_name(target: str) -> str:

@@ -263,6 +263,8 @@ def _summary(result: api.RunResult) -> str:
     lines = [
         f"model      {r['model']['source']} ({r['model']['kind']})",
         "inputs     " + ", ".join(f"{k}{v}" for k, v in r["input_shapes"].items()),
+        *(["symbolic   " + ", ".join(f"{k}[{a}]={s}" for k, dims in r["symbolic_dims"].items() for a, s in dims.items())
+           + ": kept in the pruned model (checked at these sizes and doubled)"] if r.get("symbolic_dims") else []),
         f"graph      {g['nodes']} nodes, {g['constants']} constants, {g['parameters']:,} parameters, "
         f"{g['opaque']} opaque",
         "ops        " + ", ".join(f"{k}x{v}" for k, v in sorted(g["ops"].items(), key=lambda kv: -kv[1])[:12]),

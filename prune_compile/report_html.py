@@ -211,6 +211,9 @@ def render_report(report: dict[str, Any], plan_doc: dict[str, Any], timings: dic
         f"<h1>prune-compile report: {escape(report['model']['source'])}</h1>",
         f"<p class=muted>{escape(report['model']['kind'])} model, inputs "
         + escape(", ".join(f"{k} {v}" for k, v in report["input_shapes"].items()))
+        + (escape(" (symbolic in the pruned model: " + ", ".join(
+            f"{k}[{a}] {s}" for k, dims in report["symbolic_dims"].items() for a, s in dims.items()) + ")")
+           if report.get("symbolic_dims") else "")
         + f"; pipeline <code>{escape(report.get('pipeline', ''))}</code>; policy {escape(str(p.get('policy')))}"
         + (f", MACs target {p['target_macs']}x" if p.get("target_macs") else
            f", ratio {p['ratio']}" if p.get("ratio") is not None else "") + "</p>",

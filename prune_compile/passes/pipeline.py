@@ -270,6 +270,7 @@ class JobState:
     rewrite_deps: Any = None
     rewrite_plan: Any = None
     folded_bn: int = 0
+    graph_steps: list[tuple] = field(default_factory=list)  # ("rewrite", deps, plan) / ("fold-bn", None, None)
     verification: dict | None = None
     targets: dict[str, dict] = field(default_factory=dict)
     staged: dict[str, str] = field(default_factory=dict)  # target → compiled library in a temp file

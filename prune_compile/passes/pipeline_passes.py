@@ -110,6 +110,7 @@ def _rewrite(state: JobState, opts: dict) -> None:
     from .rewrite import pruned_copy
 
     state.before_rewrite, state.rewrite_deps, state.rewrite_plan = state.graph, state.deps, state.plan
+    state.graph_steps.append(("rewrite", state.deps, state.plan))
     state.graph = pruned_copy(state.graph, state.plan, state.deps)
     state.deps = state.plan = None
 
@@ -120,6 +121,7 @@ def _fold_bn(state: JobState, opts: dict) -> None:
 
     graph, folded = folded_copy(state.graph)
     state.folded_bn += folded
+    state.graph_steps.append(("fold-bn", None, None))
     graph.verify()
     state.graph = graph
     state.deps = state.plan = None

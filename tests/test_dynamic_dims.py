@@ -1,0 +1,128 @@
+"""The pruned ONNX keeps the original's symbolic input dims (batch, image size) where a replay at doubled sizes
+shows the model does not depend on them through a constant; elsewhere it stays static and says why.
+
+Oracle: the pruned model with symbolic dims, run at a third size, equals the same job (its plan replayed) run
+statically at that size."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from prune_compile.api import run
+from prune_compile.backends import ort
+from prune_compile.passes.dynamic_dims import symbolic_input_dims
+
+from .third_party import MODELS, fetch_model, realistic_feeds
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = self.features(x)
+        return self.head(y.view(y.size(0), -1))  # a reshape whose target holds the batch
+
+
+def _dynamic_onnx(path: str) -> str:
+    model = _Net().eval()
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data = torch.randn_like(p)
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), buf, dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}, "y": {0: "batch"}})
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def _same_job_at(tmp_path, model: str, out, shapes) -> onnx.ModelProto:
+    """The pruned model of the same plan, made statically at `shapes`."""
+    again = run(model, tmp_path / "again", input_shapes=shapes, plan=os.path.join(out, "plan.json"))
+    return onnx.load(again.files["onnx"])
+
+
+def test_a_dynamic_batch_and_image_size_survive_pruning(tmp_path) -> None:
+    model = _dynamic_onnx(str(tmp_path / "net.onnx"))
+    result = run(model, tmp_path / "out", input_shapes={"x": [1, 3, 32, 32]}, ratio=0.5)
+    assert result.report["symbolic_dims"] == {"x": {"0": "batch", "2": "h", "3": "w"}}
+    assert "warnings" not in result.report["pruning"]
+    assert "symbolic in the pruned model: x[0] batch, x[2] h, x[3] w" in open(result.files["html"]).read()
+    pruned = onnx.load(result.files["onnx"])
+    assert [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim] == ["batch", "", "h", "w"]
+    assert [d.dim_param or d.dim_value for d in pruned.graph.output[0].type.tensor_type.shape.dim] == ["batch", 10]
+    shapes = {"x": [3, 3, 40, 48]}
+    x = {"x": np.random.default_rng(5).standard_normal(shapes["x"]).astype(np.float32)}
+    want = ort.run(_same_job_at(tmp_path, model, tmp_path / "out", shapes), x)
+    assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-5
+
+
+def test_a_size_a_constant_depends_on_stays_static_naming_the_node(tmp_path) -> None:
+    # y = x @ w + expand(b, shape(x @ w)): the expand folds into a constant of the batch's size, read by the add.
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 6], np.ones(24, np.float32).tolist())
+    b = helper.make_tensor("b", TensorProto.FLOAT, [6], np.arange(6, dtype=np.float32).tolist())
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("Shape", ["h"], ["shape"], name="shape"),
+             helper.make_node("Expand", ["b", "shape"], ["bias"], name="spread"),
+             helper.make_node("Add", ["h", "bias"], ["y"], name="offset")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])], [w, b])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    result = run(path, tmp_path / "out", input_shapes={"x": [2, 4]})
+    assert "symbolic_dims" not in result.report
+    (warning,) = result.report["pruning"]["warnings"]
+    assert warning.startswith("the pruned model keeps --input-shape's sizes for x[0] (symbolic in the original): ")
+    assert "constant 'bias' depends on the input size and is read by 'offset' (Add), not as a reshape" in warning
+    dims = onnx.load(result.files["onnx"]).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 4]
+
+
+def test_unnamed_dims_get_names_of_their_own() -> None:
+    # Paddle2ONNX writes "?" for any unknown dim; equal names would claim equal sizes.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", None])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "m", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    assert symbolic_input_dims(helper.make_model(graph)) == {"x": {0: "x_dim0", 2: "x_dim2", 3: "x_dim3"}}
+
+
+# What each third-party model keeps symbolic: YOLOv8's anchors follow its image size, Magika's one-hot is expanded
+# to its batch, the PP-OCRv4 recognizer's height is fixed by its architecture (48), ddddocr's detector and the
+# layout model have static inputs already.
+KEPT = {"magika": {}, "nudenet_yolov8n": {"images": [0]}, "orientation_lcnet": {"x": [0]},
+        "ppocr_cls": {"x": [0, 2, 3]}, "ppocrv4_det": {"x": [0, 2, 3]}, "ppocrv4_rec": {"x": [0]},
+        "ppocrv5_cls": {"x": [0, 2, 3]},
+        "ppocrv5_det": {"x": [0, 2, 3]}, "ppocrv5_rec": {"x": [0, 3]}, "ddddocr_det": {}, "layout_picodet": {}}
+
+
+@pytest.mark.parametrize("model_id", sorted(MODELS))
+def test_third_party_models_keep_the_symbolic_dims_that_hold(tmp_path, model_cache_dir: str, model_id: str) -> None:
+    path, shapes = fetch_model(model_cache_dir, model_id)
+    result = run(path, tmp_path / "out", input_shapes=shapes, ratio=0.5)
+    kept = {name: sorted(int(a) for a in dims) for name, dims in result.report.get("symbolic_dims", {}).items()}
+    assert kept == KEPT[model_id]
+    symbolic = symbolic_input_dims(onnx.load(path))
+    if kept != {name: sorted(dims) for name, dims in symbolic.items()}:
+        assert any(w.startswith("the pruned model keeps --input-shape's sizes for")
+                   for w in result.report["pruning"]["warnings"])
+    if not kept:
+        return
+    # A third size: batch 3, each kept spatial dim 32 larger (the detectors' strides divide it).
+    third = {name: [(3 if a == 0 else d + 32) if a in kept.get(name, []) else d for a, d in enumerate(dims)]
+             for name, dims in shapes.items()}
+    feeds = realistic_feeds(model_id, third, seed=4)
+    want = ort.run(_same_job_at(tmp_path, path, tmp_path / "out", third), feeds)
+    assert ort.relative_error(want, ort.run(result.files["onnx"], feeds)) <= 1e-4
