@@ -455,11 +455,14 @@ def _with_symbolic_dims(state: Any, proto: Any) -> tuple[Any, dict, str]:
     for symbols in candidates(state.loaded.symbolic_dims):
         other, why = _replayed_at_doubled(state, symbols)
         if other is not None:
-            generalized, why = generalize(proto, other, symbols)
+            try:
+                generalized, why = generalize(proto, other, symbols)
+            except Exception as e:  # the static model is correct as it is: report, never fail the job for this
+                generalized, why = None, f"checking the model with symbolic dims failed: {type(e).__name__}: {e}"
             if generalized is not None:
-                return generalized, symbols, "; ".join(reasons)
+                return generalized, symbols, "; ".join(dict.fromkeys(reasons))
         reasons.append(why)
-    return proto, {}, "; ".join(reasons)
+    return proto, {}, "; ".join(dict.fromkeys(reasons))
 
 
 def _replayed_at_doubled(state: Any, symbols: dict) -> tuple[Any, str]:
@@ -480,9 +483,10 @@ def _replayed_at_doubled(state: Any, symbols: dict) -> tuple[Any, str]:
             else:
                 graph, _ = folded_copy(graph)
         return export_onnx(graph), ""
-    except PruneCompileError as e:
+    except Exception as e:  # as above: a model that fails at other sizes keeps the sizes it was pruned at
         sizes = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in shapes.items())
-        return None, f"at {sizes} the job fails: {e}"
+        what = str(e) if isinstance(e, PruneCompileError) else f"{type(e).__name__}: {e}"
+        return None, f"at {sizes} the job fails: {what}"
 
 
 def library_name(target: str) -> str:

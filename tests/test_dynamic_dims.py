@@ -126,3 +126,20 @@ def test_third_party_models_keep_the_symbolic_dims_that_hold(tmp_path, model_cac
     feeds = realistic_feeds(model_id, third, seed=4)
     want = ort.run(_same_job_at(tmp_path, path, tmp_path / "out", third), feeds)
     assert ort.relative_error(want, ort.run(result.files["onnx"], feeds)) <= 1e-4
+
+
+def test_a_failure_while_generalizing_keeps_the_static_model_and_says_so(tmp_path, monkeypatch) -> None:
+    import prune_compile.passes.dynamic_dims as dynamic_dims
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dynamic_dims, "generalize", broken)
+    model = _dynamic_onnx(str(tmp_path / "net.onnx"))
+    result = run(model, tmp_path / "out", input_shapes={"x": [1, 3, 32, 32]}, ratio=0.5)
+    assert "symbolic_dims" not in result.report and result.report["verification"]["exact"]
+    assert result.report["pruning"]["warnings"] == [
+        "the pruned model keeps --input-shape's sizes for x[0], x[2], x[3] (symbolic in the original): checking the "
+        "model with symbolic dims failed: RuntimeError: boom"]
+    dims = onnx.load(result.files["onnx"]).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 32, 32]
