@@ -292,6 +292,7 @@ def run(
     measure_latency: bool = False,
     print_after_all: bool = False,
     dump_ir: str | os.PathLike | None = None,
+    static_shapes: bool = False,
 ) -> RunResult:
     """Import, prune, export, compile: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s.
 
@@ -302,7 +303,8 @@ def run(
     ignore globs, overrides, target MACs reduction); its ratio is `ratio`. `plan` replays a plan.json instead of
     planning. `passes` is a textual pipeline (see passes/pipeline.py) whose unset options default to the
     arguments above; without it, the arguments describe the pipeline (`default_pipeline`). `measure_latency`
-    times the original and the pruned model on ONNX Runtime and each cpu library (results in timings.json)."""
+    times the original and the pruned model on ONNX Runtime and each cpu library (results in timings.json).
+    `static_shapes` writes the pruned ONNX at `input_shapes` even where the original's dims were symbolic."""
     from .passes.pipeline import JobState, parse_pipeline, resolve, run_pipeline
     from .passes.policy import PlanningOptions
 
@@ -360,14 +362,14 @@ def run(
     try:
         run_pipeline(state, resolved, print_after_all=print_after_all,
                      dump_ir=os.fspath(dump_ir) if dump_ir else None)
-        return _write_outputs(state, outdir, pipeline_text)
+        return _write_outputs(state, outdir, pipeline_text, static_shapes)
     finally:
         for tmp_path in state.staged.values():
             if os.path.exists(tmp_path):
                 os.unlink(tmp_path)
 
 
-def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
+def _write_outputs(state: Any, outdir: str, pipeline_text: str, static_shapes: bool = False) -> RunResult:
     import datetime
 
     from .ir import onnx_io
@@ -386,7 +388,7 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str) -> RunResult:
         deps, plan = state.deps or analyze(state.graph), Plan()
     proto = export_onnx(state.graph)
     kept, static_why = {}, ""
-    if loaded.symbolic_dims:
+    if loaded.symbolic_dims and not static_shapes:
         started = time.perf_counter()
         proto, kept, static_why = _with_symbolic_dims(state, proto)
         state.pass_seconds.append({"pass": "symbolic-dims", "seconds": round(time.perf_counter() - started, 4)})

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "override it, list options (target, ignore, ...) add to it")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=d0,d1,...",
                    help="static shape of a model input (repeatable); required for dynamic dims and torch models")
+    p.add_argument("--static-shapes", action="store_true",
+                   help="write model.pruned.onnx with --input-shape's sizes (default: the original ONNX's symbolic "
+                        "input dims where they hold at other sizes)")
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of channels to remove per group, in [0, 1)")
     p.add_argument("--target", action="append", choices=api.TARGETS, default=None,
                    help="compile target (repeatable); 'none' only exports ONNX")
@@ -131,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              rpc=_rpc_settings(args), target_options=_target_options(args),
                              progress=None if args.quiet else _progress(), planning=_planning(args),
                              passes=args.passes, plan=args.plan, measure_latency=args.measure_latency,
-                             print_after_all=args.print_after_all, dump_ir=args.dump_ir)
+                             print_after_all=args.print_after_all, dump_ir=args.dump_ir,
+                             static_shapes=args.static_shapes)
     except PruneCompileError as e:
         print(f"prune-compile: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -143,3 +143,15 @@ def test_a_failure_while_generalizing_keeps_the_static_model_and_says_so(tmp_pat
         "model with symbolic dims failed: RuntimeError: boom"]
     dims = onnx.load(result.files["onnx"]).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [1, 3, 32, 32]
+
+
+def test_static_shapes_writes_the_given_sizes(tmp_path) -> None:
+    from prune_compile.cli import main
+
+    model = _dynamic_onnx(str(tmp_path / "net.onnx"))
+    assert main([model, "-o", str(tmp_path / "out"), "--input-shape", "x=1,3,32,32", "--ratio", "0.5",
+                 "--static-shapes", "-q"]) == 0
+    dims = onnx.load(tmp_path / "out" / "model.pruned.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 32, 32]
+    report = (tmp_path / "out" / "report.json").read_text()
+    assert "symbolic_dims" not in report and "symbolic in the original" not in report
