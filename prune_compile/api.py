@@ -38,6 +38,18 @@ class LoadedModel:
     symbolic_dims: dict[str, dict[int, str]] = field(default_factory=dict)  # ONNX inputs' dims --input-shape fixed
 
 
+def parse_symbolic_dims(specs: Sequence[str]) -> dict[str, dict[int, str]]:
+    """Parse `NAME:AXIS[=SYMBOL]` strings (the --symbolic-dim option); the symbol defaults to `NAME_dimAXIS`."""
+    out: dict[str, dict[int, str]] = {}
+    for spec in specs:
+        where, _, symbol = spec.partition("=")
+        name, sep, axis = where.rpartition(":")
+        if not sep or not name or not axis.isdigit() or (_ and not symbol):
+            raise UsageError(f"--symbolic-dim '{spec}': expected NAME:AXIS or NAME:AXIS=SYMBOL")
+        out.setdefault(name, {})[int(axis)] = symbol or f"{name}_dim{axis}"
+    return out
+
+
 def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
     """Parse `NAME=d0,d1,...` strings (the --input-shape option)."""
     shapes: dict[str, list[int]] = {}
@@ -293,6 +305,7 @@ def run(
     print_after_all: bool = False,
     dump_ir: str | os.PathLike | None = None,
     static_shapes: bool = False,
+    symbolic_dims: Mapping[str, Mapping[int, str]] | None = None,
 ) -> RunResult:
     """Import, prune, export, compile: what `prune-compile MODEL -o OUTDIR` does. Raises `PruneCompileError`s.
 
@@ -304,7 +317,9 @@ def run(
     planning. `passes` is a textual pipeline (see passes/pipeline.py) whose unset options default to the
     arguments above; without it, the arguments describe the pipeline (`default_pipeline`). `measure_latency`
     times the original and the pruned model on ONNX Runtime and each cpu library (results in timings.json).
-    `static_shapes` writes the pruned ONNX at `input_shapes` even where the original's dims were symbolic."""
+    `static_shapes` writes the pruned ONNX at `input_shapes` even where the original's dims were symbolic;
+    `symbolic_dims` (input → axis → symbol) asks for more symbolic dims than the original has (a torch model's
+    batch), kept where they hold like the original's."""
     from .passes.pipeline import JobState, parse_pipeline, resolve, run_pipeline
     from .passes.policy import PlanningOptions
 
@@ -353,9 +368,12 @@ def run(
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UsageError(f"output directory '{outdir}' exists and is not a directory")
 
+    if static_shapes and symbolic_dims:
+        raise UsageError("--static-shapes and --symbolic-dim contradict each other")
     loaded = load_model(model, input_shapes)
     graph = loaded.graph
     graph.verify()
+    _request_symbolic_dims(loaded, symbolic_dims or {})
     context = _RunContext(backend_options, os.fspath(tune_db) if tune_db else None, rpc, progress,
                           os.path.dirname(os.path.abspath(outdir)) or ".")
     state = JobState(loaded=loaded, graph=graph, initial=graph, context=context)
@@ -415,7 +433,7 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str, static_shapes: b
         fixed = ", ".join(f"{name}[{a}]" for name, dims in loaded.symbolic_dims.items() for a in dims
                           if a not in kept.get(name, {}))
         report["pruning"].setdefault("warnings", []).append(
-            f"the pruned model keeps --input-shape's sizes for {fixed} (symbolic in the original): {static_why}")
+            f"the pruned model keeps --input-shape's sizes for {fixed}, not symbolic: {static_why}")
     if state.verification is not None:
         report["verification"] = state.verification
     if state.targets:
@@ -447,6 +465,17 @@ def _write_outputs(state: Any, outdir: str, pipeline_text: str, static_shapes: b
     return RunResult(outdir, files, report, timings)
 
 
+def _request_symbolic_dims(loaded: LoadedModel, requested: Mapping[str, Mapping[int, str]]) -> None:
+    shapes = {v.name: v.shape for v in loaded.graph.inputs}
+    for name, dims in requested.items():
+        if name not in shapes:
+            raise UsageError(f"--symbolic-dim names '{name}', but the model's inputs are {sorted(shapes)}")
+        for axis, symbol in dims.items():
+            if axis >= len(shapes[name]):
+                raise UsageError(f"--symbolic-dim {name}:{axis}: input '{name}' has rank {len(shapes[name])}")
+            loaded.symbolic_dims.setdefault(name, {})[axis] = symbol
+
+
 def _with_symbolic_dims(state: Any, proto: Any) -> tuple[Any, dict, str]:
     """The pruned model with as many of the original's symbolic input dims as hold (`passes/dynamic_dims.py`: the
     job's graph steps replayed on the original imported at doubled sizes): the model, the dims kept, and why the
@@ -475,9 +504,17 @@ def _replayed_at_doubled(state: Any, symbols: dict) -> tuple[Any, str]:
     from .passes.plan import plan_from_json, plan_to_json
     from .passes.rewrite import pruned_copy
 
+    loaded = state.loaded
     shapes = doubled_shapes({v.name: list(v.shape) for v in state.initial.inputs}, symbols)
     try:
-        graph = import_onnx(load_onnx_model(state.loaded.source), shapes)
+        if loaded.kind == "onnx":
+            graph = import_onnx(load_onnx_model(loaded.source), shapes)
+        else:
+            import torch
+
+            from .ir.fx_importer import import_torch_module
+
+            graph = import_torch_module(loaded.module, [torch.randn(*shapes[v.name]) for v in state.initial.inputs])
         for step, deps, plan in state.graph_steps:
             if step == "rewrite":
                 again = analyze(graph, deps.attention)

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "override it, list options (target, ignore, ...) add to it")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=d0,d1,...",
                    help="static shape of a model input (repeatable); required for dynamic dims and torch models")
+    p.add_argument("--symbolic-dim", action="append", default=[], metavar="NAME:AXIS[=SYMBOL]",
+                   help="make this input dim symbolic in model.pruned.onnx (repeatable), e.g. x:0=batch for a torch "
+                        "model's batch; kept where the pruned model holds at other sizes, else a warning")
     p.add_argument("--static-shapes", action="store_true",
                    help="write model.pruned.onnx with --input-shape's sizes (default: the original ONNX's symbolic "
                         "input dims where they hold at other sizes)")
@@ -135,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              progress=None if args.quiet else _progress(), planning=_planning(args),
                              passes=args.passes, plan=args.plan, measure_latency=args.measure_latency,
                              print_after_all=args.print_after_all, dump_ir=args.dump_ir,
-                             static_shapes=args.static_shapes)
+                             static_shapes=args.static_shapes,
+                             symbolic_dims=api.parse_symbolic_dims(args.symbolic_dim))
     except PruneCompileError as e:
         print(f"prune-compile: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -85,7 +85,7 @@ def test_a_size_a_constant_depends_on_stays_static_naming_the_node(tmp_path) -> 
     result = run(path, tmp_path / "out", input_shapes={"x": [2, 4]})
     assert "symbolic_dims" not in result.report
     (warning,) = result.report["pruning"]["warnings"]
-    assert warning.startswith("the pruned model keeps --input-shape's sizes for x[0] (symbolic in the original): ")
+    assert warning.startswith("the pruned model keeps --input-shape's sizes for x[0], not symbolic: ")
     assert "constant 'bias' depends on the input size and is read by 'offset' (Add), not as a reshape" in warning
     dims = onnx.load(result.files["onnx"]).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [2, 4]
@@ -139,7 +139,7 @@ def test_a_failure_while_generalizing_keeps_the_static_model_and_says_so(tmp_pat
     result = run(model, tmp_path / "out", input_shapes={"x": [1, 3, 32, 32]}, ratio=0.5)
     assert "symbolic_dims" not in result.report and result.report["verification"]["exact"]
     assert result.report["pruning"]["warnings"] == [
-        "the pruned model keeps --input-shape's sizes for x[0], x[2], x[3] (symbolic in the original): checking the "
+        "the pruned model keeps --input-shape's sizes for x[0], x[2], x[3], not symbolic: checking the "
         "model with symbolic dims failed: RuntimeError: boom"]
     dims = onnx.load(result.files["onnx"]).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [1, 3, 32, 32]
@@ -154,4 +154,33 @@ def test_static_shapes_writes_the_given_sizes(tmp_path) -> None:
     dims = onnx.load(tmp_path / "out" / "model.pruned.onnx").graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [1, 3, 32, 32]
     report = (tmp_path / "out" / "report.json").read_text()
-    assert "symbolic_dims" not in report and "symbolic in the original" not in report
+    assert "symbolic_dims" not in report and "not symbolic" not in report
+
+
+def test_a_torch_models_batch_and_image_size_become_symbolic_on_request(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = _Net().eval()
+    asked = {"x": {0: "batch", 2: "h", 3: "w"}}
+    result = run(net, tmp_path / "out", input_shapes={"x": [1, 3, 32, 32]}, ratio=0.5, symbolic_dims=asked)
+    assert result.report["symbolic_dims"] == {"x": {"0": "batch", "2": "h", "3": "w"}}
+    pruned = onnx.load(result.files["onnx"])
+    assert [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim] == ["batch", "", "h", "w"]
+    shapes = {"x": [3, 3, 40, 48]}
+    x = {"x": np.random.default_rng(6).standard_normal(shapes["x"]).astype(np.float32)}
+    want = ort.run(_same_job_at(tmp_path, net, tmp_path / "out", shapes), x)
+    assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-5
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--symbolic-dim", "image:0"], "--symbolic-dim names 'image', but the model's inputs are ['x']"),
+    (["--symbolic-dim", "x:4"], "--symbolic-dim x:4: input 'x' has rank 4"),
+    (["--symbolic-dim", "x"], "--symbolic-dim 'x': expected NAME:AXIS or NAME:AXIS=SYMBOL"),
+    (["--symbolic-dim", "x:0", "--static-shapes"], "--static-shapes and --symbolic-dim contradict each other"),
+])
+def test_symbolic_dim_usage_errors_exit_2(tmp_path, capsys, args, message) -> None:
+    from prune_compile.cli import main
+
+    model = _dynamic_onnx(str(tmp_path / "net.onnx"))
+    assert main([model, "-o", str(tmp_path / "out"), "--input-shape", "x=1,3,32,32", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
