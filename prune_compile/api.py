@@ -497,7 +497,6 @@ def _with_symbolic_dims(state: Any, proto: Any) -> tuple[Any, dict, str]:
 
 
 def _replayed_at_doubled(state: Any, symbols: dict) -> tuple[Any, str]:
-    from .ir.onnx_importer import load_onnx_model
     from .passes.deps import analyze
     from .passes.dynamic_dims import doubled_shapes
     from .passes.fold_bn import folded_copy
@@ -507,14 +506,8 @@ def _replayed_at_doubled(state: Any, symbols: dict) -> tuple[Any, str]:
     loaded = state.loaded
     shapes = doubled_shapes({v.name: list(v.shape) for v in state.initial.inputs}, symbols)
     try:
-        if loaded.kind == "onnx":
-            graph = import_onnx(load_onnx_model(loaded.source), shapes)
-        else:
-            import torch
-
-            from .ir.fx_importer import import_torch_module
-
-            graph = import_torch_module(loaded.module, [torch.randn(*shapes[v.name]) for v in state.initial.inputs])
+        # The file again, or the module object itself: a factory called again would make other weights.
+        graph = load_model(loaded.source if loaded.kind == "onnx" else loaded.module, shapes).graph
         for step, deps, plan in state.graph_steps:
             if step == "rewrite":
                 again = analyze(graph, deps.attention)
