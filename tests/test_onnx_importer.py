@@ -221,6 +221,17 @@ def test_lifted_operands_become_attributes() -> None:
     assert _roundtrip_error(model) == 0.0
 
 
+def test_scalar_axes_are_read_as_onnx_runtime_reads_them() -> None:
+    # The spec asks for a 1-D axes tensor; ONNX Runtime accepts a scalar, and so do we.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = _model([helper.make_node("Unsqueeze", ["x", "axis"], ["y"])], [x], [y],
+                   [numpy_helper.from_array(np.array(1, np.int64), "axis")])
+    (unsqueeze,) = import_onnx(model).nodes
+    assert unsqueeze.attrs["axes"] == [1]
+    assert _roundtrip_error(model) == 0.0
+
+
 def test_control_flow_stays_opaque_and_its_branches_are_not_folded(capfd) -> None:
     # An If whose branch holds a foldable constant subgraph. Our IR cannot represent branches (the If is opaque), so
     # nothing inside them is folded: onnx-graphsurgeon would evaluate them with ONNX Runtime as IR-14 models it

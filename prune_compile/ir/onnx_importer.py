@@ -621,7 +621,7 @@ def _split(ctx, n, attrs, inputs):
     if len(inputs) > 1 and inputs[1] is not None:
         if not inputs[1].is_constant:
             return None
-        sizes = [int(s) for s in inputs[1].data]
+        sizes = [int(s) for s in np.ravel(inputs[1].data)]
     elif "split" in attrs:
         sizes = [int(s) for s in attrs["split"]]
     else:
@@ -642,10 +642,11 @@ def _slice(ctx, n, attrs, inputs):
     ops = [v for v in inputs[1:]]
     if any(v is not None and not v.is_constant for v in ops) or x.shape is None:
         return None
-    starts = [int(s) for s in inputs[1].data]
-    ends = [int(e) for e in inputs[2].data]
-    axes = [int(a) for a in inputs[3].data] if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
-    steps = [int(s) for s in inputs[4].data] if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+    starts = [int(s) for s in np.ravel(inputs[1].data)]
+    ends = [int(e) for e in np.ravel(inputs[2].data)]
+    given = [v is not None for v in inputs] + [False] * (5 - len(inputs))
+    axes = [int(a) for a in np.ravel(inputs[3].data)] if given[3] else list(range(len(starts)))
+    steps = [int(s) for s in np.ravel(inputs[4].data)] if given[4] else [1] * len(starts)
     axes = [a % len(x.shape) for a in axes]
     # Clamp to the static dims, so rewrite sees plain ranges and the exporter writes exact bounds.
     starts2, ends2 = [], []
@@ -680,7 +681,7 @@ def _squeeze(ctx, n, attrs, inputs):
     if len(inputs) > 1 and inputs[1] is not None:
         if not inputs[1].is_constant:
             return None
-        axes = [int(a) for a in inputs[1].data]
+        axes = [int(a) for a in np.ravel(inputs[1].data)]
     elif "axes" in attrs:
         axes = list(attrs["axes"])
     elif n.op_type == "Squeeze" and x.shape is not None:
@@ -740,7 +741,7 @@ def _reduce(ctx, n, attrs, inputs):
     if len(inputs) > 1 and inputs[1] is not None:
         if not inputs[1].is_constant:
             return None
-        axes = [int(a) for a in inputs[1].data]
+        axes = [int(a) for a in np.ravel(inputs[1].data)]
     else:
         axes = list(attrs.get("axes", []))
     if not axes:
@@ -755,10 +756,10 @@ def _pad(ctx, n, attrs, inputs):
     x = inputs[0]
     if any(v is not None and not v.is_constant for v in inputs[1:]) or x.shape is None:
         return None
-    pads = [int(p) for p in inputs[1].data]
+    pads = [int(p) for p in np.ravel(inputs[1].data)]
     value = float(inputs[2].data) if len(inputs) > 2 and inputs[2] is not None else 0.0
     if len(inputs) > 3 and inputs[3] is not None:
-        axes = [int(a) % len(x.shape) for a in inputs[3].data]
+        axes = [int(a) % len(x.shape) for a in np.ravel(inputs[3].data)]
         full = [0] * (2 * len(x.shape))
         for i, a in enumerate(axes):
             full[a], full[a + len(x.shape)] = pads[i], pads[i + len(axes)]
@@ -806,14 +807,14 @@ def _gather(ctx, n, attrs, inputs):
 def _expand(ctx, n, attrs, inputs):
     if not inputs[1].is_constant:
         return None
-    return "expand", {"shape": [int(d) for d in inputs[1].data]}, inputs[:1], 1
+    return "expand", {"shape": [int(d) for d in np.ravel(inputs[1].data)]}, inputs[:1], 1
 
 
 @_converter("Tile")
 def _tile(ctx, n, attrs, inputs):
     if not inputs[1].is_constant:
         return None
-    return "tile", {"repeats": [int(d) for d in inputs[1].data]}, inputs[:1], 1
+    return "tile", {"repeats": [int(d) for d in np.ravel(inputs[1].data)]}, inputs[:1], 1
 
 
 @_converter("Einsum")
