@@ -137,6 +137,41 @@ def test_attention_heads_mode_prunes_whole_heads() -> None:
         assert oracle_error(graph, deps, exact_plan(deps, 0.5), feeds) <= 1e-5
 
 
+def _tiny_vit() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=4,
+                                                hidden_dim=16, mlp_dim=8, num_classes=3)
+
+
+def _group_params(deps) -> list[tuple]:
+    return sorted((g.size, g.prunable, tuple((param_name(m), m.axis, m.indices.tobytes()) for m in g.params))
+                  for g in deps.groups)
+
+
+@pytest.mark.parametrize("unit", ["head_dim", "heads"])
+@pytest.mark.parametrize(("make", "shape"), [
+    (_tiny_vit, (3, 16, 16)),  # [tokens, batch, h*d] -> [tokens, batch*h, d], as torch's attention does it
+    (lambda: nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=8, dropout=0.0), (5, 16)),
+], ids=["vit", "sequence_first"])
+def test_attention_with_the_batch_folded_into_the_heads_finds_the_groups_of_batch_1(make, shape, unit) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+
+    def graph_at(batch: int):
+        # the encoder layer reads [sequence, batch, features]
+        x = torch.randn(batch, *shape) if len(shape) == 3 else torch.randn(shape[0], batch, shape[1])
+        return import_torch_module(model, (x,)), x
+
+    want = _group_params(analyze(graph_at(1)[0], attention=unit))
+    for batch in (3, 8):  # fewer and more than the heads: the batch digit must not carry either way
+        graph, x = graph_at(batch)
+        deps = analyze(graph, attention=unit)
+        assert _group_params(deps) == want, batch
+    feeds = {graph.inputs[0].name: x.numpy()}
+    assert oracle_error(graph, deps, exact_plan(deps, 0.5), feeds) <= 1e-5
+
+
 class _DistributionHead(nn.Module):
     """YOLOv8's box head: 4 box sides x 16 bins as one conv's 64 channels, reshaped to [4, 16], the bins moved to the
     channel axis for a softmax and a fixed 1x1 conv (their expectation). The box sides land on that conv's height

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
 from prune_compile.backends import ort
 from prune_compile.ir import export_onnx, import_onnx
 from prune_compile.passes.deps import analyze
-from prune_compile.passes.plan import uniform_plan
+from prune_compile.passes.plan import Plan, uniform_plan
 from prune_compile.passes.rewrite import pruned_copy
 
 from .oracle import exact_plan, oracle_error
@@ -22,12 +23,16 @@ def test_oracle_on_third_party_model(model_id: str, model_cache_dir: str) -> Non
     deps = analyze(graph)
     feeds = realistic_feeds(model_id, shapes)
     if model_id == "magika":
-        # Its dense layers read reshaped one-hot bytes: those groups touch a reshape that mixes axes (frozen). The
-        # conv's 512 filters reach a LayerNorm that JAX writes as Sum, Square, Sub: prunable, inexact (its
-        # statistics read fewer channels), and the pruned model runs with the original's outputs.
+        # Its first dense layer's 64 features per byte reach the conv as [512 positions, 4 bytes x 64]: the
+        # features carry (the same feature of each of the 4 bytes), exact. The conv's 512 filters reach a LayerNorm
+        # that JAX writes as Sum, Square, Sub: prunable, inexact (its statistics read fewer channels), and the
+        # pruned model runs with the original's outputs.
         assert all(g.reason for g in deps.groups if not g.prunable)
-        (group,) = deps.prunable()
-        assert group.size == 512 and not group.exact and "LayerNorm_1/Sum': reduce_sum" in group.inexact_reason
+        dense, conv = sorted(deps.prunable(), key=lambda g: g.size)
+        assert dense.size == 64 and dense.exact
+        assert {m.indices.shape[1] for m in dense.members if m.value.is_constant} == {1, 4}
+        assert oracle_error(graph, deps, Plan({dense.id: np.arange(0, 64, 2)}), feeds) <= 1e-4
+        assert conv.size == 512 and not conv.exact and "LayerNorm_1/Sum': reduce_sum" in conv.inexact_reason
         pruned = export_onnx(pruned_copy(graph, uniform_plan(deps, 0.5), deps))
         want = ort.run(export_onnx(graph), feeds)
         got = ort.run(pruned, feeds)

@@ -455,32 +455,48 @@ def _digit_spans(xsizes: list[int], ysizes: list[int]) -> tuple[list[int], list[
 
 def _couple_nested_pair(sink: RuleSink, node: Node, x: Value, bx: list[int], y: Value, by: list[int],
                         block: int) -> None:
-    """A block that splits and merges at once: GroupNorm as exporters write it, [C, H, W] -> [G, C/G*H*W], or
-    MobileViT's patch unfolding. Channels ride on one pair of axes whose digits nest (G's digits are C's outer
-    ones: channel c <-> group c // (C/G), so whole groups go); every other axis of the block is frozen. Pairs are
-    tried outermost first, where NCHW layouts keep their channels."""
+    """A block that splits and merges at once: GroupNorm as exporters write it, [C, H, W] -> [G, C/G*H*W],
+    MobileViT's patch unfolding, or attention heads folded into the batch, [B, h*d] -> [B*h, d]. Channels ride on
+    one pair of axes that share digits of the block's common mixed radix: one axis nests in the other (G's digits
+    are C's outer ones: channel c <-> group c // (C/G), so whole groups go), or the two overlap (h is C's outer
+    digit and B*h's inner one: a head goes with its d channels and its B batch rows). Every other axis of the
+    block is frozen. Pairs are tried outermost first, where NCHW layouts keep their channels; where two axes
+    overlap, most units first (ties outermost), as a split [h*d] -> [h, d] ranks them, so that with the batch
+    folded in, the choice is the one made at batch 1, where the batch digit is absent (and can never carry).
+    attention="heads" takes them outermost first either way (heads before head_dim)."""
     refined = _digit_spans([x.shape[a] for a in bx], [y.shape[a] for a in by])
-    pairs = []  # (x position, y position, the y axis nests in the x axis)
+    pairs = []  # (x position, y position, shared digits [d0, d1))
     bounds, xspans, yspans = refined or ([], [], [])
     for i, (x0, x1) in enumerate(xspans):
         for j, (y0, y1) in enumerate(yspans):
-            if x0 <= y0 and y1 <= x1:
-                pairs.append((i, j, True))
-            elif y0 <= x0 and x1 <= y1:
-                pairs.append((i, j, False))
+            d0, d1 = max(x0, y0), min(x1, y1)
+            if d0 < d1:
+                pairs.append((i, j, d0, d1))
     if not pairs:
         _freeze_rest(sink, node, x, bx, y, by)
         return
-    # A pair's candidate slot is its nested (smaller) axis: one index per unit of channels.
-    i, j, y_nested = pairs[sink.carrier(node, block, [(y, by[j]) if yn else (x, bx[i]) for i, j, yn in pairs])]
-    if y_nested:
-        big, big_axis, big_end, small, small_axis, small_end = x, bx[i], xspans[i][1], y, by[j], yspans[j][1]
+    overlapping = any(p[2:] not in (xspans[p[0]], yspans[p[1]]) for p in pairs)
+    if sink.prefer_outer:
+        pairs.sort(key=lambda p: p[2])
+    elif overlapping:  # as a split [h*d] -> [h, d] ranks its axes: most units first, then outermost
+        pairs.sort(key=lambda p: (-(bounds[p[2]] // bounds[p[3]]), p[2]))
+    # A pair's candidate slot is the axis with fewer indices per unit of channels (the nested one).
+    i, j, d0, d1 = pairs[sink.carrier(node, block, [(y, by[j]) if yspans[j] == (d0, d1) or xspans[i] != (d0, d1)
+                                                    else (x, bx[i]) for i, j, d0, d1 in pairs])]
+    # An axis's index holds the shared digits at (index // digits below them) mod their count.
+    units = bounds[d0] // bounds[d1]
+    xi, yi = np.arange(x.shape[bx[i]]), np.arange(y.shape[by[j]])
+    x_below, y_below = bounds[d1] // bounds[xspans[i][1]], bounds[d1] // bounds[yspans[j][1]]
+    x_unit, y_unit = (xi // x_below) % units, (yi // y_below) % units
+    # Each index joins the first index of the other axis with its digits (an axis whose index is the digits
+    # themselves needs only the other axis's links).
+    if len(yi) == units:
+        sink.couple_pairs(y, by[j], x_unit, x, bx[i], xi)
+    elif len(xi) == units:
+        sink.couple_pairs(x, bx[i], y_unit, y, by[j], yi)
     else:
-        big, big_axis, big_end, small, small_axis, small_end = y, by[j], yspans[j][1], x, bx[i], xspans[i][1]
-    # The small axis's index is a digit of the big axis's index: (big // digits below it) mod its size.
-    below = bounds[small_end] // bounds[big_end]
-    flat = np.arange(big.shape[big_axis])
-    sink.couple_pairs(small, small_axis, (flat // below) % small.shape[small_axis], big, big_axis, flat)
+        sink.couple_pairs(x, bx[i], xi, y, by[j], x_unit * y_below)
+        sink.couple_pairs(y, by[j], yi, x, bx[i], y_unit * x_below)
     for k, a in enumerate(bx):
         if k != i:
             sink.freeze(x, a, f"node '{node.name}': {RESHAPE_FREEZE}")

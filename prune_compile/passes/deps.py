@@ -104,6 +104,8 @@ class _Analysis(RuleSink):
         self.node = ""
         self.touched: set[int] = set()  # slots the current node's rule spoke about
         self.contractions: list[tuple[Node, list[tuple[Value, int]]]] = []
+        self.labels = np.zeros(0, dtype=np.int32)  # connected component of each channel, after `run`
+        self._frozen_labels: np.ndarray | None = None
 
     # -- RuleSink -------------------------------------------------------------------------------------------
     def _slot(self, v: Value, axis: int) -> int:
@@ -177,6 +179,18 @@ class _Analysis(RuleSink):
             self._freeze_unaccounted(node)
         return self._groups()
 
+    def weightless_freeze(self, v: Value, axis: int) -> str | None:
+        """Why the channels of (v, axis) are frozen when no weight touches them, so that no group reports them
+        (a batch axis folded into a reshape block); None when they are not frozen. After `run`."""
+        if self._frozen_labels is None:
+            frozen = np.full(int(self.labels.max(initial=-1)) + 1, -1, dtype=np.int32)
+            hit = self.frozen >= 0
+            frozen[self.labels[hit]] = self.frozen[hit]
+            self._frozen_labels = frozen
+        s = self.slot_of[(id(v), axis % len(v.shape))]
+        reason = self._frozen_labels[self.labels[self.base[s]]] if self.size[s] else -1
+        return self.reasons[int(reason)] if reason >= 0 else None
+
     def _freeze_unaccounted(self, node) -> None:
         """Fail closed on the slots a rule said nothing about (a conv's spatial axes, say): a group that reaches one
         through a reshape or transpose would change that operand's shape while the op's output stays as it was."""
@@ -198,6 +212,7 @@ class _Analysis(RuleSink):
         dst = np.concatenate(self.dst) if self.dst else np.zeros(0, np.int64)
         adj = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(self.n, self.n))
         _, labels = connected_components(adj, directed=False)
+        self.labels = labels
 
         role_slots = np.asarray(sorted(s for s, r in self.roles.items() if r != PASSTHROUGH), dtype=np.int64)
         if not len(role_slots):
@@ -313,17 +328,22 @@ def analyze(graph: Graph, attention: str = "head_dim") -> DependencyResult:
         # Move a block's carrier on when its channels land in single-channel groups (no choice to make) or in a
         # frozen group. A freeze that comes from another reshape's non-carried axis waits one round: that block
         # may move first (qkv [3C] → [3, C] must carry C before [C] → [heads, d] can carry heads). A group that
-        # only lacks a producer may gain one when another block moves: keep it.
+        # only lacks a producer may gain one when another block moves: keep it. So may channels no weight touches
+        # (in no group), unless they are frozen already: a batch axis folded in with the heads.
         bad: dict[tuple[int, int], str] = {}
+        reported: set[tuple[int, int]] = set()
         for g in groups:
-            if g.size <= 1 or (not g.prunable and g.reason != NO_PRODUCER):
-                for m in g.members:
+            for m in g.members:
+                reported.add((id(m.value), m.axis))
+                if g.size <= 1 or (not g.prunable and g.reason != NO_PRODUCER):
                     bad[(id(m.value), m.axis)] = "" if g.size <= 1 else g.reason
         moves = []
         for key, candidates in analysis.blocks.items():
             choice = min(carriers.get(key, 0), len(candidates) - 1)
             v, axis = candidates[choice]
             reason = bad.get((id(v), axis))
+            if (id(v), axis) not in reported:
+                reason = analysis.weightless_freeze(v, axis)
             if reason is not None and choice + 1 < len(candidates):
                 foreign = reason.endswith(RESHAPE_FREEZE) and not reason.startswith(f"node '{key[0]}'")
                 moves.append((key, choice + 1, foreign))
