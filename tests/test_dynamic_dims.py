@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from prune_compile.api import run
@@ -49,9 +49,9 @@ def _dynamic_onnx(path: str) -> str:
     return path
 
 
-def _same_job_at(tmp_path, model: str, out, shapes) -> onnx.ModelProto:
+def _same_job_at(tmp_path, model: str, out, shapes, **options) -> onnx.ModelProto:
     """The pruned model of the same plan, made statically at `shapes`."""
-    again = run(model, tmp_path / "again", input_shapes=shapes, plan=os.path.join(out, "plan.json"))
+    again = run(model, tmp_path / "again", input_shapes=shapes, plan=os.path.join(out, "plan.json"), **options)
     return onnx.load(again.files["onnx"])
 
 
@@ -70,23 +70,86 @@ def test_a_dynamic_batch_and_image_size_survive_pruning(tmp_path) -> None:
     assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-5
 
 
-def test_a_size_a_constant_depends_on_stays_static_naming_the_node(tmp_path) -> None:
-    # y = x @ w + expand(b, shape(x @ w)): the expand folds into a constant of the batch's size, read by the add.
+def _batch_sized_bias_model(path: str, bias: list[onnx.NodeProto], inputs: tuple[str, ...] = ("x",)) -> str:
+    """y = x @ w + bias, where `bias` (nodes from h = x @ w) folds into a constant of the batch's size."""
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 6], np.ones(24, np.float32).tolist())
     b = helper.make_tensor("b", TensorProto.FLOAT, [6], np.arange(6, dtype=np.float32).tolist())
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
-             helper.make_node("Shape", ["h"], ["shape"], name="shape"),
-             helper.make_node("Expand", ["b", "shape"], ["bias"], name="spread"),
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), *bias,
              helper.make_node("Add", ["h", "bias"], ["y"], name="offset")]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}_batch", 4])
+                                           for name in inputs],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])], [w, b])
-    path = str(tmp_path / "m.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
-    result = run(path, tmp_path / "out", input_shapes={"x": [2, 4]})
+    return path
+
+
+# bias = expand(b, shape(h)): a constant [batch, 6] repeating b.
+_SPREAD = [helper.make_node("Shape", ["h"], ["shape"], name="shape"),
+           helper.make_node("Expand", ["b", "shape"], ["bias"], name="spread")]
+
+
+def test_a_constant_repeated_along_the_batch_is_expanded_at_run_time(tmp_path) -> None:
+    model = _batch_sized_bias_model(str(tmp_path / "m.onnx"), _SPREAD)
+    result = run(model, tmp_path / "out", input_shapes={"x": [2, 4]})
+    assert result.report["symbolic_dims"] == {"x": {"0": "x_batch"}}
+    assert "warnings" not in result.report["pruning"]
+    pruned = onnx.load(result.files["onnx"])
+    assert "Expand" in [n.op_type for n in pruned.graph.node]
+    x = {"x": np.random.default_rng(7).standard_normal([5, 4]).astype(np.float32)}
+    want = ort.run(_same_job_at(tmp_path, model, tmp_path / "out", {"x": [5, 4]}), x)
+    assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-6
+
+
+def test_a_slice_end_and_an_expand_shape_of_the_batch_size_take_it_from_their_inputs(tmp_path) -> None:
+    # y = h[:shape(h)[0]] + expand(max(x, axis=1), [shape(h)[0], 6]): both sizes fold into constants.
+    def ints(name: str, values: list[int]) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
+                                                                              [len(values)], values))
+    bias = [helper.make_node("Shape", ["h"], ["shape"], name="shape"), ints("zero", [0]), ints("one", [1]),
+            ints("six", [6]), helper.make_node("Slice", ["shape", "zero", "one"], ["rows"], name="rows"),
+            helper.make_node("Slice", ["h", "zero", "rows", "zero"], ["top"], name="top"),
+            helper.make_node("ReduceMax", ["x"], ["col"], name="col", axes=[1], keepdims=1),
+            helper.make_node("Concat", ["rows", "six"], ["spread_shape"], name="spread_shape", axis=0),
+            helper.make_node("Expand", ["col", "spread_shape"], ["spread"], name="spread"),
+            helper.make_node("Add", ["top", "spread"], ["bias"], name="sum")]
+    model = _batch_sized_bias_model(str(tmp_path / "m.onnx"), bias)
+    result = run(model, tmp_path / "out", input_shapes={"x": [2, 4]})
+    assert result.report["symbolic_dims"] == {"x": {"0": "x_batch"}}
+    pruned = onnx.load(result.files["onnx"])
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in pruned.graph.initializer}
+    slc, expand = (next(n for n in pruned.graph.node if n.op_type == op) for op in ("Slice", "Expand"))
+    assert consts[slc.input[2]] == [np.iinfo(np.int64).max] and consts[expand.input[1]] == [1, 6]
+    x = {"x": np.random.default_rng(8).standard_normal([5, 4]).astype(np.float32)}
+    want = ort.run(_same_job_at(tmp_path, model, tmp_path / "out", {"x": [5, 4]}), x)
+    assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-6
+
+
+@pytest.mark.parametrize(("bias", "inputs", "why"), [
+    # bias[i] = i + 1 in every column, a cumulative sum over ones: the constant varies along the batch.
+    ([helper.make_node("Shape", ["h"], ["shape"], name="shape"),
+      helper.make_node("ConstantOfShape", ["shape"], ["ones"], name="ones",
+                       value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+      helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [], [0])),
+      helper.make_node("CumSum", ["ones", "axis"], ["bias"], name="count")],
+     ("x",), "constant 'bias' depends on the input size and is read by 'offset' (Add), and is not one slice "
+             "repeated along axes [0]"),
+    # Two inputs of the same sizes: whose batch the constant follows is not known.
+    (_SPREAD, ("x", "z"), "constant 'bias' (read by 'offset' (Add)) has 2 entries along axis 0, which more than "
+                          "one symbolic input dim gives at both sizes"),
+])
+def test_a_size_a_constant_depends_on_stays_static_naming_the_node(tmp_path, bias, inputs, why) -> None:
+    model = _batch_sized_bias_model(str(tmp_path / "m.onnx"), bias, inputs)
+    if "z" in inputs:  # z only needs to be an input with a symbolic batch
+        m = onnx.load(model)
+        m.graph.node.append(helper.make_node("Identity", ["z"], ["z_out"], name="z_out"))
+        m.graph.output.append(helper.make_tensor_value_info("z_out", TensorProto.FLOAT, ["z_batch", 4]))
+        onnx.save(m, model)
+    result = run(model, tmp_path / "out", input_shapes={name: [2, 4] for name in inputs})
     assert "symbolic_dims" not in result.report
     (warning,) = result.report["pruning"]["warnings"]
-    assert warning.startswith("the pruned model keeps --input-shape's sizes for x[0], not symbolic: ")
-    assert "constant 'bias' depends on the input size and is read by 'offset' (Add), not as a reshape" in warning
+    batches = ", ".join(f"{name}[0]" for name in inputs)
+    assert warning.startswith(f"the pruned model keeps --input-shape's sizes for {batches}, not symbolic: ")
+    assert why in warning
     dims = onnx.load(result.files["onnx"]).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [2, 4]
 
@@ -99,10 +162,10 @@ def test_unnamed_dims_get_names_of_their_own() -> None:
     assert symbolic_input_dims(helper.make_model(graph)) == {"x": {0: "x_dim0", 2: "x_dim2", 3: "x_dim3"}}
 
 
-# What each third-party model keeps symbolic: YOLOv8's anchors follow its image size, Magika's one-hot is expanded
-# to its batch, the PP-OCRv4 recognizer's height is fixed by its architecture (48), ddddocr's detector and the
-# layout model have static inputs already.
-KEPT = {"magika": {}, "nudenet_yolov8n": {"images": [0]}, "orientation_lcnet": {"x": [0]},
+# What each third-party model keeps symbolic: YOLOv8's anchors follow its image size, the PP-OCRv4 recognizer's
+# height is fixed by its architecture (48), ddddocr's detector and the layout model have static inputs already.
+# Magika keeps its batch through an expand's shape and a slice's end that take it from their inputs.
+KEPT = {"magika": {"bytes": [0]}, "nudenet_yolov8n": {"images": [0]}, "orientation_lcnet": {"x": [0]},
         "ppocr_cls": {"x": [0, 2, 3]}, "ppocrv4_det": {"x": [0, 2, 3]}, "ppocrv4_rec": {"x": [0]},
         "ppocrv5_cls": {"x": [0, 2, 3]},
         "ppocrv5_det": {"x": [0, 2, 3]}, "ppocrv5_rec": {"x": [0, 3]}, "ddddocr_det": {}, "layout_picodet": {}}
@@ -168,6 +231,25 @@ def test_a_torch_models_batch_and_image_size_become_symbolic_on_request(tmp_path
     shapes = {"x": [3, 3, 40, 48]}
     x = {"x": np.random.default_rng(6).standard_normal(shapes["x"]).astype(np.float32)}
     want = ort.run(_same_job_at(tmp_path, net, tmp_path / "out", shapes), x)
+    assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("unit", ["head_dim", "heads"])
+def test_a_vision_transformers_batch_becomes_symbolic_on_request(tmp_path, unit) -> None:
+    # torch's attention folds the batch into the heads ([tokens, batch*heads, head_dim]) and the class token is
+    # expanded to the batch: the analysis at batch 2 must find batch 1's groups, the token a run-time Expand.
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4,
+                                               hidden_dim=32, mlp_dim=16, num_classes=5).eval()
+    result = run(net, tmp_path / "out", input_shapes={"x": [1, 3, 16, 16]}, ratio=0.5, attention=unit,
+                 symbolic_dims={"x": {0: "batch"}})
+    assert result.report["symbolic_dims"] == {"x": {"0": "batch"}}
+    assert "warnings" not in result.report["pruning"]
+    pruned = onnx.load(result.files["onnx"])
+    x = {"x": np.random.default_rng(9).standard_normal([3, 3, 16, 16]).astype(np.float32)}
+    want = ort.run(_same_job_at(tmp_path, net, tmp_path / "out", {"x": [3, 3, 16, 16]}, attention=unit), x)
     assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-5
 
 

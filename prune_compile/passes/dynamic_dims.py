@@ -5,9 +5,12 @@ constants (a reshape to [1, 512]). A user whose original model took any batch ex
 job is replayed at a second size (every symbolic dim doubled: strides and pooling still divide) and the two pruned
 models are compared. They must be the same graph; the only constants that may differ are reshape targets, and each
 differing entry must be one a reshape can take from its input at run time: 0 (copy the input's dim at that index,
-when that dim is the entry at both sizes) or, for one entry left, -1 (inferred). Anything else (a size in a slice
-bound, an expand, a constant tensor) keeps the model static, with the reason. The generalized model is then run at
-both sizes and must reproduce each static model's outputs; only then is it written.
+when that dim is the entry at both sizes) or, for one entry left, -1 (inferred); in an expand's shape, 1 where the
+input has that size already. A constant tensor that repeats one
+slice along axes sized like a symbolic input dim (a class token expanded to the batch) becomes that slice expanded
+at run time to the input's size. Anything else (a size in a slice bound, a constant that varies along such an axis)
+keeps the model static, with the reason. The generalized model is then run at both sizes and must reproduce each
+static model's outputs; only then is it written.
 """
 
 from __future__ import annotations
@@ -70,12 +73,21 @@ def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols
     for n in static.graph.node:
         for i, name in enumerate(n.input):
             users.setdefault(name, []).append((n, i))
+    consts = {t.name: t for t in static.graph.initializer}
     replaced: dict[str, np.ndarray] = {}
+    expanded: dict[str, tuple[np.ndarray, dict[int, tuple[str, int]]]] = {}
+    dims = _symbolic_sizes(static, other, symbols)
     for t in static.graph.initializer:
         a, b = numpy_helper.to_array(t), numpy_helper.to_array(init_b[t.name])
         if a.shape == b.shape and np.array_equal(a, b):
             continue
-        target, why = _size_free_target(t.name, a, b, users.get(t.name, []), shapes_a, shapes_b)
+        if a.ndim == b.ndim and a.shape != b.shape:
+            repeated, why = _repeated_slice(t.name, a, b, dims, users.get(t.name, []))
+            if repeated is None:
+                return None, why
+            expanded[t.name] = repeated
+            continue
+        target, why = _size_free_target(t.name, a, b, users.get(t.name, []), shapes_a, shapes_b, consts)
         if target is None:
             return None, why
         replaced[t.name] = target
@@ -84,6 +96,10 @@ def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols
     for t in model.graph.initializer:
         if t.name in replaced:
             t.CopyFrom(numpy_helper.from_array(replaced[t.name], t.name))
+    if expanded:
+        why = _expand_at_run_time(model, expanded)
+        if why:
+            return None, why
     _restore_dims(model, other, symbols)
     for seed, reference in ((0, static), (1, other)):
         feeds = ort.random_feeds(reference, seed)
@@ -117,33 +133,149 @@ def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
-def _size_free_target(name: str, a: np.ndarray, b: np.ndarray, users, shapes_a, shapes_b):
-    """A reshape target valid at both sizes (0 for dims copied from the input, -1 for one left), or None and why."""
-    if not users or any(n.op_type != "Reshape" or i != 1 for n, i in users):
+def _size_free_target(name: str, a: np.ndarray, b: np.ndarray, users, shapes_a, shapes_b, consts):
+    """A shape operand valid at both sizes, or None and why: a reshape target takes 0 for dims copied from its
+    input and -1 for one left; an expand's shape takes 1 where its input has the size already (it broadcasts)."""
+    if not users or any((n.op_type, i) not in _SHAPE_OPERANDS for n, i in users):
         what = ", ".join(sorted({f"'{n.name}' ({n.op_type})" for n, _ in users})) or "nothing"
-        return None, f"constant '{name}' depends on the input size and is read by {what}, not as a reshape target"
+        return None, (f"constant '{name}' depends on the input size and is read by {what}, not as a reshape "
+                      "target, expanded shape or slice end")
     if a.shape != b.shape or a.ndim != 1:
-        return None, f"reshape target '{name}' has a different length at another input size"
+        return None, f"shape operand '{name}' has a different length at another input size"
     result = None
-    for n, _ in users:
-        if any(attr.name == "allowzero" and attr.i for attr in n.attribute):
-            return None, f"reshape '{n.name}' has allowzero=1: a 0 in its target cannot copy a dim"
-        dims_a, dims_b = shapes_a.get(n.input[0]), shapes_b.get(n.input[0])
-        target = a.copy()
-        left = []
-        for k in np.flatnonzero(a != b):
-            if dims_a is not None and dims_b is not None and k < len(dims_a) and (dims_a[k], dims_b[k]) == (a[k], b[k]):
-                target[k] = 0
-            else:
-                left.append(k)
-        if len(left) > 1 or (left and -1 in a):
-            return None, f"reshape '{n.name}' targets {a.tolist()} at one size and {b.tolist()} at the other"
-        for k in left:
-            target[k] = -1
+    for n, i in users:
+        target = _SHAPE_OPERANDS[(n.op_type, i)](n, a, b, shapes_a, shapes_b, consts)
+        if isinstance(target, str):
+            return None, target
         if result is not None and not np.array_equal(result, target):
-            return None, f"reshape target '{name}' is read by reshapes that would need different forms"
+            return None, f"shape operand '{name}' is read by nodes that would need different forms"
         result = target
     return result.astype(a.dtype), ""
+
+
+def _reshape_target(n: onnx.NodeProto, a: np.ndarray, b: np.ndarray, shapes_a, shapes_b, consts) -> np.ndarray | str:
+    if any(attr.name == "allowzero" and attr.i for attr in n.attribute):
+        return f"reshape '{n.name}' has allowzero=1: a 0 in its target cannot copy a dim"
+    dims_a, dims_b = shapes_a.get(n.input[0]), shapes_b.get(n.input[0])
+    target = a.copy()
+    left = []
+    for k in np.flatnonzero(a != b):
+        if dims_a is not None and dims_b is not None and k < len(dims_a) and (dims_a[k], dims_b[k]) == (a[k], b[k]):
+            target[k] = 0
+        else:
+            left.append(k)
+    if len(left) > 1 or (left and -1 in a):
+        return f"reshape '{n.name}' targets {a.tolist()} at one size and {b.tolist()} at the other"
+    for k in left:
+        target[k] = -1
+    return target
+
+
+def _expand_shape(n: onnx.NodeProto, a: np.ndarray, b: np.ndarray, shapes_a, shapes_b, consts) -> np.ndarray | str:
+    dims_a, dims_b = shapes_a.get(n.input[0]), shapes_b.get(n.input[0])
+    target = a.copy()
+    for k in np.flatnonzero(a != b):
+        axis = k - (len(a) - len(dims_a)) if dims_a is not None and dims_b is not None else -1
+        if not (0 <= axis < len(dims_a) and (dims_a[axis], dims_b[axis]) == (a[k], b[k])):
+            return f"expand '{n.name}' broadcasts to {a.tolist()} at one size and {b.tolist()} at the other"
+        target[k] = 1
+    return target
+
+
+def _slice_ends(n: onnx.NodeProto, a: np.ndarray, b: np.ndarray, shapes_a, shapes_b, consts) -> np.ndarray | str:
+    dims_a, dims_b = shapes_a.get(n.input[0]), shapes_b.get(n.input[0])
+    axes = np.arange(len(a))
+    if len(n.input) > 3 and n.input[3]:
+        axes = numpy_helper.to_array(consts[n.input[3]]) if n.input[3] in consts else None
+    target = a.copy()
+    for k in np.flatnonzero(a != b):
+        axis = int(axes[k]) if axes is not None else -1
+        if dims_a is None or dims_b is None or not -len(dims_a) <= axis < len(dims_a) \
+                or (dims_a[axis], dims_b[axis]) != (a[k], b[k]):
+            return f"slice '{n.name}' has ends {a.tolist()} at one size and {b.tolist()} at the other"
+        target[k] = np.iinfo(np.int64).max  # to the end, whatever the size
+    return target
+
+
+# Operands that hold sizes, by (op, input index), and how each writes a size it can take from its input.
+_SHAPE_OPERANDS = {("Reshape", 1): _reshape_target, ("Expand", 1): _expand_shape, ("Slice", 2): _slice_ends}
+
+
+def _symbolic_sizes(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols,
+                    ) -> dict[tuple[int, int], list[tuple[str, int]]]:
+    """The symbolic input dims by their (size in `static`, size in `other`)."""
+    out: dict[tuple[int, int], list[tuple[str, int]]] = {}
+    for inp, inp_b in zip(static.graph.input, other.graph.input, strict=True):
+        for axis in sorted(symbols.get(inp.name, {})):
+            d, d_b = inp.type.tensor_type.shape.dim[axis], inp_b.type.tensor_type.shape.dim[axis]
+            out.setdefault((d.dim_value, d_b.dim_value), []).append((inp.name, axis))
+    return out
+
+
+def _repeated_slice(name: str, a: np.ndarray, b: np.ndarray, dims, users):
+    """For a constant whose shape follows the input size: the one slice it repeats (size 1 on those axes) and, per
+    such axis, the input dim that gives its size; or None and why not."""
+    readers = ", ".join(sorted({f"'{n.name}' ({n.op_type})" for n, _ in users})) or "nothing"
+    sized: dict[int, tuple[str, int]] = {}
+    for axis in np.flatnonzero(np.asarray(a.shape) != np.asarray(b.shape)).tolist():
+        found = dims.get((a.shape[axis], b.shape[axis]), [])
+        if len({symbol for symbol in found}) != 1:
+            which = "no" if not found else "more than one"
+            return None, (f"constant '{name}' (read by {readers}) has {a.shape[axis]} entries along axis {axis}, "
+                          f"which {which} symbolic input dim gives at both sizes")
+        sized[axis] = found[0]
+    index = tuple(slice(0, 1) if axis in sized else slice(None) for axis in range(a.ndim))
+    one = a[index]
+    if not (np.array_equal(b[index], one) and np.array_equal(np.broadcast_to(one, a.shape), a)
+            and np.array_equal(np.broadcast_to(one, b.shape), b)):
+        return None, (f"constant '{name}' depends on the input size and is read by {readers}, and is not one "
+                      f"slice repeated along axes {sorted(sized)}")
+    return (one, sized), ""
+
+
+def _expand_at_run_time(model: onnx.ModelProto, expanded) -> str:
+    """Replace each constant of `expanded` by its slice expanded to the input's sizes: Expand(slice, shape), the
+    shape 1 on fixed axes and Shape(input)[axis] on the others. Nodes go first: they read only graph inputs."""
+    from onnx import helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 8:
+        return f"constant '{next(iter(expanded))}' would need Expand, which opset {opset} lacks"
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    taken |= {i.name for i in model.graph.input}
+
+    def fresh(hint: str) -> str:
+        k, name = 0, hint
+        while name in taken:
+            k, name = k + 1, f"{hint}_{k + 1}"
+        taken.add(name)
+        return name
+
+    nodes, inits = [], []
+    for name, (one, sized) in expanded.items():
+        parts = []
+        for axis in range(one.ndim):
+            if axis not in sized:
+                parts.append(fresh(f"{name}_dim{axis}"))
+                inits.append(numpy_helper.from_array(np.ones(1, np.int64), parts[-1]))
+                continue
+            inp, inp_axis = sized[axis]
+            shape, index = fresh(f"{name}_shape_of_{inp}"), fresh(f"{name}_axis{axis}")
+            inits.append(numpy_helper.from_array(np.asarray([inp_axis], np.int64), index))
+            parts.append(fresh(f"{name}_dim{axis}"))
+            nodes += [helper.make_node("Shape", [inp], [shape], name=shape),
+                      helper.make_node("Gather", [shape, index], [parts[-1]], name=parts[-1], axis=0)]
+        target, small = fresh(f"{name}_target"), fresh(f"{name}_slice")
+        inits.append(numpy_helper.from_array(one, small))
+        nodes += [helper.make_node("Concat", parts, [target], name=target, axis=0),
+                  helper.make_node("Expand", [small, target], [name], name=f"{name}_expand")]
+    kept = [t for t in model.graph.initializer if t.name not in expanded]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + inits)
+    old = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + old)
+    return ""
 
 
 def _restore_dims(model: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols) -> None:
