@@ -235,21 +235,28 @@ def test_a_torch_models_batch_and_image_size_become_symbolic_on_request(tmp_path
 
 
 @pytest.mark.parametrize("unit", ["head_dim", "heads"])
-def test_a_vision_transformers_batch_becomes_symbolic_on_request(tmp_path, unit) -> None:
+@pytest.mark.parametrize("source", ["torch", "onnx"])
+def test_a_vision_transformers_batch_stays_symbolic(tmp_path, source, unit) -> None:
     # torch's attention folds the batch into the heads ([tokens, batch*heads, head_dim]) and the class token is
     # expanded to the batch: the analysis at batch 2 must find batch 1's groups, the token a run-time Expand.
+    # A torch module asks for its batch; torch.onnx's export (TorchScript) writes it symbolic.
     import torchvision
 
     torch.manual_seed(0)
     net = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4,
                                                hidden_dim=32, mlp_dim=16, num_classes=5).eval()
-    result = run(net, tmp_path / "out", input_shapes={"x": [1, 3, 16, 16]}, ratio=0.5, attention=unit,
-                 symbolic_dims={"x": {0: "batch"}})
+    model, asked = net, {"x": {0: "batch"}}
+    if source == "onnx":
+        model, asked = str(tmp_path / "vit.onnx"), None
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), model, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    result = run(model, tmp_path / "out", input_shapes={"x": [1, 3, 16, 16]}, ratio=0.5, attention=unit,
+                 symbolic_dims=asked)
     assert result.report["symbolic_dims"] == {"x": {"0": "batch"}}
     assert "warnings" not in result.report["pruning"]
     pruned = onnx.load(result.files["onnx"])
     x = {"x": np.random.default_rng(9).standard_normal([3, 3, 16, 16]).astype(np.float32)}
-    want = ort.run(_same_job_at(tmp_path, net, tmp_path / "out", {"x": [3, 3, 16, 16]}, attention=unit), x)
+    want = ort.run(_same_job_at(tmp_path, model, tmp_path / "out", {"x": [3, 3, 16, 16]}, attention=unit), x)
     assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-5
 
 
