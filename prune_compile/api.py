@@ -487,7 +487,7 @@ def _with_symbolic_dims(state: Any, proto: Any) -> tuple[Any, dict, str]:
         other, why = _replayed_at_doubled(state, symbols)
         if other is not None:
             try:
-                generalized, why = generalize(proto, other, symbols)
+                generalized, why = generalize(proto, other, symbols, original=state.loaded.onnx_model)
             except Exception as e:  # the static model is correct as it is: report, never fail the job for this
                 generalized, why = None, f"checking the model with symbolic dims failed: {type(e).__name__}: {e}"
             if generalized is not None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from prune_compile.api import run
 from prune_compile.backends import ort
-from prune_compile.passes.dynamic_dims import symbolic_input_dims
+from prune_compile.passes.dynamic_dims import generalize, symbolic_input_dims
 
 from .third_party import MODELS, fetch_model, realistic_feeds
 
@@ -70,7 +70,8 @@ def test_a_dynamic_batch_and_image_size_survive_pruning(tmp_path) -> None:
     assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-5
 
 
-def _batch_sized_bias_model(path: str, bias: list[onnx.NodeProto], inputs: tuple[str, ...] = ("x",)) -> str:
+def _batch_sized_bias_model(path: str, bias: list[onnx.NodeProto], inputs: tuple[str, ...] = ("x",),
+                            opset: int = 17) -> str:
     """y = x @ w + bias, where `bias` (nodes from h = x @ w) folds into a constant of the batch's size."""
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 6], np.ones(24, np.float32).tolist())
     b = helper.make_tensor("b", TensorProto.FLOAT, [6], np.arange(6, dtype=np.float32).tolist())
@@ -79,7 +80,7 @@ def _batch_sized_bias_model(path: str, bias: list[onnx.NodeProto], inputs: tuple
     graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}_batch", 4])
                                            for name in inputs],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])], [w, b])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
     return path
 
 
@@ -124,21 +125,61 @@ def test_a_slice_end_and_an_expand_shape_of_the_batch_size_take_it_from_their_in
     assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-6
 
 
+# bias[i] = i + 1 in every column, a cumulative sum over ones: a constant that varies along the batch.
+_COUNT = [helper.make_node("Shape", ["h"], ["shape"], name="shape"),
+          helper.make_node("ConstantOfShape", ["shape"], ["ones"], name="ones",
+                           value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+          helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [], [0])),
+          helper.make_node("CumSum", ["ones", "axis"], ["bias"], name="count")]
+
+
+def test_a_constant_computed_from_shapes_is_computed_by_the_originals_nodes(tmp_path) -> None:
+    model = _batch_sized_bias_model(str(tmp_path / "m.onnx"), _COUNT)
+    result = run(model, tmp_path / "out", input_shapes={"x": [2, 4]})
+    assert result.report["symbolic_dims"] == {"x": {"0": "x_batch"}}
+    pruned = onnx.load(result.files["onnx"])
+    assert sorted(n.op_type for n in pruned.graph.node) == ["Add", "Constant", "ConstantOfShape", "CumSum",
+                                                             "MatMul", "Shape"]
+    x = {"x": np.random.default_rng(10).standard_normal([5, 4]).astype(np.float32)}
+    want = ort.run(_same_job_at(tmp_path, model, tmp_path / "out", {"x": [5, 4]}), x)
+    assert ort.relative_error(want, ort.run(pruned, x)) <= 1e-6
+
+
+def test_the_originals_nodes_never_compute_a_constant_from_data() -> None:
+    # The original sizes the count by a layer ('fc') the pruned model does not have: copying it in would run the
+    # original's layer again. Static and doubled pruned models: y = relu(x) + count.
+    def pruned(batch: int) -> onnx.ModelProto:
+        count = np.repeat(np.arange(1, batch + 1, dtype=np.float32)[:, None], 4, axis=1)
+        nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                 helper.make_node("Add", ["r", "bias"], ["y"], name="offset")]
+        graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+                                  [numpy_helper.from_array(count, "bias")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), *_COUNT,
+             helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "bias"], ["y"], name="offset")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [w])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model, why = generalize(pruned(2), pruned(4), {"x": {0: "batch"}}, original=original)
+    assert model is None
+    assert why.endswith("(nor can the original's nodes compute it: MatMul 'fc' reads the data of 'x')")
+
+
 @pytest.mark.parametrize(("bias", "inputs", "why"), [
-    # bias[i] = i + 1 in every column, a cumulative sum over ones: the constant varies along the batch.
-    ([helper.make_node("Shape", ["h"], ["shape"], name="shape"),
-      helper.make_node("ConstantOfShape", ["shape"], ["ones"], name="ones",
-                       value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
-      helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [], [0])),
-      helper.make_node("CumSum", ["ones", "axis"], ["bias"], name="count")],
-     ("x",), "constant 'bias' depends on the input size and is read by 'offset' (Add), and is not one slice "
-             "repeated along axes [0]"),
+    # The original's nodes would compute it, but the model was converted to opset 17 on import.
+    (_COUNT, ("x",), "constant 'bias' depends on the input size and is read by 'offset' (Add), and is not one slice "
+                     "repeated along axes [0] (nor can the original's nodes compute it: its opset 13 is not the "
+                     "pruned model's 17)"),
     # Two inputs of the same sizes: whose batch the constant follows is not known.
     (_SPREAD, ("x", "z"), "constant 'bias' (read by 'offset' (Add)) has 2 entries along axis 0, which more than "
                           "one symbolic input dim gives at both sizes"),
 ])
 def test_a_size_a_constant_depends_on_stays_static_naming_the_node(tmp_path, bias, inputs, why) -> None:
-    model = _batch_sized_bias_model(str(tmp_path / "m.onnx"), bias, inputs)
+    model = _batch_sized_bias_model(str(tmp_path / "m.onnx"), bias, inputs, opset=13)
     if "z" in inputs:  # z only needs to be an input with a symbolic batch
         m = onnx.load(model)
         m.graph.node.append(helper.make_node("Identity", ["z"], ["z_out"], name="z_out"))
@@ -165,7 +206,7 @@ def test_unnamed_dims_get_names_of_their_own() -> None:
 # What each third-party model keeps symbolic: YOLOv8's anchors follow its image size, the PP-OCRv4 recognizer's
 # height is fixed by its architecture (48), ddddocr's detector and the layout model have static inputs already.
 # Magika keeps its batch through an expand's shape and a slice's end that take it from their inputs.
-KEPT = {"magika": {"bytes": [0]}, "nudenet_yolov8n": {"images": [0]}, "orientation_lcnet": {"x": [0]},
+KEPT = {"magika": {"bytes": [0]}, "nudenet_yolov8n": {"images": [0, 2, 3]}, "orientation_lcnet": {"x": [0]},
         "ppocr_cls": {"x": [0, 2, 3]}, "ppocrv4_det": {"x": [0, 2, 3]}, "ppocrv4_rec": {"x": [0]},
         "ppocrv5_cls": {"x": [0, 2, 3]},
         "ppocrv5_det": {"x": [0, 2, 3]}, "ppocrv5_rec": {"x": [0, 3]}, "ddddocr_det": {}, "layout_picodet": {}}

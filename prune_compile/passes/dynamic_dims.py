@@ -3,14 +3,15 @@
 The passes work on static shapes: `--input-shape` fixes every symbolic dim, and folding bakes the fixed sizes into
 constants (a reshape to [1, 512]). A user whose original model took any batch expects the pruned one to, too. So the
 job is replayed at a second size (every symbolic dim doubled: strides and pooling still divide) and the two pruned
-models are compared. They must be the same graph; the only constants that may differ are reshape targets, and each
-differing entry must be one a reshape can take from its input at run time: 0 (copy the input's dim at that index,
-when that dim is the entry at both sizes) or, for one entry left, -1 (inferred); in an expand's shape, 1 where the
-input has that size already. A constant tensor that repeats one
-slice along axes sized like a symbolic input dim (a class token expanded to the batch) becomes that slice expanded
-at run time to the input's size. Anything else (a size in a slice bound, a constant that varies along such an axis)
-keeps the model static, with the reason. The generalized model is then run at both sizes and must reproduce each
-static model's outputs; only then is it written.
+models are compared. They must be the same graph; a constant that differs must get a form that holds at any size:
+- an operand that can take the size from its input at run time: a reshape target (0 copies the input's dim at that
+  index, -1 for one entry left), an expand's shape (1 where the input has the size), a slice's end (to the end);
+- a constant that repeats one slice along axes sized like a symbolic input dim (a class token expanded to the
+  batch): that slice, expanded at run time to Shape(input)[axis];
+- otherwise the original's own nodes that computed it from shapes (a detector's anchor grid from its feature maps'
+  sizes), when they read only shapes of what the pruned model has, never data (no copy of the original's layers).
+Anything else keeps the model static, with the reason. The generalized model is then run at both sizes and must
+reproduce each static model's outputs; only then is it written.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def doubled_shapes(shapes: Mapping[str, list[int]], symbols: Symbols) -> dict[st
 
 
 def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols, tolerance: float = 1e-5,
-               ) -> tuple[onnx.ModelProto | None, str]:
+               original: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto | None, str]:
     """`static` (the pruned model at the given sizes) with the symbolic input dims restored, from `other` (the same
-    job at the doubled sizes); or None and why not. The generalized model must reproduce both static models'
-    outputs on seeded random inputs of their sizes (ONNX Runtime) within `tolerance`."""
+    job at the doubled sizes); or None and why not. `original`, the ONNX model the job started from, lends the
+    nodes that compute a size-dependent constant from shapes (a detector's anchor grid) where no simpler form
+    does. The generalized model must reproduce both static models' outputs on seeded random inputs of their sizes
+    (ONNX Runtime) within `tolerance`."""
     from ..backends import ort
 
     why = _same_graph(static, other)
@@ -77,20 +80,22 @@ def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols
     replaced: dict[str, np.ndarray] = {}
     expanded: dict[str, tuple[np.ndarray, dict[int, tuple[str, int]]]] = {}
     dims = _symbolic_sizes(static, other, symbols)
-    for t in static.graph.initializer:
+    differing = [t for t in static.graph.initializer if not _equal(t, init_b[t.name])]
+    recompute: dict[str, str] = {}  # constant -> why no simpler form holds
+    for t in differing:
         a, b = numpy_helper.to_array(t), numpy_helper.to_array(init_b[t.name])
-        if a.shape == b.shape and np.array_equal(a, b):
-            continue
         if a.ndim == b.ndim and a.shape != b.shape:
             repeated, why = _repeated_slice(t.name, a, b, dims, users.get(t.name, []))
-            if repeated is None:
-                return None, why
-            expanded[t.name] = repeated
+            if repeated is not None:
+                expanded[t.name] = repeated
+            else:
+                recompute[t.name] = why
             continue
         target, why = _size_free_target(t.name, a, b, users.get(t.name, []), shapes_a, shapes_b, consts)
-        if target is None:
-            return None, why
-        replaced[t.name] = target
+        if target is not None:
+            replaced[t.name] = target
+        else:
+            recompute[t.name] = why
     model = onnx.ModelProto()
     model.CopyFrom(static)
     for t in model.graph.initializer:
@@ -100,6 +105,12 @@ def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols
         why = _expand_at_run_time(model, expanded)
         if why:
             return None, why
+    if recompute:
+        if original is None:
+            return None, next(iter(recompute.values()))
+        why = _recompute_from(model, original, recompute, {t.name for t in differing})
+        if why:
+            return None, why
     _restore_dims(model, other, symbols)
     for seed, reference in ((0, static), (1, other)):
         feeds = ort.random_feeds(reference, seed)
@@ -107,6 +118,88 @@ def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols
         if not err <= tolerance:
             return None, f"the model with symbolic dims differs from the static one ({err:.2e})"
     return model, ""
+
+
+def _equal(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+    return x.shape == y.shape and np.array_equal(x, y)
+
+
+def _recompute_from(model: onnx.ModelProto, original: onnx.ModelProto, constants: Mapping[str, str],
+                    differing: set[str]) -> str:
+    """Replace each of `constants` by the original's nodes that compute it from shapes: back to the shapes of the
+    pruned model's inputs and activations (read by Shape or Size only), its constants that do not depend on the
+    size, or the original's own constants. "" or why not: the constant's own reason, and why the original's nodes
+    cannot compute it so (its opset differs, they read data, control flow)."""
+    def refuse(name: str, detail: str) -> str:
+        return f"{constants[name]} (nor can the original's nodes compute it: {detail})"
+
+    version = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx")
+    original_version = {o.domain or "ai.onnx": o.version for o in original.opset_import}.get("ai.onnx")
+    if version != original_version:
+        return refuse(next(iter(constants)), f"its opset {original_version} is not the pruned model's {version}")
+    producer = {o: n for n in original.graph.node for o in n.output if o}
+    original_consts = {t.name: t for t in original.graph.initializer}
+    kept = {t.name for t in model.graph.initializer if t.name not in differing}
+    have = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output} | kept
+    tensors = have - kept  # inputs and activations: only their shapes may be read
+    nodes: dict[int, onnx.NodeProto] = {}  # by position in the original
+    lent: dict[str, onnx.TensorProto] = {}
+    index = {id(n): k for k, n in enumerate(original.graph.node)}
+    for name in constants:
+        stack = [(name, None)]
+        while stack:
+            t, reader = stack.pop()
+            if t in tensors and reader is not None and reader.op_type not in ("Shape", "Size"):
+                # computed from data, not from shapes: never copy the original's layers into the model
+                return refuse(name, f"{reader.op_type} '{reader.name}' reads the data of '{t}'")
+            if t in have or t in lent or (t in producer and index[id(producer[t])] in nodes):
+                continue
+            if t in producer:
+                n = producer[t]
+                if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+                    return refuse(name, f"{n.op_type} '{n.name}' holds a subgraph")
+                if any(o in tensors for o in n.output):
+                    return refuse(name, f"{n.op_type} '{n.name}' writes a tensor the pruned model has")
+                nodes[index[id(n)]] = n
+                stack.extend((i, n) for i in n.input if i)
+            elif t in original_consts and original_consts[t].data_location != onnx.TensorProto.EXTERNAL:
+                lent[t] = original_consts[t]
+            else:
+                return refuse(name, f"'{t}' is not in the original")
+    computed = {o for n in nodes.values() for o in n.output}
+    inits = [t for t in model.graph.initializer if t.name not in computed]
+    ordered = _topological([nodes[k] for k in sorted(nodes)] + list(model.graph.node))
+    if len(ordered) != len(nodes) + len(model.graph.node):
+        return refuse(next(iter(constants)), "they form a cycle with the pruned model's nodes")
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits + list(lent.values()))
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return ""
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """`nodes` in an order where each comes after the producers of its inputs, earliest in the list first."""
+    import heapq
+
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    waiting = [len({producer[i] for i in n.input if i in producer}) for n in nodes]
+    readers: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for p in {producer[i] for i in n.input if i in producer}:
+            readers.setdefault(p, []).append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        k = heapq.heappop(ready)
+        out.append(nodes[k])
+        for r in readers.get(k, []):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    return out
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> str:
