@@ -97,7 +97,7 @@ def _load_onnx(path: str, input_shapes: InputShapes, seed: int) -> LoadedModel:
     from .passes.dynamic_dims import symbolic_input_dims
 
     proto = load_onnx_model(path)
-    symbols = symbolic_input_dims(proto)  # before the import fixes them in place
+    symbols = symbolic_input_dims(proto)  # before the import (which fixes them in place over 2 GiB)
     graph = import_onnx(proto, input_shapes)
     graph.source = path
     feeds = _random_feeds(graph, seed)

@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import GraphError, ModelFormatError, UnsupportedModelError, UsageError
 from . import onnx_io
+from .contrib_ops import lower_contrib_ops
 from .graph import Graph, OpaqueInfo, Provenance, Value
 
 # Domains whose ops ONNX Runtime can run; anything else is a custom op library we do not have.
@@ -51,11 +52,16 @@ def import_onnx(
     model: onnx.ModelProto | str | os.PathLike,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Graph:
-    """Import an ONNX model (proto or path). `input_shapes` overrides/fixes graph input shapes by name."""
+    """Import an ONNX model (proto or path). `input_shapes` overrides/fixes graph input shapes by name. A proto
+    passed in stays as it is, except one over 2 GiB, whose input shapes are fixed in place (a copy would double the
+    memory it takes)."""
     source = ""
     if not isinstance(model, onnx.ModelProto):
         source = os.fspath(model)
         model = load_onnx_model(model)
+    elif not onnx_io.is_large(model):
+        given, model = model, onnx.ModelProto()
+        model.CopyFrom(given)
     model, origins = _prepare(model, dict(input_shapes or {}), source or model.graph.name)
     return _build_graph(model, source, origins)
 
@@ -76,6 +82,11 @@ def _prepare(
         raise ModelFormatError(f"'{where}' fails the ONNX checker: {_first_line(e)}") from e
     opsets = {o.domain: o.version for o in model.opset_import}
     for n in model.graph.node:
+        if n.domain == "com.microsoft.nchwc":
+            raise UnsupportedModelError(
+                f"node '{n.name or n.op_type}' is ONNX Runtime's {n.op_type} in its blocked NCHWc layout: the model "
+                "was saved at ORT_ENABLE_ALL, which writes kernels for the machine it ran on; prune the original "
+                "model, or save it at ORT_ENABLE_EXTENDED (its fused ops are read)")
         if n.domain not in KNOWN_DOMAINS:
             raise UnsupportedModelError(
                 f"node '{n.name or n.op_type}' uses op '{n.op_type}' from opset domain '{n.domain}', "
@@ -92,6 +103,7 @@ def _prepare(
         except Exception as e:
             raise UnsupportedModelError(
                 f"'{where}': cannot convert opset {default_opset} to {MIN_OPSET}: {_first_line(e)}") from e
+    model = lower_contrib_ops(model)  # saved by ONNX Runtime's optimizer: its fused ops, as the ops they fuse
     model, origins = _fold_constants(model, where)
     try:
         model = onnx_io.infer_shapes(model, strict_mode=True, data_prop=True)
