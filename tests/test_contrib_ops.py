@@ -24,7 +24,7 @@ from prune_compile.passes.deps import analyze
 
 
 def _contrib(op: str, inputs: list[tuple[str, list[int]]], consts: dict[str, np.ndarray], out: list[int],
-             order: list[str] | None = None, **attrs) -> onnx.ModelProto:
+             order: list[str] | None = None, opset: int = 17, **attrs) -> onnx.ModelProto:
     """One com.microsoft node reading graph inputs and constants (inputs first, or in `order`), writing y of shape
     `out`."""
     names = order or [n for n, _ in inputs] + list(consts)
@@ -33,7 +33,7 @@ def _contrib(op: str, inputs: list[tuple[str, list[int]]], consts: dict[str, np.
         [node], "m", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()])
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=8)
 
 
@@ -70,6 +70,13 @@ _CASES = {
     "skip_layer_norm": _contrib("SkipLayerNormalization", [("x", [2, 3, 8]), ("skip", [2, 3, 8])],
                                 {"gamma": _RNG.standard_normal(8), "beta": _RNG.standard_normal(8),
                                  "bias": _RNG.standard_normal(8)}, [2, 3, 8], epsilon=1e-5),
+    "skip_rms_norm": _contrib("SkipSimplifiedLayerNormalization", [("x", [2, 3, 8]), ("skip", [2, 3, 8])],
+                              {"gamma": _RNG.standard_normal(8), "bias": _RNG.standard_normal(8)}, [2, 3, 8],
+                              epsilon=1e-5),
+    "skip_rms_norm_opset_18": _contrib("SkipSimplifiedLayerNormalization", [("x", [2, 3, 8]), ("skip", [2, 3, 8])],
+                                       {"gamma": _RNG.standard_normal(8)}, [2, 3, 8], opset=18),  # axes as input
+    "skip_rms_norm_no_bias": _contrib("SkipSimplifiedLayerNormalization", [("x", [2, 3, 8]), ("skip", [2, 3, 8])],
+                                      {"gamma": _RNG.standard_normal(8)}, [2, 3, 8]),
     "skip_layer_norm_no_beta": _contrib("SkipLayerNormalization", [("x", [2, 3, 8]), ("skip", [2, 3, 8])],
                                         {"gamma": _RNG.standard_normal(8)}, [2, 3, 8]),
 }
@@ -85,6 +92,7 @@ def _with_sum_output(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 _CASES["skip_layer_norm_sum_output"] = _with_sum_output(_CASES["skip_layer_norm"])
+_CASES["skip_rms_norm_sum_output"] = _with_sum_output(_CASES["skip_rms_norm"])
 
 
 @pytest.mark.parametrize("case", sorted(_CASES))

@@ -1,8 +1,9 @@
 """ONNX Runtime's fused ops (domain com.microsoft), as a model saved by ONNX Runtime's optimizer holds them, lowered
 to the standard ops they stand for, so that the model imports like its unoptimized form: FusedConv, FusedGemm,
-FusedMatMul, Gelu, BiasGelu, FastGelu, QuickGelu, SkipLayerNormalization, BiasAdd. ONNX Runtime fuses them again
-when it loads the pruned model. Any other com.microsoft op, or one of these with a form not lowered here (a
-SkipLayerNormalization whose statistics outputs are read), stays as it is and the importer names it.
+FusedMatMul, Gelu, BiasGelu, FastGelu, QuickGelu, SkipLayerNormalization, SkipSimplifiedLayerNormalization (RMSNorm),
+BiasAdd. ONNX Runtime fuses them again when it loads the pruned model. Any other com.microsoft op, or one of these
+with a form not lowered here (a skip norm whose statistics outputs are read), stays as it is and the importer names
+it.
 
 Semantics follow ONNX Runtime's contrib op schemas (defaults included); tests/test_contrib_ops.py checks every form
 against ONNX Runtime's own kernels.
@@ -257,27 +258,63 @@ def _quick_gelu(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodeProto]:
             helper.make_node("Mul", [x, gate], [y], name=f"{p}/Mul")]
 
 
-@_lowers("SkipLayerNormalization")
-def _skip_layer_norm(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-    """LayerNormalization over the last axis of input + skip (+ bias); the sum is the fourth output."""
+def _skip_sum(ctx: _Lowering, n: onnx.NodeProto, bias: str) -> tuple[list[onnx.NodeProto], str] | None:
+    """input + skip (+ bias), the fourth output of the skip norms; None when their statistics outputs are read."""
     outputs = list(n.output) + [""] * (4 - len(n.output))
     if any(o and o in ctx.read for o in outputs[1:3]):
         return None  # its mean and inverse standard deviation are read: not lowered
-    inputs = list(n.input) + [""] * (5 - len(n.input))
-    x, skip, gamma, beta, bias = inputs[:5]
+    x, skip = n.input[:2]
     summed = outputs[3] or ctx.fresh(f"{outputs[0]}/sum")
-    nodes = []
-    if bias:
-        partial = ctx.fresh(f"{summed}/partial")
-        nodes += [helper.make_node("Add", [x, skip], [partial], name=f"{n.name}/Add_skip"),
-                  helper.make_node("Add", [partial, bias], [summed], name=f"{n.name}/Add_bias")]
-    else:
-        nodes.append(helper.make_node("Add", [x, skip], [summed], name=f"{n.name}/Add_skip"))
-    eps = _attrs(n).get("epsilon", 1e-12)
-    if outputs[0]:
+    if not bias:
+        return [helper.make_node("Add", [x, skip], [summed], name=f"{n.name}/Add_skip")], summed
+    partial = ctx.fresh(f"{summed}/partial")
+    return [helper.make_node("Add", [x, skip], [partial], name=f"{n.name}/Add_skip"),
+            helper.make_node("Add", [partial, bias], [summed], name=f"{n.name}/Add_bias")], summed
+
+
+@_lowers("SkipLayerNormalization")
+def _skip_layer_norm(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """LayerNormalization over the last axis of input + skip (+ bias); the sum is the fourth output."""
+    inputs = list(n.input) + [""] * (5 - len(n.input))
+    gamma, beta, bias = inputs[2:5]
+    found = _skip_sum(ctx, n, bias)
+    if found is None:
+        return None
+    nodes, summed = found
+    if n.output[0]:
+        eps = _attrs(n).get("epsilon", 1e-12)
         nodes.append(helper.make_node("LayerNormalization", [summed, gamma] + ([beta] if beta else []),
-                                      [outputs[0]], name=f"{n.name}/LayerNormalization", axis=-1, epsilon=eps))
+                                      [n.output[0]], name=f"{n.name}/LayerNormalization", axis=-1, epsilon=eps))
     return nodes
+
+
+@_lowers("SkipSimplifiedLayerNormalization")
+def _skip_rms_norm(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """RMSNorm over the last axis of input + skip (+ bias): s / sqrt(mean(s^2) + epsilon) * gamma."""
+    inputs = list(n.input) + [""] * (4 - len(n.input))
+    gamma, bias = inputs[2:4]
+    found = _skip_sum(ctx, n, bias)
+    if found is None:
+        return None
+    nodes, s = found
+    if not n.output[0]:
+        return nodes
+    y, p = n.output[0], f"{n.name}/rms"
+    sq, mean, shifted, root, normed = (ctx.fresh(f"{y}/{k}") for k in ("square", "mean", "plus_eps", "rms", "normed"))
+    opset = next((o.version for o in ctx.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 18:  # axes became an input
+        axes = ctx.fresh(f"{p}/axes")
+        ctx.consts.append(numpy_helper.from_array(np.asarray([-1], np.int64), axes))
+        reduce = helper.make_node("ReduceMean", [sq, axes], [mean], name=f"{p}/ReduceMean", keepdims=1)
+    else:
+        reduce = helper.make_node("ReduceMean", [sq], [mean], name=f"{p}/ReduceMean", axes=[-1], keepdims=1)
+    eps = _attrs(n).get("epsilon", 1e-12)
+    return nodes + [
+        helper.make_node("Mul", [s, s], [sq], name=f"{p}/Mul_square"), reduce,
+        helper.make_node("Add", [mean, ctx.scalar(f"{p}/epsilon", eps, s)], [shifted], name=f"{p}/Add_epsilon"),
+        helper.make_node("Sqrt", [shifted], [root], name=f"{p}/Sqrt"),
+        helper.make_node("Div", [s, root], [normed], name=f"{p}/Div"),
+        helper.make_node("Mul", [normed, gamma], [y], name=f"{p}/Mul_gamma")]
 
 
 @_lowers("BiasAdd")
