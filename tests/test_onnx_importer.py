@@ -241,6 +241,26 @@ def test_scalar_axes_are_read_as_onnx_runtime_reads_them() -> None:
     assert _roundtrip_error(model) == 0.0
 
 
+def _lstm_model(outputs: list[str], layout: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 3] if layout == 0 else [2, 5, 3])
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w", [1, 16, 3]), ("r", [1, 16, 4]))]
+    lstm = helper.make_node("LSTM", ["x", "w", "r"], outputs, hidden_size=4, layout=layout, name="lstm")
+    return _model([lstm], [x], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs if o],
+                  inits)
+
+
+def test_recurrent_layers_are_understood_in_layout_0() -> None:
+    model = _lstm_model(["y", "y_h", "y_c"])
+    assert [n.op for n in import_onnx(model).nodes] == ["lstm"]
+    assert _roundtrip_error(model) <= 1e-6
+    # batch-first (which ONNX Runtime does not run either) is not the layout the channel rule reads
+    assert [n.op for n in import_onnx(_lstm_model(["y"], layout=1)).nodes] == ["opaque"]
+    with pytest.raises(UnsupportedModelError, match="node 'lstm' \\(LSTM\\) has an omitted optional output"):
+        import_onnx(_lstm_model(["", "y_h"]))
+
+
 def test_control_flow_stays_opaque_and_its_branches_are_not_folded(capfd) -> None:
     # An If whose branch holds a foldable constant subgraph. Our IR cannot represent branches (the If is opaque), so
     # nothing inside them is folded: onnx-graphsurgeon would evaluate them with ONNX Runtime as IR-14 models it

@@ -153,7 +153,7 @@ _SIMPLE = {
     "log_softmax": "LogSoftmax", "batch_norm": "BatchNormalization", "instance_norm": "InstanceNormalization",
     "layer_norm": "LayerNormalization", "hard_sigmoid": "HardSigmoid", "leaky_relu": "LeakyRelu", "elu": "Elu",
     "cast": "Cast", "gemm": "Gemm", "einsum": "Einsum", "conv": "Conv", "conv_transpose": "ConvTranspose",
-    "max_pool": "MaxPool", "avg_pool": "AveragePool",
+    "max_pool": "MaxPool", "avg_pool": "AveragePool", "lstm": "LSTM", "gru": "GRU", "rnn": "RNN",
 }
 
 

@@ -615,6 +615,17 @@ def _layer_norm(ctx, n, attrs, inputs):
     return "layer_norm", {"axis": int(attrs.get("axis", -1)), "epsilon": float(attrs.get("epsilon", 1e-5))}, inputs, 1
 
 
+@_converter("LSTM", "GRU", "RNN")
+def _recurrent(ctx, n, attrs, inputs):
+    """Kept as they are; the IR knows them so that their input features are channels W's columns consume."""
+    names = list(n.output)
+    while names and not names[-1]:
+        names.pop()
+    if "" in names or attrs.get("layout", 0) != 0 or not inputs[1].is_constant:
+        return None  # an omitted output between two read ones, batch-first layout, or weights computed at run time
+    return n.op_type.lower(), dict(attrs), inputs, len(names)
+
+
 @_converter("Softmax", "LogSoftmax")
 def _softmax(ctx, n, attrs, inputs):
     op = "softmax" if n.op_type == "Softmax" else "log_softmax"

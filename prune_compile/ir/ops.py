@@ -41,6 +41,7 @@ class OpKind(enum.Enum):
     ATTENTION = "attention"
     EINSUM = "einsum"
     BROADCAST = "broadcast"  # expand / tile
+    RECURRENT = "recurrent"  # LSTM / GRU / RNN, ONNX layout 0: [sequence, batch, features]
     OPAQUE = "opaque"
 
 
@@ -249,6 +250,19 @@ def _attention(node, shapes):
     return [(*q[:-1], v[-1])]
 
 
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def _recurrent(node, shapes):
+    """Y [sequence, directions, batch, hidden], then Y_h (and LSTM's Y_c) [directions, batch, hidden]."""
+    x, w = shapes[0], shapes[1]
+    hidden = node.attrs["hidden_size"]
+    if len(x) != 3 or len(w) != 3 or w[2] != x[2] or w[1] != _GATES[node.op] * hidden:
+        raise GraphError(f"node '{node.name}' ({node.op}): input {x} and W {w} do not fit hidden_size {hidden}")
+    directions = w[0]
+    return [(x[0], directions, x[1], hidden), *[(directions, x[1], hidden)] * 2][:len(node.outputs)]
+
+
 def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
@@ -298,6 +312,7 @@ _TABLE: list[OpDef] = [
     OpDef("einsum", OpKind.EINSUM),
     OpDef("expand", OpKind.BROADCAST, _expand),
     OpDef("tile", OpKind.BROADCAST, _tile),
+    *(OpDef(name, OpKind.RECURRENT, _recurrent) for name in _GATES),
 ]
 
 OPS: dict[str, OpDef] = {d.name: d for d in _TABLE}

@@ -204,6 +204,29 @@ def _conv_transpose(sink: RuleSink, node: Node) -> None:
     _freeze_kernel(sink, node, w)
 
 
+@rule("lstm", "gru", "rnn")
+def _recurrent(sink: RuleSink, node: Node) -> None:
+    """A recurrent layer reads its input features through W's columns ([directions, gates*hidden, features]): an
+    input channel removed is a column removed, exactly. Its hidden units interleave across the gates, the
+    recurrence R and the states, and are not pruned: frozen, saying so."""
+    x, w = node.inputs[0], node.inputs[1]
+    sink.couple(x, 2, w, 2)
+    sink.role(w, 2, CONSUMER)
+    y = node.outputs
+    states = [v for v in node.inputs[5:7] if v is not None]  # initial_h, initial_c: [directions, batch, hidden]
+    if y:
+        sink.couple(x, 0, y[0], 0)
+        sink.couple(x, 1, y[0], 2)
+    for v in [*y[1:], *states]:
+        sink.couple(x, 1, v, 1)
+    reason = f"node '{node.name}': {node.op.upper()} hidden units are not pruned"
+    hidden = [(w, 1)] + [(v, a) for v in node.inputs[2:4] if v is not None for a in range(1, len(v.shape))]
+    hidden += [(y[0], 3)] if y else []
+    hidden += [(v, 2) for v in [*y[1:], *states]]
+    for v, axis in hidden:
+        sink.freeze(v, axis, reason)
+
+
 @rule("linear")
 def _linear(sink: RuleSink, node: Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
