@@ -205,11 +205,13 @@ def test_unnamed_dims_get_names_of_their_own() -> None:
 
 # What each third-party model keeps symbolic: YOLOv8's anchors follow its image size, the PP-OCRv4 recognizer's
 # height is fixed by its architecture (48), ddddocr's detector and the layout model have static inputs already.
-# Magika keeps its batch through an expand's shape and a slice's end that take it from their inputs.
+# Magika keeps its batch through an expand's shape and a slice's end that take it from their inputs; Silero VAD its
+# number of frames (its LSTM state has a batch of 1).
 KEPT = {"magika": {"bytes": [0]}, "nudenet_yolov8n": {"images": [0, 2, 3]}, "orientation_lcnet": {"x": [0]},
         "ppocr_cls": {"x": [0, 2, 3]}, "ppocrv4_det": {"x": [0, 2, 3]}, "ppocrv4_rec": {"x": [0]},
         "ppocrv5_cls": {"x": [0, 2, 3]},
-        "ppocrv5_det": {"x": [0, 2, 3]}, "ppocrv5_rec": {"x": [0, 3]}, "ddddocr_det": {}, "layout_picodet": {}}
+        "ppocrv5_det": {"x": [0, 2, 3]}, "ppocrv5_rec": {"x": [0, 3]}, "ddddocr_det": {}, "layout_picodet": {},
+        "silero_vad_v6": {"input": [0]}}
 
 
 @pytest.mark.parametrize("model_id", sorted(MODELS))

