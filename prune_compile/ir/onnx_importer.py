@@ -618,11 +618,24 @@ def _layer_norm(ctx, n, attrs, inputs):
 @_converter("LSTM", "GRU", "RNN")
 def _recurrent(ctx, n, attrs, inputs):
     """Kept as they are; the IR knows them so that their input features are channels W's columns consume."""
+    x, w = inputs[0], inputs[1]
+    if attrs.get("layout", 0) != 0 or not w.is_constant or x.shape is None or len(x.shape) != 3:
+        return None  # batch-first layout, or weights computed at run time
     names = list(n.output)
     while names and not names[-1]:
         names.pop()
-    if "" in names or attrs.get("layout", 0) != 0 or not inputs[1].is_constant:
-        return None  # an omitted output between two read ones, batch-first layout, or weights computed at run time
+    # An output omitted before a read one (Y, when only the final state is read) gets a name: the IR's outputs
+    # are positional. ONNX Runtime then writes it too.
+    seq, batch, _ = x.shape
+    directions, hidden = w.shape[0], int(attrs["hidden_size"])
+    shapes = [(seq, directions, batch, hidden), (directions, batch, hidden), (directions, batch, hidden)]
+    for k, name in enumerate(names):
+        if not name:
+            fresh = f"{n.name or n.op_type}/{('Y', 'Y_h', 'Y_c')[k]}"
+            while fresh in ctx.types or fresh in ctx.values:
+                fresh += "_"
+            ctx.types[fresh] = helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(x.dtype), shapes[k])
+            n.output[k] = fresh
     return n.op_type.lower(), dict(attrs), inputs, len(names)
 
 
