@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import onnx_io
+from .onnx_proto import FreshNames, default_opset
 
 CONTRIB_DOMAIN = "com.microsoft"
 _MAX_ROUNDS = 8  # a FusedMatMul's rank may need the ops before it lowered and their shapes inferred first
@@ -29,8 +30,7 @@ class _Lowering:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.taken = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
-        self.taken |= {o for n in model.graph.node for o in n.output} | {n.name for n in model.graph.node}
+        self.fresh = FreshNames(model)
         self.consts: list[TensorProto] = []
         self.read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
         self.types: dict[str, onnx.TypeProto] = {}
@@ -45,14 +45,6 @@ class _Lowering:
                                                *inferred.graph.output]}
         for t in self.model.graph.initializer:
             self.types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
-
-    def fresh(self, hint: str) -> str:
-        k, name = 0, hint
-        while name in self.taken:
-            k += 1
-            name = f"{hint}_{k}"
-        self.taken.add(name)
-        return name
 
     def elem_type(self, name: str) -> int:
         t = self.types.get(name)
@@ -301,8 +293,7 @@ def _skip_rms_norm(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodeProto] | 
         return nodes
     y, p = n.output[0], f"{n.name}/rms"
     sq, mean, shifted, root, normed = (ctx.fresh(f"{y}/{k}") for k in ("square", "mean", "plus_eps", "rms", "normed"))
-    opset = next((o.version for o in ctx.model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset >= 18:  # axes became an input
+    if default_opset(ctx.model) >= 18:  # axes became an input
         axes = ctx.fresh(f"{p}/axes")
         ctx.consts.append(numpy_helper.from_array(np.asarray([-1], np.int64), axes))
         reduce = helper.make_node("ReduceMean", [sq, axes], [mean], name=f"{p}/ReduceMean", keepdims=1)

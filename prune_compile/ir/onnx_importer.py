@@ -18,9 +18,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import GraphError, ModelFormatError, UnsupportedModelError, UsageError
-from . import onnx_io
+from . import onnx_io, onnx_proto
 from .contrib_ops import lower_contrib_ops
 from .graph import Graph, OpaqueInfo, Provenance, Value
+from .ops import recurrent_shapes
 
 # Domains whose ops ONNX Runtime can run; anything else is a custom op library we do not have.
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
@@ -80,7 +81,6 @@ def _prepare(
         onnx_io.check_model(checked)
     except onnx.checker.ValidationError as e:
         raise ModelFormatError(f"'{where}' fails the ONNX checker: {_first_line(e)}") from e
-    opsets = {o.domain: o.version for o in model.opset_import}
     for n in model.graph.node:
         if n.domain == "com.microsoft.nchwc":
             raise UnsupportedModelError(
@@ -92,7 +92,7 @@ def _prepare(
                 f"node '{n.name or n.op_type}' uses op '{n.op_type}' from opset domain '{n.domain}', "
                 f"which no runtime here implements (known domains: {sorted(d or 'ai.onnx' for d in KNOWN_DOMAINS)})"
             )
-    default_opset = opsets.get("", opsets.get("ai.onnx", 0))
+    default_opset = onnx_proto.default_opset(model)
     if default_opset not in SUPPORTED_OPSETS:
         raise UnsupportedModelError(f"'{where}' uses ONNX opset {default_opset}; supported: "
                                      f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
@@ -435,6 +435,11 @@ def _new_value(ctx: _Ctx, name: str) -> Value | None:
 
 
 # -- converters: ONNX node → (normalized op, attrs, inputs, number of outputs kept) ---------------------------
+def _ints(v: Value) -> list[int]:
+    """A constant operand's entries (axes, sizes, bounds); a scalar is one entry, as ONNX Runtime reads it."""
+    return [int(d) for d in np.ravel(v.data)]
+
+
 Converted = tuple[str, dict[str, Any], list[Value | None], int] | None
 Converter = Callable[[_Ctx, onnx.NodeProto, dict[str, Any], list[Value | None]], Converted]
 _CONVERTERS: dict[str, Converter] = {}
@@ -626,9 +631,7 @@ def _recurrent(ctx, n, attrs, inputs):
         names.pop()
     # An output omitted before a read one (Y, when only the final state is read) gets a name: the IR's outputs
     # are positional. ONNX Runtime then writes it too.
-    seq, batch, _ = x.shape
-    directions, hidden = w.shape[0], int(attrs["hidden_size"])
-    shapes = [(seq, directions, batch, hidden), (directions, batch, hidden), (directions, batch, hidden)]
+    shapes = recurrent_shapes(x.shape, w.shape, int(attrs["hidden_size"]))
     for k, name in enumerate(names):
         if not name:
             fresh = f"{n.name or n.op_type}/{('Y', 'Y_h', 'Y_c')[k]}"
@@ -657,7 +660,7 @@ def _split(ctx, n, attrs, inputs):
     if len(inputs) > 1 and inputs[1] is not None:
         if not inputs[1].is_constant:
             return None
-        sizes = [int(s) for s in np.ravel(inputs[1].data)]
+        sizes = _ints(inputs[1])
     elif "split" in attrs:
         sizes = [int(s) for s in attrs["split"]]
     else:
@@ -678,11 +681,10 @@ def _slice(ctx, n, attrs, inputs):
     ops = [v for v in inputs[1:]]
     if any(v is not None and not v.is_constant for v in ops) or x.shape is None:
         return None
-    starts = [int(s) for s in np.ravel(inputs[1].data)]
-    ends = [int(e) for e in np.ravel(inputs[2].data)]
-    given = [v is not None for v in inputs] + [False] * (5 - len(inputs))
-    axes = [int(a) for a in np.ravel(inputs[3].data)] if given[3] else list(range(len(starts)))
-    steps = [int(s) for s in np.ravel(inputs[4].data)] if given[4] else [1] * len(starts)
+    starts = _ints(inputs[1])
+    ends = _ints(inputs[2])
+    axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
+    steps = _ints(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
     axes = [a % len(x.shape) for a in axes]
     # Clamp to the static dims, so rewrite sees plain ranges and the exporter writes exact bounds.
     starts2, ends2 = [], []
@@ -717,7 +719,7 @@ def _squeeze(ctx, n, attrs, inputs):
     if len(inputs) > 1 and inputs[1] is not None:
         if not inputs[1].is_constant:
             return None
-        axes = [int(a) for a in np.ravel(inputs[1].data)]
+        axes = _ints(inputs[1])
     elif "axes" in attrs:
         axes = list(attrs["axes"])
     elif n.op_type == "Squeeze" and x.shape is not None:
@@ -777,7 +779,7 @@ def _reduce(ctx, n, attrs, inputs):
     if len(inputs) > 1 and inputs[1] is not None:
         if not inputs[1].is_constant:
             return None
-        axes = [int(a) for a in np.ravel(inputs[1].data)]
+        axes = _ints(inputs[1])
     else:
         axes = list(attrs.get("axes", []))
     if not axes:
@@ -792,10 +794,10 @@ def _pad(ctx, n, attrs, inputs):
     x = inputs[0]
     if any(v is not None and not v.is_constant for v in inputs[1:]) or x.shape is None:
         return None
-    pads = [int(p) for p in np.ravel(inputs[1].data)]
+    pads = _ints(inputs[1])
     value = float(inputs[2].data) if len(inputs) > 2 and inputs[2] is not None else 0.0
     if len(inputs) > 3 and inputs[3] is not None:
-        axes = [int(a) % len(x.shape) for a in np.ravel(inputs[3].data)]
+        axes = [a % len(x.shape) for a in _ints(inputs[3])]
         full = [0] * (2 * len(x.shape))
         for i, a in enumerate(axes):
             full[a], full[a + len(x.shape)] = pads[i], pads[i + len(axes)]
@@ -843,14 +845,14 @@ def _gather(ctx, n, attrs, inputs):
 def _expand(ctx, n, attrs, inputs):
     if not inputs[1].is_constant:
         return None
-    return "expand", {"shape": [int(d) for d in np.ravel(inputs[1].data)]}, inputs[:1], 1
+    return "expand", {"shape": _ints(inputs[1])}, inputs[:1], 1
 
 
 @_converter("Tile")
 def _tile(ctx, n, attrs, inputs):
     if not inputs[1].is_constant:
         return None
-    return "tile", {"repeats": [int(d) for d in np.ravel(inputs[1].data)]}, inputs[:1], 1
+    return "tile", {"repeats": _ints(inputs[1])}, inputs[:1], 1
 
 
 @_converter("Einsum")

@@ -253,14 +253,18 @@ def _attention(node, shapes):
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
+def recurrent_shapes(x: Sequence[int], w: Sequence[int], hidden: int) -> list[tuple[int, ...]]:
+    """A recurrent layer's outputs for input x [sequence, batch, features] and W [directions, gates*hidden,
+    features]: Y [sequence, directions, batch, hidden], Y_h and (LSTM's) Y_c [directions, batch, hidden]."""
+    return [(x[0], w[0], x[1], hidden), (w[0], x[1], hidden), (w[0], x[1], hidden)]
+
+
 def _recurrent(node, shapes):
-    """Y [sequence, directions, batch, hidden], then Y_h (and LSTM's Y_c) [directions, batch, hidden]."""
     x, w = shapes[0], shapes[1]
     hidden = node.attrs["hidden_size"]
     if len(x) != 3 or len(w) != 3 or w[2] != x[2] or w[1] != _GATES[node.op] * hidden:
         raise GraphError(f"node '{node.name}' ({node.op}): input {x} and W {w} do not fit hidden_size {hidden}")
-    directions = w[0]
-    return [(x[0], directions, x[1], hidden), *[(directions, x[1], hidden)] * 2][:len(node.outputs)]
+    return recurrent_shapes(x, w, hidden)[:len(node.outputs)]
 
 
 def _numel(shape: Sequence[int]) -> int:

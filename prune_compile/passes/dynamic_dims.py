@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..ir.onnx_proto import FreshNames, default_opset
+
 Symbols = dict[str, dict[int, str]]  # graph input → axis → symbol name
 
 
@@ -80,10 +82,13 @@ def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols
     replaced: dict[str, np.ndarray] = {}
     expanded: dict[str, tuple[np.ndarray, dict[int, tuple[str, int]]]] = {}
     dims = _symbolic_sizes(static, other, symbols)
-    differing = [t for t in static.graph.initializer if not _equal(t, init_b[t.name])]
+    differing: set[str] = set()
     recompute: dict[str, str] = {}  # constant -> why no simpler form holds
-    for t in differing:
+    for t in static.graph.initializer:
         a, b = numpy_helper.to_array(t), numpy_helper.to_array(init_b[t.name])
+        if a.shape == b.shape and np.array_equal(a, b):
+            continue
+        differing.add(t.name)
         if a.ndim == b.ndim and a.shape != b.shape:
             repeated, why = _repeated_slice(t.name, a, b, dims, users.get(t.name, []))
             if repeated is not None:
@@ -108,7 +113,7 @@ def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols
     if recompute:
         if original is None:
             return None, next(iter(recompute.values()))
-        why = _recompute_from(model, original, recompute, {t.name for t in differing})
+        why = _recompute_from(model, original, recompute, differing)
         if why:
             return None, why
     _restore_dims(model, other, symbols)
@@ -120,11 +125,6 @@ def generalize(static: onnx.ModelProto, other: onnx.ModelProto, symbols: Symbols
     return model, ""
 
 
-def _equal(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
-    x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
-    return x.shape == y.shape and np.array_equal(x, y)
-
-
 def _recompute_from(model: onnx.ModelProto, original: onnx.ModelProto, constants: Mapping[str, str],
                     differing: set[str]) -> str:
     """Replace each of `constants` by the original's nodes that compute it from shapes: back to the shapes of the
@@ -134,8 +134,7 @@ def _recompute_from(model: onnx.ModelProto, original: onnx.ModelProto, constants
     def refuse(name: str, detail: str) -> str:
         return f"{constants[name]} (nor can the original's nodes compute it: {detail})"
 
-    version = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx")
-    original_version = {o.domain or "ai.onnx": o.version for o in original.opset_import}.get("ai.onnx")
+    version, original_version = default_opset(model), default_opset(original)
     if version != original_version:
         return refuse(next(iter(constants)), f"its opset {original_version} is not the pruned model's {version}")
     producer = {o: n for n in original.graph.node for o in n.output if o}
@@ -312,7 +311,7 @@ def _repeated_slice(name: str, a: np.ndarray, b: np.ndarray, dims, users):
     sized: dict[int, tuple[str, int]] = {}
     for axis in np.flatnonzero(np.asarray(a.shape) != np.asarray(b.shape)).tolist():
         found = dims.get((a.shape[axis], b.shape[axis]), [])
-        if len({symbol for symbol in found}) != 1:
+        if len(found) != 1:
             which = "no" if not found else "more than one"
             return None, (f"constant '{name}' (read by {readers}) has {a.shape[axis]} entries along axis {axis}, "
                           f"which {which} symbolic input dim gives at both sizes")
@@ -331,19 +330,10 @@ def _expand_at_run_time(model: onnx.ModelProto, expanded) -> str:
     shape 1 on fixed axes and Shape(input)[axis] on the others. Nodes go first: they read only graph inputs."""
     from onnx import helper
 
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     if opset < 8:
         return f"constant '{next(iter(expanded))}' would need Expand, which opset {opset} lacks"
-    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    taken |= {i.name for i in model.graph.input}
-
-    def fresh(hint: str) -> str:
-        k, name = 0, hint
-        while name in taken:
-            k, name = k + 1, f"{hint}_{k + 1}"
-        taken.add(name)
-        return name
-
+    fresh = FreshNames(model)
     nodes, inits = [], []
     for name, (one, sized) in expanded.items():
         parts = []
