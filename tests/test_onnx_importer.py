@@ -68,6 +68,27 @@ def test_a_fold_that_only_moves_elements_is_not_computed(op: str) -> None:
     assert weight.provenance.kind == "folded" and weight.provenance.computed == (op == "Mul")
 
 
+@pytest.mark.parametrize("attrs, read", [({"start": 2, "end": 3}, "Concat"), ({"start": -1}, "Concat"),
+                                         ({"start": 1}, "Gather"), ({"start": 1}, "Slice"), ({"end": 1}, "Concat")])
+def test_a_shape_of_some_dims_folds_to_those_dims(attrs: dict, read: str) -> None:
+    # Opset 15's Shape(start, end), read by a Gather or Slice or used as it is: onnx-graphsurgeon 0.6 folded it as
+    # the whole shape (a reshape target [-1, 2, 3, 4] for [-1, 4]: the model imported wrong, or not at all).
+    ints = {k: numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+            {"minus_one": [-1], "zero": 1, "one": [1], "two": [2], "axis": [0]}.items()}
+    dims = {"Concat": helper.make_node("Concat", ["minus_one", "s"], ["t"], axis=0),
+            "Gather": helper.make_node("Gather", ["s", "zero"], ["d"]),  # shape[1:][1] = 4
+            "Slice": helper.make_node("Slice", ["s", "one", "two", "axis"], ["d"])}[read]
+    nodes = [helper.make_node("Shape", ["x"], ["s"], **attrs), dims]
+    if read != "Concat":
+        nodes += [helper.make_node("Reshape", ["d", "one"], ["d1"]) if read == "Gather" else
+                  helper.make_node("Identity", ["d"], ["d1"]),
+                  helper.make_node("Concat", ["minus_one", "d1"], ["t"], axis=0)]
+    nodes += [helper.make_node("Reshape", ["x", "t"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
+    model = _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], ints.values())
+    assert _roundtrip_error(model) == 0.0
+
+
 @pytest.mark.parametrize("opset", [9, 11, 13, 17, 18, 21, 22, 23, 24, 26])
 def test_opsets_9_to_26_import_and_roundtrip(opset: int) -> None:
     assert _roundtrip_error(_conv_model(opset)) <= 1e-6

@@ -165,6 +165,7 @@ def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto
             before = len(folded.graph.node)
             folded = onnx_io.infer_shapes(folded, data_prop=True)
             g = gs.import_onnx(folded)
+            _whole_shapes_sliced(g)
             # Not inside If/Loop branches: our IR keeps control flow opaque, and gs would evaluate them as IR-14
             # models that ONNX Runtime rejects (a printed warning per branch, nothing folded).
             g.fold_constants(error_ok=True, recurse_subgraphs=False, should_exclude_node=_is_weight_transpose)
@@ -183,6 +184,40 @@ def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto
     for out in folded.graph.output:
         out.type.tensor_type.ClearField("shape")
     return folded, _constant_origins(model, folded)
+
+
+def _whole_shapes_sliced(g) -> None:
+    """A Shape with opset 15's start/end becomes the whole shape and a Slice of it. onnx-graphsurgeon 0.6 folds a
+    Shape as the whole shape, start/end ignored, and a Gather or Slice after it then reads the wrong dims: a
+    silently wrong constant (a reshape target), where its Slice folding is right."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    ranged = [n for n in g.nodes if n.op == "Shape" and {"start", "end"} & n.attrs.keys()]
+    if not ranged:
+        return
+    taken = set(g.tensors())
+
+    def fresh(hint: str) -> str:
+        k, name = 0, hint
+        while name in taken:
+            k, name = k + 1, f"{hint}_{k + 1}"
+        taken.add(name)
+        return name
+
+    for node in ranged:
+        start, end = node.attrs.pop("start", 0), node.attrs.pop("end", None)
+        if start == 0 and end is None:
+            continue
+        out = node.outputs[0]
+        whole = gs.Variable(fresh(f"{out.name}/whole"), dtype=np.int64)
+        node.outputs = [whole]
+        bounds = [gs.Constant(fresh(f"{out.name}/{k}"), np.asarray([v], np.int64))
+                  for k, v in (("start", start), ("end", np.iinfo(np.int64).max if end is None else end),
+                               ("axis", 0))]
+        g.nodes.append(gs.Node("Slice", name=fresh(f"{node.name or out.name}/range"), inputs=[whole, *bounds],
+                               outputs=[out]))
+    g.toposort()
 
 
 def _is_weight_transpose(node) -> bool:
