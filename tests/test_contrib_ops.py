@@ -199,3 +199,216 @@ def test_a_model_saved_with_the_nchwc_layout_is_refused_naming_the_level() -> No
     model.opset_import.append(helper.make_opsetid("com.microsoft.nchwc", 1))
     with pytest.raises(UnsupportedModelError, match="saved at ORT_ENABLE_ALL.*ORT_ENABLE_EXTENDED"):
         import_onnx(model)
+
+
+# Attention, MultiHeadAttention, EmbedLayerNormalization (onnxruntime.transformers.optimizer's BERT/CLIP fusions).
+_B, _S, _D, _N = 3, 5, 8, 2
+_INT = TensorProto.INT32
+
+
+def _graph_model(op: str, inputs: list[tuple[str, int, list[int]]], consts: dict[str, np.ndarray],
+                 outputs: list[tuple[str, int, list[int]]], order: list[str], **attrs) -> onnx.ModelProto:
+    node = helper.make_node(op, order, [name for name, _, _ in outputs], name=op.lower(), domain="com.microsoft",
+                            **attrs)
+    graph = helper.make_graph([node], "m", [helper.make_tensor_value_info(*i) for i in inputs],
+                              [helper.make_tensor_value_info(*o) for o in outputs if o[0]],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+def _f32(*shape: int) -> np.ndarray:
+    return _RNG.standard_normal(shape).astype(np.float32)
+
+
+# Masks with at least one kept key in every row (a row that hides all keys is a row of padding: its output is
+# rounding noise in ONNX Runtime's kernel too).
+_RAW_MASK = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 1, 1, 1]], np.int32)
+_RAW_MASK_CAUSAL = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 0, 1, 1]], np.int32)
+_MASKS = {"raw": ([_B, _S], _RAW_MASK), "raw_3d": ([_B, _S, _S], np.tile(_RAW_MASK[:, None], (1, _S, 1))),
+          "raw_causal": ([_B, _S], _RAW_MASK_CAUSAL), "lengths": ([_B], np.array([2, 5, 4], np.int32)),
+          "left_padding": ([2 * _B], np.array([4, 5, 3, 1, 0, 2], np.int32))}
+
+
+def _attention_case(mask: str = "", bias: bool = True, v_size: int = _D, attention_bias: bool = False,
+                    **attrs) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    sizes = [_D, _D, v_size]
+    consts = {"w": _f32(_D, sum(sizes))} | ({"b": _f32(sum(sizes))} if bias else {})
+    inputs, feeds = [("x", TensorProto.FLOAT, [_B, _S, _D])], {"x": _f32(_B, _S, _D)}
+    if mask:
+        inputs.append(("mask", _INT, _MASKS[mask][0]))
+        feeds["mask"] = _MASKS[mask][1]
+    if attention_bias:
+        inputs.append(("attention_bias", TensorProto.FLOAT, [1, _N, _S, _S]))
+        feeds["attention_bias"] = _f32(1, _N, _S, _S)
+    order = ["x", "w", "b" if bias else "", "mask" if mask else ""] + (["", "attention_bias"] if attention_bias else [])
+    if v_size != _D:
+        attrs["qkv_hidden_sizes"] = sizes
+    model = _graph_model("Attention", inputs, consts, [("y", TensorProto.FLOAT, [_B, _S, v_size])], order,
+                         num_heads=_N, **attrs)
+    return model, feeds
+
+
+def _mha_case(mask: str = "", kv_length: int = _S, v_size: int = _D, attention_bias: bool = False,
+              bias: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    sizes = [_D, _D, v_size]
+    shapes = {"query": [_B, _S, _D], "key": [_B, kv_length, _D], "value": [_B, kv_length, v_size]}
+    inputs = [(k, TensorProto.FLOAT, s) for k, s in shapes.items()]
+    feeds = {k: _f32(*s) for k, s in shapes.items()}
+    if mask:
+        inputs.append(("mask", _INT, _MASKS[mask][0]))
+        feeds["mask"] = _MASKS[mask][1]
+    if attention_bias:
+        inputs.append(("attention_bias", TensorProto.FLOAT, [_B, _N, _S, kv_length]))
+        feeds["attention_bias"] = _f32(_B, _N, _S, kv_length)
+    order = ["query", "key", "value", "b" if bias else "", "mask" if mask else ""]
+    order += ["attention_bias"] if attention_bias else []
+    model = _graph_model("MultiHeadAttention", inputs, {"b": _f32(sum(sizes))} if bias else {},
+                         [("y", TensorProto.FLOAT, [_B, _S, v_size])], order, num_heads=_N)
+    return model, feeds
+
+
+def _embed_case(segments: bool = True, mask: bool = True, position_ids: bool = False, mask_index: bool = True,
+                embedding_sum: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    vocab, hidden = 20, _D
+    consts = {"words": _f32(vocab, hidden), "positions": _f32(10, hidden), "gamma": _f32(hidden),
+              "beta": _f32(hidden)} | ({"segment_table": _f32(2, hidden)} if segments else {})
+    feeds = {"ids": _RNG.integers(0, vocab, (_B, _S)).astype(np.int32)}
+    if segments:
+        feeds["segments"] = _RNG.integers(0, 2, (_B, _S)).astype(np.int32)
+    if mask:
+        feeds["mask"] = np.array([[1, 1, 1, 0, 0], [2, 1, 0, 0, 0], [1, 5, 1, 1, -1]], np.int32)  # counts the 1s
+    if position_ids:
+        feeds["position_ids"] = np.array([[3, 1, 4, 1, 5]], np.int32)
+    inputs = [(k, _INT, list(v.shape)) for k, v in feeds.items()]
+    order = ["ids", "segments" if segments else "", "words", "positions", "segment_table" if segments else "",
+             "gamma", "beta", "mask" if mask else "", "position_ids" if position_ids else ""]
+    outputs = [("y", TensorProto.FLOAT, [_B, _S, hidden]), ("mask_index" if mask_index else "", _INT, [_B])]
+    outputs += [("embedding_sum", TensorProto.FLOAT, [_B, _S, hidden])] if embedding_sum else []
+    return _graph_model("EmbedLayerNormalization", inputs, consts, outputs, order, epsilon=1e-5), feeds
+
+
+_ATTENTION_CASES = {
+    "attention": _attention_case(),
+    "attention_no_bias": _attention_case(bias=False),
+    **{f"attention_mask_{m}": _attention_case(m) for m in ("raw", "raw_3d", "lengths", "left_padding")},
+    "attention_causal": _attention_case(unidirectional=1),
+    "attention_causal_and_mask": _attention_case("raw_causal", unidirectional=1),
+    "attention_scale_and_filter_value": _attention_case("lengths", scale=0.3, mask_filter_value=-50.0),
+    "attention_v_size": _attention_case("raw", v_size=12),
+    "attention_bias_input": _attention_case("raw", attention_bias=True),
+    "mha": _mha_case(),
+    "mha_no_bias": _mha_case(bias=False),
+    "mha_mask_raw": _mha_case("raw"),
+    "mha_mask_lengths": _mha_case("lengths"),
+    "mha_cross_attention": _mha_case(kv_length=7, v_size=12),
+    "mha_attention_bias": _mha_case("raw", attention_bias=True),
+    "embed": _embed_case(),
+    "embed_no_segments_no_mask": _embed_case(segments=False, mask=False),
+    "embed_position_ids_and_sum": _embed_case(position_ids=True, embedding_sum=True),
+    "embed_no_mask_index": _embed_case(mask_index=False),
+}
+
+
+def _zero_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An Attention without its bias input, given a zero one: ONNX Runtime's CPU kernel crashes without it."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    columns = model.graph.initializer[0].dims[1]
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(columns, np.float32), "b"))
+    model.graph.node[0].input[2] = "b"
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(_ATTENTION_CASES))
+def test_attention_and_embeddings_compute_what_onnx_runtimes_kernels_do(case: str) -> None:
+    model, feeds = _ATTENTION_CASES[case]
+    want = ort.run(_zero_bias(model) if case == "attention_no_bias" else model, feeds)
+    lowered = lower_contrib_ops(model)
+    assert not [n.op_type for n in lowered.graph.node if n.domain == "com.microsoft"]
+    onnx.checker.check_model(lowered, full_check=True)
+    assert ort.relative_error(want, ort.run(lowered, feeds)) <= 1e-5
+    exported = export_onnx(import_onnx(model))
+    assert not [n.op_type for n in exported.graph.node if n.domain == "com.microsoft"]
+    assert ort.relative_error(want, ort.run(exported, feeds)) <= 1e-5
+
+
+class _Bert(nn.Module):
+    """BERT written as Hugging Face writes it (embeddings, post-norm layers, an additive -10000 mask), small: the
+    form onnxruntime.transformers.optimizer fuses into EmbedLayerNormalization, Attention, SkipLayerNormalization."""
+
+    def __init__(self, vocab: int = 100, hidden: int = 32, heads: int = 4, ffn: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        self.heads, self.hidden = heads, hidden
+        self.word, self.position, self.segment = nn.Embedding(vocab, hidden), nn.Embedding(16, hidden), \
+            nn.Embedding(2, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.register_buffer("position_ids", torch.arange(16).expand((1, -1)))
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "query": nn.Linear(hidden, hidden), "key": nn.Linear(hidden, hidden), "value": nn.Linear(hidden, hidden),
+            "dense": nn.Linear(hidden, hidden), "norm1": nn.LayerNorm(hidden, eps=1e-12),
+            "up": nn.Linear(hidden, ffn), "down": nn.Linear(ffn, hidden), "norm2": nn.LayerNorm(hidden, eps=1e-12),
+        }) for _ in range(layers))
+        self.classifier = nn.Linear(hidden, 3)
+
+    def _split(self, x):
+        return x.view(x.size()[:-1] + (self.heads, self.hidden // self.heads)).permute(0, 2, 1, 3)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        positions = self.position_ids[:, :input_ids.size(1)]
+        x = self.norm(self.word(input_ids) + self.segment(token_type_ids) + self.position(positions))
+        mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * -10000.0
+        for layer in self.layers:
+            q, k, v = (self._split(layer[p](x)) for p in ("query", "key", "value"))
+            scores = torch.matmul(q, k.transpose(-1, -2)) / (self.hidden // self.heads) ** 0.5 + mask
+            context = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous()
+            context = context.view(context.size()[:-2] + (self.hidden,))
+            x = layer["norm1"](layer["dense"](context) + x)
+            x = layer["norm2"](layer["down"](nn.functional.gelu(layer["up"](x))) + x)
+        return self.classifier(x[:, 0])
+
+
+def _bert_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Token ids, segments and a right-padded mask (the padding ONNX Runtime's fused mask index stands for), in the
+    types the model's inputs have (the optimizer makes them int32)."""
+    rng = np.random.default_rng(3)
+    values = {"input_ids": rng.integers(0, 100, (2, 8)), "token_type_ids": rng.integers(0, 2, (2, 8)),
+              "attention_mask": np.array([[1] * 8, [1] * 5 + [0] * 3])}
+    return {i.name: values[i.name].astype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+            for i in model.graph.input}
+
+
+@pytest.mark.parametrize("fusion", ["Attention", "MultiHeadAttention"])
+def test_a_bert_fused_by_onnx_runtimes_transformer_optimizer_prunes_like_its_original(tmp_path, fusion: str) -> None:
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    torch.manual_seed(0)
+    model = _Bert().eval()
+    for p in model.parameters():
+        p.data = torch.randn_like(p) * 0.1
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    example = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.int64), torch.zeros(2, 8, dtype=torch.int64))
+    plain, fused = str(tmp_path / "bert.onnx"), str(tmp_path / "bert_fused.onnx")
+    torch.onnx.export(model, example, plain, dynamo=False, opset_version=17, input_names=names,
+                      dynamic_axes={k: {0: "batch", 1: "sequence"} for k in names})
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = fusion == "MultiHeadAttention"  # projections stay MatMuls, bias packed
+    optimizer.optimize_model(plain, model_type="bert", num_heads=4, hidden_size=32,
+                             optimization_options=options).save_model_to_file(fused)
+    ops = {n.op_type for n in onnx.load(fused).graph.node if n.domain == "com.microsoft"}
+    assert {"EmbedLayerNormalization", fusion, "SkipLayerNormalization"} <= ops
+
+    shapes = {k: [2, 8] for k in names}
+    groups = [sorted((g.size, g.prunable) for g in analyze(import_onnx(p, shapes)).groups) for p in (plain, fused)]
+    assert groups[0] == groups[1] and sum(prunable for _, prunable in groups[0]) == 7
+    result = run(fused, tmp_path / "out", input_shapes=shapes, ratio=0.5)
+    want = run(plain, tmp_path / "plain", input_shapes=shapes, ratio=0.5)
+    assert result.report["cost"]["after"]["macs"] == want.report["cost"]["after"]["macs"]
+    pruned, reference = onnx.load(result.files["onnx"]), onnx.load(want.files["onnx"])
+    assert not [n for n in pruned.graph.node if n.domain == "com.microsoft"]
+    assert ort.relative_error(ort.run(reference, _bert_feeds(reference)), ort.run(pruned, _bert_feeds(pruned))) <= 1e-5
+    # The optimizer fuses the pruned model again (the attention written in the exporter's form), to the same function.
+    fused_again = optimizer.optimize_model(result.files["onnx"], model_type="bert", num_heads=0, hidden_size=0).model
+    assert {"Attention", "SkipLayerNormalization"} <= {n.op_type for n in fused_again.graph.node}
+    again = ort.run(fused_again, _bert_feeds(fused_again))
+    assert ort.relative_error(ort.run(pruned, _bert_feeds(pruned)), again) <= 1e-4
