@@ -412,3 +412,23 @@ def test_a_bert_fused_by_onnx_runtimes_transformer_optimizer_prunes_like_its_ori
     assert {"Attention", "SkipLayerNormalization"} <= {n.op_type for n in fused_again.graph.node}
     again = ort.run(fused_again, _bert_feeds(fused_again))
     assert ort.relative_error(ort.run(pruned, _bert_feeds(pruned)), again) <= 1e-4
+
+
+@pytest.mark.parametrize("form", ["attention_with_cache", "attention_rotary", "mha_causal", "attention_4d_mask"])
+def test_an_attention_form_not_lowered_stays_and_is_named(form: str) -> None:
+    if form.startswith("mha"):
+        model, _ = _mha_case()
+        model.graph.node[0].attribute.append(helper.make_attribute("unidirectional", 1))
+    elif form == "attention_4d_mask":  # Megatron's [B, 1, max, max]
+        model, _ = _attention_case()
+        model.graph.input.append(helper.make_tensor_value_info("mask", _INT, [_B, 1, _S, _S]))
+        model.graph.node[0].input.append("mask")
+    else:
+        model, _ = _attention_case(**({"do_rotary": 1} if form == "attention_rotary" else {}))
+        if form == "attention_with_cache":
+            model.graph.input.append(helper.make_tensor_value_info("past", TensorProto.FLOAT, [2, _B, _N, 4, _D // _N]))
+            model.graph.node[0].input.append("past")  # after x, w, b, mask_index
+    op = model.graph.node[0].op_type
+    assert [n.op_type for n in lower_contrib_ops(model).graph.node] == [op]
+    with pytest.raises(UnsupportedModelError, match=f"op '{op}' is from domain 'com.microsoft'"):
+        import_onnx(model)
