@@ -68,6 +68,28 @@ def test_a_large_model_with_external_data_is_read_and_a_later_small_output_drops
     assert second.report["cost"]["after"]["parameters"] < first.report["cost"]["after"]["parameters"]
 
 
+def test_a_heavy_model_takes_the_memory_light_paths_to_the_same_output(tmp_path, monkeypatch) -> None:
+    # Heavy (weights of 64 MiB or more) and under 2 GiB: shapes inferred on a weightless view in place, ONNX Runtime
+    # loading from a temporary file with external data, one-shot sessions without repacked weights. The default
+    # model (~100 KB) takes those paths here; the output must be the usual one.
+    usual = run(DEFAULT_MODEL, tmp_path / "usual", ratio=0.5)
+    calls = []
+    monkeypatch.setattr(onnx_io, "HEAVY_BYTES", 16 * 1024)
+    real_save = onnx_io.save
+    monkeypatch.setattr(onnx_io, "save", lambda *a, **k: calls.append(k.get("external")) or real_save(*a, **k))
+    heavy = run(DEFAULT_MODEL, tmp_path / "heavy", ratio=0.5)
+    assert True in calls  # ONNX Runtime read a temporary copy with external data
+    for name in ("model.pruned.onnx", "plan.json"):
+        assert (tmp_path / "heavy" / name).read_bytes() == (tmp_path / "usual" / name).read_bytes()
+    assert heavy.report["verification"]["exact"] and usual.report["verification"]["exact"]
+    assert heavy.report["verification"]["max_relative_error"] <= 1e-5
+    model = onnx.load(DEFAULT_MODEL)
+    before = model.SerializeToString()
+    inferred = onnx_io.infer_shapes(model)  # not in place: a new model, this one left as it was
+    assert inferred is not model and model.SerializeToString() == before and inferred.graph.value_info
+    assert onnx_io.infer_shapes(model, in_place=True) is model and model.graph.value_info
+
+
 def test_checker_and_shape_inference_see_the_weights_shapes_only(small_limit) -> None:
     model = onnx.load(DEFAULT_MODEL)
     light = onnx_io.weightless(model)

@@ -16,9 +16,10 @@ from ..ir import onnx_io
 
 
 def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | None = None,
-            optimized_path: str | None = None):
+            optimized_path: str | None = None, prepack: bool = True):
     """An ORT CPU session; warnings silenced (ORT's optimizer is chatty about shapes it re-derives).
-    `optimized_path`: where ORT writes the graph its optimizer made for this CPU."""
+    `optimized_path`: where ORT writes the graph its optimizer made for this CPU. `prepack=False` keeps ORT from
+    repacking weights for its GEMMs (a second copy of each; worth it only for sessions run many times)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
@@ -29,9 +30,11 @@ def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | N
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if isinstance(model, onnx.ModelProto):
-        with onnx_io.loadable(model) as source:  # over 2 GiB: a temporary file with external data
-            return session(source, threads, optimized_path)
+        with onnx_io.loadable(model) as source:  # large or heavy: a temporary file with external data
+            return session(source, threads, optimized_path, prepack)
     if not isinstance(model, bytes):
         model = os.fspath(model)
     try:
@@ -41,8 +44,10 @@ def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | N
 
 
 def run(model, feeds: Mapping[str, np.ndarray], threads: int | None = 2) -> list[np.ndarray]:
-    """Run `model` once on `feeds`; returns outputs in graph order."""
-    sess = model if hasattr(model, "run") else session(model, threads)
+    """Run `model` once on `feeds`; returns outputs in graph order. A heavy model's session runs once: its weights
+    are not repacked (that would hold a second copy of them)."""
+    once_heavy = isinstance(model, onnx.ModelProto) and onnx_io.is_heavy(model)
+    sess = model if hasattr(model, "run") else session(model, threads, prepack=not once_heavy)
     try:
         return sess.run(None, dict(feeds))
     except Exception as e:

@@ -38,7 +38,7 @@ class _Lowering:
 
     def refresh(self) -> None:
         try:
-            inferred = onnx_io.infer_shapes(self.model)
+            inferred = onnx_io.infer_shapes(self.model, in_place=True)  # a copy of the caller's
         except Exception:  # inference failing on a later node still leaves the shapes before it
             inferred = self.model
         self.types = {v.name: v.type for v in [*inferred.graph.input, *inferred.graph.value_info,

@@ -45,7 +45,7 @@ class _Ctx:
         self.graph = graph
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.initializers: list[tuple[str, np.ndarray]] = []  # written into the model last (see `model`)
         self._init_names: set[str] = set()
         self._tmp = 0
 
@@ -55,13 +55,13 @@ class _Ctx:
             return ""
         if v.is_constant and v.name not in self._init_names:
             self._init_names.add(v.name)
-            self.initializers.append(numpy_helper.from_array(np.asarray(v.data, order="C"), v.name))
+            self.initializers.append((v.name, v.data))
         return v.name
 
     def const(self, hint: str, array: Any, dtype: Any = np.int64) -> str:
         name = self.fresh(hint)
         self._init_names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        self.initializers.append((name, np.asarray(array, dtype=dtype)))
         return name
 
     def fresh(self, hint: str) -> str:
@@ -101,14 +101,6 @@ class _Ctx:
         value_info = [
             _value_info(v) for n in g.nodes for v in n.outputs if v.shape is not None and v not in g.outputs
         ]
-        graph_proto = helper.make_graph(
-            self.nodes,
-            g.name,
-            [_value_info(v) for v in g.inputs],
-            [_value_info(v) for v in g.outputs],
-            initializer=self.initializers,
-            value_info=value_info,
-        )
         opsets = dict(g.opset_imports) or {"": self.opset}
         opsets[""] = self.opset
         if any(n.domain == "com.microsoft" for n in self.nodes):
@@ -117,9 +109,32 @@ class _Ctx:
         # The input's IR version, raised to what the opset was released with, capped at what the runtime loads.
         needed = min(helper.find_min_ir_version_for([helper.make_opsetid("", self.opset)]), MAX_IR_VERSION)
         ir = max(min(g.ir_version or needed, MAX_IR_VERSION), needed)
-        model = helper.make_model(graph_proto, opset_imports=opset_protos, ir_version=ir,
-                                  producer_name="prune-compile")
+        # Built in place: helper.make_graph and make_model would copy every weight twice more (a 1 GiB model
+        # would take 4 GiB at once); here each weight is copied once, into its tensor.
+        model = onnx.ModelProto(ir_version=ir, producer_name="prune-compile")
+        model.opset_import.extend(opset_protos)
+        graph = model.graph
+        graph.name = g.name
+        graph.node.extend(self.nodes)
+        graph.input.extend(_value_info(v) for v in g.inputs)
+        graph.output.extend(_value_info(v) for v in g.outputs)
+        graph.value_info.extend(value_info)
+        for name, array in self.initializers:
+            _fill_tensor(graph.initializer.add(), name, np.asarray(array, order="C"))
         return model
+
+
+_RAW_KINDS = "biuf"  # bool, ints, floats: raw little-endian bytes, as numpy_helper.from_array writes them
+
+
+def _fill_tensor(t: onnx.TensorProto, name: str, array: np.ndarray) -> None:
+    if array.dtype.kind not in _RAW_KINDS or array.dtype.itemsize > 8:
+        t.CopyFrom(numpy_helper.from_array(array, name))  # strings, packed types: onnx's own writer
+        return
+    t.name = name
+    t.dims.extend(array.shape)
+    t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    t.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _value_info(v: Value) -> onnx.ValueInfoProto:

@@ -74,7 +74,7 @@ def _prepare(
     # onnx 1.23's checker wants a shape on every graph output, which many exporters omit: let shape
     # inference fill them in first (an inference failure is reported by the checker or by the strict pass later).
     try:
-        checked = onnx_io.infer_shapes(model)
+        checked = onnx_io.infer_shapes(model, in_place=True)
     except Exception:
         checked = model
     try:
@@ -106,7 +106,7 @@ def _prepare(
     model = lower_contrib_ops(model)  # saved by ONNX Runtime's optimizer: its fused ops, as the ops they fuse
     model, origins = _fold_constants(model, where)
     try:
-        model = onnx_io.infer_shapes(model, strict_mode=True, data_prop=True)
+        model = onnx_io.infer_shapes(model, in_place=True, strict_mode=True, data_prop=True)
     except Exception as e:
         raise UnsupportedModelError(f"'{where}': ONNX shape inference failed: {_first_line(e)}") from e
     return model, origins
@@ -163,7 +163,7 @@ def _fold_constants(model: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto
     try:
         for _ in range(_MAX_FOLD_ROUNDS):
             before = len(folded.graph.node)
-            folded = onnx_io.infer_shapes(folded, data_prop=True)
+            folded = onnx_io.infer_shapes(folded, in_place=True, data_prop=True)
             g = gs.import_onnx(folded)
             _whole_shapes_sliced(g)
             # Not inside If/Loop branches: our IR keeps control flow opaque, and gs would evaluate them as IR-14

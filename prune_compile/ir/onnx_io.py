@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf's hard limit on one serialized message
 EXTERNAL_MIN_BYTES = 1024  # tensors at least this large go to the data file of a large model (onnx's default)
+HEAVY_BYTES = 64 * 2**20  # weights from this size on are kept out of onnx's shape inference (it copies them twice)
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -84,11 +85,22 @@ def check_model(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(weightless(model) if is_large(model) else model)
 
 
-def infer_shapes(model: onnx.ModelProto, **options) -> onnx.ModelProto:
-    """onnx's shape inference (same options). A large model gets the shapes inferred on its weightless view, in
-    place, and is returned itself (copying it would double the memory it takes)."""
-    if not is_large(model):
+def is_heavy(model: onnx.ModelProto) -> bool:
+    """Whether `model`'s weights are worth not copying: onnx's shape inference serializes the model and parses the
+    result, two transient copies of every weight."""
+    return sum(_tensor_bytes(t) for t in model.graph.initializer) >= HEAVY_BYTES
+
+
+def infer_shapes(model: onnx.ModelProto, in_place: bool = False, **options) -> onnx.ModelProto:
+    """onnx's shape inference (same options): a new model, `model` left as it is. A heavy model gets the shapes
+    inferred on its weightless view, and with `in_place` (always when large) gets them in place and is returned
+    itself (a copy would double the memory it takes)."""
+    if not is_heavy(model) and not is_large(model):
         return onnx.shape_inference.infer_shapes(model, **options)
+    if not in_place and not is_large(model):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
     inferred = onnx.shape_inference.infer_shapes(weightless(model), **options)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
@@ -120,13 +132,13 @@ def _external_form(model: onnx.ModelProto, data_name: str, data) -> onnx.ModelPr
     return light
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike) -> list[str]:
+def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> list[str]:
     """Write `model` to `path` atomically (temp files and renames: never a half-written model), with the external
-    data file beside it when the model is large. Returns the paths written (model first)."""
+    data file beside it when the model is large (or `external` says so). Returns the paths written (model first)."""
     from ..util import atomic_write_bytes
 
     path = os.fspath(path)
-    if not is_large(model):
+    if not (is_large(model) if external is None else external):
         atomic_write_bytes(path, model.SerializeToString(deterministic=True))
         return [path]
     data_path = os.path.join(os.path.dirname(path), data_file_name(path))
@@ -155,15 +167,16 @@ def sha256(paths: list[str]) -> str:
 
 @contextlib.contextmanager
 def loadable(model: onnx.ModelProto) -> Iterator[bytes | str]:
-    """What ONNX Runtime can load `model` from: its bytes, or for a large model the path of a temporary copy with
-    external data (removed on exit; ORT has read or mapped it by then)."""
-    if not is_large(model):
+    """What ONNX Runtime can load `model` from: its bytes, or for a large or heavy model the path of a temporary copy
+    with external data (removed on exit; ORT has read or mapped it by then), which costs no copy of the weights in
+    memory (bytes would cost two: the serialized message, and ORT's parse of it)."""
+    if not is_large(model) and not is_heavy(model):
         yield model.SerializeToString()
         return
     directory = tempfile.mkdtemp(prefix="prune-compile-onnx-")
     try:
         path = os.path.join(directory, "model.onnx")
-        save(model, path)
+        save(model, path, external=True)
         yield path
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -217,7 +217,7 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> str:
 def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     from ..ir import onnx_io
 
-    inferred = onnx_io.infer_shapes(model)
+    inferred = onnx_io.infer_shapes(onnx_io.weightless(model))  # shapes only: the weights are not copied
     shapes = {}
     for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         if v.type.tensor_type.HasField("shape"):

@@ -41,8 +41,22 @@ def _per_index(m: Member, values: np.ndarray) -> np.ndarray:
     return np.moveaxis(values, m.axis, 0).reshape(values.shape[m.axis], -1).sum(axis=1)
 
 
+_CHUNK_ELEMENTS = 1 << 23  # 64 MB of float64 at a time
+
+
 def _magnitude(m: Member, power: int) -> np.ndarray:
-    return _per_root(m, _per_index(m, np.abs(np.asarray(m.value.data, dtype=np.float64)) ** power))
+    """|w|^power summed per index. A tensor over _CHUNK_ELEMENTS goes a few indices at a time: a float64 copy of a
+    whole 1 GiB weight would take 2 GiB, and its abs and power as much again. (Its sums may then differ from one
+    pass's in the last bit: numpy orders a reduction by the memory layout; each way is deterministic.)"""
+    data = np.asarray(m.value.data)
+    if data.size <= _CHUNK_ELEMENTS:
+        return _per_root(m, _per_index(m, np.abs(np.asarray(data, dtype=np.float64)) ** power))
+    count = data.shape[m.axis]
+    step = max(1, _CHUNK_ELEMENTS // max(1, data.size // max(1, count)))
+    parts = [_per_index(m, np.abs(np.asarray(np.take(data, np.arange(lo, min(lo + step, count)), axis=m.axis),
+                                             dtype=np.float64)) ** power)
+             for lo in range(0, count, step)]
+    return _per_root(m, np.concatenate(parts))
 
 
 def _add_normalized(score: np.ndarray, part: np.ndarray) -> None:
