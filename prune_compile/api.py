@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PruneCompileError, UnsupportedModelError, UsageError
-from .ir import Graph, export_onnx, import_onnx
+from .ir import Graph, export_onnx, import_onnx, onnx_io
 
 InputShapes = Mapping[str, Sequence[int]]
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -32,7 +32,10 @@ class LoadedModel:
     graph: Graph
     kind: str  # "onnx" | "torch"
     source: str
-    onnx_model: Any = None  # the original ModelProto (ONNX sources)
+    onnx_model: Any = None  # the original ModelProto (ONNX sources); see weights_in_file
+    # A heavy ONNX model's weights stay in its file: onnx_model holds their names, types and shapes only (about
+    # one copy of the model less through the whole job), and the original runs in ONNX Runtime from the file.
+    weights_in_file: bool = False
     module: Any = None  # the nn.Module or ExportedProgram module (torch sources)
     example_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     symbolic_dims: dict[str, dict[int, str]] = field(default_factory=dict)  # ONNX inputs' dims --input-shape fixed
@@ -98,10 +101,14 @@ def _load_onnx(path: str, input_shapes: InputShapes, seed: int) -> LoadedModel:
 
     proto = load_onnx_model(path)
     symbols = symbolic_input_dims(proto)  # before the import (which fixes them in place over 2 GiB)
-    graph = import_onnx(proto, input_shapes)
+    heavy = onnx_io.is_heavy(proto) or onnx_io.is_large(proto)
+    original = onnx_io.without_weights(proto) if heavy else proto
+    graph = import_onnx(proto, input_shapes, consume=heavy)  # heavy: the import may take this copy over
+    del proto
     graph.source = path
     feeds = _random_feeds(graph, seed)
-    return LoadedModel(graph, "onnx", path, onnx_model=proto, example_inputs=feeds, symbolic_dims=symbols)
+    return LoadedModel(graph, "onnx", path, onnx_model=original, example_inputs=feeds, symbolic_dims=symbols,
+                       weights_in_file=heavy)
 
 
 def _call_factory(spec: str) -> Any:
@@ -185,7 +192,10 @@ def reference_outputs(loaded: LoadedModel) -> list[np.ndarray]:
     from .backends import ort
 
     if loaded.kind == "onnx":
-        return ort.run(loaded.onnx_model, _feeds_for(loaded.onnx_model, loaded.example_inputs))
+        feeds = _feeds_for(loaded.onnx_model, loaded.example_inputs)
+        if loaded.weights_in_file:
+            return ort.run(ort.session(loaded.source, threads=2, prepack=False), feeds)
+        return ort.run(loaded.onnx_model, feeds)
     import torch
 
     with torch.no_grad():
@@ -390,7 +400,6 @@ def run(
 def _write_outputs(state: Any, outdir: str, pipeline_text: str, static_shapes: bool = False) -> RunResult:
     import datetime
 
-    from .ir import onnx_io
     from .passes.cost import graph_cost
     from .passes.deps import analyze
     from .passes.plan import Plan, plan_to_json

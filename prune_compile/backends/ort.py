@@ -44,10 +44,10 @@ def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int | N
 
 
 def run(model, feeds: Mapping[str, np.ndarray], threads: int | None = 2) -> list[np.ndarray]:
-    """Run `model` once on `feeds`; returns outputs in graph order. A heavy model's session runs once: its weights
-    are not repacked (that would hold a second copy of them)."""
-    once_heavy = isinstance(model, onnx.ModelProto) and onnx_io.is_heavy(model)
-    sess = model if hasattr(model, "run") else session(model, threads, prepack=not once_heavy)
+    """Run `model` (a session, or a model for a session that runs once) on `feeds`; returns outputs in graph order.
+    A session made here does not repack weights: that buys speed over many runs and costs a second copy of them
+    (and every one-shot run computes alike, whatever the model's size)."""
+    sess = model if hasattr(model, "run") else session(model, threads, prepack=False)
     try:
         return sess.run(None, dict(feeds))
     except Exception as e:

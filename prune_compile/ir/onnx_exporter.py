@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -28,16 +28,34 @@ MAX_IR_VERSION = 13
 def export_onnx(graph: Graph, path: str | os.PathLike | None = None) -> onnx.ModelProto:
     """Build an ONNX model from `graph`; write it atomically to `path` when given (a model over protobuf's 2 GiB
     with its weights in `path`.data: `onnx_io.save`)."""
-    opset = graph.opset_imports.get("", DEFAULT_OPSET)
-    ctx = _Ctx(graph, opset)
-    for node in graph.nodes:
-        ctx.emit_node(node)
+    ctx = _emitted(graph)
     model = ctx.model()
     if path is not None:
         from . import onnx_io
 
         onnx_io.save(model, path)
     return model
+
+
+def export_onnx_external(graph: Graph, path: str | os.PathLike) -> onnx.ModelProto:
+    """Write `graph` as `path` plus `path`.data holding its tensors of onnx_io.EXTERNAL_MIN_BYTES or more, straight
+    from their arrays: no copy of the weights in memory (export_onnx's proto holds one). Not atomic: for scratch
+    files (an ONNX Runtime session of a large model). Returns the model written (its weights external)."""
+    from . import onnx_io
+
+    path = os.fspath(path)
+    with open(os.path.join(os.path.dirname(path), onnx_io.data_file_name(path)), "wb") as data:
+        model = _emitted(graph).model(data, onnx_io.data_file_name(path))
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return model
+
+
+def _emitted(graph: Graph) -> _Ctx:
+    ctx = _Ctx(graph, graph.opset_imports.get("", DEFAULT_OPSET))
+    for node in graph.nodes:
+        ctx.emit_node(node)
+    return ctx
 
 
 class _Ctx:
@@ -91,7 +109,11 @@ class _Ctx:
             raise UnsupportedModelError(f"node '{node.name}': no ONNX export for op '{node.op}'")
         emitter(self, node, [self.name(v) for v in node.inputs], [v.name for v in node.outputs])
 
-    def model(self) -> onnx.ModelProto:
+    def model(self, data: BinaryIO | None = None, data_name: str = "") -> onnx.ModelProto:
+        """The model; with `data` (an open binary file, `data_name` beside the model), its large tensors written
+        there and referenced as external data."""
+        from .onnx_io import EXTERNAL_MIN_BYTES, write_external
+
         g = self.graph
         produced = {id(v) for n in g.nodes for v in n.outputs}
         # A graph output that is directly a constant still needs to exist in ONNX: as an initializer.
@@ -120,7 +142,13 @@ class _Ctx:
         graph.output.extend(_value_info(v) for v in g.outputs)
         graph.value_info.extend(value_info)
         for name, array in self.initializers:
-            _fill_tensor(graph.initializer.add(), name, np.asarray(array, order="C"))
+            array = np.asarray(array, order="C")
+            if data is None or array.nbytes < EXTERNAL_MIN_BYTES or array.dtype.kind not in _RAW_KINDS:
+                _fill_tensor(graph.initializer.add(), name, array)
+                continue
+            little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+            write_external(graph.initializer.add(), name, list(array.shape),
+                           helper.np_dtype_to_tensor_dtype(array.dtype), memoryview(little).cast("B"), data, data_name)
         return model
 
 

@@ -52,15 +52,17 @@ def load_onnx_model(path: str | os.PathLike) -> onnx.ModelProto:
 def import_onnx(
     model: onnx.ModelProto | str | os.PathLike,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    consume: bool = False,
 ) -> Graph:
     """Import an ONNX model (proto or path). `input_shapes` overrides/fixes graph input shapes by name. A proto
     passed in stays as it is, except one over 2 GiB, whose input shapes are fixed in place (a copy would double the
-    memory it takes)."""
+    memory it takes), or with `consume`, where the caller gives it up: it is changed in place, not copied."""
     source = ""
     if not isinstance(model, onnx.ModelProto):
         source = os.fspath(model)
         model = load_onnx_model(model)
-    elif not onnx_io.is_large(model):
+    elif not onnx_io.is_large(model) and not consume:
         given, model = model, onnx.ModelProto()
         model.CopyFrom(given)
     model, origins = _prepare(model, dict(input_shapes or {}), source or model.graph.name)

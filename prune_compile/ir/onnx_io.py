@@ -80,6 +80,19 @@ def weightless(model: onnx.ModelProto, min_bytes: int = EXTERNAL_MIN_BYTES) -> o
     return light
 
 
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose tensors of EXTERNAL_MIN_BYTES or more keep their name, type and shape only (marked
+    external, with no data file): for a model whose file still holds them, so that they need not stay in memory."""
+    light, inits = _shell(model)
+    for t in inits:
+        if _tensor_bytes(t) < EXTERNAL_MIN_BYTES:
+            light.graph.initializer.append(t)
+        else:
+            light.graph.initializer.append(onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type,
+                                                            data_location=onnx.TensorProto.EXTERNAL))
+    return light
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """onnx's checker; a large model is checked without its large weights' data."""
     onnx.checker.check_model(weightless(model) if is_large(model) else model)
@@ -118,18 +131,23 @@ def _external_form(model: onnx.ModelProto, data_name: str, data) -> onnx.ModelPr
         if _tensor_bytes(t) < EXTERNAL_MIN_BYTES:
             light.graph.initializer.append(t)
             continue
-        offset = -data.tell() % 64
-        data.write(b"\0" * offset)
-        offset = data.tell()
         raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-        data.write(raw)
-        ref = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type,
-                               data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-            entry = ref.external_data.add()
-            entry.key, entry.value = key, value
-        light.graph.initializer.append(ref)
+        write_external(light.graph.initializer.add(), t.name, list(t.dims), t.data_type, raw, data, data_name)
     return light
+
+
+def write_external(t: onnx.TensorProto, name: str, dims: list[int], data_type: int, raw, data,
+                   data_name: str) -> None:
+    """Make `t` a reference to `raw` (bytes, or a buffer such as an array's memoryview: not copied), appended to
+    the open binary file `data` (referenced as `data_name`) at an offset aligned to 64 bytes for memory mapping."""
+    data.write(b"\0" * (-data.tell() % 64))
+    offset = data.tell()
+    length = data.write(raw)
+    t.name, t.data_type, t.data_location = name, data_type, onnx.TensorProto.EXTERNAL
+    t.dims.extend(dims)
+    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> list[str]:

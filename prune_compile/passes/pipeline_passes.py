@@ -133,6 +133,21 @@ def _feeds_for(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return feeds_for(model, feeds)
 
 
+def _outputs(graph: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """`graph`'s outputs in ONNX Runtime, run once. A heavy graph reaches ONNX Runtime as a scratch file with external
+    data written from its arrays: its proto would hold another copy of the weights, and serialized bytes another."""
+    from ..backends import ort
+    from ..ir.onnx_exporter import export_onnx_external
+
+    feeds = {v.name: inputs[v.name] for v in graph.inputs}
+    if sum(v.data.nbytes for v in graph.constants()) < onnx_io.HEAVY_BYTES:
+        return ort.run(export_onnx(graph), feeds)
+    with tempfile.TemporaryDirectory(prefix="prune-compile-onnx-") as directory:
+        path = os.path.join(directory, "model.onnx")
+        export_onnx_external(graph, path)
+        return ort.run(ort.session(path, threads=2, prepack=False), feeds)
+
+
 @body("verify")
 def _verify(state: JobState, opts: dict) -> None:
     """Against the consumer-zeroed original (design §5.1) after a rewrite; otherwise against the original model."""
@@ -140,20 +155,15 @@ def _verify(state: JobState, opts: dict) -> None:
     from ..backends import ort
     from .oracle import zeroed_graph
 
-    proto = export_onnx(state.graph)
-    got = ort.run(proto, _feeds_for(proto, state.loaded.example_inputs))
-    del proto  # a large model's copy need not live beside the zeroed original's below
+    got = _outputs(state.graph, state.loaded.example_inputs)
     plan, deps = state.rewrite_plan, state.rewrite_deps
     if plan is None or plan.is_empty():
         err = ort.relative_error(reference_outputs(state.loaded), got)
         state.verification = {"oracle": "exported model vs original on seeded random inputs",
                                "max_relative_error": float(f"{err:.3e}")}
         return
-    zeroed = export_onnx(zeroed_graph(state.before_rewrite, deps, plan))
-    feeds = _feeds_for(zeroed, state.loaded.example_inputs)
-    session = ort.session(zeroed, threads=2, prepack=not onnx_io.is_heavy(zeroed))
-    del zeroed  # the session holds its own copy of the weights
-    err = ort.relative_error(ort.run(session, feeds), got)
+    err = ort.relative_error(_outputs(zeroed_graph(state.before_rewrite, deps, plan), state.loaded.example_inputs),
+                             got)
     inexact = sum(1 for g in deps.groups if len(plan.removed_of(g)) and not g.exact)
     state.verification = {
         "oracle": "pruned model vs consumer-zeroed original on seeded random inputs",
