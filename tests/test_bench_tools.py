@@ -280,3 +280,16 @@ def test_bench_latency_table_compares_both_tables_with_whole_model_measurements(
     for table in ("in_model", "alone"):
         assert result["layer_shapes"][table] > 0
         assert -1 <= result[table]["pearson"] <= 1 and -1 <= result[table]["spearman"] <= 1
+
+
+def test_bench_memory_reports_the_jobs_peak_over_the_models_bytes() -> None:
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_memory.py"), "--width", "1024"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    weights = result["model"]["weight_bytes"]
+    assert weights == 2 * 1024 * 1024 * 4
+    base, large = result["baseline"]["peak_rss_bytes"], result["large"]["peak_rss_bytes"]
+    assert 0 < base < large  # the job on 8 MiB of weights holds more than on 32 KiB
+    assert result["peak_over_model"] == round(large / weights, 2)
+    assert result["peak_above_baseline_over_model"] == round((large - base) / weights, 2)
