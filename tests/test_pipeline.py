@@ -232,6 +232,31 @@ def test_measure_latency_reports_speedups(tmp_path, capsys) -> None:
     assert "of FMA peak" in (out / "report.html").read_text()
 
 
+def test_a_peak_that_a_model_outruns_is_read_again(tmp_path, monkeypatch) -> None:
+    # The first reading slowed by another process (a hundredth of the real one): the models seem to outrun it, so the
+    # peak is read again and the fastest reading counts, with every reading kept.
+    from prune_compile.backends import fma_peak
+
+    real = fma_peak.measure
+    readings = []
+
+    def measure(threads, *args, **kwargs):
+        peak = real(threads, *args, **kwargs)
+        if not readings:
+            peak = {**peak, "gflops": peak["gflops"] / 100, "readings_gflops": [peak["gflops"] / 100] * 3}
+        readings.append(peak["gflops"])
+        return peak
+
+    monkeypatch.setattr(fma_peak, "measure", measure)
+    out = tmp_path / "o"
+    assert _cli(DEFAULT_MODEL, "-o", str(out), "--ratio", "0.5", "--measure-latency") == 0
+    timings = json.loads((out / "timings.json").read_text())
+    assert len(readings) >= 2 and timings["fma_peak"]["gflops"] == max(readings)
+    assert len(timings["fma_peak"]["readings_gflops"]) == 3 * len(readings)
+    used = timings["engines"]["onnxruntime"]["fma_peak_fraction"]
+    assert 0 < used["before"] < 1 and 0 < used["after"] < 1
+
+
 def test_measure_latency_without_a_c_compiler_says_why_there_is_no_fma_peak(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("CC", "no-such-compiler")
     out = tmp_path / "o"

@@ -284,12 +284,31 @@ def _measure(state: JobState, opts: dict) -> None:
     state.latency["engines"] = engines
     # how much of the cores each engine uses: what is left to gain in its kernels, and what only fewer MACs can buy
     peak = _fma_peak()
-    state.latency["fma_peak"] = peak
     if "gflops" in peak:
         macs = {"before": graph_cost(state.initial)["macs"], "after": graph_cost(state.graph)["macs"]}
+        for _ in range(_PEAK_REREADS):
+            # A model cannot outrun the FMA pipes: one that seems to means another process slowed every reading
+            # of the peak (a long busy loop shares a core fairly, where a model's short runs wake ahead). Read again.
+            if all(fma_peak.fraction(macs[label], t[label]["median_ms"], peak) < 1
+                   for t in engines.values() for label in ("before", "after")):
+                break
+            peak = _faster_peak(peak, _fma_peak())
         for t in engines.values():
             t["fma_peak_fraction"] = {label: fma_peak.fraction(macs[label], t[label]["median_ms"], peak)
                                       for label in ("before", "after")}
+    state.latency["fma_peak"] = peak
+
+
+_PEAK_REREADS = 3
+
+
+def _faster_peak(peak: dict, again: dict) -> dict:
+    """The faster of two peak measurements, with every reading of both."""
+    if "gflops" not in again:
+        return peak
+    best = dict(again if again["gflops"] > peak["gflops"] else peak)
+    best["readings_gflops"] = peak["readings_gflops"] + again["readings_gflops"]
+    return best
 
 
 def _fma_peak() -> dict:
