@@ -193,9 +193,7 @@ def reference_outputs(loaded: LoadedModel) -> list[np.ndarray]:
 
     if loaded.kind == "onnx":
         feeds = _feeds_for(loaded.onnx_model, loaded.example_inputs)
-        if loaded.weights_in_file:
-            return ort.run(ort.session(loaded.source, threads=2, prepack=False), feeds)
-        return ort.run(loaded.onnx_model, feeds)
+        return ort.run(loaded.source if loaded.weights_in_file else loaded.onnx_model, feeds)
     import torch
 
     with torch.no_grad():

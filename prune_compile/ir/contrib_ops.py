@@ -43,7 +43,8 @@ class _Lowering:
             inferred = self.model
         self.types = {v.name: v.type for v in [*inferred.graph.input, *inferred.graph.value_info,
                                                *inferred.graph.output]}
-        for t in self.model.graph.initializer:
+        self.initializers = {t.name: t for t in self.model.graph.initializer}
+        for t in self.initializers.values():
             self.types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
 
     def elem_type(self, name: str) -> int:
@@ -75,13 +76,11 @@ class _Lowering:
 
     def initializer(self, name: str) -> np.ndarray | None:
         """The data of initializer `name`; None for another value or data not at hand (external)."""
-        for t in self.model.graph.initializer:
-            if t.name == name:
-                try:
-                    return numpy_helper.to_array(t)
-                except Exception:  # external data the lowering cannot read: the node stays and is named
-                    return None
-        return None
+        t = self.initializers.get(name)
+        try:
+            return None if t is None else numpy_helper.to_array(t)
+        except Exception:  # external data the lowering cannot read: the node stays and is named
+            return None
 
 
 Lowerer = Callable[[_Lowering, onnx.NodeProto], "list[onnx.NodeProto] | None"]
@@ -315,8 +314,7 @@ def _skip_rms_norm(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodeProto] | 
     y, p = n.output[0], f"{n.name}/rms"
     sq, mean, shifted, root, normed = (ctx.fresh(f"{y}/{k}") for k in ("square", "mean", "plus_eps", "rms", "normed"))
     if default_opset(ctx.model) >= 18:  # axes became an input
-        axes = ctx.fresh(f"{p}/axes")
-        ctx.consts.append(numpy_helper.from_array(np.asarray([-1], np.int64), axes))
+        axes = ctx.constant(f"{p}/axes", np.asarray([-1], np.int64))
         reduce = helper.make_node("ReduceMean", [sq, axes], [mean], name=f"{p}/ReduceMean", keepdims=1)
     else:
         reduce = helper.make_node("ReduceMean", [sq], [mean], name=f"{p}/ReduceMean", axes=[-1], keepdims=1)
@@ -337,15 +335,23 @@ def _bias_add(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodeProto]:
             helper.make_node("Add", [partial, skip], [n.output[0]], name=f"{n.name}/Add_skip")]
 
 
-def _split_constant(ctx: _Lowering, name: str, sizes: list[int], axis: int) -> list[str] | None:
-    """Initializer `name` cut along `axis` into q's, k's and v's parts, as constants of their own (so each
-    projection is a weight of its own, as in the model before fusion); None when it is not an initializer."""
-    data = ctx.initializer(name)
-    if data is None or data.ndim <= axis or data.shape[axis] != sum(sizes):
-        return None
+def _split_constant(ctx: _Lowering, name: str, data: np.ndarray, sizes: list[int], axis: int) -> list[str]:
+    """Initializer `name` (`data`) cut along `axis` into q's, k's and v's parts, as constants of their own (so each
+    projection is a weight of its own, as in the model before fusion)."""
     bounds = np.cumsum([0, *sizes])
     return [ctx.constant(f"{name}/{role}", np.ascontiguousarray(np.take(data, np.arange(lo, hi), axis=axis)))
             for role, lo, hi in zip("qkv", bounds[:-1], bounds[1:], strict=True)]
+
+
+def _packed_bias(ctx: _Lowering, bias: str, sizes: list[int]) -> list[str] | None:
+    """q's, k's and v's parts of a packed bias initializer ("" each without a bias); None for a bias that is not an
+    initializer of sum(sizes) entries (nothing is made then)."""
+    if not bias:
+        return ["", "", ""]
+    data = ctx.initializer(bias)
+    if data is None or data.shape != (sum(sizes),):
+        return None
+    return _split_constant(ctx, bias, data, sizes, 0)
 
 
 def _positions(ctx: _Lowering, n: onnx.NodeProto, x: str, axis: int, hint: str) -> tuple[list[onnx.NodeProto], str]:
@@ -508,10 +514,10 @@ def _attention(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodeProto] | None
     form = _mask_form(ctx, mask, x)
     if form is None or sum(sizes) != w.shape[1] or sizes[0] != sizes[1] or any(s % heads for s in sizes):
         return None
-    if bias and (ctx.initializer(bias) is None or ctx.initializer(bias).shape != (sum(sizes),)):
+    bs = _packed_bias(ctx, bias, sizes)
+    if bs is None:
         return None
-    ws = _split_constant(ctx, weights, sizes, 1)
-    bs = _split_constant(ctx, bias, sizes, 0) if bias else ["", "", ""]
+    ws = _split_constant(ctx, weights, w, sizes, 1)
     qkv = [ctx.fresh(f"{n.name}/{role}") for role in "qkv"]
     nodes = [m for out, wr, br in zip(qkv, ws, bs, strict=True) for m in _project(ctx, n, x, wr, br, out)]
     return nodes + _heads(ctx, n, *qkv, sizes, heads, a, mask, form, attention_bias, bool(a.get("unidirectional", 0)),
@@ -530,11 +536,10 @@ def _multi_head_attention(ctx: _Lowering, n: onnx.NodeProto) -> list[onnx.NodePr
         return None  # packed Q/K/V, key and value already split into heads, a cache, or causal
     heads, sizes = a["num_heads"], [d[2] for d in dims]
     form = _mask_form(ctx, mask, query)
-    if form is None or sizes[0] != sizes[1] or any(s % heads for s in sizes):
+    bs = None if form is None or sizes[0] != sizes[1] or any(s % heads for s in sizes) else \
+        _packed_bias(ctx, bias, sizes)
+    if bs is None:
         return None
-    if bias and (ctx.initializer(bias) is None or ctx.initializer(bias).shape != (sum(sizes),)):
-        return None
-    bs = _split_constant(ctx, bias, sizes, 0) if bias else ["", "", ""]
     inputs = (query, key, value)
     qkv = [ctx.fresh(f"{n.name}/{role}") if b else t for t, b, role in zip(inputs, bs, "qkv", strict=True)]
     nodes = [m for t, out, b in zip(inputs, qkv, bs, strict=True) if b for m in _project(ctx, n, t, "", b, out)]

@@ -43,9 +43,9 @@ def export_onnx_external(graph: Graph, path: str | os.PathLike) -> onnx.ModelPro
     files (an ONNX Runtime session of a large model). Returns the model written (its weights external)."""
     from . import onnx_io
 
-    path = os.fspath(path)
-    with open(os.path.join(os.path.dirname(path), onnx_io.data_file_name(path)), "wb") as data:
-        model = _emitted(graph).model(data, onnx_io.data_file_name(path))
+    path, data_name = os.fspath(path), onnx_io.data_file_name(path)
+    with open(os.path.join(os.path.dirname(path), data_name), "wb") as data:
+        model = _emitted(graph).model(data, data_name)
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
     return model
@@ -142,27 +142,26 @@ class _Ctx:
         graph.output.extend(_value_info(v) for v in g.outputs)
         graph.value_info.extend(value_info)
         for name, array in self.initializers:
-            array = np.asarray(array, order="C")
-            if data is None or array.nbytes < EXTERNAL_MIN_BYTES or array.dtype.kind not in _RAW_KINDS:
-                _fill_tensor(graph.initializer.add(), name, array)
-                continue
-            little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-            write_external(graph.initializer.add(), name, list(array.shape),
-                           helper.np_dtype_to_tensor_dtype(array.dtype), memoryview(little).cast("B"), data, data_name)
+            array, t = np.asarray(array, order="C"), graph.initializer.add()
+            raw = _little_endian(array)
+            if raw is None:
+                t.CopyFrom(numpy_helper.from_array(array, name))  # strings, packed types: onnx's own writer
+            elif data is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+                write_external(t, name, list(array.shape), helper.np_dtype_to_tensor_dtype(array.dtype),
+                               memoryview(raw).cast("B"), data, data_name)
+            else:
+                t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
+                t.dims.extend(array.shape)
+                t.raw_data = raw.tobytes()
         return model
 
 
-_RAW_KINDS = "biuf"  # bool, ints, floats: raw little-endian bytes, as numpy_helper.from_array writes them
-
-
-def _fill_tensor(t: onnx.TensorProto, name: str, array: np.ndarray) -> None:
-    if array.dtype.kind not in _RAW_KINDS or array.dtype.itemsize > 8:
-        t.CopyFrom(numpy_helper.from_array(array, name))  # strings, packed types: onnx's own writer
-        return
-    t.name = name
-    t.dims.extend(array.shape)
-    t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-    t.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+def _little_endian(array: np.ndarray) -> np.ndarray | None:
+    """`array` as the raw little-endian data numpy_helper.from_array writes for bools, ints and floats (not copied
+    where it is so already); None for other types, which onnx's own writer handles."""
+    if array.dtype.kind not in "biuf" or array.dtype.itemsize > 8:
+        return None
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
 
 
 def _value_info(v: Value) -> onnx.ValueInfoProto:

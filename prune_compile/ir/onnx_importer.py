@@ -198,15 +198,7 @@ def _whole_shapes_sliced(g) -> None:
     ranged = [n for n in g.nodes if n.op == "Shape" and {"start", "end"} & n.attrs.keys()]
     if not ranged:
         return
-    taken = set(g.tensors())
-
-    def fresh(hint: str) -> str:
-        k, name = 0, hint
-        while name in taken:
-            k, name = k + 1, f"{hint}_{k + 1}"
-        taken.add(name)
-        return name
-
+    fresh = onnx_proto.FreshNames(taken=set(g.tensors()) | {n.name for n in g.nodes})
     for node in ranged:
         start, end = node.attrs.pop("start", 0), node.attrs.pop("end", None)
         if start == 0 and end is None:

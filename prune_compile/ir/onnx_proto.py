@@ -13,12 +13,15 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 class FreshNames:
-    """Names not yet used in `model` (initializers, inputs, node outputs, node names): `hint`, or `hint_K`."""
+    """Names not yet used in `model` (initializers, inputs, node outputs, node names), or among `taken`: `hint`, or
+    `hint_K`."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.taken = {t.name for t in g.initializer} | {i.name for i in g.input}
-        self.taken |= {o for n in g.node for o in n.output} | {n.name for n in g.node}
+    def __init__(self, model: onnx.ModelProto | None = None, taken: set[str] | None = None) -> None:
+        self.taken = set(taken or ())
+        if model is not None:
+            g = model.graph
+            self.taken |= {t.name for t in g.initializer} | {i.name for i in g.input}
+            self.taken |= {o for n in g.node for o in n.output} | {n.name for n in g.node}
 
     def __call__(self, hint: str) -> str:
         k, name = 0, hint
