@@ -13,11 +13,11 @@ keeps 23): the pruned model can be slower than the original with half its MACs. 
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..host_cpu import cpu_flags, is_x86
 from ..ir import Graph
 
 ORT = "ONNX Runtime"
@@ -40,14 +40,9 @@ def host_vector_lanes(cpuinfo: str | None = None) -> int:
     text of /proc/cpuinfo (read when None; where there is none, an x86 machine is taken to have AVX). The same
     answer as `conv_nchwc.vector_lanes` for the cpu target (tested), without importing TVM (seconds) in runs
     that compile nothing."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return 8 if platform.machine().lower() in ("x86_64", "amd64") else NEON_BLOCK
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith(("flags", "Features"))), [])
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return 8 if is_x86() else NEON_BLOCK
     if "avx512f" in flags:
         return 16
     if "avx" in flags:

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 
 from ...errors import BackendError, UsageError
+from ...host_cpu import cpu_flags, hidden_features, is_x86
 
 TARGET_NAMES = ("cpu", "arm", "gpu")
 CONV_LAYOUTS = ("auto", "NCHW", "NHWC", "NCHWc")
@@ -47,10 +48,16 @@ DEFAULT_OPTIONS = TargetOptions()
 def target_dict(name: str, options: TargetOptions = DEFAULT_OPTIONS) -> dict:
     """The JSON-dict form of a preset; validates the options (UsageError on a bad one)."""
     if name == "cpu":
-        from tvm.target import codegen
+        from tvm.target import Target, codegen
 
-        return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
-                "num-cores": options.num_cores or os.cpu_count() or 1}
+        cpu = codegen.llvm_get_system_cpu()
+        d = {"kind": "llvm", "mcpu": cpu, "num-cores": options.num_cores or os.cpu_count() or 1}
+        if is_x86():  # what the CPU's name implies but a hypervisor hides goes off (see host_cpu)
+            implied = {str(f) for f in codegen.llvm_get_cpu_features(Target({"kind": "llvm", "mcpu": cpu}))}
+            hidden = hidden_features(implied, cpu_flags())
+            if hidden:
+                d["mattr"] = [f"-{f}" for f in hidden]
+        return d
     if name == "arm":
         board = ARM_BOARDS.get(options.arm_board)
         if board is None:
