@@ -172,41 +172,6 @@ def test_attention_with_the_batch_folded_into_the_heads_finds_the_groups_of_batc
     assert oracle_error(graph, deps, exact_plan(deps, 0.5), feeds) <= 1e-5
 
 
-class _ConvRecurrent(nn.Module):
-    """A conv front end feeding a recurrent layer, as speech models (silero-vad) are built."""
-
-    def __init__(self, kind: str, bidirectional: bool) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(3, 12, 3, padding=1)
-        self.rnn = getattr(nn, kind)(12, 8, bidirectional=bidirectional)
-        self.head = nn.Linear(8 * (2 if bidirectional else 1), 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self.rnn(torch.relu(self.conv(x)).permute(2, 0, 1))  # [sequence, batch, features]
-        return self.head(y[-1])
-
-
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
-@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_a_recurrent_layer_consumes_its_input_channels_and_keeps_its_hidden_units(kind, bidirectional) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5)
-    graph = torch_onnx_graph(_ConvRecurrent(kind, bidirectional).eval(), x)
-    assert kind.lower() in {n.op for n in graph.nodes}
-    deps = analyze(graph)
-    (front,) = [g for g in deps.groups if any(param_name(m) == "conv.weight" and m.role == "producer"
-                                              for m in g.params)]
-    assert front.prunable and front.size == 12 and front.exact
-    assert any(m.role == "consumer" and m.axis == 2 for m in front.params)  # the recurrent layer's W columns
-    # The head reads the hidden units: frozen (bidirectional: through a reshape merging the two directions).
-    hidden = [g for g in deps.groups if any(param_name(m) == "head.weight" and m.axis == 1 for m in g.params)]
-    assert hidden and not any(g.prunable for g in hidden)
-    if not bidirectional:
-        assert hidden[0].reason.endswith(f"{kind} hidden units are not pruned")
-    feeds = {graph.inputs[0].name: x.numpy()}
-    assert oracle_error(graph, deps, exact_plan(deps, 0.5), feeds) <= 1e-5
-
-
 class _DistributionHead(nn.Module):
     """YOLOv8's box head: 4 box sides x 16 bins as one conv's 64 channels, reshaped to [4, 16], the bins moved to the
     channel axis for a softmax and a fixed 1x1 conv (their expectation). The box sides land on that conv's height

@@ -250,7 +250,7 @@ def _attention(node, shapes):
     return [(*q[:-1], v[-1])]
 
 
-_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+RECURRENT_GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # gate blocks of W's and R's rows, in ONNX's layout
 
 
 def recurrent_shapes(x: Sequence[int], w: Sequence[int], hidden: int) -> list[tuple[int, ...]]:
@@ -262,8 +262,17 @@ def recurrent_shapes(x: Sequence[int], w: Sequence[int], hidden: int) -> list[tu
 def _recurrent(node, shapes):
     x, w = shapes[0], shapes[1]
     hidden = node.attrs["hidden_size"]
-    if len(x) != 3 or len(w) != 3 or w[2] != x[2] or w[1] != _GATES[node.op] * hidden:
+    if len(x) != 3 or len(w) != 3 or w[2] != x[2] or w[1] != RECURRENT_GATES[node.op] * hidden:
         raise GraphError(f"node '{node.name}' ({node.op}): input {x} and W {w} do not fit hidden_size {hidden}")
+    rows, state = RECURRENT_GATES[node.op] * hidden, (w[0], x[1], hidden)
+    wants = {"R": (w[0], rows, hidden), "B": (w[0], 2 * rows), "initial_h": state, "initial_c": state,
+             "P": (w[0], 3 * hidden)}
+    names = ("R", "B", "sequence_lens", "initial_h", "initial_c", "P")
+    for name, v in zip(names, node.inputs[2:], strict=False):  # by position: optional inputs may be absent (None)
+        want = wants.get(name)
+        if v is not None and want is not None and tuple(v.shape) != want:
+            raise GraphError(f"node '{node.name}' ({node.op}): {name} {list(v.shape)} does not fit hidden_size "
+                             f"{hidden} (expected {list(want)})")
     return recurrent_shapes(x, w, hidden)[:len(node.outputs)]
 
 
@@ -316,7 +325,7 @@ _TABLE: list[OpDef] = [
     OpDef("einsum", OpKind.EINSUM),
     OpDef("expand", OpKind.BROADCAST, _expand),
     OpDef("tile", OpKind.BROADCAST, _tile),
-    *(OpDef(name, OpKind.RECURRENT, _recurrent) for name in _GATES),
+    *(OpDef(name, OpKind.RECURRENT, _recurrent) for name in RECURRENT_GATES),
 ]
 
 OPS: dict[str, OpDef] = {d.name: d for d in _TABLE}

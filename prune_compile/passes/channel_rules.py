@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from ..ir.graph import Node, Value
+from ..ir.ops import RECURRENT_GATES
 from ..ir.reshape_runs import reshape_runs
 
 PRODUCER, CONSUMER, PASSTHROUGH = "producer", "consumer", "passthrough"
@@ -207,24 +208,51 @@ def _conv_transpose(sink: RuleSink, node: Node) -> None:
 @rule("lstm", "gru", "rnn")
 def _recurrent(sink: RuleSink, node: Node) -> None:
     """A recurrent layer reads its input features through W's columns ([directions, gates*hidden, features]): an
-    input channel removed is a column removed, exactly. Its hidden units interleave across the gates, the
-    recurrence R and the states, and are not pruned: frozen, saying so."""
-    x, w = node.inputs[0], node.inputs[1]
+    input channel removed is a column removed, exactly.
+
+    Hidden unit j is row g*hidden + j of each gate block g of W and R (and of B's 2*gates blocks, P's three
+    peepholes), index j of the states' last axis (Y, Y_h, Y_c, initial_h, initial_c), and column j of R, through
+    which h feeds back. The gates are elementwise per unit, so unit j reaches the other units only through R's
+    column j, a consumer like any weight's column: removing the unit is exact. Weights computed at run time
+    freeze the units, saying so. The directions of a bidirectional layer share the units (both go together)."""
+    x, w, r = node.inputs[:3]
+    operands = [*node.inputs[3:], *[None] * 5][:5]
+    b, states, p = operands[0], [v for v in operands[2:4] if v is not None], operands[4]
+    y = node.outputs
     sink.couple(x, 2, w, 2)
     sink.role(w, 2, CONSUMER)
-    y = node.outputs
-    states = [v for v in node.inputs[5:7] if v is not None]  # initial_h, initial_c: [directions, batch, hidden]
     if y:
         sink.couple(x, 0, y[0], 0)
         sink.couple(x, 1, y[0], 2)
     for v in [*y[1:], *states]:
         sink.couple(x, 1, v, 1)
-    reason = f"node '{node.name}': {node.op.upper()} hidden units are not pruned"
-    hidden = [(w, 1)] + [(v, a) for v in node.inputs[2:4] if v is not None for a in range(1, len(v.shape))]
-    hidden += [(y[0], 3)] if y else []
-    hidden += [(v, 2) for v in [*y[1:], *states]]
-    for v, axis in hidden:
-        sink.freeze(v, axis, reason)
+    if operands[1] is not None:
+        sink.couple(x, 1, operands[1], 0)  # sequence_lens [batch]
+    weights = [v for v in (w, r, b, p) if v is not None]
+    for v in weights[1:]:
+        sink.couple(w, 0, v, 0)
+    for v in [*y[1:], *states]:
+        sink.couple(w, 0, v, 0)
+    if y:
+        sink.couple(w, 0, y[0], 1)
+    if w.shape[0] > 1:
+        sink.freeze(w, 0, f"node '{node.name}': the directions of a bidirectional {node.op.upper()}")
+    state_slots = [(y[0], 3)] if y else []
+    state_slots += [(v, 2) for v in [*y[1:], *states]]
+    hidden = node.attrs["hidden_size"]
+    units, gates = np.arange(hidden), RECURRENT_GATES[node.op]
+    for v, blocks in ((w, gates), (r, gates), (b, 2 * gates), (p, 3)):
+        if v is None:
+            continue
+        for k in range(blocks):
+            sink.couple_pairs(r, 2, units, v, 1, k * hidden + units)
+        sink.role(v, 1, PRODUCER)
+    sink.role(r, 2, CONSUMER)
+    for v, axis in state_slots:
+        sink.couple(r, 2, v, axis)
+    computed = next((v for v in weights if not v.is_constant), None)
+    if computed is not None:
+        sink.freeze(r, 2, f"node '{node.name}': {node.op.upper()} weight '{computed.name}' is computed at run time")
 
 
 @rule("linear")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Graph, Node
+from ..ir.ops import RECURRENT_GATES
 
 
 def node_macs(node: Node) -> int:
@@ -29,6 +30,9 @@ def node_macs(node: Node) -> int:
         q, k, v = node.inputs[:3]
         lk = k.shape[-2]
         return int(np.prod(q.shape)) * lk + int(np.prod(node.outputs[0].shape)) * lk
+    if op in RECURRENT_GATES:  # every step of each direction: W over the features, R over the hidden state
+        x, w, r = node.inputs[:3]
+        return int(np.prod(x.shape[:2])) * w.shape[0] * w.shape[1] * (w.shape[2] + r.shape[2])
     if op == "einsum":
         letters: dict[str, int] = {}
         for v, term in zip(node.inputs, node.attrs["equation"].split("->")[0].split(","), strict=False):

@@ -1,6 +1,6 @@
 """Rewrite: apply a plan to the graph in place. Constants are sliced, shapes updated, attributes that encode
 channel counts rewritten (conv groups, split sizes, slice bounds, reshape/expand/resize targets, gather indices,
-attention scale), then `Graph.verify()` re-checks every shape rule."""
+attention scale, recurrent hidden_size), then `Graph.verify()` re-checks every shape rule."""
 
 from __future__ import annotations
 
@@ -145,9 +145,15 @@ def _fix_attention(node: Node, kept: Kept) -> None:
         node.attrs["scale"] = 1.0 / math.sqrt(node.inputs[0].shape[-1])
 
 
+def _fix_recurrent(node: Node, kept: Kept) -> None:
+    k = kept(node.inputs[2], 2)  # R's columns: one per hidden unit
+    if k is not None:
+        node.attrs["hidden_size"] = len(k)
+
+
 _ATTR_FIXES: dict[str, Callable[[Node, Kept], None]] = {
     "conv": _fix_conv, "split": _fix_split, "slice": _fix_slice, "gather": _fix_gather,
-    "attention": _fix_attention,
+    "attention": _fix_attention, "lstm": _fix_recurrent, "gru": _fix_recurrent, "rnn": _fix_recurrent,
 }
 
 
