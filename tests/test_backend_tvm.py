@@ -77,7 +77,7 @@ def test_pruned_torchvision_model_tvm_equals_ort_equals_torch(tmp_path, name: st
 
 @pytest.mark.parametrize(("model_id", "opset"), [("ppocr_cls", None), ("ppocrv4_rec", None), ("nudenet_yolov8n", None),
                                                ("nudenet_yolov8n", MAX_OPSET), ("layout_picodet", None),
-                                               ("ddddocr_det", None)])
+                                               ("ddddocr_det", None), ("silero_vad_v6", None)])
 def test_pruned_third_party_model_tvm_equals_ort(tmp_path, model_cache_dir: str, model_id: str, opset) -> None:
     import onnx
 

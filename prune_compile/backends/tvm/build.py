@@ -1,8 +1,9 @@
 """Build an ONNX model (the pruned output) with TVM Relax for a target preset and export a shared library.
 
-Pipeline: Relax ONNX frontend (weights bound as constants) → for tuned builds: DecomposeOpsForInference,
-CanonicalizeBindings, the zero pipeline (legalize, fold, fuse), MetaSchedule, apply the database → `tvm.compile`
-(default pipeline; for CUDA it schedules whatever is left with dlight) → `export_library`. `arm` links with the
+Pipeline: recurrent layers unrolled (recurrent_unroll) → Relax ONNX frontend (weights bound as constants) → for
+tuned builds: DecomposeOpsForInference, CanonicalizeBindings, the zero pipeline (legalize, fold, fuse),
+MetaSchedule, apply the database → `tvm.compile` (default pipeline; for CUDA it schedules whatever is left with
+dlight) → `export_library`. `arm` links with the
 aarch64 cross compiler; `gpu` embeds a fatbin compiled by nvcc (see cuda_embed).
 """
 
@@ -24,6 +25,7 @@ from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
 from .pool_nchwc import register_schedule_rule as register_pool_rule
+from .recurrent_unroll import has_recurrences, unrolled_recurrences
 from .targets import (
     ARM_CROSS_COMPILER,
     DEFAULT_OPTIONS,
@@ -96,6 +98,8 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
     tuned = tuning is not None and tuning.trials > 0
     if tuned:
         check_tunable(target, target_options)
+    if has_recurrences(model):  # the frontend has no LSTM, GRU or RNN
+        model = unrolled_recurrences(model)
     try:
         mod = from_onnx(model, keep_params_in_input=False)
     except Exception as e:

@@ -1,0 +1,148 @@
+"""Recurrent layers unrolled for TVM's ONNX frontend: the unrolled model computes what ONNX Runtime's LSTM, GRU and
+RNN kernels compute (both run in ONNX Runtime), every form; forms not unrolled are named; TVM compiles the result."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from prune_compile.backends import ort
+from prune_compile.backends.tvm.recurrent_unroll import has_recurrences, unrolled_recurrences
+from prune_compile.errors import BackendError
+
+SEQ, BATCH, FEATS, HIDDEN = 4, 3, 3, 5
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _model(op: str, direction: str = "forward", *, bias: bool = True, lens: str = "", initial: bool = True,
+           peepholes: bool = True, outputs: tuple[str, ...] = ("y", "y_h", "y_c"), opset: int = 17,
+           computed_r: bool = False, seq: int | str = SEQ, **attrs) -> onnx.ModelProto:
+    """x [seq, batch, features] -> one `op` node. lens: "" (none), "const" (an initializer) or "input"."""
+    rng = np.random.default_rng(7)
+    d = 2 if direction == "bidirectional" else 1
+    rows = GATES[op] * HIDDEN
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.6).astype(np.float32), name)
+
+    inits = [weight("w", d, rows, FEATS), weight("r", d, rows, HIDDEN)]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, BATCH, FEATS])]
+    names = ["x", "w", "r_used" if computed_r else "r", "", "", "", "", ""]
+    if bias:
+        inits.append(weight("b", d, 2 * rows))
+        names[3] = "b"
+    if lens == "const":
+        inits.append(numpy_helper.from_array(np.array([4, 1, 3], np.int32), "lens"))
+    elif lens == "input":
+        graph_inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [BATCH]))
+    names[4] = "lens" if lens else ""
+    if initial:
+        inits.append(weight("h0", d, BATCH, HIDDEN))
+        names[5] = "h0"
+        if op == "LSTM":
+            inits.append(weight("c0", d, BATCH, HIDDEN))
+            names[6] = "c0"
+    if peepholes and op == "LSTM":
+        inits.append(weight("p", d, 3 * HIDDEN))
+        names[7] = "p"
+    while not names[-1]:
+        names.pop()
+    outs = [o if o in outputs else "" for o in ("y", "y_h", "y_c")[:3 if op == "LSTM" else 2]]
+    while not outs[-1]:
+        outs.pop()
+    nodes = [helper.make_node(op, names, outs, name="rnn", hidden_size=HIDDEN, direction=direction, **attrs)]
+    if computed_r:
+        nodes.insert(0, helper.make_node("Mul", ["r", "scale"], ["r_used"], name="scale_r"))
+        graph_inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]))
+    shapes = {"y": [seq, d, BATCH, HIDDEN], "y_h": [d, BATCH, HIDDEN], "y_c": [d, BATCH, HIDDEN]}
+    graph = helper.make_graph(nodes, "recurrent", graph_inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, shapes[o]) for o in outs if o],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((SEQ, BATCH, FEATS)).astype(np.float32)}
+    if any(i.name == "lens" for i in model.graph.input):
+        feeds["lens"] = np.array([2, 4, 3], np.int32)
+    return feeds
+
+
+def _assert_unrolled_matches(model: onnx.ModelProto) -> onnx.ModelProto:
+    unrolled = unrolled_recurrences(model)
+    assert not has_recurrences(unrolled) and has_recurrences(model)
+    onnx.checker.check_model(unrolled, full_check=True)
+    feeds = _feeds(model)
+    want, got = ort.run(model, feeds), ort.run(unrolled, feeds)
+    assert [a.shape for a in got] == [a.shape for a in want]
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    return unrolled
+
+
+FORMS = {
+    "lstm": ("LSTM", {}),
+    "lstm-no-optional-inputs": ("LSTM", {"bias": False, "initial": False, "peepholes": False}),
+    "lstm-const-lens": ("LSTM", {"lens": "const"}),
+    "lstm-input-lens": ("LSTM", {"lens": "input"}),
+    "lstm-clip": ("LSTM", {"clip": 0.7}),
+    "lstm-input-forget": ("LSTM", {"input_forget": 1}),
+    "lstm-final-state-only": ("LSTM", {"outputs": ("y_h",)}),
+    "lstm-activations": ("LSTM", {"activations": ["Sigmoid", "Relu", "Tanh"]}),
+    "gru": ("GRU", {}),
+    "gru-linear-before-reset": ("GRU", {"linear_before_reset": 1}),
+    "gru-input-lens-clip": ("GRU", {"lens": "input", "clip": 0.5}),
+    "gru-no-optional-inputs": ("GRU", {"bias": False, "initial": False}),
+    "rnn": ("RNN", {}),
+    "rnn-relu-const-lens": ("RNN", {"activations": ["Relu"], "lens": "const"}),
+}
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_unrolled_layer_computes_what_onnx_runtime_computes(form: str, direction: str) -> None:
+    op, kwargs = FORMS[form]
+    kwargs = dict(kwargs)
+    if "activations" in kwargs:
+        kwargs["activations"] = kwargs["activations"] * (2 if direction == "bidirectional" else 1)
+    _assert_unrolled_matches(_model(op, direction, **kwargs))
+
+
+@pytest.mark.parametrize("opset", [9, 11, 12])
+def test_older_opsets_get_their_own_forms_of_unsqueeze_slice_and_clip(opset: int) -> None:
+    unrolled = _assert_unrolled_matches(_model("LSTM", "bidirectional", opset=opset, clip=0.9))
+    ops = {n.op_type: n for n in unrolled.graph.node}
+    assert len(ops["Unsqueeze"].input) == 1 and [a.name for a in ops["Unsqueeze"].attribute] == ["axes"]
+    assert len(ops["Clip"].input) == (1 if opset < 11 else 3)
+
+
+def test_the_sequence_is_projected_once_per_direction() -> None:
+    unrolled = unrolled_recurrences(_model("LSTM", "bidirectional"))
+    matmuls = [n for n in unrolled.graph.node if n.op_type == "MatMul"]
+    assert sum(n.input[0] == "x" for n in matmuls) == 2  # X·Wᵀ for all steps at once
+    assert len(matmuls) == 2 + 2 * SEQ  # and the state by R at each step
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"layout": 1}, r"node 'rnn' \(LSTM\): layout 1 \(batch first\) is not unrolled for TVM"),
+    ({"computed_r": True}, r"node 'rnn' \(LSTM\): its input 'r_used' is computed at run time"),
+    ({"seq": "time"}, r"node 'rnn' \(LSTM\): input 'x' needs a static \[sequence, batch, features\] shape"),
+    ({"activations": ["HardSigmoid", "Tanh", "Tanh"]}, r"activations \['HardSigmoid', 'Tanh', 'Tanh'\] are not"),
+    ({"activations": ["Sigmoid", "Tanh", "Tanh"], "activation_alpha": [0.5]}, "activation_alpha"),
+])
+def test_forms_not_unrolled_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(BackendError, match=message):
+        unrolled_recurrences(_model("LSTM", **kwargs))
+
+
+def test_tvm_compiles_an_unrolled_layer_and_agrees_with_onnx_runtime(tmp_path) -> None:
+    from prune_compile.backends import tvm as tvm_backend
+
+    model = _model("LSTM", "bidirectional", lens="const")
+    lib = str(tmp_path / "lstm.so")
+    tvm_backend.build(model, "cpu", lib)
+    feeds = _feeds(model)
+    assert ort.relative_error(ort.run(model, feeds), tvm_backend.run_library(lib, feeds, ["x"])) <= 1e-4
