@@ -190,3 +190,102 @@ def test_verify_names_a_recurrent_operand_that_does_not_fit_hidden_size() -> Non
     with pytest.raises(GraphError, match=r"node 'rnn' \(gru\): B \[1, 33\] does not fit hidden_size 6 "
                                          r"\(expected \[1, 36\]\)"):
         graph.verify()
+
+
+class _TorchRecurrent(nn.Module):
+    """_ConvRecurrent in any layout, as the torch path sees it: torch.export's aten.lstm / gru / rnn_tanh /
+    rnn_relu."""
+
+    def __init__(self, kind: str, bidirectional: bool, layers: int, batch_first: bool, **kwargs) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.conv = nn.Conv1d(3, 12, 3, padding=1)
+        self.rnn = getattr(nn, kind)(12, 8, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                                     **kwargs)
+        self.head = nn.Linear(8 * (2 if bidirectional else 1), 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.conv(x))
+        y, _ = self.rnn(f.permute(0, 2, 1) if self.batch_first else f.permute(2, 0, 1))
+        return self.head(y[:, -1] if self.batch_first else y[-1])
+
+
+TORCH_FORMS = [("LSTM", False, 1, False, {}), ("LSTM", True, 2, False, {}), ("LSTM", True, 2, True, {}),
+               ("GRU", True, 2, True, {}), ("GRU", False, 1, False, {}), ("RNN", True, 2, False, {}),
+               ("RNN", False, 2, True, {"nonlinearity": "relu"}), ("LSTM", False, 1, False, {"bias": False})]
+
+
+@pytest.mark.parametrize("kind, bidirectional, layers, batch_first, kwargs", TORCH_FORMS,
+                         ids=["lstm", "lstm-bi-2", "lstm-bi-2-batch-first", "gru-bi-2-batch-first", "gru",
+                              "rnn-bi-2", "rnn-relu-2-batch-first", "lstm-no-bias"])
+def test_the_torch_path_prunes_hidden_units_and_surgery_slices_the_module(kind, bidirectional, layers, batch_first,
+                                                                         kwargs) -> None:
+    import copy
+
+    from prune_compile.backends import ort
+    from prune_compile.backends.torch_module import apply_plan_to_module
+    from prune_compile.ir import export_onnx
+    from prune_compile.ir.fx_importer import import_torch_module
+    from prune_compile.passes.plan import plan_to_json, uniform_plan
+    from prune_compile.pruner import module_drift
+
+    torch.manual_seed(0)
+    model = _TorchRecurrent(kind, bidirectional, layers, batch_first, **kwargs).eval()
+    x = torch.randn(2, 3, 5)
+    graph = import_torch_module(model, (x,))
+    assert [n.op for n in graph.nodes].count(kind.lower()) == layers  # one IR node per layer
+    feeds = {graph.inputs[0].name: x.numpy()}
+    with torch.no_grad():
+        np.testing.assert_allclose(ort.run(export_onnx(graph), feeds)[0], model(x).numpy(), rtol=1e-5, atol=1e-6)
+    deps = analyze(graph)
+    # Every layer's units are one group: the initial state ties them, as nn.LSTM's one hidden_size needs.
+    (hidden,) = [g for g in deps.groups if g.size == 8]
+    assert hidden.prunable and hidden.exact
+    rs = [n.inputs[2] for n in graph.nodes if n.op == kind.lower()]
+    assert all(any(m.value is r and m.axis == 2 for m in hidden.members) for r in rs)  # each layer's R columns
+    plan = uniform_plan(deps, 0.5)
+    assert oracle_error(graph, deps, plan, feeds) <= 1e-5
+    doc = plan_to_json(deps, plan)
+    gate_blocks = [s for g in doc["groups"] for m in g["members"] for s in m.get("maps", ()) if len(s) == 5]
+    assert gate_blocks and all(s[0].startswith("rnn.weight_") or s[0].startswith("rnn.bias_") for s in gate_blocks)
+    pruned = apply_plan_to_module(copy.deepcopy(model), doc, [x])
+    assert (pruned.rnn.input_size, pruned.rnn.hidden_size) == (6, 4)
+    assert module_drift(pruned, pruned_copy(graph, plan, deps), [x]) <= 1e-5
+    pruned.train()
+    pruned(x).square().sum().backward()  # fine-tunes: every parameter, the sliced ones included, gets a gradient
+    assert all(p.grad is not None for p in pruned.parameters())
+
+
+def test_the_torch_path_finds_the_groups_the_onnx_path_finds() -> None:
+    from prune_compile.ir.fx_importer import import_torch_module
+
+    torch.manual_seed(0)
+    model = _TorchRecurrent("LSTM", True, 1, False).eval()
+    x = torch.randn(2, 3, 5)
+
+    def summary(graph):
+        return sorted((g.size, g.prunable, g.exact) for g in analyze(graph).groups)
+
+    assert summary(import_torch_module(model, (x,))) == summary(torch_onnx_graph(model, x))
+
+
+def test_the_torch_path_keeps_a_state_the_caller_passes_and_a_projection_frozen() -> None:
+    from prune_compile.ir.fx_importer import import_torch_module
+
+    class WithState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(6, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x, h)[0])
+
+    graph = import_torch_module(WithState().eval(), (torch.randn(5, 2, 6), torch.zeros(1, 2, 8)))
+    (hidden,) = [g for g in analyze(graph).groups if g.size == 8]
+    assert not hidden.prunable and hidden.reason == "graph input 'h'"
+
+    projected = nn.LSTM(6, 8, proj_size=4).eval()
+    graph = import_torch_module(projected, (torch.randn(5, 2, 6),))
+    (node,) = [n for n in graph.nodes if n.opaque is not None]
+    assert node.opaque.op_type == "aten.lstm.input"

@@ -3,7 +3,8 @@
 Input is the `plan.json` document (made on this module through either importer). Each parameter or buffer named
 in the plan is sliced along the planned axes (a new `nn.Parameter` keeps `requires_grad`); then the modules'
 shape attributes are made consistent with their tensors: Conv (in/out channels, groups of depthwise convs), Linear,
-BatchNorm/InstanceNorm (num_features), LayerNorm (normalized_shape), GroupNorm (num_channels), Embedding,
+BatchNorm/InstanceNorm (num_features), LayerNorm (normalized_shape), GroupNorm (num_channels), Embedding, LSTM, GRU
+and RNN (input_size, hidden_size),
 MultiheadAttention (embed_dim, head_dim; heads when whole heads went), and integer attributes that name a pruned
 width (`hidden_dim`, `embed_dim`, `dim`, `num_features`, `channels`, `in_channels`, `width`, ...: torchvision's ViT
 reshapes with one) on the modules that hold the pruned tensors, when that width became one new width there.
@@ -64,19 +65,24 @@ def removals_from_plan(doc: Mapping[str, Any], shapes: Mapping[str, Sequence[int
 
 def _unfold_mapped(member: Mapping[str, Any]) -> list[tuple[str, int, set]]:
     """A folded constant's removed indices in its sources, by the importer's index map (`maps`: source, source
-    axis, offset, length per segment; a `cat` of q_bias, k_bias and v_bias has three)."""
-    local: dict[tuple[str, int], list[set]] = {}
-    for name, axis, offset, length in member["maps"]:
-        local.setdefault((name, axis), []).append({i - offset for i in member["removed"]
-                                                   if offset <= i < offset + length})
+    axis, offset, length per segment, and the source's first index where it is not 0; a `cat` of q_bias, k_bias and
+    v_bias has three, an LSTM's W one per gate block, each from its own rows of weight_ih)."""
+    local: dict[tuple[str, int], dict[tuple[int, int], list[set]]] = {}
+    for name, axis, offset, length, *start in member["maps"]:
+        first = start[0] if start else 0
+        local.setdefault((name, axis), {}).setdefault((first, length), []).append(
+            {first + i - offset for i in member["removed"] if offset <= i < offset + length})
     parts = []
-    for (name, axis), segments in local.items():
-        if any(s != segments[0] for s in segments):  # cat((w, w)): one slice of w cannot remove different rows
-            raise UnsupportedModelError(f"plan prunes '{member['param']}' (axis {member['axis']}), which repeats "
-                                        f"'{name}' axis {axis} with different channels removed in each copy: "
-                                        "torch surgery cannot slice the one parameter both ways")
-        if segments[0]:
-            parts.append((name, axis, segments[0]))
+    for (name, axis), by_range in local.items():
+        removed: set = set()
+        for segments in by_range.values():
+            if any(s != segments[0] for s in segments):  # cat((w, w)): one slice of w cannot remove different rows
+                raise UnsupportedModelError(f"plan prunes '{member['param']}' (axis {member['axis']}), which repeats "
+                                            f"'{name}' axis {axis} with different channels removed in each copy: "
+                                            "torch surgery cannot slice the one parameter both ways")
+            removed |= segments[0]
+        if removed:
+            parts.append((name, axis, removed))
     return parts
 
 
@@ -197,8 +203,9 @@ def _apply_plan(module, doc: Mapping[str, Any], example_inputs: Sequence[Any] | 
         # a rule that knows the module (LeViT's key_dim)
         if isinstance(old, (list, tuple)) or getattr(owner, attr) == old:
             setattr(owner, attr, new)
+    # (a constant folded from no module tensor, an RNN's zero initial state, is recomputed by nothing)
     computed = sorted({m["param"] for g in doc.get("groups", []) if g.get("removed") for m in g["members"]
-                       if m.get("computed") and m["removed"]})
+                       if m.get("computed") and m["removed"] and m.get("maps", True)})
     if computed:
         warnings.warn(f"torch surgery: {', '.join(computed[:3])}{' ...' if len(computed) > 3 else ''} reach the "
                       "graph through arithmetic folded at import (weight standardization, say): the module "
@@ -220,7 +227,7 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], remov
     from torch import nn
 
     handled = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
-               nn.Embedding, nn.MultiheadAttention)
+               nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
     shrunk_from = _widths_shrunk(root, old_sizes)
     split_from = _removed_by_width(old_sizes, removals)
     for path, m in root.named_modules():
@@ -257,6 +264,8 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], remov
                                             f"num_groups={m.num_groups} after pruning")
         elif isinstance(m, nn.Embedding):
             m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif isinstance(m, nn.RNNBase):
+            _fix_recurrent(path, m)
         elif isinstance(m, nn.MultiheadAttention):
             _fix_attention(path, m, heads_mode, old_sizes)
         elif type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2") and hasattr(m, "qkv"):
@@ -284,6 +293,21 @@ def _fix_module_attributes(root, old_sizes: Mapping[tuple[str, int], int], remov
                         if n.rpartition(".")[0] == path and 0 in axes), None)
             if own is not None and own[0] % m.groups == 0:
                 m.groups = _groups_after(own[0], m.groups, own[1]) or m.groups
+
+
+def _fix_recurrent(path: str, m) -> None:
+    """nn.LSTM / GRU / RNN: input_size and hidden_size follow the sliced weights; every layer and direction must
+    keep one hidden size (the importer ties their units through the initial state, so a plan of the torch path
+    does), and the layer's flat weight list must point at the new tensors."""
+    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    m.input_size = m.weight_ih_l0.shape[1]
+    hidden = {getattr(m, n).shape[1] for n in m._flat_weights_names if n.startswith("weight_hh")}
+    rows = {getattr(m, n).shape[0] for n in m._flat_weights_names if n.startswith(("weight_ih", "weight_hh"))}
+    if len(hidden) != 1 or rows != {gates * min(hidden)}:
+        raise UnsupportedModelError(f"'{path}': nn.{type(m).__name__} needs one hidden size in every layer and "
+                                    f"direction; the plan keeps {sorted(hidden)} (weight rows {sorted(rows)})")
+    m.hidden_size = hidden.pop()
+    m._init_flat_weights()
 
 
 def _widths_shrunk(root, old_sizes: Mapping[tuple[str, int], int]) -> dict[str, dict[int, int]]:

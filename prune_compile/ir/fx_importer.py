@@ -19,6 +19,7 @@ import torch.fx
 
 from ..errors import UnsupportedModelError
 from .fold_index_map import IndexMap, fold_index_map, identity_map
+from .fx_recurrent import RECURRENT_ATEN, convert_recurrent
 from .graph import Graph, OpaqueInfo, Provenance, Value
 
 aten = torch.ops.aten
@@ -339,6 +340,7 @@ for _t, _op in [
     ATEN[_t] = _unary(_op)
 ATEN[aten.hardsigmoid.default] = _unary("hard_sigmoid", alpha=1.0 / 6.0, beta=0.5)
 ATEN[aten.relu6.default] = _unary("clip", min=0.0, max=6.0)
+ATEN.update(dict.fromkeys(RECURRENT_ATEN, convert_recurrent))  # nn.LSTM, nn.GRU, nn.RNN: fx_recurrent.py
 
 
 @_aten(aten.rsqrt.default)
