@@ -620,3 +620,34 @@ def test_cli_latency_engine_options(tmp_path, capsys) -> None:
     assert not (tmp_path / "e").exists()
     planning = PlanningOptions(policy="latency", target_latency=0.5, latency_engine="tvm", latency_trials=32)
     assert "plan{policy=latency target-latency=0.5 latency-engine=tvm latency-trials=32}" in default_pipeline(planning)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_the_table_times_a_recurrent_layer_at_the_shape_the_plan_gives_it(op: str) -> None:
+    """The one-node model the table times for a recurrent layer is the pruned graph's layer: same MACs (W, R, the
+    biases and peepholes follow the hidden units), and ONNX Runtime runs it."""
+    from prune_compile.backends import ort
+    from prune_compile.passes.latency import LatencyTable
+    from prune_compile.passes.plan import Plan
+
+    from .test_recurrent_units import _onnx_recurrent
+
+    graph = import_onnx(_onnx_recurrent(op, 2))
+    deps = analyze(graph)
+    (node,) = [n for n in graph.nodes if n.op == op.lower()]
+    (hidden,) = [g for g in deps.groups if any(m.value is node.inputs[2] and m.axis == 2 for m in g.members)]
+    (features,) = [g for g in deps.groups if any(m.value is node.inputs[1] and m.axis == 2 for m in g.members)]
+
+    def timer(proto, feeds) -> float:
+        ort.run(proto, feeds)
+        (layer,) = import_onnx(proto).nodes
+        return float(node_macs(layer))
+
+    table = LatencyTable(graph, deps, timer)
+    (layer,) = [layer for layer in table.layers if layer.node is node]
+    assert sorted(layer.terms) == sorted([(hidden.id, 1, {"LSTM": 4, "GRU": 3}[op]), (features.id, 2, 1)])
+    removed = {hidden.id: np.array([0, 2, 5]), features.id: np.array([1, 4])}
+    pruned = pruned_copy(graph, Plan(removed), deps)
+    (slim,) = [n for n in pruned.nodes if n.op == op.lower()]
+    assert table.layer_ms(layer, {gid: len(r) for gid, r in removed.items()}) == node_macs(slim)
+    assert table.layer_ms(layer, {}) == node_macs(node)

@@ -33,11 +33,11 @@ import numpy as np
 from ..errors import UsageError
 from ..ir import Graph, export_onnx
 from ..ir.graph import Node, Value
-from ..ir.ops import OPS
+from ..ir.ops import OPS, RECURRENT_GATES, recurrent_shapes
 from .deps import DependencyResult, Group
 from .importance import normalized
 
-LAYER_OPS = ("conv", "linear", "gemm", "matmul")
+LAYER_OPS = ("conv", "linear", "gemm", "matmul", *RECURRENT_GATES)
 # the bisection times a step and the original alternately, this many slices of this many seconds each
 PAIR_SLICES, PAIR_SLICE_S = 5, 0.2
 # a slice whose original reads more than QUIET x the fastest original of the search was timed in a slow phase (the
@@ -100,7 +100,8 @@ class Layer:
 
 
 def weight_layer_nodes(graph: Graph) -> list[Node]:
-    """The weight layers a latency table times: conv, linear, gemm, matmul, constant weight on a computed input."""
+    """The weight layers a latency table times: conv, linear, gemm, matmul, LSTM, GRU, RNN; constant weight on a
+    computed input."""
     return [n for n in graph.nodes
             if n.op in LAYER_OPS and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_constant
             and n.inputs[0] is not None and not n.inputs[0].is_constant]
@@ -232,8 +233,8 @@ class LatencyTable:
             if depthwise:
                 group = w[0]
             x[1] = w[1] * group
-        elif n.op == "linear":
-            x[-1] = w[1]
+        elif n.op == "linear" or n.op in RECURRENT_GATES:  # recurrent W: [directions, gates*hidden, features]
+            x[-1] = w[-1]
         else:  # gemm / matmul with the weight as second input: [in, out] unless gemm's transB
             x[-1] = w[1] if (n.op == "gemm" and n.attrs.get("transB")) else w[0]
         return tuple(x), tuple(w), group
@@ -255,6 +256,8 @@ class LatencyTable:
         g = Graph(name="layer")
         xv = Value("x", x, np.float32)
         inputs = [xv, Value("w", w, np.float32, _random(w, self.rng))]
+        if node.op in RECURRENT_GATES:
+            return self._time(g, *self._recurrent_layer(node, attrs, inputs))
         for i, extra in enumerate(node.inputs[2:]):
             if extra is None:
                 inputs.append(None)
@@ -265,9 +268,27 @@ class LatencyTable:
             inputs.append(Value(f"b{i}", tuple(shape), np.float32, _random(shape, self.rng)))
         out_shape = OPS[node.op].infer(_Shaped(node.op, attrs), [v.shape if v is not None else None
                                                                 for v in inputs])[0]
-        y = Value("y", out_shape, np.float32)
-        g.inputs, g.outputs = [xv], [y]
-        g.add_node(node.op, inputs, [y], attrs)
+        return self._time(g, node.op, attrs, inputs, [Value("y", out_shape, np.float32)])
+
+    def _recurrent_layer(self, node: Node, attrs: dict, inputs: list) -> tuple[str, dict, list, list]:
+        """A recurrent layer at W's shape: R, B and the peepholes follow its hidden size; the initial states and
+        sequence lengths are left out (they cost nothing per step)."""
+        (x, w), (directions, rows, _) = inputs, inputs[1].shape
+        hidden = rows // RECURRENT_GATES[node.op]
+        attrs = {**attrs, "hidden_size": hidden}
+        shapes = {2: (directions, rows, hidden), 3: (directions, 2 * rows), 7: (directions, 3 * hidden)}
+        for k, shape in shapes.items():
+            present = len(node.inputs) > k and node.inputs[k] is not None
+            inputs.extend([None] * (k - len(inputs)))
+            inputs.append(Value(f"in{k}", shape, np.float32, _random(shape, self.rng)) if present else None)
+        while inputs[-1] is None:
+            inputs.pop()
+        return node.op, attrs, inputs, [Value("y", recurrent_shapes(x.shape, w.shape, hidden)[0], np.float32)]
+
+    def _time(self, g: Graph, op: str, attrs: dict, inputs: list, outputs: list) -> float:
+        g.inputs, g.outputs = [inputs[0]], outputs
+        g.add_node(op, inputs, outputs, attrs)
+        x = inputs[0].shape
         proto, feeds = export_onnx(g), {"x": _random(x, self.rng)}
         layer = getattr(self.timer, "layer", None)  # stand-in timers in tests may be bare callables
         return layer(proto, feeds) if layer else self.timer(proto, feeds)
