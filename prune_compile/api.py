@@ -356,7 +356,7 @@ def run(
         planning, attention, compile_targets, verify, plan, measure_latency)
     resolved = resolve(parse_pipeline(pipeline_text),
                        _pass_defaults(planning, attention, compile_targets, tune, verify, plan))
-    backend_options = None
+    backend_options = target_options  # --num-cores, --conv-layout: the TVM latency engine reads them too
     for info, values in resolved:
         if info.name != "compile":
             continue

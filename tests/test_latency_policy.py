@@ -552,6 +552,32 @@ def test_cli_latency_factor_parsing(tmp_path, capsys) -> None:
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.big
+def test_cli_tvm_latency_engine_without_a_compile_target(tmp_path, capsys) -> None:
+    """--latency-engine tvm needs no --target: it reads --num-cores and --tune-db itself (it crashed on the target
+    options a run without a compile pass did not make)."""
+    import onnx
+
+    from prune_compile.cli import main
+
+    graph, _, _ = _one_group_net()
+    model = tmp_path / "net.onnx"
+    onnx.save(export_onnx(graph), model)
+    out, db = tmp_path / "o", tmp_path / "db"
+    rc = main([str(model), "-o", str(out), "--policy", "latency", "--target-latency", "0.7x", "--latency-engine",
+               "tvm", "--latency-trials", "8", "--num-cores", "1", "--tune-db", str(db)])
+    err = capsys.readouterr().err
+    assert rc == 0 or (rc == 2 and "unreachable" in err), err  # 2 steps may not reach 0.7x on a noisy machine
+    if rc == 0:
+        assert json.loads((out / "timings.json").read_text())["planning"]["engine"] == "tvm-cpu"
+    from prune_compile.backends.tvm.targets import TargetOptions, make_target
+    from prune_compile.backends.tvm.tuning import database_dir, measuring_threads
+
+    target = make_target("cpu", TargetOptions(num_cores=1))  # the tuning was for one core: --num-cores got there
+    want = database_dir(str(db), "cpu", str(target), measuring_threads(target, None))
+    assert [str(p) for p in db.iterdir()] == [want]
+
+
 def _one_group_net():
     """conv 3→16 → relu → conv 16→8 (the model's output): one prunable group of 16 (kept 16 or 8), two layers."""
     import torch

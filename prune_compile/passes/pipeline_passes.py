@@ -57,10 +57,11 @@ def _plan(state: JobState, opts: dict) -> None:
     timer = None
     if planning.policy == "latency" and planning.latency_engine == "tvm":
         from ..backends.tvm.latency_timer import TvmTimer
+        from ..backends.tvm.targets import DEFAULT_OPTIONS
 
         ctx = state.context
-        timer = TvmTimer(ctx.target_options, ctx.tune_db, planning.latency_trials) if ctx else \
-            TvmTimer(trials_per_layer=planning.latency_trials)
+        timer = TvmTimer(ctx.target_options or DEFAULT_OPTIONS, ctx.tune_db, planning.latency_trials) if ctx \
+            else TvmTimer(trials_per_layer=planning.latency_trials)
     gradients = _taylor_gradients(state, calibration) if planning.importance == "taylor" else None
     state.planned = make_plan(state.graph, state.deps, planning, gradients=gradients, calibration=feeds,
                               metric=metric, progress=progress, latency_timer=timer)
