@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedModelError, UsageError
+from ..ir.ops import RECURRENT_GATES
 
 WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "dim", "num_features", "channels", "in_channels", "out_channels",
                     "in_chs", "out_chs", "expand_chs", "width", "dim_out", "out_dim")  # RexNet, CSPNet, Hiera
@@ -299,7 +300,7 @@ def _fix_recurrent(path: str, m) -> None:
     """nn.LSTM / GRU / RNN: input_size and hidden_size follow the sliced weights; every layer and direction must
     keep one hidden size (the importer ties their units through the initial state, so a plan of the torch path
     does), and the layer's flat weight list must point at the new tensors."""
-    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    gates = RECURRENT_GATES.get(m.mode.lower(), 1)  # mode: LSTM, GRU, RNN_TANH, RNN_RELU
     m.input_size = m.weight_ih_l0.shape[1]
     hidden = {getattr(m, n).shape[1] for n in m._flat_weights_names if n.startswith("weight_hh")}
     rows = {getattr(m, n).shape[0] for n in m._flat_weights_names if n.startswith(("weight_ih", "weight_hh"))}

@@ -48,15 +48,15 @@ def convert_recurrent(imp, node: torch.fx.Node) -> Any:
     outs = [imp._value_from_fake(f"{node.name}_{i}", t) for i, t in enumerate(vals)]
     hidden = int(vals[1].shape[-1])
     if batch_first:
-        x = _tmp(imp, node, "transpose", [x], {"perm": [1, 0, 2]}, (x.shape[1], x.shape[0], x.shape[2]))
+        x = imp.emit_tmp(node, "transpose", [x], {"perm": [1, 0, 2]}, (x.shape[1], x.shape[0], x.shape[2]), x.dtype)
     finals: list[list[Value]] = [[] for _ in states]
     for k in range(layers):
         layer = [sources[(k * directions + d) * per:(k * directions + d + 1) * per] for d in range(directions)]
         w = _stacked(imp, node, f"l{k}_W", [s[0] for s in layer], order, hidden, x.shape[2])
         r = _stacked(imp, node, f"l{k}_R", [s[1] for s in layer], order, hidden, hidden)
         b = _biases(imp, node, f"l{k}_B", layer, order, hidden) if has_biases else None
-        initial = [_tmp(imp, node, "slice", [s], {"starts": [k * directions], "ends": [(k + 1) * directions],
-                                                   "axes": [0], "steps": [1]}, (directions, *s.shape[1:]))
+        initial = [imp.emit_tmp(node, "slice", [s], {"starts": [k * directions], "ends": [(k + 1) * directions],
+                                                     "axes": [0], "steps": [1]}, (directions, *s.shape[1:]), s.dtype)
                    for s in states]
         steps, batch = x.shape[0], x.shape[1]
         ys = [Value(imp.unique(f"{node.name}_l{k}_Y"), (steps, directions, batch, hidden), x.dtype)]
@@ -74,14 +74,17 @@ def convert_recurrent(imp, node: torch.fx.Node) -> Any:
         imp._add(op, ins, ys, attrs, node)
         for finals_s, y in zip(finals, ys[1:], strict=True):
             finals_s.append(y)
-        y = _tmp(imp, node, "transpose", [ys[0]], {"perm": [0, 2, 1, 3]}, (steps, batch, directions, hidden))
-        last = k == layers - 1 and not batch_first
-        x = _tmp(imp, node, "reshape", [y], {"shape": [steps, batch, directions * hidden]},
-                 (steps, batch, directions * hidden), out=outs[0] if last else None)
+        y = imp.emit_tmp(node, "transpose", [ys[0]], {"perm": [0, 2, 1, 3]}, (steps, batch, directions, hidden),
+                         x.dtype)
+        merged = {"shape": [steps, batch, directions * hidden]}
+        if k == layers - 1 and not batch_first:
+            x = imp.emit(node, "reshape", [y], merged, out=outs[0])
+        else:
+            x = imp.emit_tmp(node, "reshape", [y], merged, merged["shape"], x.dtype)
     if batch_first:
-        imp._add("transpose", [x], [outs[0]], {"perm": [1, 0, 2]}, node)
+        imp.emit(node, "transpose", [x], {"perm": [1, 0, 2]}, out=outs[0])
     for out, parts in zip(outs[1:], finals, strict=True):
-        imp._add("concat", parts, [out], {"axis": 0}, node)
+        imp.emit(node, "concat", parts, {"axis": 0}, out=out)
     return tuple(outs)
 
 
@@ -93,12 +96,6 @@ def _source(imp, p: torch.fx.Node) -> tuple[str, np.ndarray] | None:
     if v.provenance.kind not in ("torch_parameter", "torch_buffer"):
         return None
     return v.provenance.name, np.asarray(v.data)
-
-
-def _tmp(imp, node, op: str, ins: list[Value], attrs: dict, shape, out: Value | None = None) -> Value:
-    out = out or Value(imp.unique(f"{node.name}_{op}"), tuple(shape), ins[0].dtype)
-    imp._add(op, ins, [out], attrs, node)
-    return out
 
 
 def _stacked(imp, node, hint: str, sources: list[tuple[str, np.ndarray]], order, hidden: int, width: int) -> Value:

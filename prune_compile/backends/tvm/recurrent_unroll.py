@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...errors import BackendError
+from ...ir import onnx_io
 from ...ir.onnx_proto import FreshNames, default_opset
 
 RECURRENT_OPS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
@@ -98,7 +99,7 @@ class _Unroller:
         return out
 
     def weight(self, node: onnx.NodeProto, k: int) -> np.ndarray | None:
-        name = node.input[k] if len(node.input) > k else ""
+        name = _input(node, k)
         if not name:
             return None
         t = self.initializers.get(name)
@@ -273,7 +274,7 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list]:
     if wanted <= known.keys():
         return known
     try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
+        inferred = onnx_io.infer_shapes(model).graph  # (a heavy model's on its weightless view)
     except Exception:  # an unknown op: what the model states is all there is
         return known
     return {**known, **{v.name: dims(v) for v in [*inferred.input, *inferred.value_info, *inferred.output]
