@@ -146,3 +146,43 @@ def test_tvm_compiles_an_unrolled_layer_and_agrees_with_onnx_runtime(tmp_path) -
     tvm_backend.build(model, "cpu", lib)
     feeds = _feeds(model)
     assert ort.relative_error(ort.run(model, feeds), tvm_backend.run_library(lib, feeds, ["x"])) <= 1e-4
+
+
+FUSED_FORMS = {  # LSTMs the CPU targets run as one LSTMSteps kernel (lstm_steps.py)
+    "lstm": {"peepholes": False},
+    "lstm-no-optional-inputs": {"bias": False, "initial": False, "peepholes": False},
+    "lstm-final-state-only": {"peepholes": False, "outputs": ("y_h",)},
+}
+
+
+def test_only_the_lstm_form_the_kernel_runs_is_fused() -> None:
+    from prune_compile.backends.tvm import lstm_steps
+
+    def fused(model: onnx.ModelProto) -> list[str]:
+        return [n.op_type for n in unrolled_recurrences(model, fused_lstm=True).graph.node
+                if n.domain == lstm_steps.DOMAIN]
+
+    for kwargs in FUSED_FORMS.values():
+        assert fused(_model("LSTM", "bidirectional", **kwargs)) == ["LSTMSteps"]
+    for kwargs in ({}, {"peepholes": False, "lens": "const"}, {"peepholes": False, "clip": 0.7},
+                   {"peepholes": False, "input_forget": 1},
+                   {"peepholes": False, "activations": ["Sigmoid", "Relu", "Tanh"]}):
+        assert fused(_model("LSTM", **kwargs)) == [], kwargs  # peepholes, lengths, clip, ...: unrolled
+    assert fused(_model("GRU")) == [] and fused(_model("RNN")) == []
+    assert not any(n.domain == lstm_steps.DOMAIN for n in unrolled_recurrences(_model("LSTM", peepholes=False))
+                   .graph.node)  # off unless asked (GPU targets)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("form", list(FUSED_FORMS))
+def test_tvm_runs_an_lstms_steps_as_one_kernel_and_agrees_with_onnx_runtime(form: str, direction: str,
+                                                                           tmp_path) -> None:
+    from prune_compile.backends import tvm as tvm_backend
+
+    model = _model("LSTM", direction, **FUSED_FORMS[form])
+    lib = str(tmp_path / "lstm.so")
+    tvm_backend.build(model, "cpu", lib)
+    assert "lstm_steps" in open(lib, "rb").read().decode("latin-1")  # the kernel, not the unrolled steps
+    feeds = _feeds(model)
+    want, got = ort.run(model, feeds), tvm_backend.run_library(lib, feeds, ["x"])
+    assert ort.relative_error(want, got) <= 1e-5

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from ...errors import BackendError
 from ...ir import onnx_io
 from ...ir.onnx_proto import FreshNames, default_opset
+from . import lstm_steps
 
 RECURRENT_OPS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
 _ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
@@ -34,11 +35,13 @@ def has_recurrences(model: onnx.ModelProto) -> bool:
     return any(n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
-def unrolled_recurrences(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose recurrent nodes are unrolled into standard ops (see module doc)."""
+def unrolled_recurrences(model: onnx.ModelProto, fused_lstm: bool = False) -> onnx.ModelProto:
+    """A copy of `model` whose recurrent nodes are unrolled into standard ops (see module doc). With `fused_lstm`
+    (CPU targets), the LSTMs lstm_steps.py can run keep their recurrence as one LSTMSteps node of that module's
+    domain, after the input projection as standard ops."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    unroller = _Unroller(out)
+    unroller = _Unroller(out, fused_lstm)
     nodes = []
     for node in out.graph.node:
         if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
@@ -48,12 +51,15 @@ def unrolled_recurrences(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.ClearField("node")
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(unroller.consts)
+    if unroller.fused and not any(o.domain == lstm_steps.DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(lstm_steps.DOMAIN, 1))
     return out
 
 
 class _Unroller:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, fused_lstm: bool = False) -> None:
         self.model = model
+        self.fused_lstm, self.fused = fused_lstm, 0
         self.fresh = FreshNames(model)
         self.consts: list[onnx.TensorProto] = []
         self.initializers = {t.name: t for t in model.graph.initializer}
@@ -133,6 +139,8 @@ class _Unroller:
         direction = attrs.get("direction", b"forward")
         direction = direction.decode() if isinstance(direction, bytes) else direction
         outs = [node.output[k] if k < len(node.output) else "" for k in range(3)]
+        if self.fused_lstm and node.op_type == "LSTM" and self._fusable(attrs, acts, p, lens, dtype):
+            return self._fused(node, attrs, w, r, b, directions, direction, batch, hidden, dtype, outs)
         results = []  # per direction: (Y's steps in time order, final h, final c)
         for d in range(directions):
             reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
@@ -152,6 +160,32 @@ class _Unroller:
             if outs[k]:
                 self.op("Concat", [self.unsqueeze(res[k], 0, "state_row") for res in results],
                         ("Y_h", "Y_c")[k - 1], out=outs[k], axis=0)
+        return self.nodes
+
+    @staticmethod
+    def _fusable(attrs: dict, acts: list[list[str]], p, lens: str, dtype) -> bool:
+        """The form lstm_steps.py runs: float32, default gates, no peepholes, clip, input_forget or lengths."""
+        return (dtype == np.float32 and all(a == ["Sigmoid", "Tanh", "Tanh"] for a in acts) and p is None
+                and not lens and attrs.get("clip") is None and not attrs.get("input_forget", 0))
+
+    def _fused(self, node, attrs, w, r, b, directions: int, direction: str, batch: int, hidden: int, dtype,
+               outs: list[str]) -> list[onnx.NodeProto]:
+        """The input projection per direction as standard ops, then one LSTMSteps node for the recurrence."""
+        projected = []
+        for d in range(directions):
+            cell = _Cell(self, "LSTM", attrs, w[d], r[d], b[d], None, ["Sigmoid", "Tanh", "Tanh"], hidden)
+            projected.append(self.unsqueeze(cell.project(node.input[0]), 0, "XW_direction"))
+        xw = projected[0] if directions == 1 else self.op("Concat", projected, "XW", axis=0)
+        rt = self.const("R_T", np.ascontiguousarray(np.transpose(r, (0, 2, 1))))
+        states = [_input(node, k) or self.const("zeros", np.zeros((directions, batch, hidden), dtype))
+                  for k in (5, 6)]
+        reverse = [int(direction == "reverse" or (direction == "bidirectional" and d == 1))
+                   for d in range(directions)]
+        name = self.fresh(f"{self.prefix}/{lstm_steps.OP}")
+        outputs = [out or self.fresh(f"{name}_unused{k}") for k, out in enumerate(outs)]
+        self.nodes.append(helper.make_node(lstm_steps.OP, [xw, rt, *states], outputs, name=name,
+                                           domain=lstm_steps.DOMAIN, reverse=reverse))
+        self.fused += 1
         return self.nodes
 
     def _direction(self, cell: _Cell, x: str, steps_order: range, h: str, c: str | None, lens: str,
