@@ -98,6 +98,11 @@ class _Unroller:
         return self.op("Clip", [x, self.const("clip_lo", np.asarray(-bound, dtype)),
                                 self.const("clip_hi", np.asarray(bound, dtype))], hint)
 
+    def project(self, x: str, w: np.ndarray, bias: np.ndarray) -> str:
+        """X·Wᵀ + bias for every step at once: [sequence, batch, gates*hidden]."""
+        return self.op("Add", [self.op("MatMul", [x, self.const("W_T", w.T)], "XW"), self.const("bias", bias)],
+                       "XW_bias")
+
     def op(self, op_type: str, inputs: list[str], hint: str = "", out: str = "", **attrs) -> str:
         name = self.fresh(f"{self.prefix}/{hint or op_type}")
         out = out or self.fresh(f"{name}_output")
@@ -143,7 +148,7 @@ class _Unroller:
             return self._fused(node, attrs, w, r, b, directions, direction, batch, hidden, dtype, outs)
         results = []  # per direction: (Y's steps in time order, final h, final c)
         for d in range(directions):
-            reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+            reverse = _walks_backwards(direction, d)
             self.prefix = f"{node.name or node.op_type}/{'reverse' if reverse else 'forward'}"
             cell = _Cell(self, node.op_type, attrs, w[d], r[d], b[d], None if p is None else p[d], acts[d], hidden)
             h = self._initial(node, 5, d, batch, hidden, dtype)
@@ -165,22 +170,20 @@ class _Unroller:
     @staticmethod
     def _fusable(attrs: dict, acts: list[list[str]], p, lens: str, dtype) -> bool:
         """The form lstm_steps.py runs: float32, default gates, no peepholes, clip, input_forget or lengths."""
-        return (dtype == np.float32 and all(a == ["Sigmoid", "Tanh", "Tanh"] for a in acts) and p is None
+        return (dtype == np.float32 and all(a == list(RECURRENT_OPS["LSTM"]) for a in acts) and p is None
                 and not lens and attrs.get("clip") is None and not attrs.get("input_forget", 0))
 
     def _fused(self, node, attrs, w, r, b, directions: int, direction: str, batch: int, hidden: int, dtype,
                outs: list[str]) -> list[onnx.NodeProto]:
         """The input projection per direction as standard ops, then one LSTMSteps node for the recurrence."""
-        projected = []
-        for d in range(directions):
-            cell = _Cell(self, "LSTM", attrs, w[d], r[d], b[d], None, ["Sigmoid", "Tanh", "Tanh"], hidden)
-            projected.append(self.unsqueeze(cell.project(node.input[0]), 0, "XW_direction"))
+        gates = w.shape[1]  # an LSTM's bias is Wb + Rb (no gate keeps its R bias apart, as GRU's can)
+        projected = [self.unsqueeze(self.project(node.input[0], w[d], b[d, :gates] + b[d, gates:]), 0, "XW_direction")
+                     for d in range(directions)]
         xw = projected[0] if directions == 1 else self.op("Concat", projected, "XW", axis=0)
         rt = self.const("R_T", np.ascontiguousarray(np.transpose(r, (0, 2, 1))))
         states = [_input(node, k) or self.const("zeros", np.zeros((directions, batch, hidden), dtype))
                   for k in (5, 6)]
-        reverse = [int(direction == "reverse" or (direction == "bidirectional" and d == 1))
-                   for d in range(directions)]
+        reverse = [int(_walks_backwards(direction, d)) for d in range(directions)]
         name = self.fresh(f"{self.prefix}/{lstm_steps.OP}")
         outputs = [out or self.fresh(f"{name}_unused{k}") for k, out in enumerate(outs)]
         self.nodes.append(helper.make_node(lstm_steps.OP, [xw, rt, *states], outputs, name=name,
@@ -239,7 +242,7 @@ class _Cell:
         if self.linear_before_reset:  # R's h-gate bias goes inside the reset gate's product
             bias[2 * hidden:] = wb[2 * hidden:]
             self.rb_h = u.const("Rb_h", rb[2 * hidden:])
-        self.w_t, self.bias = u.const("W_T", w.T), u.const("bias", bias)
+        self.w, self.bias = w, bias
         if op == "GRU":  # z and r read the state; h reads it (reset) on its own
             self.r_zr, self.r_h = u.const("R_zr_T", r[:2 * hidden].T), u.const("R_h_T", r[2 * hidden:].T)
         else:
@@ -249,8 +252,7 @@ class _Cell:
         self.one = u.const("one", np.ones((), w.dtype)) if self.input_forget else ""
 
     def project(self, x: str) -> str:
-        """X·Wᵀ + biases for every step at once: [sequence, batch, gates*hidden]."""
-        return self.u.op("Add", [self.u.op("MatMul", [x, self.w_t], "XW"), self.bias], "XW_bias")
+        return self.u.project(x, self.w, self.bias)
 
     def _gate(self, pre: str, act: str, hint: str) -> str:
         if self.clip is not None:
@@ -291,6 +293,11 @@ class _Cell:
             pre_o = u.op("Add", [pre_o, u.op("Mul", [cell, self.p[1]], f"Pc_o{t}")], f"pre_o{t}_p")
         o = self._gate(pre_o, f[0], f"o{t}")
         return u.op("Mul", [o, u.op(f[2], [cell], f"hc{t}")], f"h{t}"), cell
+
+
+def _walks_backwards(direction: str, d: int) -> bool:
+    """Whether direction d of a layer with this `direction` attribute runs from the last step to the first."""
+    return direction == "reverse" or (direction == "bidirectional" and d == 1)
 
 
 def _input(node: onnx.NodeProto, k: int) -> str:
