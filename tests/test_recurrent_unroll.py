@@ -18,16 +18,16 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 def _model(op: str, direction: str = "forward", *, bias: bool = True, lens: str = "", initial: bool = True,
            peepholes: bool = True, outputs: tuple[str, ...] = ("y", "y_h", "y_c"), opset: int = 17,
-           computed_r: bool = False, seq: int | str = SEQ, **attrs) -> onnx.ModelProto:
+           computed_r: bool = False, seq: int | str = SEQ, hidden: int = HIDDEN, **attrs) -> onnx.ModelProto:
     """x [seq, batch, features] -> one `op` node. lens: "" (none), "const" (an initializer) or "input"."""
     rng = np.random.default_rng(7)
     d = 2 if direction == "bidirectional" else 1
-    rows = GATES[op] * HIDDEN
+    rows = GATES[op] * hidden
 
     def weight(name: str, *shape: int) -> onnx.TensorProto:
         return numpy_helper.from_array((rng.standard_normal(shape) * 0.6).astype(np.float32), name)
 
-    inits = [weight("w", d, rows, FEATS), weight("r", d, rows, HIDDEN)]
+    inits = [weight("w", d, rows, FEATS), weight("r", d, rows, hidden)]
     graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, BATCH, FEATS])]
     names = ["x", "w", "r_used" if computed_r else "r", "", "", "", "", ""]
     if bias:
@@ -39,24 +39,24 @@ def _model(op: str, direction: str = "forward", *, bias: bool = True, lens: str 
         graph_inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [BATCH]))
     names[4] = "lens" if lens else ""
     if initial:
-        inits.append(weight("h0", d, BATCH, HIDDEN))
+        inits.append(weight("h0", d, BATCH, hidden))
         names[5] = "h0"
         if op == "LSTM":
-            inits.append(weight("c0", d, BATCH, HIDDEN))
+            inits.append(weight("c0", d, BATCH, hidden))
             names[6] = "c0"
     if peepholes and op == "LSTM":
-        inits.append(weight("p", d, 3 * HIDDEN))
+        inits.append(weight("p", d, 3 * hidden))
         names[7] = "p"
     while not names[-1]:
         names.pop()
     outs = [o if o in outputs else "" for o in ("y", "y_h", "y_c")[:3 if op == "LSTM" else 2]]
     while not outs[-1]:
         outs.pop()
-    nodes = [helper.make_node(op, names, outs, name="rnn", hidden_size=HIDDEN, direction=direction, **attrs)]
+    nodes = [helper.make_node(op, names, outs, name="rnn", hidden_size=hidden, direction=direction, **attrs)]
     if computed_r:
         nodes.insert(0, helper.make_node("Mul", ["r", "scale"], ["r_used"], name="scale_r"))
         graph_inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]))
-    shapes = {"y": [seq, d, BATCH, HIDDEN], "y_h": [d, BATCH, HIDDEN], "y_c": [d, BATCH, HIDDEN]}
+    shapes = {"y": [seq, d, BATCH, hidden], "y_h": [d, BATCH, hidden], "y_c": [d, BATCH, hidden]}
     graph = helper.make_graph(nodes, "recurrent", graph_inputs,
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, shapes[o]) for o in outs if o],
                               initializer=inits)
@@ -105,10 +105,14 @@ FORMS = {
 @pytest.mark.parametrize("form", list(FORMS))
 def test_unrolled_layer_computes_what_onnx_runtime_computes(form: str, direction: str) -> None:
     op, kwargs = FORMS[form]
-    kwargs = dict(kwargs)
-    if "activations" in kwargs:
-        kwargs["activations"] = kwargs["activations"] * (2 if direction == "bidirectional" else 1)
-    _assert_unrolled_matches(_model(op, direction, **kwargs))
+    _assert_unrolled_matches(_model(op, direction, **_per_direction(kwargs, direction)))
+
+
+def _per_direction(kwargs: dict, direction: str) -> dict:
+    """`kwargs` with its activations (one direction's) given for each direction."""
+    if "activations" not in kwargs:
+        return kwargs
+    return {**kwargs, "activations": kwargs["activations"] * (2 if direction == "bidirectional" else 1)}
 
 
 @pytest.mark.parametrize("opset", [9, 11, 12])
@@ -148,41 +152,54 @@ def test_tvm_compiles_an_unrolled_layer_and_agrees_with_onnx_runtime(tmp_path) -
     assert ort.relative_error(ort.run(model, feeds), tvm_backend.run_library(lib, feeds, ["x"])) <= 1e-4
 
 
-FUSED_FORMS = {  # LSTMs the CPU targets run as one LSTMSteps kernel (lstm_steps.py)
-    "lstm": {"peepholes": False},
-    "lstm-no-optional-inputs": {"bias": False, "initial": False, "peepholes": False},
-    "lstm-final-state-only": {"peepholes": False, "outputs": ("y_h",)},
+FUSED_FORMS = {  # layers the CPU targets run as one Steps kernel (recurrent_steps.py)
+    "lstm": ("LSTM", {"peepholes": False}),
+    "lstm-no-optional-inputs": ("LSTM", {"bias": False, "initial": False, "peepholes": False}),
+    "lstm-final-state-only": ("LSTM", {"peepholes": False, "outputs": ("y_h",)}),
+    "lstm-wide": ("LSTM", {"peepholes": False, "hidden": 37}),  # 4H = 148: two 64-column passes and a tail of 20
+    "gru": ("GRU", {}),
+    "gru-linear-before-reset": ("GRU", {"linear_before_reset": 1}),
+    "gru-wide-no-optional-inputs": ("GRU", {"hidden": 37, "bias": False, "initial": False}),  # the h gate's tail
+    "gru-wide-linear-before-reset": ("GRU", {"hidden": 37, "linear_before_reset": 1, "outputs": ("y_h",)}),
+    "rnn": ("RNN", {}),
+    "rnn-relu-no-optional-inputs": ("RNN", {"activations": ["Relu"], "bias": False, "initial": False}),
+    "rnn-sigmoid-wide": ("RNN", {"activations": ["Sigmoid"], "hidden": 70}),
 }
 
 
-def test_only_the_lstm_form_the_kernel_runs_is_fused() -> None:
-    from prune_compile.backends.tvm import lstm_steps
+def _fused(model: onnx.ModelProto) -> list[str]:
+    from prune_compile.backends.tvm import recurrent_steps
 
-    def fused(model: onnx.ModelProto) -> list[str]:
-        return [n.op_type for n in unrolled_recurrences(model, fused_lstm=True).graph.node
-                if n.domain == lstm_steps.DOMAIN]
+    return [n.op_type for n in unrolled_recurrences(model, fused_steps=True).graph.node
+            if n.domain == recurrent_steps.DOMAIN]
 
-    for kwargs in FUSED_FORMS.values():
-        assert fused(_model("LSTM", "bidirectional", **kwargs)) == ["LSTMSteps"]
-    for kwargs in ({}, {"peepholes": False, "lens": "const"}, {"peepholes": False, "clip": 0.7},
-                   {"peepholes": False, "input_forget": 1},
-                   {"peepholes": False, "activations": ["Sigmoid", "Relu", "Tanh"]}):
-        assert fused(_model("LSTM", **kwargs)) == [], kwargs  # peepholes, lengths, clip, ...: unrolled
-    assert fused(_model("GRU")) == [] and fused(_model("RNN")) == []
-    assert not any(n.domain == lstm_steps.DOMAIN for n in unrolled_recurrences(_model("LSTM", peepholes=False))
-                   .graph.node)  # off unless asked (GPU targets)
+
+def test_only_the_forms_the_kernels_run_are_fused() -> None:
+    for op, kwargs in FUSED_FORMS.values():
+        assert _fused(_model(op, "bidirectional", **_per_direction(kwargs, "bidirectional"))) == [f"{op}Steps"]
+    for op, kwargs in (("LSTM", {}), ("LSTM", {"peepholes": False, "lens": "const"}),
+                       ("LSTM", {"peepholes": False, "clip": 0.7}), ("LSTM", {"peepholes": False, "input_forget": 1}),
+                       ("LSTM", {"peepholes": False, "activations": ["Sigmoid", "Relu", "Tanh"]}),
+                       ("GRU", {"lens": "input"}), ("GRU", {"clip": 0.5}), ("GRU", {"activations": ["Sigmoid", "Relu"]}),
+                       ("RNN", {"lens": "const"}), ("RNN", {"clip": 2.0}),
+                       ("RNN", {"activations": ["Tanh", "Relu"], "direction": "bidirectional"})):
+        direction = kwargs.pop("direction", "forward")
+        assert _fused(_model(op, direction, **kwargs)) == [], (op, kwargs)  # lengths, clip, ...: unrolled
+    assert not any(n.domain == "prune_compile.tvm" for n in unrolled_recurrences(_model("GRU")).graph.node
+                   )  # off unless asked (GPU targets)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
 @pytest.mark.parametrize("form", list(FUSED_FORMS))
-def test_tvm_runs_an_lstms_steps_as_one_kernel_and_agrees_with_onnx_runtime(form: str, direction: str,
+def test_tvm_runs_a_layers_steps_as_one_kernel_and_agrees_with_onnx_runtime(form: str, direction: str,
                                                                            tmp_path) -> None:
     from prune_compile.backends import tvm as tvm_backend
 
-    model = _model("LSTM", direction, **FUSED_FORMS[form])
-    lib = str(tmp_path / "lstm.so")
+    op, kwargs = FUSED_FORMS[form]
+    model = _model(op, direction, **_per_direction(kwargs, direction))
+    lib = str(tmp_path / "steps.so")
     tvm_backend.build(model, "cpu", lib)
-    assert "lstm_steps" in open(lib, "rb").read().decode("latin-1")  # the kernel, not the unrolled steps
+    assert f"{op.lower()}_steps" in open(lib, "rb").read().decode("latin-1")  # the kernel, not the unrolled steps
     feeds = _feeds(model)
     want, got = ort.run(model, feeds), tvm_backend.run_library(lib, feeds, ["x"])
     assert ort.relative_error(want, got) <= 1e-5

@@ -63,5 +63,41 @@ def torchvision_model(name: str, seed: int = 0) -> nn.Module:
     return randomize(getattr(torchvision.models, name)(weights=None, **kwargs), seed)
 
 
+class CRNN(nn.Module):
+    """A text-line recognizer's shape (PP-OCR's and EasyOCR's CRNN): five conv+BN+ReLU layers fold a 32-pixel-high
+    line of 800 into 100 frames of 256, two bidirectional recurrent layers (`cell`: LSTM or GRU) of 256 read them,
+    a classifier scores 97 symbols per frame. Output [100, 1, 97]."""
+
+    def __init__(self, cell: str = "LSTM") -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for cin, cout, stride in ((3, 32, 2), (32, 64, 2), (64, 128, (2, 1)), (128, 128, 2), (128, 256, (2, 1))):
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        self.rnn = getattr(nn, cell)(256, 256, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(512, 97)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = self.conv(x).squeeze(2).permute(2, 0, 1)  # [1, 256, 1, 100] -> [100, 1, 256]
+        y, _ = self.rnn(frames)
+        return self.fc(y)
+
+
+# models the benchmarks take by name besides torchvision's: (builder, input shape)
+BENCH_MODELS = {
+    "crnn": (lambda: CRNN("LSTM"), [1, 3, 32, 800]),
+    "crnn_gru": (lambda: CRNN("GRU"), [1, 3, 32, 800]),
+}
+
+
+def bench_model(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, list[int]]]:
+    """(module with seeded random weights, {"x": input shape}) for a torchvision name or one of BENCH_MODELS."""
+    if name not in BENCH_MODELS:
+        return torchvision_model(name, seed), {"x": [1, 3, 224, 224]}
+    build, shape = BENCH_MODELS[name]
+    torch.manual_seed(seed)
+    return randomize(build(), seed), {"x": shape}
+
+
 def example_input(size: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))

@@ -17,7 +17,8 @@ Rounds go on until `--rounds` are quiet for every engine and variant, at most 2x
 is the median of its quiet rounds' medians, `rounds_ms` every round's median.
 
 Run: .venv/bin/python tools/bench_latency.py resnet18 --ratio 0.5 --tune 2000 [--tune-db DIR] [--repeat 50]
-     MODEL is a torchvision name (random weights) or an .onnx file (then pass --input-shape for dynamic dims).
+     MODEL is a torchvision name or crnn / crnn_gru (tests/zoo.py; random weights), or an .onnx file (then pass
+     --input-shape for dynamic dims).
      A/B of built artifacts (e.g. two `--keep` directories): tools/bench_latency.py --compare A/pruned.folded.onnx
      A/pruned.tuned.so B/pruned.tuned.so --rounds 16 (each ratio to the first, within rounds); PATH@NAME=VALUE runs
      one with environment variables set (B/pruned.tuned.so@PRUNE_COMPILE_TVM_LAUNCHER=tvm: TVM's launcher)
@@ -41,6 +42,7 @@ from prune_compile.backends.fma_peak import measure as measure_fma_peak
 from prune_compile.backends.tvm.targets import CONV_LAYOUTS
 from prune_compile.passes.latency import quiet_indices, quiet_or_all
 
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # for tests/zoo.py
 # a round is quiet when its median is within this of the fastest round's (the module doc)
 ROUND_QUIET = 1.10
 
@@ -170,6 +172,7 @@ def worker(args: argparse.Namespace) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
+        sys.path.insert(0, REPO)  # a pickled module's class may be tests/zoo.py's (CRNN)
         module = torch.load(args.artifact, weights_only=False).eval()
         xs = [torch.from_numpy(feeds[k]) for k in json.loads(args.order)]
         with torch.inference_mode():
@@ -354,11 +357,11 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
     else:
         import torch
 
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-        from tests.zoo import torchvision_model
+        sys.path.insert(0, REPO)
+        from tests.zoo import bench_model
 
-        torch_module = torchvision_model(args.model)
-        loaded = load_model(torch_module, {"x": [1, 3, 224, 224]})
+        torch_module, shapes = bench_model(args.model)
+        loaded = load_model(torch_module, shapes)
         torch.save(torch_module, os.path.join(work, "unpruned.pt"))
     graph = loaded.graph
     deps = analyze(graph)

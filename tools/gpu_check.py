@@ -66,12 +66,13 @@ def _kernels(source: str) -> list[dict]:
 
 
 def _model_source(name: str):
-    """(what api.run takes, input shapes): the bundled model, or a torchvision architecture with seeded weights."""
+    """(what api.run takes, input shapes): the bundled model, or a torchvision architecture or tests/zoo.py bench
+    model (crnn, crnn_gru) with seeded weights."""
     if name == "demonet":
         return DEMO, None
-    from tests.zoo import torchvision_model
+    from tests.zoo import bench_model
 
-    return torchvision_model(name), {"x": [1, 3, 224, 224]}
+    return bench_model(name)
 
 
 def _build_libraries(directory: str, models: list[str], ratio: float, target: str, options) -> list[dict]:

@@ -24,7 +24,7 @@ from . import parallel_launcher
 from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
-from .lstm_steps import lstm_steps_frontend
+from .recurrent_steps import recurrent_steps_frontend
 from .pool_nchwc import register_schedule_rule as register_pool_rule
 from .recurrent_unroll import has_recurrences, unrolled_recurrences
 from .targets import (
@@ -99,10 +99,10 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
     tuned = tuning is not None and tuning.trials > 0
     if tuned:
         check_tunable(target, target_options)
-    if has_recurrences(model):  # the frontend has no LSTM, GRU or RNN (CPUs run an LSTM's steps as one kernel)
-        model = unrolled_recurrences(model, fused_lstm=tvm_target.kind.name == "llvm")
+    if has_recurrences(model):  # the frontend has no LSTM, GRU or RNN (CPUs run a layer's steps as one kernel)
+        model = unrolled_recurrences(model, fused_steps=tvm_target.kind.name == "llvm")
     try:
-        with lstm_steps_frontend():
+        with recurrent_steps_frontend():
             mod = from_onnx(model, keep_params_in_input=False)
     except Exception as e:
         raise BackendError(f"TVM's ONNX frontend rejected the model: {_last_line(e)}") from e

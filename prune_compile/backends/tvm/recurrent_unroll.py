@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from ...errors import BackendError
 from ...ir import onnx_io
 from ...ir.onnx_proto import FreshNames, default_opset
-from . import lstm_steps
+from . import recurrent_steps
 
 RECURRENT_OPS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
 _ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
@@ -35,13 +35,13 @@ def has_recurrences(model: onnx.ModelProto) -> bool:
     return any(n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
-def unrolled_recurrences(model: onnx.ModelProto, fused_lstm: bool = False) -> onnx.ModelProto:
-    """A copy of `model` whose recurrent nodes are unrolled into standard ops (see module doc). With `fused_lstm`
-    (CPU targets), the LSTMs lstm_steps.py can run keep their recurrence as one LSTMSteps node of that module's
-    domain, after the input projection as standard ops."""
+def unrolled_recurrences(model: onnx.ModelProto, fused_steps: bool = False) -> onnx.ModelProto:
+    """A copy of `model` whose recurrent nodes are unrolled into standard ops (see module doc). With `fused_steps`
+    (CPU targets), the layers recurrent_steps.py can run keep their recurrence as one LSTMSteps, GRUSteps or RNNSteps
+    node of that module's domain, after the input projection as standard ops."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    unroller = _Unroller(out, fused_lstm)
+    unroller = _Unroller(out, fused_steps)
     nodes = []
     for node in out.graph.node:
         if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
@@ -51,15 +51,15 @@ def unrolled_recurrences(model: onnx.ModelProto, fused_lstm: bool = False) -> on
     out.graph.ClearField("node")
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(unroller.consts)
-    if unroller.fused and not any(o.domain == lstm_steps.DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(lstm_steps.DOMAIN, 1))
+    if unroller.fused and not any(o.domain == recurrent_steps.DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(recurrent_steps.DOMAIN, 1))
     return out
 
 
 class _Unroller:
-    def __init__(self, model: onnx.ModelProto, fused_lstm: bool = False) -> None:
+    def __init__(self, model: onnx.ModelProto, fused_steps: bool = False) -> None:
         self.model = model
-        self.fused_lstm, self.fused = fused_lstm, 0
+        self.fused_steps, self.fused = fused_steps, 0
         self.fresh = FreshNames(model)
         self.consts: list[onnx.TensorProto] = []
         self.initializers = {t.name: t for t in model.graph.initializer}
@@ -144,8 +144,8 @@ class _Unroller:
         direction = attrs.get("direction", b"forward")
         direction = direction.decode() if isinstance(direction, bytes) else direction
         outs = [node.output[k] if k < len(node.output) else "" for k in range(3)]
-        if self.fused_lstm and node.op_type == "LSTM" and self._fusable(attrs, acts, p, lens, dtype):
-            return self._fused(node, attrs, w, r, b, directions, direction, batch, hidden, dtype, outs)
+        if self.fused_steps and self._fusable(node.op_type, attrs, acts, p, lens, dtype):
+            return self._fused(node, attrs, acts, w, r, b, direction, batch, hidden, dtype, outs)
         results = []  # per direction: (Y's steps in time order, final h, final c)
         for d in range(directions):
             reverse = _walks_backwards(direction, d)
@@ -168,26 +168,38 @@ class _Unroller:
         return self.nodes
 
     @staticmethod
-    def _fusable(attrs: dict, acts: list[list[str]], p, lens: str, dtype) -> bool:
-        """The form lstm_steps.py runs: float32, default gates, no peepholes, clip, input_forget or lengths."""
-        return (dtype == np.float32 and all(a == list(RECURRENT_OPS["LSTM"]) for a in acts) and p is None
-                and not lens and attrs.get("clip") is None and not attrs.get("input_forget", 0))
+    def _fusable(op: str, attrs: dict, acts: list[list[str]], p, lens: str, dtype) -> bool:
+        """The forms recurrent_steps.py runs: float32, no lengths or clip; LSTM and GRU with their default gates
+        (LSTM without peepholes or input_forget); RNN with one activation for all directions."""
+        if dtype != np.float32 or lens or attrs.get("clip") is not None:
+            return False
+        if op == "RNN":
+            return all(a == acts[0] for a in acts)
+        return (all(a == list(RECURRENT_OPS[op]) for a in acts) and p is None
+                and not (op == "LSTM" and attrs.get("input_forget", 0)))
 
-    def _fused(self, node, attrs, w, r, b, directions: int, direction: str, batch: int, hidden: int, dtype,
+    def _fused(self, node, attrs, acts, w, r, b, direction: str, batch: int, hidden: int, dtype,
                outs: list[str]) -> list[onnx.NodeProto]:
-        """The input projection per direction as standard ops, then one LSTMSteps node for the recurrence."""
-        gates = w.shape[1]  # an LSTM's bias is Wb + Rb (no gate keeps its R bias apart, as GRU's can)
-        projected = [self.unsqueeze(self.project(node.input[0], w[d], b[d, :gates] + b[d, gates:]), 0, "XW_direction")
+        """The input projection per direction as standard ops, then one Steps node for the recurrence."""
+        op, directions, gates = node.op_type, w.shape[0], w.shape[1]
+        # GRU keeps R's bias apart (linear_before_reset puts it inside the reset gate's product); the others sum it
+        xw_bias = b[:, :gates] if op == "GRU" else b[:, :gates] + b[:, gates:]
+        projected = [self.unsqueeze(self.project(node.input[0], w[d], xw_bias[d]), 0, "XW_direction")
                      for d in range(directions)]
-        xw = projected[0] if directions == 1 else self.op("Concat", projected, "XW", axis=0)
-        rt = self.const("R_T", np.ascontiguousarray(np.transpose(r, (0, 2, 1))))
-        states = [_input(node, k) or self.const("zeros", np.zeros((directions, batch, hidden), dtype))
-                  for k in (5, 6)]
-        reverse = [int(_walks_backwards(direction, d)) for d in range(directions)]
-        name = self.fresh(f"{self.prefix}/{lstm_steps.OP}")
-        outputs = [out or self.fresh(f"{name}_unused{k}") for k, out in enumerate(outs)]
-        self.nodes.append(helper.make_node(lstm_steps.OP, [xw, rt, *states], outputs, name=name,
-                                           domain=lstm_steps.DOMAIN, reverse=reverse))
+        inputs = [projected[0] if directions == 1 else self.op("Concat", projected, "XW", axis=0),
+                  self.const("R_T", np.ascontiguousarray(np.transpose(r, (0, 2, 1))))]
+        if op == "GRU":
+            inputs.append(self.const("Rb", np.ascontiguousarray(b[:, gates:]).reshape(directions, 1, 1, gates)))
+        inputs += [_input(node, k) or self.const("zeros", np.zeros((directions, batch, hidden), dtype))
+                   for k in ((5, 6) if op == "LSTM" else (5,))]
+        extra = {"linear_before_reset": int(attrs.get("linear_before_reset", 0))} if op == "GRU" else (
+            {"activation": acts[0][0]} if op == "RNN" else {})
+        name = self.fresh(f"{self.prefix}/{recurrent_steps.OPS[op]}")
+        outputs = [out or self.fresh(f"{name}_unused{k}") for k, out in enumerate(outs[:3 if op == "LSTM" else 2])]
+        self.nodes.append(helper.make_node(recurrent_steps.OPS[op], inputs, outputs, name=name,
+                                           domain=recurrent_steps.DOMAIN,
+                                           reverse=[int(_walks_backwards(direction, d)) for d in range(directions)],
+                                           **extra))
         self.fused += 1
         return self.nodes
 
