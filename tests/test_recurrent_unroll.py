@@ -180,13 +180,14 @@ def test_only_the_forms_the_kernels_run_are_fused() -> None:
     for op, kwargs in (("LSTM", {}), ("LSTM", {"peepholes": False, "lens": "const"}),
                        ("LSTM", {"peepholes": False, "clip": 0.7}), ("LSTM", {"peepholes": False, "input_forget": 1}),
                        ("LSTM", {"peepholes": False, "activations": ["Sigmoid", "Relu", "Tanh"]}),
-                       ("GRU", {"lens": "input"}), ("GRU", {"clip": 0.5}), ("GRU", {"activations": ["Sigmoid", "Relu"]}),
+                       ("GRU", {"lens": "input"}), ("GRU", {"clip": 0.5}),
+                       ("GRU", {"activations": ["Sigmoid", "Relu"]}),
                        ("RNN", {"lens": "const"}), ("RNN", {"clip": 2.0}),
                        ("RNN", {"activations": ["Tanh", "Relu"], "direction": "bidirectional"})):
         direction = kwargs.pop("direction", "forward")
         assert _fused(_model(op, direction, **kwargs)) == [], (op, kwargs)  # lengths, clip, ...: unrolled
-    assert not any(n.domain == "prune_compile.tvm" for n in unrolled_recurrences(_model("GRU")).graph.node
-                   )  # off unless asked (GPU targets)
+    unrolled = unrolled_recurrences(_model("GRU")).graph.node
+    assert not any(n.domain == "prune_compile.tvm" for n in unrolled)  # off unless asked (GPU targets)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])

@@ -24,8 +24,8 @@ from . import parallel_launcher
 from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
-from .recurrent_steps import recurrent_steps_frontend
 from .pool_nchwc import register_schedule_rule as register_pool_rule
+from .recurrent_steps import recurrent_steps_frontend
 from .recurrent_unroll import has_recurrences, unrolled_recurrences
 from .targets import (
     ARM_CROSS_COMPILER,
