@@ -5,15 +5,18 @@ whose dispatch and parallel launches cost more than their arithmetic: a CRNN wit
 pruning) ran 6.9 ms in tuned TVM against ONNX Runtime's 2.96 ms. Here one kernel loops over the steps, keeps each
 64-column block of the state's product with Rᵀ in vector registers while it walks the state (Rᵀ's rows stream from
 cache once per step), computes the gates with rational approximations that vectorize (libm's tanh and exp are scalar
-calls), and runs the directions on separate threads (`T.parallel`). The input projection X·Wᵀ + biases stays one
-MatMul of the whole sequence, outside (recurrent_unroll emits it).
+calls), and runs the directions on separate threads (`T.parallel`). Rᵀ is packed block by block (`packed_rt`), so
+a pass reads its block as one contiguous run: in Rᵀ's own layout each row of a block sits a row of 4H floats
+(4 KB at hidden 256) past the last, a new page each row, which the hardware prefetchers do not follow. The input
+projection X·Wᵀ + biases stays one MatMul of the whole sequence, outside (recurrent_unroll emits it).
 
 The ONNX side is one node per layer in domain `prune_compile.tvm`, in ONNX's own layouts (Y [T, D, B, H], states
 [D, B, H]) and gate orders (LSTM i, o, f, c; GRU z, r, h); attribute `reverse`, one flag per direction:
-- LSTMSteps(XW [D, T, B, 4H] with both biases, Rᵀ [D, H, 4H], h0, c0) -> Y, Y_h, Y_c. Gates Sigmoid, Tanh, Tanh.
-- GRUSteps(XW [D, T, B, 3H] with W's bias, Rᵀ [D, H, 3H], Rb [D, 1, 1, 3H], h0) -> Y, Y_h; `linear_before_reset`
-  as ONNX's GRU. Gates Sigmoid, Tanh.
-- RNNSteps(XW [D, T, B, H] with both biases, Rᵀ [D, H, H], h0) -> Y, Y_h; `activation` Tanh, Relu or Sigmoid.
+- LSTMSteps(XW [D, T, B, 4H] with both biases, Rᵀ packed [D, H·4H], h0, c0) -> Y, Y_h, Y_c. Gates Sigmoid, Tanh,
+  Tanh.
+- GRUSteps(XW [D, T, B, 3H] with W's bias, Rᵀ packed [D, H·3H], Rb [D, 1, 1, 3H], h0) -> Y, Y_h;
+  `linear_before_reset` as ONNX's GRU. Gates Sigmoid, Tanh.
+- RNNSteps(XW [D, T, B, H] with both biases, Rᵀ packed [D, H·H], h0) -> Y, Y_h; `activation` Tanh, Relu or Sigmoid.
 TVM's ONNX frontend has no hook for converters of ours, so `recurrent_steps_frontend()` adds them to its converter
 table while `from_onnx` runs. Forms with peepholes, clip, input_forget, sequence_lens or other activations unroll.
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+
+import numpy as np
 
 DOMAIN = "prune_compile.tvm"
 OPS = {"LSTM": "LSTMSteps", "GRU": "GRUSteps", "RNN": "RNNSteps"}
@@ -63,6 +68,31 @@ def _relu(x):
 ACTIVATIONS = {"Tanh": _tanh, "Sigmoid": _sigmoid, "Relu": _relu}
 
 
+def _segments(cell: str, hidden: int, linear_before_reset: int) -> list[tuple[int, int]]:
+    """(first column, columns) of Rᵀ each pass over the state covers: all gates at once, except a GRU whose reset
+    gate comes before R (its h gate multiplies r ⊙ h, known only after z and r)."""
+    if cell == "GRU" and not linear_before_reset:
+        return [(0, 2 * hidden), (2 * hidden, hidden)]
+    return [(0, GATES[cell] * hidden)]
+
+
+def _blocks(first: int, count: int) -> list[tuple[int, int]]:
+    """(first column, width) of the passes over `count` columns from `first`: BLOCK wide, then the tail."""
+    tail = count % BLOCK
+    return [(first + k * BLOCK, BLOCK) for k in range(count // BLOCK)] + [(first + count - tail, tail)] * (tail > 0)
+
+
+def packed_rt(r: np.ndarray, cell: str, linear_before_reset: int = 0) -> np.ndarray:
+    """ONNX's R [D, G, H] as the kernel reads it, [D, H·G]: each pass's block of Rᵀ (columns c .. c+w) holds its H
+    rows of w floats one after another, from H·c on."""
+    directions, gates, hidden = r.shape
+    out = np.empty((directions, hidden * gates), r.dtype)
+    for first, count in _segments(cell, hidden, linear_before_reset):
+        for c, w in _blocks(first, count):
+            out[:, hidden * c:hidden * (c + w)] = np.transpose(r[:, c:c + w, :], (0, 2, 1)).reshape(directions, -1)
+    return out
+
+
 def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, reverse: tuple[int, ...], *,
                linear_before_reset: int = 0, activation: str = "Tanh"):
     """The PrimFunc for one `cell` ("LSTM", "GRU", "RNN") of these static sizes, its buffers in the node's input and
@@ -78,15 +108,15 @@ def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, 
 
     @T.macro
     def columns(pre, init, ti, bi, state, rt, d, b, lo, count, width):
-        """pre[d, b, lo + c] = init[d, ti, bi, lo + c] + Σᵢ state[d, b, i]·rt[d, i, lo + c] for c < count, `width`
-        columns per pass (each pass reads the whole state)."""
+        """pre[d, b, lo + c] = init[d, ti, bi, lo + c] + Σᵢ state[d, b, i]·Rᵀ[i, lo + c] for c < count, `width`
+        columns per pass (each pass reads the whole state; rt is packed_rt's layout)."""
         for kb in range(count // width):
             acc = T.alloc_buffer((width,), "float32", scope="local")
             for k in T.vectorized(width):
                 acc[k] = init[d, ti, bi, lo + kb * width + k]
             for i in range(H):
                 for k in T.vectorized(width):
-                    acc[k] = acc[k] + state[d, b, i] * rt[d, i, lo + kb * width + k]
+                    acc[k] = acc[k] + state[d, b, i] * rt[d, H * (lo + kb * width) + i * width + k]
             for k in T.vectorized(width):
                 pre[d, b, lo + kb * width + k] = acc[k]
 
@@ -102,7 +132,7 @@ def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, 
 
     if cell == "LSTM":
         @T.prim_func(private=True)
-        def lstm_steps(xw: T.Buffer((D, S, B, G), "float32"), rt: T.Buffer((D, H, G), "float32"),
+        def lstm_steps(xw: T.Buffer((D, S, B, G), "float32"), rt: T.Buffer((D, H * G), "float32"),
                        h0: T.Buffer((D, B, H), "float32"), c0: T.Buffer((D, B, H), "float32"),
                        y: T.Buffer((S, D, B, H), "float32"), y_h: T.Buffer((D, B, H), "float32"),
                        y_c: T.Buffer((D, B, H), "float32")):
@@ -127,7 +157,7 @@ def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, 
 
     if cell == "GRU":
         @T.prim_func(private=True)
-        def gru_steps(xw: T.Buffer((D, S, B, G), "float32"), rt: T.Buffer((D, H, G), "float32"),
+        def gru_steps(xw: T.Buffer((D, S, B, G), "float32"), rt: T.Buffer((D, H * G), "float32"),
                       rb: T.Buffer((D, 1, 1, G), "float32"), h0: T.Buffer((D, B, H), "float32"),
                       y: T.Buffer((S, D, B, H), "float32"), y_h: T.Buffer((D, B, H), "float32")):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
@@ -160,7 +190,7 @@ def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, 
         return gru_steps
 
     @T.prim_func(private=True)
-    def rnn_steps(xw: T.Buffer((D, S, B, G), "float32"), rt: T.Buffer((D, H, G), "float32"),
+    def rnn_steps(xw: T.Buffer((D, S, B, G), "float32"), rt: T.Buffer((D, H * G), "float32"),
                   h0: T.Buffer((D, B, H), "float32"),
                   y: T.Buffer((S, D, B, H), "float32"), y_h: T.Buffer((D, B, H), "float32")):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})

@@ -187,7 +187,7 @@ class _Unroller:
         projected = [self.unsqueeze(self.project(node.input[0], w[d], xw_bias[d]), 0, "XW_direction")
                      for d in range(directions)]
         inputs = [projected[0] if directions == 1 else self.op("Concat", projected, "XW", axis=0),
-                  self.const("R_T", np.ascontiguousarray(np.transpose(r, (0, 2, 1))))]
+                  self.const("R_T", recurrent_steps.packed_rt(r, op, attrs.get("linear_before_reset", 0)))]
         if op == "GRU":
             inputs.append(self.const("Rb", np.ascontiguousarray(b[:, gates:]).reshape(directions, 1, 1, gates)))
         inputs += [_input(node, k) or self.const("zeros", np.zeros((directions, batch, hidden), dtype))
