@@ -148,6 +148,24 @@ def test_bench_latency_compare_times_built_artifacts_against_the_first(tmp_path)
     assert "error" not in ok and "error" in broken, (ok, broken)
 
 
+def test_bench_latency_times_a_zoo_models_torch_module(tmp_path) -> None:
+    """A pickled tests/zoo.py module (the CRNN bench models) loads in the torch worker, whose script's directory is
+    tools/: its class must be found there too."""
+    import torch
+
+    from .zoo import bench_model
+
+    module, shapes = bench_model("crnn_gru")
+    torch.save(module, tmp_path / "crnn_gru.pt")
+    np.savez(tmp_path / "feeds.npz", x=np.zeros(shapes["x"], np.float32))
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency.py"), "--compare",
+                           str(tmp_path / "crnn_gru.pt"), "--repeat", "2", "--rounds", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (measured,) = json.loads(proc.stdout)["artifacts"]
+    assert measured["engine"] == "torch" and "error" not in measured and measured["median_ms"] > 0, measured
+
+
 def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:
     """The uniform plan of "equal latency" is picked from interleaved re-measurements, not from a single bisection
     timing; fractions are medians of per-round ratios; the interpolated MACs lie on the re-measured curve."""

@@ -204,3 +204,21 @@ def test_tvm_runs_a_layers_steps_as_one_kernel_and_agrees_with_onnx_runtime(form
     feeds = _feeds(model)
     want, got = ort.run(model, feeds), tvm_backend.run_library(lib, feeds, ["x"])
     assert ort.relative_error(want, got) <= 1e-5
+
+
+def test_tuning_leaves_the_hand_scheduled_kernel_alone(tmp_path) -> None:
+    """MetaSchedule would take the steps kernel as a task and spend its large share of the FLOPs on re-sampling its
+    one schedule (and a rebuild in which it was the only new task failed: "no valid candidate"). Its trials go to
+    the tunable kernels; the tuned library still runs the kernel and agrees with ONNX Runtime."""
+    from prune_compile.backends import tvm as tvm_backend
+
+    model = _model("GRU", "bidirectional", hidden=37)
+    lib = str(tmp_path / "gru.so")
+    result = tvm_backend.build(model, "cpu", lib, tuning=tvm_backend.TuningOptions(trials=16,
+                                                                                  database=str(tmp_path / "db")))
+    tasks = [t["task"] for t in result.tuning["per_task"]]
+    assert tasks and not any("steps" in t for t in tasks), tasks
+    assert result.tuning["trials_valid"] >= 1
+    assert "gru_steps" in open(lib, "rb").read().decode("latin-1")
+    feeds = _feeds(model)
+    assert ort.relative_error(ort.run(model, feeds), tvm_backend.run_library(lib, feeds, ["x"])) <= 1e-5

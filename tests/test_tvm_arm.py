@@ -75,3 +75,21 @@ def test_arm_tuning_measures_on_an_aarch64_board_over_rpc(tmp_path, arm_sysroot:
     x = np.random.default_rng(6).standard_normal((1, 3, 64, 64)).astype(np.float32)
     arm_out = _run_under_qemu(tmp_path, arm_sysroot, str(out / "model.arm.so"), x)
     assert ort.relative_error(ort.run(str(out / "model.pruned.onnx"), {"image": x}), [arm_out]) <= 1e-4
+
+
+@pytest.mark.big
+@pytest.mark.parametrize("op, kwargs", [("LSTM", {"peepholes": False, "hidden": 37}),
+                                        ("GRU", {"hidden": 37}), ("RNN", {"activations": ["Relu", "Relu"]})])
+def test_recurrent_steps_kernel_cross_compiled_for_arm_agrees_with_onnx_runtime(tmp_path, arm_sysroot: str, op: str,
+                                                                                kwargs: dict) -> None:
+    """The one-kernel recurrence (recurrent_steps.py) on aarch64: 64-column passes of NEON registers and a tail,
+    directions on two threads."""
+    from .test_recurrent_unroll import _feeds, _model
+
+    model = _model(op, "bidirectional", outputs=("y",), **kwargs)  # (the runner saves one output)
+    library = str(tmp_path / "steps.arm.so")
+    tvm_backend.build(model, "arm", library)
+    assert f"{op.lower()}_steps".encode() in open(library, "rb").read()  # the kernel, not the unrolled steps
+    x = _feeds(model)["x"]
+    arm_out = _run_under_qemu(tmp_path, arm_sysroot, library, x)
+    assert ort.relative_error(ort.run(model, {"x": x}), [arm_out]) <= 1e-5

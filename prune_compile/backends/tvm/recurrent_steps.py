@@ -137,7 +137,7 @@ def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, 
                        y: T.Buffer((S, D, B, H), "float32"), y_h: T.Buffer((D, B, H), "float32"),
                        y_c: T.Buffer((D, B, H), "float32")):
             # scheduled by hand: MetaSchedule and the default schedules leave it alone
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             pre = T.alloc_buffer((D, B, G), "float32")
             for d in T.parallel(D):
                 for b, j in T.grid(B, H):  # y_h and y_c hold the state as it goes
@@ -160,7 +160,7 @@ def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, 
         def gru_steps(xw: T.Buffer((D, S, B, G), "float32"), rt: T.Buffer((D, H * G), "float32"),
                       rb: T.Buffer((D, 1, 1, G), "float32"), h0: T.Buffer((D, B, H), "float32"),
                       y: T.Buffer((S, D, B, H), "float32"), y_h: T.Buffer((D, B, H), "float32")):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             pre = T.alloc_buffer((D, B, G), "float32")
             reset = T.alloc_buffer((D, B, H), "float32")  # r ⊙ h, where the reset gate comes before R
             for d in T.parallel(D):
@@ -193,7 +193,7 @@ def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, 
     def rnn_steps(xw: T.Buffer((D, S, B, G), "float32"), rt: T.Buffer((D, H * G), "float32"),
                   h0: T.Buffer((D, B, H), "float32"),
                   y: T.Buffer((S, D, B, H), "float32"), y_h: T.Buffer((D, B, H), "float32")):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         pre = T.alloc_buffer((D, B, G), "float32")
         for d in T.parallel(D):
             for b, j in T.grid(B, H):

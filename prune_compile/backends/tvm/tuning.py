@@ -342,6 +342,14 @@ def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
     return _WORKERS[key]
 
 
+def hand_scheduled(task) -> bool:
+    """Whether the task's kernel is scheduled by hand (`tirx.is_scheduled`: recurrent_steps.py). It has one schedule,
+    so a search has nothing to choose; MetaSchedule would still take it (it checks the module's attributes, not the
+    function's) and spend the kernel's share of the FLOPs round re-sampling that one candidate."""
+    return any(f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
+               for f in task.dispatched[0].functions.values())
+
+
 def first_round(weights: list[float], total: int, already: list[int],
                 always: frozenset[int] | set[int] = frozenset()) -> tuple[list[int], int]:
     """The FLOPs round and what it leaves for the measured round: (trials each task runs now, trials left).
@@ -389,7 +397,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
     threads = measuring_threads(target, options.rpc)
     directory = database_dir(root, target_name, str(target), threads)
     report = options.progress or (lambda *_args, **_kw: None)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not hand_scheduled(t)]
     keys = [task_key(t) for t in tasks]
     weights = [max(float(estimate_tir_flops(t.dispatched[0])), 1.0) * int(t.weight) for t in tasks]
     heavy = {i for i, t in enumerate(tasks) if always_tuned(t.task_name)}
