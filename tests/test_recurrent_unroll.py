@@ -24,10 +24,11 @@ def _model(op: str, direction: str = "forward", *, bias: bool = True, lens: str 
     d = 2 if direction == "bidirectional" else 1
     rows = GATES[op] * hidden
 
-    def weight(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array((rng.standard_normal(shape) * 0.6).astype(np.float32), name)
+    def weight(name: str, *shape: int, scale: float = 0.6) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
-    inits = [weight("w", d, rows, FEATS), weight("r", d, rows, hidden)]
+    # R scaled as 1/sqrt(hidden): wide layers' gates stay off saturation, where they would hide a wrong state
+    inits = [weight("w", d, rows, FEATS), weight("r", d, rows, hidden, scale=0.6 * (HIDDEN / hidden) ** 0.5)]
     graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, BATCH, FEATS])]
     names = ["x", "w", "r_used" if computed_r else "r", "", "", "", "", ""]
     if bias:

@@ -136,7 +136,7 @@ def steps_func(cell: str, directions: int, steps: int, batch: int, hidden: int, 
                        h0: T.Buffer((D, B, H), "float32"), c0: T.Buffer((D, B, H), "float32"),
                        y: T.Buffer((S, D, B, H), "float32"), y_h: T.Buffer((D, B, H), "float32"),
                        y_c: T.Buffer((D, B, H), "float32")):
-            # scheduled by hand: MetaSchedule and the default schedules leave it alone
+            # scheduled by hand: the default schedules leave it alone, and tuning drops it (tuning.hand_scheduled)
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             pre = T.alloc_buffer((D, B, G), "float32")
             for d in T.parallel(D):
