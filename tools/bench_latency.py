@@ -3,7 +3,8 @@ distorts whatever else runs in the same process). Prints JSON with the MACs, the
 matter: speedup ÷ MACs ratio per engine, and TVM ÷ ONNX Runtime.
 
 Engines: ONNX Runtime, TVM default pipeline (untuned), TVM MetaSchedule-tuned (with --tune N trials; the database
-is reused, so a rerun measures without re-tuning), eager PyTorch (unpruned only, until torch surgery lands).
+is reused, so a rerun measures without re-tuning), eager PyTorch (for a torchvision or zoo model: the pruned module is
+the plan applied by torch surgery).
 All engines use the same thread count (--threads, default: all cores).
 
 Timing runs in --rounds interleaved rounds (every engine and variant once per round, each in a fresh process), after
