@@ -1,6 +1,7 @@
 """Build an ONNX model (the pruned output) with TVM Relax for a target preset and export a shared library.
 
-Pipeline: recurrent layers unrolled (recurrent_unroll) → Relax ONNX frontend (weights bound as constants) → for
+Pipeline: recurrent layers unrolled (recurrent_unroll) → Relax ONNX frontend (weights bound as constants) → layouts
+(conv_nchwc) → on CPUs, exp / tanh / erf and their activations as vectorizable arithmetic (vector_math) → for
 tuned builds: DecomposeOpsForInference, CanonicalizeBindings, the zero pipeline (legalize, fold, fuse),
 MetaSchedule, apply the database → `tvm.compile` (default pipeline; for CUDA it schedules whatever is left with
 dlight) → `export_library`. `arm` links with the
@@ -39,6 +40,7 @@ from .targets import (
 )
 from .threads import ensure_thread_pool
 from .tuning import TuningOptions, tune
+from .vector_math import vectorized_math
 
 
 @dataclass
@@ -120,6 +122,8 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
             mod = convert_layout(mod, lanes)
             register_schedule_rule()
             register_pool_rule()
+        if tvm_target.kind.name == "llvm":
+            mod = vectorized_math(mod)  # else exp, tanh, erf are a libm call per vector lane
         if tuned:
             passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
             if lanes:
