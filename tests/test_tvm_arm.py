@@ -93,3 +93,18 @@ def test_recurrent_steps_kernel_cross_compiled_for_arm_agrees_with_onnx_runtime(
     x = _feeds(model)["x"]
     arm_out = _run_under_qemu(tmp_path, arm_sysroot, library, x)
     assert ort.relative_error(ort.run(model, {"x": x}), [arm_out]) <= 1e-5
+
+
+@pytest.mark.big
+def test_vector_math_cross_compiled_for_arm_agrees_with_onnx_runtime(tmp_path, arm_sysroot: str) -> None:
+    """exp, tanh and erf as vector arithmetic (vector_math.py) in NEON registers, libm's scalar functions unused."""
+    from .test_tvm_vector_math import chained_model
+
+    model = chained_model(["SiLU", "Tanh", "GELU via Erf", "Softmax over channels"], [1, 8, 12, 20],
+                          conv_channels=32, scale=8.0)
+    library = str(tmp_path / "activations.arm.so")
+    tvm_backend.build(model, "arm", library)
+    assert not any(f"\0{name}\0".encode() in open(library, "rb").read() for name in ("expf", "tanhf", "erff"))
+    x = np.random.default_rng(6).standard_normal((1, 8, 12, 20)).astype(np.float32)
+    arm_out = _run_under_qemu(tmp_path, arm_sysroot, library, x)
+    assert ort.relative_error(ort.run(model, {"input": x}), [arm_out]) <= 1e-4

@@ -98,19 +98,25 @@ def _libm_calls(executable) -> set[str]:
     return found
 
 
-def test_no_libm_call_per_vector_lane_is_left() -> None:
+def chained_model(names: list[str], shape, conv_channels: int = 0, scale: float = 1.0):
+    """The activations `names` one after the other (each one's input the previous one's output), behind a conv as
+    in `_model`."""
+    constants = {c.name for c in CONSTANTS}
     nodes = []
-    for i, name in enumerate(sorted(ACTIVATIONS)):  # chained: each activation's input is the previous one's output
+    for i, name in enumerate(names):
         rename = {"x": "x" if i == 0 else f"y{i - 1}", "y": f"y{i}"}
         for n in ACTIVATIONS[name]:
-            node = helper.make_node(n.op_type, [rename.get(v, f"{v}{i}" if v not in ("inv_sqrt2", "one", "half")
-                                                           else v) for v in n.input],
+            node = helper.make_node(n.op_type, [rename.get(v, v if v in constants else f"{v}{i}") for v in n.input],
                                     [rename.get(v, f"{v}{i}") for v in n.output])
             node.attribute.extend(n.attribute)
             nodes.append(node)
-    nodes.append(helper.make_node("Identity", [f"y{len(ACTIVATIONS) - 1}"], ["y"]))
-    executable = tvm_backend.compile_model(_model(nodes, [1, 16, 8, 8], conv_channels=16), "cpu")[0]
-    assert _libm_calls(executable) == set()
+    nodes.append(helper.make_node("Identity", [f"y{len(names) - 1}"], ["y"]))
+    return _model(nodes, shape, conv_channels, scale)
+
+
+def test_no_libm_call_per_vector_lane_is_left() -> None:
+    model = chained_model(sorted(ACTIVATIONS), [1, 16, 8, 8], conv_channels=16)
+    assert _libm_calls(tvm_backend.compile_model(model, "cpu")[0]) == set()
 
 
 @pytest.mark.parametrize("name", ["SiLU", "GELU via Erf", "Softmax over channels"])
