@@ -28,6 +28,7 @@ from .conv_nchwc import legalize as legalize_nchwc
 from .pool_nchwc import register_schedule_rule as register_pool_rule
 from .recurrent_steps import recurrent_steps_frontend
 from .recurrent_unroll import has_recurrences, unrolled_recurrences
+from .stack_ops import stacks_as_concats
 from .targets import (
     ARM_CROSS_COMPILER,
     DEFAULT_OPTIONS,
@@ -86,6 +87,20 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
     return executable, tvm_target, pipeline, summary
 
 
+def converted_layouts(mod, layout: str, lanes: int):
+    """The convolutions of `mod` in `layout` (NCHW, NHWC, or NCHWc in blocks of up to `lanes` channels), the ops
+    around them rewritten first so that the conversion follows through them and cannot fail on them."""
+    from tvm import relax
+
+    if layout == "NCHW" or layout == "NCHWc" and not lanes:
+        return mod
+    mod = clips_as_min_max(mod)  # else each clip stays NCHW between two layout transforms
+    mod = stacks_as_concats(mod)  # else the conversion fails after a stack
+    if layout == "NHWC":
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    return convert_layout(mod, lanes)
+
+
 def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = DEFAULT_OPTIONS,
                 tuning: TuningOptions | None = None):
     """Import, change layouts and (with a budget) tune, up to the code generation `compile_model` adds.
@@ -113,13 +128,10 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
     layout = resolve_conv_layout(target_options.conv_layout, target, tuned)
     lanes = vector_lanes(tvm_target) if layout == "NCHWc" else 0  # 0 on GPUs: they keep NCHW
     try:
-        if layout == "NHWC" or lanes:
-            mod = clips_as_min_max(mod)  # else each clip stays NCHW between two layout transforms
+        mod = converted_layouts(mod, layout, lanes)
         if layout == "NHWC":
-            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
             pipeline = "NHWC, default (untuned)"
         if lanes:
-            mod = convert_layout(mod, lanes)
             register_schedule_rule()
             register_pool_rule()
         if tvm_target.kind.name == "llvm":

@@ -103,22 +103,37 @@ def conv_layouts(call, lanes: int) -> dict[str, list[str]]:
     return keep
 
 
+def _block(layout: str) -> int:
+    """The channel block of a data layout ("NCHW16c": 16, "NCHW": 0)."""
+    return int(layout[4:-1]) if layout.endswith("c") else 0
+
+
 def output_block(call, lanes: int) -> int:
     """The channel block of a conv2d call's output after `convert_layout` (0: it stays NCHW)."""
     layouts = conv_layouts(call, lanes)["relax.nn.conv2d"]
-    return int(layouts[2][4:-1]) if len(layouts) == 3 else 0
+    return _block(layouts[2]) if len(layouts) == 3 else 0
+
+
+def data_block(call, lanes: int) -> int:
+    """The channel block a conv2d call reads its input in after `convert_layout` (0: NCHW)."""
+    return _block(conv_layouts(call, lanes)["relax.nn.conv2d"][0])
 
 
 def convert_layout(mod, lanes: int):
-    """Blocked layouts for the dense convolutions of `mod` (see module doc); returns the new module. Channel
-    concats and splits are guarded first: TVM's layout inference gets them wrong in blocked layouts."""
+    """Blocked layouts for the dense convolutions of `mod` (see module doc); returns the new module. Ops TVM's
+    layout inference gets wrong in blocked layouts are guarded first (`layout_guard`)."""
     from tvm import relax
 
-    from .channel_concat import guard_channel_concat_split
+    from .layout_guard import guarded_for_blocked_layouts, transpose_layouts
 
-    mod = guard_channel_concat_split(mod, lambda call: output_block(call, lanes))
-    return relax.transform.ConvertLayout({}, layout_cb=lambda call: conv_layouts(call, lanes)
-                                         if call.op.name == "relax.nn.conv2d" else {})(mod)
+    def layouts(call) -> dict[str, list[str]]:
+        if call.op.name == "relax.nn.conv2d":
+            return conv_layouts(call, lanes)
+        return transpose_layouts(call) if call.op.name == "relax.nn.conv2d_transpose" else {}
+
+    mod = guarded_for_blocked_layouts(mod, lambda call: output_block(call, lanes),
+                                      lambda call: data_block(call, lanes))
+    return relax.transform.ConvertLayout({}, layout_cb=layouts)(mod)
 
 
 def _window(data, kernel, strides, padding, dilation):
