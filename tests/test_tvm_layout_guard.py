@@ -91,6 +91,11 @@ CONSUMERS = {
     "Mul by a channel mean (attention)": ([_node("ReduceMean", ["c", "ax1"], "m", keepdims=1),
                                            _node("Mul", ["c", "m"])], [CHANNELS]),
     "Mul by a per-channel scale (C,1,1)": ([_node("Mul", ["c", "sc"])], [_const("sc", _floats(C, 1, 1))]),
+    "Mul by a one-element scale (1,) (PP-LCNetV3)": ([_node("Mul", ["one", "c"], "m"), _node("Add", ["m", "one4"], "a"),
+                                                     _node("Conv", ["a", "w3"])],
+                                                    [_const("one", np.array([1.5], np.float32)),
+                                                     _const("one4", np.full((1, 1, 1, 1), 0.25, np.float32)),
+                                                     _const("w3", _floats(C, C, 1, 1))]),
     "Add a row vector (W,)": ([_node("Add", ["c", "row"])], [_const("row", _floats(8))]),
     "Squeeze-excitation": ([_node("GlobalAveragePool", ["c"], "g"), _node("Conv", ["g", "w2"], "e"),
                             _node("HardSigmoid", ["e"], "h"), _node("Mul", ["c", "h"])],
@@ -170,6 +175,30 @@ def test_blocked_conv_output_into_any_op_agrees_with_onnx_runtime(consumer: str)
     expected, actual, mod = blocked_outputs(model, 16)
     assert _blocked(mod)
     assert ort.relative_error(expected[:1], actual[:1]) <= RTOL
+
+
+def _runtime_layout_transforms(mod) -> int:
+    """Layout transforms of computed tensors (the weights' are folded at build time)."""
+    import tvm
+    from tvm import relax
+
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(
+        isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.layout_transform"
+        and not isinstance(e.args[0], tvm.ir.GenericConst)))
+    return sum(found)
+
+
+@pytest.mark.parametrize("consumer", ["HardSwish", "Squeeze-excitation", "Mul by a per-channel scale (C,1,1)",
+                                      "Mul by a one-element scale (1,) (PP-LCNetV3)", "GlobalAveragePool"])
+def test_ops_that_carry_blocked_layouts_add_no_layout_transform(consumer: str) -> None:
+    """One transform into the first conv's blocks and one out of them at the model's output, none between."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from prune_compile.backends.tvm.build import converted_layouts
+
+    mod = converted_layouts(from_onnx(consumer_model(*CONSUMERS[consumer]), keep_params_in_input=False), "NCHWc", 16)
+    assert _runtime_layout_transforms(mod) == 2
 
 
 @pytest.mark.parametrize("lanes", [8, 16])

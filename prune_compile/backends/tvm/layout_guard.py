@@ -94,7 +94,12 @@ def _per_channel(expr, channels: int) -> bool:
     if shape is None or len(shape) > 4:
         return False
     padded = (1,) * (4 - len(shape)) + shape
-    return padded[1] == channels or all(d == 1 for d in shape)
+    return padded[1] == channels or _one_element(expr)
+
+
+def _one_element(expr) -> bool:
+    shape = _shape(expr)
+    return shape is not None and all(d == 1 for d in shape)
 
 
 def _spatial(call) -> bool:
@@ -164,6 +169,8 @@ def _make_rewriter(output_block: Callable[[object], int], input_block: Callable[
                 if want == 0 or arriving in (0, want):
                     return call
                 return relax.Call(call.op, [self._barrier(call.args[0]), *call.args[1:]], call.attrs)
+            if name in BINARY and _channels(call) is not None:
+                call = self._scalar_operands(call)
             if name == "relax.strided_slice" or call.op.get_attr("FRelaxInferLayout") is None:
                 return call  # TVM runs these in NCHW whatever arrives
             if self._follows(call):
@@ -171,6 +178,18 @@ def _make_rewriter(output_block: Callable[[object], int], input_block: Callable[
                 if len(blocks) <= 1 and UNKNOWN not in blocks:
                     return call
             return self._barred(call)
+
+        def _scalar_operands(self, call):
+            """`call` with its one-element operands (a learnable scale of shape (1,)) as 0-d tensors: TVM's rule for
+            elementwise ops follows a blocked operand only past 0-d ones; a (1,) scale took PP-LCNetV3's blocks (every
+            PP-OCRv4/v5 model) back to NCHW and forth twice per conv."""
+            if all(_one_element(a) for a in call.args):
+                return call  # the output is one element too
+            args = [self.builder_.emit(relax.op.reshape(a, ())) if isinstance(a.ty, relax.TensorType)
+                    and 0 < a.ty.ndim <= 4 and _one_element(a) else a for a in call.args]
+            if all(a.same_as(b) for a, b in zip(args, call.args, strict=True)):
+                return call
+            return self.builder_.normalize(relax.Call(call.op, args, call.attrs, call.ty_args))
 
         def _barrier(self, expr):
             return self.builder_.emit(relax.op.strided_slice(expr, axes=[1], begin=[0], end=[_channels(expr)]))
