@@ -20,7 +20,7 @@ to carry a blocked layout correctly (elementwise ops whose operands are the outp
 element; pools; reductions over rows and columns keeping dims; channel concats of one block). Every other op, and a
 conv whose input arrives in another block than `input_block(conv call)` expects, gets its blocked inputs through a
 barrier: it fails closed into NCHW, at the cost of one layout transform, instead of into a compiler error or a wrong
-result. `tests/test_tvm_layout_guard.py` checks 46 kinds of consumer against ONNX Runtime.
+result. `tests/test_tvm_layout_guard.py` checks 47 kinds of consumer against ONNX Runtime.
 - a split along the channels of a 4-d tensor becomes one `strided_slice` per part (right for any split point);
 - a channel concat stays blocked when all its inputs arrive in the same block (DenseNet), else takes them in NCHW;
 - conv2d_transpose keeps NCHW through `transpose_layouts`, ConvertLayout's callback.
@@ -183,8 +183,9 @@ def _make_rewriter(output_block: Callable[[object], int], input_block: Callable[
             """`call` with its one-element operands (a learnable scale of shape (1,)) as 0-d tensors: TVM's rule for
             elementwise ops follows a blocked operand only past 0-d ones; a (1,) scale took PP-LCNetV3's blocks (every
             PP-OCRv4/v5 model) back to NCHW and forth twice per conv."""
-            if all(_one_element(a) for a in call.args):
-                return call  # the output is one element too
+            if not any(isinstance(a.ty, relax.TensorType) and a.ty.ndim == 4 and not _one_element(a)
+                       for a in call.args):
+                return call  # no other operand has the output's rank: a 0-d operand would change it
             args = [self.builder_.emit(relax.op.reshape(a, ())) if isinstance(a.ty, relax.TensorType)
                     and 0 < a.ty.ndim <= 4 and _one_element(a) else a for a in call.args]
             if all(a.same_as(b) for a, b in zip(args, call.args, strict=True)):
