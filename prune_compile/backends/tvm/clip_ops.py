@@ -16,17 +16,14 @@ into `R.maximum` / `R.minimum`. The same arithmetic, so results are bit-identica
 
 from __future__ import annotations
 
+from .relax_rewrite import rewritten_functions
+
 
 def clips_as_min_max(mod):
     """A copy of `mod` with its clips as Relax maximum/minimum ops (see module doc)."""
     from tvm import relax
 
-    rewriter = _make_rewriter(mod)
-    out = mod.clone()
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gvar] = rewriter.visit_expr(func)
-    return relax.transform.DeadCodeElimination()(out)
+    return relax.transform.DeadCodeElimination()(rewritten_functions(mod, _make_rewriter(mod)))
 
 
 def _reference(kind: str, shape, dtype: str):

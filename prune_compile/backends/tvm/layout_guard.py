@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .relax_rewrite import rewritten_functions
+
 UNARY = frozenset({
     "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu", "relax.nn.gelu_tanh",
     "relax.exp", "relax.log", "relax.negative", "relax.erf", "relax.sqrt", "relax.abs"})
@@ -45,11 +47,7 @@ def guarded_for_blocked_layouts(mod, output_block: Callable[[object], int], inpu
     from tvm import relax
 
     rewriter = _make_rewriter(output_block, input_block)
-    out = mod.clone()
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gvar] = rewriter.visit_expr(func)
-    return relax.transform.DeadCodeElimination()(out)
+    return relax.transform.DeadCodeElimination()(rewritten_functions(mod, rewriter))
 
 
 def transpose_layouts(call) -> dict[str, list[str]]:
@@ -234,9 +232,6 @@ def _make_rewriter(output_block: Callable[[object], int], input_block: Callable[
             blocks = {self.block(f) for f in fields}
             if len(blocks) == 1 and UNKNOWN not in blocks:
                 return call  # every input arrives in the same layout: TVM concatenates blocks right
-            if any(_channels(f) is None for f in fields):
-                return call
-            return relax.op.concat([self._barrier(f) if self.block(f) != 0 else f for f in fields],
-                                   axis=call.attrs.axis)
+            return self._barred(call)
 
     return Rewriter()

@@ -10,6 +10,8 @@ the same values, with rules that follow any layout.
 
 from __future__ import annotations
 
+from .relax_rewrite import rewritten_functions
+
 
 def stacks_as_concats(mod):
     """A copy of `mod` without `relax.stack` (see module doc)."""
@@ -32,9 +34,4 @@ def stacks_as_concats(mod):
             expanded = [self.builder_.emit(relax.op.expand_dims(f, axis)) for f in fields]
             return relax.op.concat(expanded, axis=axis)
 
-    rewriter = Rewriter()
-    out = mod.clone()
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gvar] = rewriter.visit_expr(func)
-    return out
+    return rewritten_functions(mod, Rewriter())
