@@ -76,6 +76,22 @@ CONSUMERS = {
     "Pow": ([_node("Pow", ["c", "two"])], [_const("two", np.array(2.0, np.float32))]),
     "Resize (linear)": ([_node("Resize", ["c", "", "sc"], mode="linear")], [SCALES]),
     "Resize (nearest)": ([_node("Resize", ["c", "", "sc"], mode="nearest")], [SCALES]),
+    "Resize (nearest, asymmetric, floor: Paddle's upsampling)": (
+        [_node("Resize", ["c", "", "sc"], mode="nearest", coordinate_transformation_mode="asymmetric",
+               nearest_mode="floor")], [SCALES]),
+    "Resize (linear, align corners)": ([_node("Resize", ["c", "", "sc"], mode="linear",
+                                              coordinate_transformation_mode="align_corners")], [SCALES]),
+    "Resize (cubic)": ([_node("Resize", ["c", "", "sc"], mode="cubic")], [SCALES]),
+    "Resize (to sizes 12x20)": ([_node("Resize", ["c", "", "", "sz"], mode="nearest")],
+                                [_const("sz", _ints(1, C, 12, 20))]),
+    "Resize (down by half)": ([_node("Resize", ["c", "", "half"], mode="linear")],
+                              [_const("half", np.array([1, 1, 0.5, 0.5], np.float32))]),
+    "FPN (upsampled sums, concat of upsamplings)": (
+        [_node("MaxPool", ["c"], "p", kernel_shape=[2, 2], strides=[2, 2]),
+         _node("Resize", ["p", "", "sc"], "pu", mode="nearest"), _node("Add", ["c", "pu"], "s"),
+         _node("Resize", ["s", "", "sc"], "su", mode="nearest"), _node("Resize", ["c", "", "sc"], "cu", mode="linear"),
+         _node("Concat", ["su", "cu"], "sc2", axis=1), _node("Conv", ["sc2", "w64"])],
+        [SCALES, _const("w64", _floats(C, 2 * C, 1, 1))]),
     "Slice (rows)": ([_node("Slice", ["c", "lo", "hi", "ax2"])],
                      [_const("lo", _ints(1)), _const("hi", _ints(5)), _const("ax2", _ints(2))]),
     "Slice (channels)": ([_node("Slice", ["c", "lo", "hi", "ax1"])],
@@ -190,7 +206,9 @@ def _runtime_layout_transforms(mod) -> int:
 
 
 @pytest.mark.parametrize("consumer", ["HardSwish", "Squeeze-excitation", "Mul by a per-channel scale (C,1,1)",
-                                      "Mul by a one-element scale (1,) (PP-LCNetV3)", "GlobalAveragePool"])
+                                      "Mul by a one-element scale (1,) (PP-LCNetV3)", "GlobalAveragePool",
+                                      "Resize (nearest)", "Resize (linear, align corners)",
+                                      "FPN (upsampled sums, concat of upsamplings)"])
 def test_ops_that_carry_blocked_layouts_add_no_layout_transform(consumer: str) -> None:
     """One transform into the first conv's blocks and one out of them at the model's output, none between."""
     from tvm.relax.frontend.onnx import from_onnx
@@ -199,6 +217,27 @@ def test_ops_that_carry_blocked_layouts_add_no_layout_transform(consumer: str) -
 
     mod = converted_layouts(from_onnx(consumer_model(*CONSUMERS[consumer]), keep_params_in_input=False), "NCHWc", 16)
     assert _runtime_layout_transforms(mod) == 2
+
+
+def _resize_layouts(mod) -> list[str]:
+    from tvm import relax
+
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e.attrs.layout) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.image.resize2d" else None)
+    return found
+
+
+@pytest.mark.parametrize("consumer", [c for c in CONSUMERS if c.startswith(("Resize", "FPN"))])
+def test_upsampling_resizes_run_in_the_blocks_they_get(consumer: str) -> None:
+    """TVM's resize rule takes no blocked layout (blocked_resize.py stands in for it); a downsampling stays NCHW."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from prune_compile.backends.tvm.build import converted_layouts
+
+    mod = converted_layouts(from_onnx(consumer_model(*CONSUMERS[consumer]), keep_params_in_input=False), "NCHWc", 16)
+    layouts = _resize_layouts(mod)
+    assert layouts and set(layouts) == ({"NCHW"} if "down" in consumer else {"NCHW16c"})
 
 
 @pytest.mark.parametrize("lanes", [8, 16])

@@ -124,6 +124,7 @@ def convert_layout(mod, lanes: int):
     layout inference gets wrong in blocked layouts are guarded first (`layout_guard`)."""
     from tvm import relax
 
+    from .blocked_resize import pools_as_resizes, resizes_as_pools
     from .layout_guard import guarded_for_blocked_layouts, transpose_layouts
 
     def layouts(call) -> dict[str, list[str]]:
@@ -131,9 +132,10 @@ def convert_layout(mod, lanes: int):
             return conv_layouts(call, lanes)
         return transpose_layouts(call) if call.op.name == "relax.nn.conv2d_transpose" else {}
 
+    mod, resizes = resizes_as_pools(mod)  # TVM's resize rule takes no blocked layout; its stand-in's does
     mod = guarded_for_blocked_layouts(mod, lambda call: output_block(call, lanes),
                                       lambda call: data_block(call, lanes))
-    return relax.transform.ConvertLayout({}, layout_cb=layouts)(mod)
+    return pools_as_resizes(relax.transform.ConvertLayout({}, layout_cb=layouts)(mod), resizes)
 
 
 def _window(data, kernel, strides, padding, dilation):
