@@ -41,6 +41,21 @@ ONES, ZEROS = _const("s", np.ones(C, np.float32)), _const("b", np.zeros(C, np.fl
 CONSUMERS = {
     "ConvTranspose": ([_node("ConvTranspose", ["c", "wt"], strides=[2, 2], kernel_shape=[2, 2])],
                       [_const("wt", _floats(C, 8, 2, 2))]),
+    "ConvTranspose (2x2 stride 2, bias, into a blocked conv)": (
+        [_node("ConvTranspose", ["c", "wt32", "b"], "t", strides=[2, 2], kernel_shape=[2, 2]),
+         _node("Conv", ["t", "w3"])], [_const("wt32", _floats(C, C, 2, 2)), ZEROS, _const("w3", _floats(C, C, 1, 1))]),
+    "ConvTranspose (2x3 kernel, strides 2, 3)": ([_node("ConvTranspose", ["c", "wt23"], strides=[2, 3])],
+                                                 [_const("wt23", _floats(C, 16, 2, 3))]),
+    "ConvTranspose (4x4 stride 2, pads 1)": ([_node("ConvTranspose", ["c", "wt4"], strides=[2, 2], pads=[1, 1, 1, 1])],
+                                             [_const("wt4", _floats(C, 16, 4, 4))]),
+    "ConvTranspose (2x2 stride 2, 2 groups)": ([_node("ConvTranspose", ["c", "wtg"], strides=[2, 2], group=2)],
+                                               [_const("wtg", _floats(C, 8, 2, 2))]),
+    "DB head (ConvTranspose, BN, ReLU, ConvTranspose, Sigmoid)": (
+        [_node("ConvTranspose", ["c", "wt32", "b"], "t", strides=[2, 2], kernel_shape=[2, 2]),
+         _node("BatchNormalization", ["t", "s", "b", "b", "s"], "n"), _node("Relu", ["n"], "r"),
+         _node("ConvTranspose", ["r", "wt1", "b1"], "t1", strides=[2, 2]), _node("Sigmoid", ["t1"])],
+        [_const("wt32", _floats(C, C, 2, 2)), ONES, ZEROS, _const("wt1", _floats(C, 1, 2, 2)),
+         _const("b1", np.array([0.5], np.float32))]),
     "InstanceNormalization": ([_node("InstanceNormalization", ["c", "s", "b"])], [ONES, ZEROS]),
     "GroupNormalization": ([_node("GroupNormalization", ["c", "s4", "b4"], num_groups=4)],
                            [_const("s4", np.ones(4, np.float32)), _const("b4", np.zeros(4, np.float32))]),
@@ -238,6 +253,22 @@ def test_upsampling_resizes_run_in_the_blocks_they_get(consumer: str) -> None:
     mod = converted_layouts(from_onnx(consumer_model(*CONSUMERS[consumer]), keep_params_in_input=False), "NCHWc", 16)
     layouts = _resize_layouts(mod)
     assert layouts and set(layouts) == ({"NCHW"} if "down" in consumer else {"NCHW16c"})
+
+
+@pytest.mark.parametrize("consumer", [c for c in CONSUMERS if "ConvTranspose" in c])
+def test_transposed_convs_whose_kernel_is_their_stride_become_convs(consumer: str) -> None:
+    """TVM's conv2d_transpose multiplies mostly zeros (transposed_convs.py); kernels other than the stride keep it."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from prune_compile.backends.tvm.build import converted_layouts
+
+    mod = converted_layouts(from_onnx(consumer_model(*CONSUMERS[consumer]), keep_params_in_input=False), "NCHWc", 16)
+    ops = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.append(getattr(e.op, "name", "")) if isinstance(
+        e, relax.Call) else None)
+    kept = "pads" in consumer or "groups" in consumer
+    assert ("relax.nn.conv2d_transpose" in ops) == kept
 
 
 @pytest.mark.parametrize("lanes", [8, 16])

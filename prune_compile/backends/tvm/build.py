@@ -1,8 +1,9 @@
 """Build an ONNX model (the pruned output) with TVM Relax for a target preset and export a shared library.
 
 Pipeline: recurrent layers unrolled (recurrent_unroll) → Relax ONNX frontend (weights bound as constants) → layouts
-(conv_nchwc) → on CPUs, exp / tanh / erf and their activations as vectorizable arithmetic (vector_math) → for
-tuned builds: DecomposeOpsForInference, CanonicalizeBindings, the zero pipeline (legalize, fold, fuse),
+(`converted_layouts`: conv_nchwc, with transposed convs, resizes and the guard around it) → on CPUs, exp / tanh /
+erf and their activations as vectorizable arithmetic (vector_math) → for tuned builds: DecomposeOpsForInference,
+CanonicalizeBindings, the zero pipeline (legalize, fold, fuse),
 MetaSchedule, apply the database → `tvm.compile` (default pipeline; for CUDA it schedules whatever is left with
 dlight) → `export_library`. `arm` links with the
 aarch64 cross compiler; `gpu` embeds a fatbin compiled by nvcc (see cuda_embed).
@@ -29,6 +30,7 @@ from .pool_nchwc import register_schedule_rule as register_pool_rule
 from .recurrent_steps import recurrent_steps_frontend
 from .recurrent_unroll import has_recurrences, unrolled_recurrences
 from .stack_ops import stacks_as_concats
+from .transposed_convs import strided_transposes_as_convs
 from .targets import (
     ARM_CROSS_COMPILER,
     DEFAULT_OPTIONS,
@@ -98,6 +100,7 @@ def converted_layouts(mod, layout: str, lanes: int):
     mod = stacks_as_concats(mod)  # else the conversion fails after a stack
     if layout == "NHWC":
         return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+    mod = strided_transposes_as_convs(mod)  # else TVM multiplies mostly zeros, in NCHW
     return convert_layout(mod, lanes)
 
 
