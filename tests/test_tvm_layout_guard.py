@@ -172,8 +172,7 @@ def blocked_outputs(model, lanes: int, feeds: dict | None = None) -> tuple[list[
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from prune_compile.backends.tvm.build import converted_layouts
-    from prune_compile.backends.tvm.conv_nchwc import legalize
+    from prune_compile.backends.tvm.build import converted_layouts, own_lowerings
     from prune_compile.backends.tvm.targets import make_target
 
     if feeds is None:
@@ -182,7 +181,7 @@ def blocked_outputs(model, lanes: int, feeds: dict | None = None) -> tuple[list[
     mod = converted_layouts(from_onnx(model, keep_params_in_input=False), "NCHWc", lanes)
     target = make_target("cpu")
     with target:
-        lowered = relax.transform.LegalizeOps({"relax.nn.conv2d": legalize})(mod)
+        lowered = relax.transform.LegalizeOps(own_lowerings(lanes))(mod)
         vm = relax.VirtualMachine(tvm.compile(lowered, target), tvm.cpu())
     out = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values()))
     outs = [out] if hasattr(out, "numpy") else list(out)  # one output: a tensor; several: a tuple

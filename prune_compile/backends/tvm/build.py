@@ -3,7 +3,7 @@
 Pipeline: recurrent layers unrolled (recurrent_unroll) → Relax ONNX frontend (weights bound as constants) → layouts
 (`converted_layouts`: conv_nchwc, with transposed convs, resizes and the guard around it) → on CPUs, exp / tanh /
 erf and their activations as vectorizable arithmetic (vector_math) → for tuned builds: DecomposeOpsForInference,
-CanonicalizeBindings, the zero pipeline (legalize, fold, fuse),
+CanonicalizeBindings, our lowerings (`own_lowerings`), the zero pipeline (legalize, fold, fuse),
 MetaSchedule, apply the database → `tvm.compile` (default pipeline; for CUDA it schedules whatever is left with
 dlight) → `export_library`. `arm` links with the
 aarch64 cross compiler; `gpu` embeds a fatbin compiled by nvcc (see cuda_embed).
@@ -26,11 +26,11 @@ from . import parallel_launcher
 from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
+from .layout_transforms import legalize_layout_transform
 from .pool_nchwc import register_schedule_rule as register_pool_rule
 from .recurrent_steps import recurrent_steps_frontend
 from .recurrent_unroll import has_recurrences, unrolled_recurrences
 from .stack_ops import stacks_as_concats
-from .transposed_convs import strided_transposes_as_convs
 from .targets import (
     ARM_CROSS_COMPILER,
     DEFAULT_OPTIONS,
@@ -42,6 +42,7 @@ from .targets import (
     resolve_conv_layout,
 )
 from .threads import ensure_thread_pool
+from .transposed_convs import strided_transposes_as_convs
 from .tuning import TuningOptions, tune
 from .vector_math import vectorized_math
 
@@ -104,6 +105,15 @@ def converted_layouts(mod, layout: str, lanes: int):
     return convert_layout(mod, lanes)
 
 
+def own_lowerings(lanes: int) -> dict:
+    """The ops tuned builds lower with our computes (LegalizeOps hooks) instead of TVM's: blocked convs (when
+    `lanes`), layout transforms as gathers that fuse with their neighbours."""
+    lowerings = {"relax.layout_transform": legalize_layout_transform}
+    if lanes:
+        lowerings["relax.nn.conv2d"] = legalize_nchwc
+    return lowerings
+
+
 def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = DEFAULT_OPTIONS,
                 tuning: TuningOptions | None = None):
     """Import, change layouts and (with a budget) tune, up to the code generation `compile_model` adds.
@@ -140,9 +150,8 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
         if tvm_target.kind.name == "llvm":
             mod = vectorized_math(mod)  # else exp, tanh, erf are a libm call per vector lane
         if tuned:
-            passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
-            if lanes:
-                passes.append(relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_nchwc}))
+            passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+                      relax.transform.LegalizeOps(own_lowerings(lanes))]
             with tvm_target:
                 mod = tvm.transform.Sequential([*passes, relax.get_pipeline("zero")])(mod)
             database, summary = tune(mod, tvm_target, target, tuning)
