@@ -20,10 +20,12 @@ to carry a blocked layout correctly (elementwise ops whose operands are the outp
 element; pools; reductions over rows and columns keeping dims; channel concats of one block). Every other op, and a
 conv whose input arrives in another block than `input_block(conv call)` expects, gets its blocked inputs through a
 barrier: it fails closed into NCHW, at the cost of one layout transform, instead of into a compiler error or a wrong
-result. `tests/test_tvm_layout_guard.py` checks 47 kinds of consumer against ONNX Runtime.
+result. `tests/test_tvm_layout_guard.py` checks 58 kinds of consumer against ONNX Runtime.
 - a split along the channels of a 4-d tensor becomes one `strided_slice` per part (right for any split point);
 - a channel concat stays blocked when all its inputs arrive in the same block (DenseNet), else takes them in NCHW;
-- conv2d_transpose keeps NCHW through `transpose_layouts`, ConvertLayout's callback.
+- conv2d_transpose keeps NCHW through `transpose_layouts`, ConvertLayout's callback (one whose kernel is its stride
+  is a 1x1 conv by then: transposed_convs.py);
+- an upsampling resize arrives as the pool that stands in for it (blocked_resize.py) and follows as pools do.
 """
 
 from __future__ import annotations
