@@ -17,7 +17,7 @@ from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
 from prune_compile.backends.tvm import allocate_trials, tuning
 from prune_compile.backends.tvm.targets import resolve_conv_layout
-from prune_compile.backends.tvm.tuning import always_tuned, first_round
+from prune_compile.backends.tvm.tuning import always_tuned, first_round, memory_heavy, task_traffic
 
 from .rpc_board import rpc_board
 
@@ -78,9 +78,28 @@ def test_allocate_trials_always_tunes_light_convolutions() -> None:
 
 @pytest.mark.parametrize("task,tuned", [
     ("fused_conv2d_nchwc9_add7_relu4", True), ("fused_matmul_add9", True), ("max_pool2d", True),
-    ("adaptive_avg_pool2d", True), ("te_layout_transform", True), ("fused_add_relu", False), ("reshape", False)])
+    ("adaptive_avg_pool2d", True), ("te_layout_transform", True), ("fused_depthwise_nchwc3_add11", True),
+    ("fused_add_relu", False), ("reshape", False)])
 def test_light_convs_pools_and_layout_transforms_are_always_tuned(task, tuned) -> None:
     assert always_tuned(task) is tuned
+
+
+def test_tasks_moving_a_share_of_the_bytes_are_tuned_however_few_flops_they_have() -> None:
+    # a resize over a whole feature map: no FLOPs to speak of, 5% of the bytes; a reshape of a vector: neither
+    assert memory_heavy([900.0, 50.0, 1.0, 49.0]) == {0, 1, 3}
+    assert memory_heavy([0.0, 0.0]) == set()
+
+
+def test_task_traffic_counts_every_buffer_once_per_call() -> None:
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    a = te.placeholder((4, 8), name="a")
+    b = te.compute((4, 8), lambda i, j: a[i, j] * 2, name="b")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b])})
+    task = ms.ExtractedTask("double", mod, tvm.target.Target({"kind": "llvm"}), [mod], 3)
+    assert task_traffic(task) == 2 * 4 * 8 * 4 * 3
 
 
 def test_allocate_trials_prefers_heavy_tasks_when_short() -> None:
