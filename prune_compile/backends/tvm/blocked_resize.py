@@ -15,7 +15,7 @@ layout the pool was given. The stand-ins never reach legalization: `pools_as_res
 
 from __future__ import annotations
 
-from .relax_rewrite import rewritten_functions
+from .relax_rewrite import rewritten_functions, static_dims
 
 MARK = 1_000_003  # the stand-in pool's row dilation; its column dilation indexes the resizes
 
@@ -35,7 +35,7 @@ def resizes_as_pools(mod):
             call = super().visit_call_(call)
             if call.op != resize or not _upsampling(call):
                 return call
-            (h, w), (out_h, out_w) = _static(call.args[0].ty.shape.values[2:]), _static(call.args[1].values)
+            (h, w), (out_h, out_w) = static_dims(call.args[0].ty.shape.values[2:]), static_dims(call.args[1].values)
             resizes.append(call)
             return relax.op.nn.max_pool2d(call.args[0], pool_size=(1, 1), padding=(0, 0, out_h - h, out_w - w),
                                           dilation=(MARK, len(resizes) - 1))
@@ -74,12 +74,6 @@ def pools_as_resizes(mod, resizes: list):
     return out
 
 
-def _static(dims) -> tuple[int, ...] | None:
-    from tvm import tirx
-
-    return tuple(int(d) for d in dims) if all(isinstance(d, tirx.IntImm) for d in dims) else None
-
-
 def _upsampling(call) -> bool:
     """A resize of a static 4-d NCHW tensor to a size no smaller in rows and columns."""
     from tvm import relax
@@ -88,7 +82,7 @@ def _upsampling(call) -> bool:
     if call.attrs.layout != "NCHW" or not isinstance(ty, relax.TensorType) or ty.ndim != 4 or ty.shape is None \
             or not isinstance(size, relax.ShapeExpr):
         return False
-    rows_columns, out = _static(ty.shape.values[2:]), _static(size.values)
+    rows_columns, out = static_dims(ty.shape.values[2:]), static_dims(size.values)
     return rows_columns is not None and out is not None and all(o >= i for o, i in zip(out, rows_columns,
                                                                                         strict=True))
 

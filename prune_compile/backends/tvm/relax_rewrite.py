@@ -1,5 +1,5 @@
-"""The one loop every module-level Relax rewrite here shares: a copy of the module with each Relax function passed
-through an expression mutator (PrimFuncs and external functions are kept as they are)."""
+"""What the module-level Relax rewrites here share: a copy of the module with each Relax function passed through an
+expression mutator (PrimFuncs and external functions are kept as they are), and reading static dims."""
 
 from __future__ import annotations
 
@@ -13,3 +13,10 @@ def rewritten_functions(mod, mutator):
         if isinstance(func, relax.Function):
             out[gvar] = mutator.visit_expr(func)
     return out
+
+
+def static_dims(dims) -> tuple[int, ...] | None:
+    """`dims` (a shape's values) as ints; None when one is symbolic."""
+    from tvm import tirx
+
+    return tuple(int(d) for d in dims) if all(isinstance(d, tirx.IntImm) for d in dims) else None

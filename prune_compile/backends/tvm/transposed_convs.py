@@ -16,7 +16,7 @@ on it, which constant folding evaluates at build time.
 
 from __future__ import annotations
 
-from .relax_rewrite import rewritten_functions
+from .relax_rewrite import rewritten_functions, static_dims
 
 
 def strided_transposes_as_convs(mod):
@@ -48,13 +48,10 @@ def strided_transposes_as_convs(mod):
 
 
 def _dims(expr) -> tuple[int, ...] | None:
-    from tvm import relax, tirx
+    from tvm import relax
 
     ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or \
-            not all(isinstance(d, tirx.IntImm) for d in ty.shape.values):
-        return None
-    return tuple(int(d) for d in ty.shape.values)
+    return static_dims(ty.shape.values) if isinstance(ty, relax.TensorType) and ty.shape is not None else None
 
 
 def _kernel_is_stride(call) -> bool:

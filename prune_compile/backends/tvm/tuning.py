@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ from .threads import ENV as THREADS_ENV
 from .threads import thread_env
 
 MIN_TRIALS_PER_TASK = 8
-MIN_SHARE = 0.005  # of the model's FLOPs: lighter tasks keep TVM's default schedule, unless `always_tuned`
+MIN_SHARE = 0.005  # of the model's FLOPs or bytes: lighter tasks keep TVM's default schedule, unless `always_tuned`
 # Reductions whose default schedule is far slower than their FLOPs say, and memory-bound passes over whole feature
 # maps, which the default leaves single-threaded: pruned resnet18's stem max pool (0.1% of the FLOPs) ran 0.14 ms
 # untuned, 2.4% of the model and twice ONNX Runtime's pool; the input's layout transform 0.07 ms.
@@ -133,11 +134,9 @@ def memory_heavy(traffic: list[float]) -> set[int]:
 
 def task_traffic(task) -> float:
     """Bytes the task's kernel reads and writes per call (its buffers, each once) × its calls."""
-    import numpy as np
-
     buffers = [p for func in task.dispatched[0].functions.values() for p in getattr(func, "params", [])
                if getattr(p, "shape", None) is not None]
-    return float(sum(int(np.prod([int(d) for d in p.shape])) * p.dtype.itemsize for p in buffers)) * int(task.weight)
+    return float(sum(math.prod(int(d) for d in p.shape) * p.dtype.itemsize for p in buffers)) * int(task.weight)
 
 
 def allocate_trials(weights: list[float], total: int, floor: int = MIN_TRIALS_PER_TASK,
