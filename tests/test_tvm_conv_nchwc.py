@@ -296,6 +296,86 @@ def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, siz
         np.testing.assert_allclose(y.numpy(), expected, rtol=RTOL, atol=RTOL)
 
 
+def _top_level_loops(func) -> list:
+    """The loop nests directly under a PrimFunc's root block."""
+    import tvm
+    from tvm import tirx
+
+    found = []
+
+    def visit(stmt) -> None:
+        if isinstance(stmt, tirx.For):
+            found.append(stmt)
+        elif isinstance(stmt, tirx.SeqStmt):
+            for s in stmt.seq:
+                visit(s)
+        elif hasattr(stmt, "block"):  # the root's realize
+            visit(stmt.block.body)
+        elif hasattr(stmt, "body") and not isinstance(stmt, tvm.tirx.For):
+            visit(stmt.body)
+
+    visit(func.body)
+    return found
+
+
+def _activation(name: str, y):
+    """The activation as the ONNX frontend writes it: hardswish and SiLU read their input twice."""
+    from tvm import topi
+
+    if name == "relu":
+        return topi.nn.relu(y)
+    if name == "hardswish":
+        return topi.multiply(y, topi.divide(topi.minimum(topi.maximum(topi.add(y, 3.0), 0.0), 6.0), 6.0))
+    return topi.multiply(y, topi.sigmoid(y))
+
+
+def _activation_reference(name: str, y: np.ndarray) -> np.ndarray:
+    if name == "relu":
+        return np.maximum(y, 0)
+    if name == "hardswish":
+        return y * np.clip(y + 3, 0, 6) / 6
+    return y / (1 + np.exp(-y))
+
+
+@pytest.mark.parametrize("activation", ["relu", "hardswish", "silu"])
+@pytest.mark.parametrize(("depthwise", "size"), [(True, 12), (False, 10), (False, 7)])
+def test_every_design_space_fuses_the_bias_and_activation(activation, depthwise, size) -> None:
+    """The bias and activation after a conv run inside its parallel loop in every design space, also where the
+    activation branches (hardswish, SiLU: the input read twice). They once ran after the conv as a serial scalar
+    loop nest (our rules leave the root unscheduled): PP-LCNet's 16-channel 320x320 depthwise conv with hardswish
+    took 1.5-2.9 ms of which the conv 0.35. Every loop nest left under the root is parallel, and the result agrees
+    with numpy."""
+    import tvm
+    from tvm import te, tirx, topi
+    from tvm.s_tir import Schedule
+
+    from prune_compile.backends.tvm import conv_nchwc
+
+    lanes, blocks = 8, 2
+    data = te.placeholder((1, blocks, size, size, lanes), name="data")
+    if depthwise:
+        kernel = te.placeholder((blocks, 1, 3, 3, 1, lanes), name="kernel")
+        out = conv_nchwc._depthwise_nchwc(data, kernel, (1, 1), (1, 1, 1, 1), (1, 1), "float32")
+    else:
+        kernel = te.placeholder((blocks, blocks, 3, 3, lanes, lanes), name="kernel")
+        out = conv_nchwc._conv2d_nchwc(data, kernel, (1, 1), (1, 1, 1, 1), (1, 1), "float32")
+    bias = te.placeholder((1, blocks, 1, 1, lanes), name="bias")
+    result = _activation(activation, topi.add(out, bias))
+    sch = Schedule(te.create_prim_func([data, kernel, bias, result]))
+    spaces = conv_nchwc._rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
+    rng = np.random.default_rng(0)
+    x, k, b = (rng.standard_normal([int(d) for d in t.shape]).astype(np.float32) for t in (data, kernel, bias))
+    expected = _activation_reference(activation, _blocked_conv_reference(x, k, 1, depthwise) + b)
+    dev = tvm.cpu()
+    for space in spaces:
+        loops = _top_level_loops(space.mod["main"])
+        assert loops and all(loop.kind == tirx.ForKind.PARALLEL for loop in loops), space.mod.script()
+        lib = tvm.compile(space.mod, target=tvm.target.Target({"kind": "llvm"}))
+        y = tvm.runtime.tensor(np.zeros(expected.shape, np.float32), dev)
+        lib["main"](*(tvm.runtime.tensor(a, dev) for a in (x, k, b)), y)
+        np.testing.assert_allclose(y.numpy(), expected, rtol=RTOL, atol=RTOL)
+
+
 @pytest.mark.serial  # tuning times candidates
 def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:
     model = mixed_convs_onnx()

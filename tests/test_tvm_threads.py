@@ -63,7 +63,7 @@ def test_thread_env_sets_and_restores(monkeypatch) -> None:
     assert os.environ[threads.ENV] == "5"
 
 
-def test_tuning_measures_with_the_targets_cores_and_keys_the_database_by_them() -> None:
+def test_tuning_measures_with_the_targets_cores_and_keys_the_database_by_them(monkeypatch) -> None:
     from prune_compile.backends.tvm import TargetOptions, make_target
 
     cpu = make_target("cpu", TargetOptions(num_cores=2))
@@ -79,3 +79,11 @@ def test_tuning_measures_with_the_targets_cores_and_keys_the_database_by_them() 
     for name, target in (("arm", arm), ("gpu", gpu)):
         legacy = os.path.join("/db", f"{name}-{hashlib.sha256(str(target).encode()).hexdigest()[:12]}")
         assert (database_dir("/db", name, str(target), None) == legacy) == (name == "gpu")
+    # records of an earlier generation of our CPU schedule rules replay its schedules: a database of their own
+    from prune_compile.backends.tvm import tuning
+
+    now = database_dir("/db", "cpu", str(cpu), 2)
+    monkeypatch.setattr(tuning, "CPU_RULES", tuning.CPU_RULES - 1)
+    assert database_dir("/db", "cpu", str(cpu), 2) != now
+    assert database_dir("/db", "gpu", str(gpu), None) == os.path.join(
+        "/db", f"gpu-{hashlib.sha256(str(gpu).encode()).hexdigest()[:12]}")

@@ -270,16 +270,44 @@ def pixel_count(oc_blocks: int, out_h: int, out_w: int, registers: int) -> int:
     return next((p for p in range(total, total + total // 10 + 1) if cost(1, p) <= best * (1 + 1e-9)), 0)
 
 
+def _downstream(sch, block) -> list:
+    """Every block that reads what `block` writes, directly or through others."""
+    found, todo = [], list(sch.get_consumers(block))
+    while todo:
+        later = todo.pop()
+        if not any(sch.get(later).same_as(sch.get(b)) for b in found):
+            found.append(later)
+            todo += list(sch.get_consumers(later))
+    return found
+
+
 def inline_epilogue(sch, block) -> None:
-    """Fuse the elementwise ops that follow `block` (bias, residual, activation) into its loop nest."""
+    """Fuse the elementwise ops that follow `block` (bias, residual, activation) into its loop nest. An activation
+    that reads its input twice branches (hardswish x * relu6(x + 3) / 6, SiLU x * sigmoid(x)): its inner blocks are
+    inlined into their consumers first, leaving one block to fuse. Unfused, the rest ran after the conv as a serial
+    scalar loop nest (our rules leave the root unscheduled): PP-LCNet's 16-channel 320x320 depthwise conv with
+    hardswish took 2.9 ms, 0.35 fused. What cannot be fused still runs as a parallel pass (`_parallel_rows`)."""
+    inlined = True
+    while inlined:  # each inlining invalidates the inlined block: look again
+        inlined = False
+        for later in _downstream(sch, block):
+            try:
+                sch.compute_inline(later)  # a function's output cannot be: the rest are intermediates
+            except Exception:  # not inlinable (an output, a reduction): fused or passed below
+                continue
+            inlined = True
+            break
     while True:
         consumers = sch.get_consumers(block)
         if len(consumers) != 1:
-            return
+            break
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:  # not elementwise: it stays a separate loop nest
-            return
+            break
+    for later in _downstream(sch, block):
+        if len(sch.get_loops(later)) in (4, 5):  # NCHW or NCHW[x]c rows
+            _parallel_rows(sch, later)
 
 
 def _parallel_rows(sch, block) -> None:

@@ -50,6 +50,10 @@ RUN_SECONDS = 0.1  # how long a candidate is timed for (MetaSchedule's default e
 RUN_CALLS = (10, 2000)  # single calls timed per candidate, at least and at most
 # how CPU candidates are timed, here and on a board (`_time_candidate`, with our launcher): part of the database's key
 CPU_TIMING = "median-of-calls"
+# The generation of our CPU schedule rules, also part of the key: a record replays the schedule it was measured with,
+# so when a rule changes what its spaces do, earlier records would keep the old schedules (and a ledger that says the
+# task is tuned). 2: epilogues that branch (hardswish, SiLU) fused into the conv instead of a serial pass after it.
+CPU_RULES = 2
 CPU_TARGETS = ("cpu", "arm")  # GPU candidates keep MetaSchedule's export and timing
 LEDGER = "ledger.json"
 MS_LOGGER = "tvm.s_tir.meta_schedule"
@@ -101,11 +105,11 @@ def default_database_root() -> str:
 
 
 def database_dir(root: str, target_name: str, target_json: str, threads: int | None = None) -> str:
-    """One database per target, thread count (measured here; a board uses its own) and timing method: records are
-    only comparable with records measured the same way."""
+    """One database per target, thread count (measured here; a board uses its own), timing method and generation
+    of our CPU schedule rules: records are only comparable with records measured the same way."""
     key = target_json if threads is None else f"{target_json}|threads={threads}"
     if target_name in CPU_TARGETS:
-        key += f"|timing={CPU_TIMING}"
+        key += f"|timing={CPU_TIMING}|rules={CPU_RULES}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(root, f"{target_name}-{digest}")
 
