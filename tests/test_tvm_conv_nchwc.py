@@ -376,6 +376,38 @@ def test_every_design_space_fuses_the_bias_and_activation(activation, depthwise,
         np.testing.assert_allclose(y.numpy(), expected, rtol=RTOL, atol=RTOL)
 
 
+def test_an_epilogue_that_cannot_fuse_still_runs_in_parallel() -> None:
+    """A fused function that returns the biased conv output as well as its activation (FuseOps does, for a value
+    used outside the function): the activation cannot be inlined into the tile's write-back of an output buffer, so
+    it runs as a pass of its own, parallel over rows, and the results agree with numpy."""
+    import tvm
+    from tvm import te, tirx, topi
+    from tvm.s_tir import Schedule
+
+    from prune_compile.backends.tvm import conv_nchwc
+
+    lanes, blocks, size = 8, 2, 12
+    data = te.placeholder((1, blocks, size, size, lanes), name="data")
+    kernel = te.placeholder((blocks, 1, 3, 3, 1, lanes), name="kernel")
+    bias = te.placeholder((1, blocks, 1, 1, lanes), name="bias")
+    biased = topi.add(conv_nchwc._depthwise_nchwc(data, kernel, (1, 1), (1, 1, 1, 1), (1, 1), "float32"), bias)
+    activated = _activation("hardswish", biased)
+    sch = Schedule(te.create_prim_func([data, kernel, bias, biased, activated]))
+    spaces = conv_nchwc._rule(sch, sch.get_sblock("depthwise_nchwc"))
+    rng = np.random.default_rng(0)
+    x, k, b = (rng.standard_normal([int(d) for d in t.shape]).astype(np.float32) for t in (data, kernel, bias))
+    want = _blocked_conv_reference(x, k, 1, True) + b
+    dev = tvm.cpu()
+    for space in spaces:
+        loops = _top_level_loops(space.mod["main"])
+        assert len(loops) >= 2 and all(loop.kind == tirx.ForKind.PARALLEL for loop in loops), space.mod.script()
+        lib = tvm.compile(space.mod, target=tvm.target.Target({"kind": "llvm"}))
+        outs = [tvm.runtime.tensor(np.zeros(want.shape, np.float32), dev) for _ in range(2)]
+        lib["main"](*(tvm.runtime.tensor(a, dev) for a in (x, k, b)), *outs)
+        np.testing.assert_allclose(outs[0].numpy(), want, rtol=RTOL, atol=RTOL)
+        np.testing.assert_allclose(outs[1].numpy(), _activation_reference("hardswish", want), rtol=RTOL, atol=RTOL)
+
+
 @pytest.mark.serial  # tuning times candidates
 def test_tuned_nchwc_library_agrees_with_onnx_runtime(tmp_path) -> None:
     model = mixed_convs_onnx()
