@@ -271,6 +271,21 @@ def pixel_count(oc_blocks: int, out_h: int, out_w: int, registers: int) -> int:
     return next((p for p in range(total, total + total // 10 + 1) if cost(1, p) <= best * (1 + 1e-9)), 0)
 
 
+def inline_all(sch, candidates) -> None:
+    """compute_inline each block `candidates()` lists until none inlines (a function's outputs and reductions
+    cannot be). Each inlining invalidates the inlined block, so the list is asked for again after it."""
+    inlined = True
+    while inlined:
+        inlined = False
+        for candidate in candidates():
+            try:
+                sch.compute_inline(candidate)
+            except Exception:  # not inlinable: left to the caller
+                continue
+            inlined = True
+            break
+
+
 def _downstream(sch, block) -> list:
     """Every block that reads what `block` writes, directly or through others."""
     found, todo = [], list(sch.get_consumers(block))
@@ -288,16 +303,7 @@ def inline_epilogue(sch, block) -> None:
     inlined into their consumers first, leaving one block to fuse. Unfused, the rest ran after the conv as a serial
     scalar loop nest (our rules leave the root unscheduled): PP-LCNet's 16-channel 320x320 depthwise conv with
     hardswish took 1.5-2.9 ms, 0.35 fused. What cannot be fused still runs as a parallel pass (`_parallel_rows`)."""
-    inlined = True
-    while inlined:  # each inlining invalidates the inlined block: look again
-        inlined = False
-        for later in _downstream(sch, block):
-            try:
-                sch.compute_inline(later)  # a function's output cannot be: the rest are intermediates
-            except Exception:  # not inlinable (an output, a reduction): fused or passed below
-                continue
-            inlined = True
-            break
+    inline_all(sch, lambda: _downstream(sch, block))  # outputs and reductions stay: fused or passed below
     while True:
         consumers = sch.get_consumers(block)
         if len(consumers) != 1:

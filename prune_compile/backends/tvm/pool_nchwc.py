@@ -13,23 +13,10 @@ channel block vectorized, any elementwise epilogue fused. Pools in NCHW keep Met
 
 from __future__ import annotations
 
-from .conv_nchwc import inline_epilogue
+from .conv_nchwc import inline_all, inline_epilogue
 
 TAG = "meta_schedule.pool_max"
 _registered = False
-
-
-def _inline_producers(sch, block) -> None:
-    """Inline the padding, and any elementwise op fused before it, into the window reads."""
-    inlined = True
-    while inlined:
-        inlined = False
-        for producer in sch.get_producers(block):
-            try:
-                sch.compute_inline(producer)
-                inlined = True
-            except Exception:  # not inlinable: left to the generic rules
-                pass
 
 
 def _rule(sch, block):
@@ -37,7 +24,8 @@ def _rule(sch, block):
     if len(loops) != 7:  # blocked: (n, channel blocks, rows, columns, channels in block) and the window's two
         sch.unannotate(block, "schedule_rule")  # what TVM does with an unknown tag: the generic rules apply
         return [sch]
-    _inline_producers(sch, block)
+    # the padding, and any elementwise op fused before it, read inside the window (what cannot be: generic rules)
+    inline_all(sch, lambda: sch.get_producers(block))
     n, cb, oh, ow, ci, kh, kw = loops
     sch.reorder(n, cb, oh, ow, kh, kw, ci)
     sch.parallel(sch.fuse(n, cb, oh))
