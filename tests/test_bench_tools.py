@@ -88,6 +88,19 @@ def test_fma_peak_runs_fused_multiply_adds_as_wide_as_this_cpu_has() -> None:
     assert min(peak["per_thread_gflops"]) > 0
 
 
+def test_fma_peak_measures_half_width_vectors_on_avx512_cpus(tmp_path) -> None:
+    """The probe built for 256-bit vectors runs them (`wide_vector_speedup` compares the two rates to decide whether
+    8-channel conv blocks compute in pairs); its speedup is a rate ratio: 1 without AVX-512, else between the
+    double-pumped (Zen 4, ~1) and the full-width (Zen 5, ~2) cases, with room for a noisy reading."""
+    from prune_compile.backends import fma_peak
+
+    half = fma_peak.run_probe(fma_peak.compile_probe(str(tmp_path), 32), 1, 0.05)
+    assert half["vector_bytes"] == 32 and half["gflops"] > 0
+    wide = fma_peak.run_probe(fma_peak.compile_probe(str(tmp_path)), 1, 0.01)["vector_bytes"]
+    speedup = fma_peak.wide_vector_speedup()
+    assert speedup == 1.0 if wide != 64 else 0.6 < speedup < 2.6
+
+
 def test_fma_peak_reads_the_quiet_peak_beside_busy_processes() -> None:
     """A thread's rate is its fastest ~0.2 ms block: two busy loops sharing the cores halve the average rate and leave
     the peak as it was quiet (the average read low, and a model timed by its fastest runs seemed to outrun it)."""

@@ -5,6 +5,7 @@ does not divide by the vector, residual, pooling, ReLU6 and hard-swish clips) ag
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -405,6 +406,144 @@ def test_an_epilogue_that_cannot_fuse_still_runs_in_parallel() -> None:
         lib["main"](*(tvm.runtime.tensor(a, dev) for a in (x, k, b)), *outs)
         np.testing.assert_allclose(outs[0].numpy(), want, rtol=RTOL, atol=RTOL)
         np.testing.assert_allclose(outs[1].numpy(), _activation_reference("hardswish", want), rtol=RTOL, atol=RTOL)
+
+
+def test_paired_kernel_packs_two_half_blocks_a_vector_and_zero_filters_after_the_last() -> None:
+    import tvm
+    from tvm import te
+
+    from prune_compile.backends.tvm.conv_nchwc import paired_kernel
+
+    kernel = te.placeholder((3, 2, 3, 3, 4, 8), name="kernel")
+    pairs = paired_kernel(kernel)
+    assert [int(d) for d in pairs.shape] == [2, 2, 3, 3, 4, 16]
+    lib = tvm.compile(te.create_prim_func([kernel, pairs]), target=tvm.target.Target({"kind": "llvm"}))
+    k = np.random.default_rng(0).standard_normal((3, 2, 3, 3, 4, 8)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full((2, 2, 3, 3, 4, 16), np.nan, np.float32))
+    lib["main"](tvm.runtime.tensor(k), out)
+    got = out.numpy()
+    np.testing.assert_array_equal(got[0], np.concatenate([k[0], k[1]], axis=-1))
+    np.testing.assert_array_equal(got[1, ..., :8], k[2])
+    assert not got[1, ..., 8:].any()
+
+
+def _vector_extents(func) -> list[int]:
+    """The extents of every vectorized loop in a PrimFunc."""
+    return [int(n) for n in re.findall(r"T\.vectorized\((\d+)\)", func.script())]
+
+
+@pytest.mark.parametrize("epilogue", [True, False])
+@pytest.mark.parametrize(("size", "kernel_size"), [(10, 3), (7, 3), (10, 1), (7, 1)])
+def test_every_design_space_of_paired_half_blocks_computes_the_conv(size, kernel_size, epilogue) -> None:
+    """24 output channels on AVX-512 (three 8-channel blocks) computed as two 16-lane pairs, the padded filters'
+    outputs dropped on the way back into 8-channel blocks (`pairs_half_blocks`), with or without a bias and a
+    hardswish (read twice) fused: every design space (rows x columns tiles, 7x7 as flat pixels; the pad pass or the
+    pad in the row loop; input blocks a pass) runs the conv in 16-lane vectors, in parallel loop nests only, and
+    agrees with numpy."""
+    import tvm
+    from tvm import te, tirx, topi
+    from tvm.s_tir import Schedule
+
+    from prune_compile.backends.tvm import conv_nchwc
+
+    in_blocks, out_blocks, half = 3, 3, 8
+    data = te.placeholder((1, in_blocks, size, size, half), name="data")
+    kernel = te.placeholder(((out_blocks + 1) // 2, in_blocks, kernel_size, kernel_size, half, 2 * half),
+                            name="kernel")
+    conv = conv_nchwc._conv2d_nchwc(data, kernel, (1, 1), (kernel_size // 2,) * 4, (1, 1), "float32", out_blocks)
+    bias = te.placeholder((1, out_blocks, 1, 1, half), name="bias")
+    result = _activation("hardswish", topi.add(conv, bias)) if epilogue else conv
+    assert [int(d) for d in result.shape] == [1, out_blocks, size, size, half]
+    sch = Schedule(te.create_prim_func([data, kernel, bias, result]))
+    spaces = conv_nchwc._rule(sch, sch.get_sblock("conv2d_nchwc"))
+    assert spaces
+    rng = np.random.default_rng(0)
+    x, k, b = (rng.standard_normal([int(d) for d in t.shape]).astype(np.float32) for t in (data, kernel, bias))
+    k[-1, ..., half:] = 0  # what paired_kernel pads with
+    halves = np.concatenate([k[..., :half], k[..., half:]], axis=0)  # blocks 0, 2, 1, (padding)
+    k8 = halves[[0, 2, 1]]
+    expected = _blocked_conv_reference(x, k8, 1, False)
+    if epilogue:
+        expected = _activation_reference("hardswish", expected + b)
+    dev = tvm.cpu()
+    for space in spaces:
+        func = space.mod["main"]
+        loops = _top_level_loops(func)
+        assert loops and all(loop.kind == tirx.ForKind.PARALLEL for loop in loops), space.mod.script()
+        assert 2 * half in _vector_extents(func)  # the conv's accumulators: full vectors
+        lib = tvm.compile(space.mod, target=tvm.target.Target({"kind": "llvm"}))
+        y = tvm.runtime.tensor(np.zeros(expected.shape, np.float32), dev)
+        lib["main"](*(tvm.runtime.tensor(a, dev) for a in (x, k, b)), y)
+        np.testing.assert_allclose(y.numpy(), expected, rtol=RTOL, atol=RTOL)
+
+
+def half_block_convs_onnx():
+    """Dense convs whose outputs only a half AVX-512 vector divides (24, 40), one into a depthwise conv, and one
+    that does not (16); 9x9 maps (flat pixels for the 1x1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, *shape: int):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[1, 1]),
+             helper.make_node("HardSwish", ["c2"], ["h2"]),
+             helper.make_node("Conv", ["h2", "w3"], ["c3"], kernel_shape=[3, 3], pads=[1] * 4, group=40),
+             helper.make_node("Conv", ["c3", "w4"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)]
+    weights = [weight("w1", 24, 16, 3, 3), weight("b1", 24), weight("w2", 40, 24, 1, 1), weight("b2", 40),
+               weight("w3", 40, 1, 3, 3), weight("w4", 16, 40, 3, 3)]
+    graph = helper.make_graph(nodes, "half_blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                    [1, 16, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 9, 9])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_half_block_convs_compute_pairs_only_where_wide_vectors_pay(monkeypatch, paired) -> None:
+    """With AVX-512 blocks, the 24- and 40-channel convs compute pairs of 8-channel blocks where 512-bit FMAs run at
+    twice the 256-bit rate (forced here either way): their kernels are paired once, at build time (constant
+    folding: no pairing kernel is left to run), the 16-channel and the depthwise conv are untouched, and the
+    model agrees with ONNX Runtime."""
+    import importlib
+
+    import tvm
+    from tvm import relax
+
+    from prune_compile.backends.tvm.conv_nchwc import PAIRED
+    from prune_compile.backends.tvm.targets import make_target
+
+    from .test_tvm_layout_guard import blocked_outputs
+
+    tvm_build = importlib.import_module("prune_compile.backends.tvm.build")  # the package exports build()
+    monkeypatch.setattr(tvm_build, "pairs_half_blocks", lambda lanes: paired and lanes >= 16)
+    model = half_block_convs_onnx()
+    expected, actual, mod = blocked_outputs(model, 16)
+    assert ort.relative_error(expected, actual) <= RTOL
+    with make_target("cpu"):
+        mod = tvm.transform.Sequential([relax.transform.LegalizeOps(tvm_build.own_lowerings(16)),
+                                        relax.get_pipeline("zero")])(mod)
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert not [name for name in funcs if "kernel_pairs" in name]
+    assert sum(PAIRED in f.script() for f in funcs.values()) == (2 if paired else 0)
+
+
+def test_half_blocks_pair_only_on_avx512_cores_whose_wide_fmas_run_at_twice_the_rate(monkeypatch) -> None:
+    from prune_compile.backends import fma_peak
+    from prune_compile.backends.tvm.conv_nchwc import pairs_half_blocks
+
+    for speedup, expected in ((2.01, True), (1.02, False)):
+        monkeypatch.setattr(fma_peak, "wide_vector_speedup", lambda s=speedup: s)
+        assert pairs_half_blocks(16) is expected
+        assert pairs_half_blocks(8) is False  # AVX2: 8-channel blocks are the full vector
+
+    def no_compiler():
+        raise fma_peak.PeakUnavailable("no C compiler")
+
+    monkeypatch.setattr(fma_peak, "wide_vector_speedup", no_compiler)
+    assert pairs_half_blocks(16) is False
 
 
 @pytest.mark.serial  # tuning times candidates

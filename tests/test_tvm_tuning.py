@@ -219,6 +219,26 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     assert ort.relative_error(expected, got) <= RTOL
 
 
+def test_a_failing_tuning_task_is_a_backend_error_naming_the_task(tmp_path, monkeypatch) -> None:
+    """MetaSchedule's errors reach us as the exception types tvm_ffi maps TVM's errors to; the handler once caught
+    `tvm.error.TVMError`, which TVM 0.27 no longer has, so a failing task surfaced as an AttributeError about
+    tvm.error instead of the task and its error."""
+    import onnx
+    from tvm.s_tir import meta_schedule as ms
+
+    from prune_compile.errors import BackendError
+
+    def failing(**kwargs):
+        raise ValueError("TensorRegion pattern match failed: v_cb % 2 * 8 + v_c")
+
+    monkeypatch.setattr(ms, "tune_tasks", failing)
+    tiny_model_onnx(str(tmp_path / "tiny.onnx"))
+    with pytest.raises(BackendError, match=r"MetaSchedule failed on task \w+: .*pattern match failed"):
+        tvm_backend.build(onnx.load(str(tmp_path / "tiny.onnx")), "cpu", str(tmp_path / "m.so"),
+                          tuning=tvm_backend.TuningOptions(trials=8, database=str(tmp_path / "db")))
+    assert not (tmp_path / "m.so").exists()
+
+
 def test_meta_schedules_logger_setup_runs_with_foreign_handlers_on_its_logger(tmp_path) -> None:
     """MetaSchedule's per-task logger setup (dictConfig) crashes on handlers it did not create: CI hit it on
     pytest's unnamed capture handlers. Tuning runs it with those detached, and puts them back afterwards. (The

@@ -16,8 +16,10 @@
 #include <time.h>
 
 #if defined(__AVX512F__)
-#define VECTOR_BYTES 64
 #define CHAINS 16 /* 32 registers; 2 pipes x latency 4 need 8 */
+#ifndef VECTOR_BYTES /* -DVECTOR_BYTES=32: the rate of half-width vectors (fma_peak.wide_vector_speedup) */
+#define VECTOR_BYTES 64
+#endif
 #elif defined(__AVX__)
 #define VECTOR_BYTES 32
 #define CHAINS 12 /* 16 registers, two hold the constants */

@@ -11,6 +11,7 @@ outrun the FMA pipes (fraction 1.16 in a loaded test run); the fastest block rea
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,15 +25,17 @@ class PeakUnavailable(RuntimeError):
     """No C compiler, or the probe failed: the caller reports it instead of a fraction."""
 
 
-def compile_probe(directory: str) -> str:
+def compile_probe(directory: str, vector_bytes: int | None = None) -> str:
     """The probe compiled into `directory`, for this CPU. $CC, else cc (TVM links the libraries it builds with one
-    too)."""
+    too). `vector_bytes` 32 on an AVX-512 CPU: the probe runs half-width vectors (else: the widest)."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise PeakUnavailable(f"no C compiler ({compiler}) to build {os.path.basename(SOURCE)}")
-    binary = os.path.join(directory, "fma_peak")
+    binary = os.path.join(directory, f"fma_peak{vector_bytes or ''}")
     # -ffp-contract=fast: `a * b + c` on vectors becomes one FMA (GCC's default outside ISO mode; clang's is "on")
     cmd = [compiler, "-O2", "-march=native", "-ffp-contract=fast", "-o", binary, SOURCE, "-lpthread"]
+    if vector_bytes:
+        cmd.insert(1, f"-DVECTOR_BYTES={vector_bytes}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise PeakUnavailable(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
@@ -58,6 +61,21 @@ def measure(threads: int, seconds: float = 0.3, repeats: int = 3) -> dict:
             "per_thread_gflops": best["per_thread_gflops"], "sustained_gflops": best["sustained_gflops"],
             "vector_bytes": best["vector_bytes"],
             "fused": bool(best["fused"]), "threads": threads}
+
+
+@functools.cache
+def wide_vector_speedup(seconds: float = 0.1) -> float:
+    """One core's FMA rate in 512-bit vectors over its rate in 256-bit ones (1.0 where the widest vectors are not
+    512-bit). About 2 where the core has full-width 512-bit FMA pipes (Zen 5, Intel server parts with two FMA
+    units), about 1 where a 512-bit FMA takes both 256-bit pipes (Zen 4) or one fused port (Intel client parts).
+    The fastest of three runs each; once per process."""
+    with tempfile.TemporaryDirectory(prefix="fma-peak-") as directory:
+        wide = compile_probe(directory)
+        if run_probe(wide, 1, 0.01)["vector_bytes"] != 64:
+            return 1.0
+        half = compile_probe(directory, 32)
+        rates = {b: max(run_probe(b, 1, seconds)["gflops"] for _ in range(3)) for b in (wide, half)}
+    return rates[wide] / rates[half]
 
 
 def fraction(macs: int, median_ms: float, peak: dict) -> float:

@@ -24,7 +24,7 @@ import onnx
 from ...errors import BackendError, UsageError
 from . import parallel_launcher
 from .clip_ops import clips_as_min_max
-from .conv_nchwc import convert_layout, register_schedule_rule, vector_lanes
+from .conv_nchwc import convert_layout, pairs_half_blocks, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
 from .layout_transforms import legalize_layout_transform
 from .pool_nchwc import register_schedule_rule as register_pool_rule
@@ -107,10 +107,12 @@ def converted_layouts(mod, layout: str, lanes: int):
 
 def own_lowerings(lanes: int) -> dict:
     """The ops tuned builds lower with our computes (LegalizeOps hooks) instead of TVM's: blocked convs (when
-    `lanes`), layout transforms as gathers that fuse with their neighbours."""
+    `lanes`; half-width blocks in pairs where this CPU's wide FMAs pay, `pairs_half_blocks`), layout transforms as
+    gathers that fuse with their neighbours."""
     lowerings = {"relax.layout_transform": legalize_layout_transform}
     if lanes:
-        lowerings["relax.nn.conv2d"] = legalize_nchwc
+        paired = lanes if pairs_half_blocks(lanes) else 0
+        lowerings["relax.nn.conv2d"] = lambda bb, call: legalize_nchwc(bb, call, paired)
     return lowerings
 
 

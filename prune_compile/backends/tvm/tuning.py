@@ -486,7 +486,6 @@ class _Session:
 
     def run(self, task, need: int, key: str) -> bool:
         """Tune `task` for `need` trials and record them in the ledger. False when TVM skips the task."""
-        import tvm
         from tvm.s_tir import meta_schedule as ms
 
         self.count += 1
@@ -507,7 +506,7 @@ class _Session:
                           max_trials_global=need, max_trials_per_task=need, num_trials_per_iter=min(need, 32),
                           builder=self.builder, runner=self.runner, database=self.database,
                           task_scheduler="round-robin")
-        except tvm.error.TVMError as e:
+        except Exception as e:  # TVM raises the exception types tvm_ffi maps its errors to
             raise BackendError(f"MetaSchedule failed on task {task.task_name}: "
                                f"{str(e).strip().splitlines()[-1][:300]}") from e
         self._spent(key, need)
