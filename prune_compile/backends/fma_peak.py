@@ -70,12 +70,11 @@ def wide_vector_speedup(seconds: float = 0.1) -> float:
     units), about 1 where a 512-bit FMA takes both 256-bit pipes (Zen 4) or one fused port (Intel client parts).
     The fastest of three runs each; once per process."""
     with tempfile.TemporaryDirectory(prefix="fma-peak-") as directory:
-        wide = compile_probe(directory)
-        if run_probe(wide, 1, 0.01)["vector_bytes"] != 64:
+        wide = [run_probe(compile_probe(directory), 1, seconds) for _ in range(3)]
+        if wide[0]["vector_bytes"] != 64:
             return 1.0
-        half = compile_probe(directory, 32)
-        rates = {b: max(run_probe(b, 1, seconds)["gflops"] for _ in range(3)) for b in (wide, half)}
-    return rates[wide] / rates[half]
+        half = [run_probe(compile_probe(directory, 32), 1, seconds) for _ in range(3)]
+    return max(r["gflops"] for r in wide) / max(r["gflops"] for r in half)
 
 
 def fraction(macs: int, median_ms: float, peak: dict) -> float:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 RULE = "prune_compile_conv2d_nchwc"
 PAIRED = "prune_compile_paired_blocks"  # block annotation: the conv computes pairs of half-width blocks
+UNPAIR = "conv2d_nchwc_unpair"  # the block that puts a paired conv's result back into half-width blocks
 MAX_SPACES = 12
 MIN_PARALLEL = 8  # parallel iterations a schedule should leave (2 cores here: 4 each)
 _registered = False
@@ -214,7 +215,7 @@ def _conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype, out_block
         if not out_blocks:
             return conv
         return te.compute(out_shape, lambda n, cb, oh, ow, c: conv[n, block(cb, c)[0], oh, ow, *block(cb, c)[1:]],
-                          name="conv2d_nchwc_unpair")
+                          name=UNPAIR)
     # Output pixels as one axis, `pixels` of them: those past the last read the last pixel's window (clamped, no
     # read outside the input) and are dropped when the result is unfused back into rows and columns.
     last = out_h * out_w - 1
@@ -429,7 +430,7 @@ def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False,
         pixels = (ow,)
     else:
         later = sch.get_consumers(write)  # none: the conv is the function's output
-        if later and sch.get(later[0]).name_hint == "conv2d_nchwc_unpair":  # paired blocks: back to half-width ones
+        if later and sch.get(later[0]).name_hint == UNPAIR:  # paired blocks: back to half-width ones
             sch.compute_inline(write)  # from the accumulators, in the tile's write-back
             write = later[0]
         inline_epilogue(sch, write)
