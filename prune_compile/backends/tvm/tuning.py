@@ -372,6 +372,24 @@ def hand_scheduled(task) -> bool:
                for f in task.dispatched[0].functions.values())
 
 
+def distinct_schedules(spaces) -> int | None:
+    """How many different schedules a task's design spaces hold when every choice in them is a categorical one (our
+    rules': the space fixes the tile, the search picks one of three unrollings): each space's choices multiplied,
+    summed over the spaces. None when a space samples anything else (MetaSchedule's generic rules sample tile sizes
+    and compute locations: too many to count). Tuning such a task past that number measured nothing more and cost
+    five empty search rounds of 15-20 s each (a Winograd conv of pruned resnet18), in each tuning round."""
+    total = 0
+    for space in spaces:
+        choices = 1
+        for inst in space.trace.insts:
+            if inst.kind.name == "SampleCategorical":
+                choices *= len(inst.attrs[0])
+            elif inst.kind.name.startswith("Sample"):
+                return None
+        total += choices
+    return total
+
+
 def first_round(weights: list[float], total: int, already: list[int],
                 always: frozenset[int] | set[int] = frozenset()) -> tuple[list[int], int]:
     """The FLOPs round and what it leaves for the measured round: (trials each task runs now, trials left).
@@ -432,7 +450,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
         before = len(database)
         already = [ledger.get(key, 0) for key in keys]
         first_needs, second_budget = first_round(weights, options.trials, already, always=heavy)
-        todo_keys = {k for k, n in zip(keys, first_needs, strict=True) if n}
+        todo_keys: set[str] = set()  # tasks trials ran for
         valid_before = _valid_records(database, tasks)
         run_per_task = [0] * len(tasks)
         if any(first_needs) or second_budget:
@@ -443,14 +461,16 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
             session = _Session(target_name, options, directory, database, ledger, report,
                                total=sum(first_needs) + second_budget)
             for i, need in enumerate(first_needs):
-                if need and session.run(tasks[i], need, keys[i]):
-                    run_per_task[i] += need
+                run_per_task[i] += session.run(tasks[i], need, keys[i]) if need else 0
+                if run_per_task[i]:
+                    todo_keys.add(keys[i])
             by_time = [(_best_seconds(database, t) or 0.0) * int(t.weight) for t in tasks] if second_budget else []
             if any(by_time):  # tasks never measured (light ones) keep their default schedule
                 second = allocate_trials(by_time, second_budget)
                 for i, need in enumerate(second):
-                    if need >= MIN_TRIALS_PER_TASK and session.run(tasks[i], need, keys[i]):
-                        run_per_task[i] += need
+                    ran = session.run(tasks[i], need, keys[i]) if need >= MIN_TRIALS_PER_TASK else 0
+                    if ran:
+                        run_per_task[i] += ran
                         todo_keys.add(keys[i])
             report(f"tuning {target_name}: done, {len(todo_keys)} tasks in {session.elapsed():.0f} s", True)
         valid = _valid_records(database, tasks) - valid_before
@@ -484,8 +504,10 @@ class _Session:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def run(self, task, need: int, key: str) -> bool:
-        """Tune `task` for `need` trials and record them in the ledger. False when TVM skips the task."""
+    def run(self, task, need: int, key: str) -> int:
+        """Tune `task` for `need` trials, at most as many as its design spaces have schedules not yet measured
+        (`distinct_schedules`), and record `need` in the ledger. Returns the trials run (0: TVM skips the task, or
+        nothing is left to measure)."""
         from tvm.s_tir import meta_schedule as ms
 
         self.count += 1
@@ -500,17 +522,24 @@ class _Session:
             [task], self.work_dir, strategy=strategy, seed=self.options.seed)
         if not contexts:  # already scheduled: TVM skips it, and so does a rebuild
             self._spent(key, need)
-            return False
+            return 0
+        trials = need
+        distinct = distinct_schedules(contexts[0].generate_design_space())
+        if distinct is not None:
+            trials = min(need, distinct - len(_measured_records(self.database, task, distinct)))
+        if trials <= 0:
+            self._spent(key, need)
+            return 0
         try:
             ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=self.work_dir,
-                          max_trials_global=need, max_trials_per_task=need, num_trials_per_iter=min(need, 32),
+                          max_trials_global=trials, max_trials_per_task=trials, num_trials_per_iter=min(trials, 32),
                           builder=self.builder, runner=self.runner, database=self.database,
                           task_scheduler="round-robin")
         except Exception as e:  # TVM raises the exception types tvm_ffi maps its errors to
             raise BackendError(f"MetaSchedule failed on task {task.task_name}: "
                                f"{str(e).strip().splitlines()[-1][:300]}") from e
         self._spent(key, need)
-        return True
+        return trials
 
     def _spent(self, key: str, trials: int) -> None:
         self.ledger[key] = self.ledger.get(key, 0) + trials
