@@ -270,18 +270,19 @@ def compare(args: argparse.Namespace) -> dict:
     return result
 
 
-def _build_tvm(onnx_path: str, lib: str, threads: int, trials: int, db: str | None, layout: str = "auto") -> dict:
+def _build_tvm(onnx_path: str, lib: str, threads: int, trials: int, db: str | None, layout: str = "auto",
+               winograd: bool = True) -> dict:
     """Compile in a child process too: tuning spawns its own workers, and the parent stays free of TVM."""
     code = ("import json, onnx, sys\n"
             "from prune_compile.backends import tvm as T\n"
             "tuning = T.TuningOptions(trials=int(sys.argv[3]), database=sys.argv[4] or None) "
             "if int(sys.argv[3]) else None\n"
             "r = T.build(onnx.load(sys.argv[1]), 'cpu', sys.argv[2], T.TargetOptions(num_cores=int(sys.argv[5]), "
-            "conv_layout=sys.argv[6]), tuning)\n"
+            "conv_layout=sys.argv[6], winograd=sys.argv[7] == '1'), tuning)\n"
             "print(json.dumps({'pipeline': r.pipeline, 'tuning': r.tuning}))\n")
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code, onnx_path, lib, str(trials), db or "", str(threads),
-                           layout],
+                           layout, "1" if winograd else "0"],
                           capture_output=True, text=True, timeout=6 * 3600)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
@@ -307,6 +308,7 @@ def main() -> None:
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--engines", default="ort,tvm_untuned,tvm_tuned,torch")
     ap.add_argument("--conv-layout", choices=CONV_LAYOUTS, default="auto")
+    ap.add_argument("--no-winograd", action="store_true", help="TVM computes every 3x3 conv directly")
     ap.add_argument("--variants", default="unpruned,pruned", help="which of unpruned,pruned to build and time")
     ap.add_argument("--no-fold-bn", action="store_true",
                     help="hand TVM the graph with batch_norm as is (default: folded into the convs, as compile does)")
@@ -384,7 +386,8 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
     runs: list[tuple[str, str, str, str, int]] = []  # (engine, variant, worker kind, artifact, repeat)
     result: dict = {"model": args.model, "ratio": args.ratio, "round_to": args.round_to, "threads": args.threads,
                     "repeat": args.repeat, "rounds": args.rounds, "tune_trials": args.tune,
-                    "fold_bn": not args.no_fold_bn, "conv_layout": args.conv_layout, "macs": {}, "params": {},
+                    "fold_bn": not args.no_fold_bn, "conv_layout": args.conv_layout,
+                    "winograd": not args.no_winograd, "macs": {}, "params": {},
                     "latency_ms": {}, "builds": {}}
     for label, g in variants.items():
         cost = graph_cost(g)
@@ -404,12 +407,12 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
         if "tvm_untuned" in engines:
             lib = os.path.join(work, f"{label}.untuned.so")
             result["builds"][f"tvm_untuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, 0, None,
-                                                                  args.conv_layout)
+                                                                  args.conv_layout, not args.no_winograd)
             runs.append(("tvm_untuned", label, "tvm", lib, max(3, args.repeat // 10), None))
         if "tvm_tuned" in engines and args.tune:
             lib = os.path.join(work, f"{label}.tuned.so")
             result["builds"][f"tvm_tuned.{label}"] = _build_tvm(tvm_path, lib, args.threads, args.tune,
-                                                                args.tune_db, args.conv_layout)
+                                                                args.tune_db, args.conv_layout, not args.no_winograd)
             runs.append(("tvm_tuned", label, "tvm", lib, args.repeat, None))
         if "torch" in engines and torch_module is not None:
             runs.append(("torch", label, "torch", os.path.join(work, f"{label}.pt"), args.repeat, None))

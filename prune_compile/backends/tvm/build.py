@@ -26,6 +26,8 @@ from . import parallel_launcher
 from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, pairs_half_blocks, register_schedule_rule, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
+from .conv_winograd import register_schedule_rule as register_winograd_rule
+from .conv_winograd import winograd_kernels
 from .layout_transforms import legalize_layout_transform
 from .pool_nchwc import register_schedule_rule as register_pool_rule
 from .recurrent_steps import recurrent_steps_frontend
@@ -105,14 +107,15 @@ def converted_layouts(mod, layout: str, lanes: int):
     return convert_layout(mod, lanes)
 
 
-def own_lowerings(lanes: int) -> dict:
+def own_lowerings(lanes: int, winograd: bool = True) -> dict:
     """The ops tuned builds lower with our computes (LegalizeOps hooks) instead of TVM's: blocked convs (when
-    `lanes`; half-width blocks in pairs where this CPU's wide FMAs pay, `pairs_half_blocks`), layout transforms as
-    gathers that fuse with their neighbours."""
+    `lanes`; half-width blocks in pairs where this CPU's wide FMAs pay, `pairs_half_blocks`; with `winograd`, 3x3
+    stride-1 ones by F(4x4, 3x3) where it pays, conv_winograd), layout transforms as gathers that fuse with their
+    neighbours."""
     lowerings = {"relax.layout_transform": legalize_layout_transform}
     if lanes:
         paired = lanes if pairs_half_blocks(lanes) else 0
-        lowerings["relax.nn.conv2d"] = lambda bb, call: legalize_nchwc(bb, call, paired)
+        lowerings["relax.nn.conv2d"] = lambda bb, call: legalize_nchwc(bb, call, paired, winograd)
     return lowerings
 
 
@@ -148,18 +151,21 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
             pipeline = "NHWC, default (untuned)"
         if lanes:
             register_schedule_rule()
+            register_winograd_rule()
             register_pool_rule()
         if tvm_target.kind.name == "llvm":
             mod = vectorized_math(mod)  # else exp, tanh, erf are a libm call per vector lane
         if tuned:
             passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-                      relax.transform.LegalizeOps(own_lowerings(lanes))]
+                      relax.transform.LegalizeOps(own_lowerings(lanes, target_options.winograd))]
             with tvm_target:
                 mod = tvm.transform.Sequential([*passes, relax.get_pipeline("zero")])(mod)
             database, summary = tune(mod, tvm_target, target, tuning)
             with tvm_target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
             pipeline = "metaschedule" + (", NHWC" if layout == "NHWC" else f", NCHW{lanes}c" if lanes else "")
+            winograd = winograd_kernels(mod)
+            pipeline += f", Winograd F(4x4,3x3) in {winograd} kernels" if winograd else ""
     except (UsageError, BackendError):
         raise
     except Exception as e:

@@ -34,12 +34,14 @@ _SM = re.compile(r"^sm_(\d{2,3})[a-z]?$")
 
 @dataclass(frozen=True)
 class TargetOptions:
-    """Per-target knobs the CLI exposes (`--arm-board`, `--gpu-arch`, `--num-cores`, `--conv-layout`)."""
+    """Per-target knobs the CLI exposes (`--arm-board`, `--gpu-arch`, `--num-cores`, `--conv-layout`,
+    `--no-winograd`)."""
 
     arm_board: str = "generic"
     gpu_arch: str = DEFAULT_GPU_ARCH
     num_cores: int | None = None
     conv_layout: str = "auto"  # see resolve_conv_layout
+    winograd: bool = True  # 3x3 stride-1 convs in the blocked layout by F(4x4, 3x3) where it pays (conv_winograd)
 
 
 DEFAULT_OPTIONS = TargetOptions()

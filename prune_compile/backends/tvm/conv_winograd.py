@@ -1,0 +1,269 @@
+"""3x3 stride-1 dense convs by Winograd's minimal filtering F(4x4, 3x3), in the blocked layout, for tuned CPU builds.
+
+Why: the direct blocked conv (conv_nchwc) runs pruned resnet18's 3x3 convs at 0.82-0.91 of the cores' measured FMA
+peak, as ONNX Runtime's MLAS does (MLAS has no Winograd for float32): no schedule makes it much faster. F(4x4, 3x3)
+computes a 4x4 output tile from a 6x6 input tile with 36 multiplies per input-output channel pair instead of 144
+(Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). Zen 5, 2 threads, each conv + bias +
+ReLU, best design space of each: 32->32 56x56 0.130 -> 0.048 ms, 64->64 28x28 0.120 -> 0.037, 128->128 14x14
+0.122 -> 0.061, 256->256 7x7 0.122 -> 0.060, 16->16 112x112 0.122 -> 0.075; a 4x4 output (one tile) 0.047 -> 0.051.
+
+How (channel blocks are the vector lanes throughout):
+- `kernel_transform`: U = G g Gᵀ per channel pair, a call of its own on the constant kernel: constant folding
+  transforms it once at build time (as conv_nchwc's `paired_kernel`).
+- `conv2d_winograd`: the input tiles V = Bᵀ d B (rows, then columns: each a sparse sum of the tile's rows with small
+  integer weights, not a matrix multiply), 36 independent products M[ξν] = U[ξν] · V[ξν] over the input channels
+  (the only multiplies that grow with both channel counts), the output tiles Y = Aᵀ M A, which the conv's consumers
+  (bias, residual, activation) fuse into. The input is padded to whole tiles; outputs past the conv's are dropped.
+- Which convs (`pays`): enough tiles to save at least half the multiplies, and, where the transformed weights (4x
+  the kernel) do not stay in the cache, enough tiles per call to make up for streaming them: pruned resnet18's
+  256->256 7x7 convs stay direct (by F(4, 3) the model ran 0.84x ONNX Runtime's latency, without them 0.73x).
+- The schedule rule: the input transform parallel over (image, channel block, tile), the products tiled into
+  registers as the direct conv's (output-channel blocks x tiles, `register_tiles`) and parallel over the 36
+  products, the output transform and the epilogue parallel over rows of tiles.
+Numerics: the transforms scale values by up to 8 and by 1/24: about 1e-5 relative error per conv in float32 (the
+direct conv ~1e-7); `--no-winograd` computes every conv directly.
+"""
+
+from __future__ import annotations
+
+RULE = "prune_compile_conv2d_winograd"
+TILE = 4  # outputs per tile side: m of F(m x m, 3 x 3)
+ALPHA = TILE + 2  # input tile side
+# Lavin & Gray's F(4, 3) matrices, interpolation points 0, 1, -1, 2, -2 and infinity.
+B_T = ((4, 0, -5, 0, 1, 0),
+       (0, -4, -4, 1, 1, 0),
+       (0, 4, -4, -1, 1, 0),
+       (0, -2, -1, 2, 1, 0),
+       (0, 2, -1, -2, 1, 0),
+       (0, 4, 0, -5, 0, 1))
+G = ((1 / 4, 0, 0),
+     (-1 / 6, -1 / 6, -1 / 6),
+     (-1 / 6, 1 / 6, -1 / 6),
+     (1 / 24, 1 / 12, 1 / 6),
+     (1 / 24, -1 / 12, 1 / 6),
+     (0, 0, 1))
+A_T = ((1, 1, 1, 1, 1, 0),
+       (0, 1, -1, 2, -2, 0),
+       (0, 1, 1, 4, 4, 0),
+       (0, 1, -1, 8, -8, 1))
+MIN_TILES = 4  # one tile (a 4x4 output) ran 10% slower than the direct conv; four (7x7) 2x faster
+MIN_SAVING = 2.0  # multiplies saved after padding to whole tiles: 4x for whole tiles, 3.1x at 7x7 and 14x14
+CACHED_WEIGHTS = 1 << 20  # bytes of transformed weights a core's L2 keeps between calls (Zen 4 and 5: 1 MiB)
+FMAS_PER_BYTE = 8  # FMAs the cores run per byte of weights streamed from memory (2 Zen 5 cores: 275 G/s, ~30 GB/s)
+
+
+def tiles(out_h: int, out_w: int) -> tuple[int, int]:
+    """Tile rows and columns covering an output."""
+    return -(-out_h // TILE), -(-out_w // TILE)
+
+
+def pays(out_h: int, out_w: int, channel_pairs: int, images: int = 1) -> bool:
+    """Whether F(4, 3) beats the direct conv on an output of this size with `channel_pairs` (input x output
+    channels, blocks padded). Compute: 36 multiplies per tile and channel pair instead of 144 per 4x4 outputs, on
+    every tile, whole or not (MIN_TILES, MIN_SAVING). Memory: the transformed weights are 4x the kernel's (36 floats
+    per pair instead of 9) and each is used once per tile; past the cache (CACHED_WEIGHTS) each call streams them,
+    so the cost per pair is the larger of FMAs and bytes x FMAS_PER_BYTE, for both algorithms. Pruned resnet18 on
+    Zen 5, the same rounds: its 256->256 7x7 convs (9.4 MB, 4 tiles) by F(4, 3) took the model from 0.73x ONNX
+    Runtime's latency to 0.84x; its 128->128 14x14 ones (2.4 MB, 16 tiles) from 0.77x to 0.73x."""
+    th, tw = tiles(out_h, out_w)
+    tile_count, outputs = th * tw * images, out_h * out_w * images
+    if th * tw < MIN_TILES or 4 * outputs / (TILE * TILE * tile_count) < MIN_SAVING:
+        return False
+    if ALPHA * ALPHA * 4 * channel_pairs <= CACHED_WEIGHTS:
+        return True
+    return max(ALPHA * ALPHA * tile_count, ALPHA * ALPHA * 4 * FMAS_PER_BYTE) < max(9 * outputs, 9 * 4 * FMAS_PER_BYTE)
+
+
+def applies(call) -> bool:
+    """Whether a relax.nn.conv2d call in the blocked layout (a 6-D kernel, see conv_nchwc) is one F(4, 3) computes:
+    dense, 3x3, stride 1, no dilation, float32, a blocked input, and a shape `pays` for."""
+    attrs = call.attrs
+    data, kernel = (call.args[i].ty for i in (0, 1))
+    data_shape, kernel_shape = ([int(d) for d in t.shape] for t in (data, kernel))
+    if len(kernel_shape) != 6 or len(data_shape) != 5 or attrs.groups != 1:
+        return False
+    if kernel_shape[2:4] != [3, 3] or any(int(v) != 1 for v in (*attrs.strides, *attrs.dilation)):
+        return False
+    if str(data.dtype) != "float32" or str(attrs.out_dtype or "float32") != "float32":
+        return False
+    pt, pl, pb, pr = (int(v) for v in attrs.padding)
+    n, h, w = data_shape[0], *data_shape[2:4]
+    pairs = data_shape[1] * data_shape[4] * kernel_shape[0] * kernel_shape[5]
+    return pays(h + pt + pb - 2, w + pl + pr - 2, pairs, n)
+
+
+def _combination(matrix, row, value):
+    """sum_a matrix[row][a] * value(a) for a loop variable `row`: each row of the matrix a sum of its non-zero terms
+    (no multiply by 0 or 1), the row selected by `row`. The schedule unrolls `row`, which folds the selection."""
+    from tvm import tirx
+
+    def term(a, weight):
+        v = value(a)
+        return v if weight == 1 else -v if weight == -1 else v * tirx.const(float(weight), v.dtype)
+
+    sums = []
+    for weights in matrix:
+        terms = [term(a, weight) for a, weight in enumerate(weights) if weight != 0]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        sums.append(total)
+    selected = sums[-1]
+    for i in range(len(sums) - 2, -1, -1):
+        selected = tirx.Select(row == i, sums[i], selected)
+    return selected
+
+
+def kernel_transform(kernel):
+    """U = G g Gᵀ for a blocked kernel OIHW[ib]i[ob]o, as (ALPHA², output blocks, input blocks, ib, ob): the product
+    for (ξ, ν) reads U[ξ * ALPHA + ν] (see `conv2d_winograd`)."""
+    from tvm import te
+
+    ocb, icb, _, _, ib, ob = (int(d) for d in kernel.shape)
+    rows = te.compute((ALPHA, 3, ocb, icb, ib, ob),
+                      lambda xi, s, o, i, ii, oo: _combination(G, xi, lambda r: kernel[o, i, r, s, ii, oo]),
+                      name="winograd_kernel_rows")
+    return te.compute((ALPHA * ALPHA, ocb, icb, ib, ob),
+                      lambda e, o, i, ii, oo: _combination(G, e % ALPHA, lambda s: rows[e // ALPHA, s, o, i, ii, oo]),
+                      name="winograd_kernel")
+
+
+def conv2d_winograd(data, weights, padding, out_dtype):
+    """The conv of blocked `data` (NCHW[ib]c) with a transformed kernel (`kernel_transform`), output NCHW[ob]c."""
+    from tvm import te, topi
+
+    n_, cb_, h, w, ib = (int(d) for d in data.shape)
+    kb_, ob = int(weights.shape[1]), int(weights.shape[4])
+    pt, pl, pb, pr = (int(v) for v in padding)
+    out_h, out_w = h + pt + pb - 2, w + pl + pr - 2
+    th, tw = tiles(out_h, out_w)
+    # whole tiles read ALPHA input rows from each TILE-th: zeros past the conv's own padding (outputs dropped)
+    padded = topi.nn.pad(data, (0, 0, pt, pl, 0), (0, 0, TILE * th + 2 - h - pt, TILE * tw + 2 - w - pl, 0),
+                         name="winograd_pad")
+    count = th * tw
+
+    def window(t, a, b):
+        return t // tw * TILE + a, t % tw * TILE + b
+
+    rows = te.compute(
+        (ALPHA, ALPHA, n_, cb_, count, ib),
+        lambda xi, b, n, c, t, ci: _combination(B_T, xi, lambda a: padded[n, c, *window(t, a, b), ci]),
+        name="winograd_input_rows")
+    inputs = te.compute(
+        (ALPHA, ALPHA, n_, cb_, count, ib),
+        lambda xi, nu, n, c, t, ci: _combination(B_T, nu, lambda b: rows[xi, b, n, c, t, ci]),
+        name="winograd_input")
+    icb, ici = te.reduce_axis((0, cb_), "icb"), te.reduce_axis((0, ib), "ici")
+    products = te.compute(
+        (ALPHA * ALPHA, n_, kb_, count, ob),
+        lambda e, n, o, t, oc: te.sum(inputs[e // ALPHA, e % ALPHA, n, icb, t, ici].astype(out_dtype)
+                                      * weights[e, o, icb, ici, oc].astype(out_dtype), axis=[icb, ici]),
+        name="winograd_products", attrs={"schedule_rule": RULE})
+    columns = te.compute(
+        (n_, kb_, count, TILE, ALPHA, ob),
+        lambda n, o, t, i, nu, oc: _combination(A_T, i, lambda xi: products[xi * ALPHA + nu, n, o, t, oc]),
+        name="winograd_output_rows")
+    return te.compute(
+        (n_, kb_, out_h, out_w, ob),
+        lambda n, o, y, x, oc: _combination(
+            A_T, x % TILE, lambda nu: columns[n, o, y // TILE * tw + x // TILE, y % TILE, nu, oc]),
+        name="winograd_output")
+
+
+def legalize(bb, call):
+    """The LegalizeOps lowering of a conv `applies` to: the kernel transform (folded), then the conv."""
+    weights = bb.emit(bb.call_te(kernel_transform, call.args[1], primfunc_name_hint="winograd_kernel"))
+    return bb.call_te(conv2d_winograd, call.args[0], weights, call.attrs.padding, "float32",
+                      primfunc_name_hint="conv2d_winograd")
+
+
+def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
+    """One design space: the products' register tile (`tile`: output-channel blocks, tiles) fixed; parallel over
+    the 36 products and output-channel block groups, and over groups of tiles too when `tiles_parallel`."""
+    from .conv_nchwc import inline_epilogue
+
+    (inputs,) = sch.get_producers(products)
+    (rows,) = sch.get_producers(inputs)
+    (columns,) = sch.get_consumers(products)
+    (output,) = sch.get_consumers(columns)
+    # input transform: each (image, channel block, tile) its rows then columns, ξ, ν and the rows unrolled
+    xi, nu, n, c, t, ci = sch.get_loops(inputs)
+    sch.reorder(n, c, t, xi, nu, ci)
+    per_tile = sch.fuse(n, c, t)
+    sch.parallel(per_tile)
+    sch.compute_at(rows, per_tile)
+    for pad in sch.get_producers(rows):
+        sch.compute_inline(pad)  # reads past the input are zeros in the transform itself: no pass of its own
+    for loop in sch.get_loops(rows)[1:-1]:
+        sch.unroll(loop)
+    sch.vectorize(sch.get_loops(rows)[-1])
+    sch.unroll(xi)
+    sch.unroll(nu)
+    sch.vectorize(ci)
+    # the products: register tiles as the direct conv's, the tile's accumulators written back after the reduction
+    a, b = tile
+    e, n, o, t, oc, icb, ici = sch.get_loops(products)
+    o_outer, o_inner = sch.split(o, [None, a])
+    t_outer, t_inner = sch.split(t, [None, b])
+    write = sch.cache_write(products, 0, "global")
+    sch.reorder(e, n, o_outer, t_outer, icb, ici, o_inner, t_inner, oc)
+    parallel = sch.fuse(e, n, o_outer, t_outer) if tiles_parallel else sch.fuse(e, n, o_outer)
+    sch.parallel(parallel)
+    sch.unroll(o_inner)
+    sch.unroll(t_inner)
+    sch.vectorize(oc)
+    sch.annotate(ici, "pragma_auto_unroll_max_step", sch.sample_categorical([0, 16, 512], [0.34, 0.33, 0.33]))
+    sch.annotate(ici, "pragma_unroll_explicit", 1)
+    sch.reverse_compute_at(write, parallel if tiles_parallel else t_outer, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(write)[-1])
+    # output transform and epilogue: per tile its rows' columns, then the tile's outputs
+    inline_epilogue(sch, output)
+    n, o, y, x, oc = sch.get_loops(output)
+    y_tile, y_in = sch.split(y, [None, TILE])
+    x_tile, x_in = sch.split(x, [None, TILE])
+    sch.reorder(n, o, y_tile, x_tile, y_in, x_in, oc)
+    sch.parallel(sch.fuse(n, o, y_tile))
+    sch.compute_at(columns, x_tile)
+    for loop in sch.get_loops(columns)[-3:-1]:
+        sch.unroll(loop)
+    sch.vectorize(sch.get_loops(columns)[-1])
+    sch.unroll(y_in)
+    sch.unroll(x_in)
+    sch.vectorize(oc)
+    # everything here is scheduled: MetaSchedule's generic rules leave blocks marked "None" alone
+    for block in (rows, inputs, write, columns, output, sch.get_sblock("root")):
+        sch.annotate(block, "schedule_rule", "None")
+    sch.unannotate(products, "schedule_rule")
+    sch.annotate(products, "schedule_rule", "None")
+    return sch
+
+
+def _rule(sch, products):
+    from .conv_nchwc import register_tiles, vector_registers
+
+    extents = [int(sch.get(loop).extent) for loop in sch.get_loops(products)]
+    out_blocks, count, lanes = extents[2:5]
+    spaces = []
+    for a, _, b in register_tiles(out_blocks, 1, count, vector_registers(lanes)) or [(1, 1, 1)]:
+        spaces += [_schedule(sch.copy(), products, (a, b), parallel) for parallel in (False, True)]
+    return spaces
+
+
+def winograd_kernels(mod) -> int:
+    """How many kernels of a lowered module compute a conv by F(4x4, 3x3) (its name says so; fused epilogues
+    add to the name)."""
+    return sum(1 for gv in mod.get_global_vars() if "conv2d_winograd" in gv.name_hint)
+
+
+_registered = False
+
+
+def register_schedule_rule() -> None:
+    """Make the rule visible to MetaSchedule (`s_tir.meta_schedule.cpu.<RULE>`, the CPU target key)."""
+    global _registered
+    if _registered:
+        return
+    import tvm
+
+    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", _rule, override=True)
+    _registered = True
