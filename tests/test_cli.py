@@ -276,3 +276,11 @@ def test_json_stdout_holds_only_the_report_whatever_the_libraries_print(tmp_path
     assert _cli(DEFAULT_MODEL, "-o", str(tmp_path / "p"), "--ratio", "0.5") == 0
     out, _ = capfd.readouterr()
     assert out.startswith("model ") and "chatter" not in out
+
+
+def test_no_winograd_reaches_the_tvm_target_options() -> None:
+    from prune_compile import cli
+
+    parser = cli.build_parser()
+    assert cli._target_options(parser.parse_args(["m.onnx", "-o", "out"])).winograd is True
+    assert cli._target_options(parser.parse_args(["m.onnx", "-o", "out", "--no-winograd"])).winograd is False

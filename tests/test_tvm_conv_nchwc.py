@@ -273,7 +273,7 @@ def test_every_design_space_of_the_rule_computes_the_conv(depthwise, stride, siz
         kernel = te.placeholder((out_blocks, *in_shape, lanes), name="kernel")
         out = conv_nchwc._conv2d_nchwc(data, kernel, (stride, stride), pad, (1, 1), "float32")
     sch = Schedule(te.create_prim_func([data, kernel, out]))
-    spaces = conv_nchwc._rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
+    spaces = conv_nchwc.schedule_rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
     out_size = (size - 1) // stride + 1
     blocks = in_blocks if depthwise else out_blocks
     pixels = 0 if depthwise else pixel_count(blocks, out_size, out_size, 16)
@@ -364,7 +364,7 @@ def test_every_design_space_fuses_the_bias_and_activation(activation, depthwise,
     bias = te.placeholder((1, blocks, 1, 1, lanes), name="bias")
     result = _activation(activation, topi.add(out, bias))
     sch = Schedule(te.create_prim_func([data, kernel, bias, result]))
-    spaces = conv_nchwc._rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
+    spaces = conv_nchwc.schedule_rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
     rng = np.random.default_rng(0)
     x, k, b = (rng.standard_normal([int(d) for d in t.shape]).astype(np.float32) for t in (data, kernel, bias))
     expected = _activation_reference(activation, _blocked_conv_reference(x, k, 1, depthwise) + b)
@@ -395,7 +395,7 @@ def test_an_epilogue_that_cannot_fuse_still_runs_in_parallel() -> None:
     biased = topi.add(conv_nchwc._depthwise_nchwc(data, kernel, (1, 1), (1, 1, 1, 1), (1, 1), "float32"), bias)
     activated = _activation("hardswish", biased)
     sch = Schedule(te.create_prim_func([data, kernel, bias, biased, activated]))
-    spaces = conv_nchwc._rule(sch, sch.get_sblock("depthwise_nchwc"))
+    spaces = conv_nchwc.schedule_rule(sch, sch.get_sblock("depthwise_nchwc"))
     rng = np.random.default_rng(0)
     x, k, b = (rng.standard_normal([int(d) for d in t.shape]).astype(np.float32) for t in (data, kernel, bias))
     want = _blocked_conv_reference(x, k, 1, True) + b
@@ -457,7 +457,7 @@ def test_every_design_space_of_paired_half_blocks_computes_the_conv(size, kernel
     result = _activation("hardswish", topi.add(conv, bias)) if epilogue else conv
     assert [int(d) for d in result.shape] == [1, out_blocks, size, size, half]
     sch = Schedule(te.create_prim_func([data, kernel, bias, result]))
-    spaces = conv_nchwc._rule(sch, sch.get_sblock("conv2d_nchwc"))
+    spaces = conv_nchwc.schedule_rule(sch, sch.get_sblock("conv2d_nchwc"))
     assert spaces
     rng = np.random.default_rng(0)
     x, k, b = (rng.standard_normal([int(d) for d in t.shape]).astype(np.float32) for t in (data, kernel, bias))

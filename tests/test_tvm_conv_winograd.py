@@ -127,7 +127,7 @@ def test_every_design_space_computes_the_conv_with_its_epilogue(channels, size, 
     s = te.placeholder((1, cout // lanes, out_h, out_w, lanes), name="skip")
     y = topi.nn.relu(topi.add(topi.add(conv_winograd.conv2d_winograd(data, weights, pad, "float32"), b), s))
     sch = Schedule(te.create_prim_func([data, weights, b, s, y]))
-    spaces = conv_winograd._rule(sch, sch.get_sblock("winograd_products"))
+    spaces = conv_winograd.schedule_rule(sch, sch.get_sblock("winograd_products"))
     tile_rows, tile_columns = conv_winograd.tiles(out_h, out_w)
     tile_count = tile_rows * tile_columns
     assert len(spaces) == 2 * len(register_tiles(cout // lanes, 1, tile_count, vector_registers(lanes)))

@@ -45,7 +45,7 @@ def test_blocked_max_pool_schedule_computes_the_pool(size, kernel, stride, paddi
     func = _fused_pool((1, blocks, size, size, lanes), "NCHW8c", (kernel, kernel), (stride, stride),
                        (padding,) * 4, ceil_mode)
     sch = Schedule(func)
-    (space,) = pool_nchwc._rule(sch, _pool_block(sch))
+    (space,) = pool_nchwc.schedule_rule(sch, _pool_block(sch))
     # every block scheduled here: none left for MetaSchedule's generic rules
     for block in [space.get_sblock("root"), *space.get_child_blocks(space.get_sblock("root"))]:
         assert dict(space.get(block).annotations).get("schedule_rule") == "None"
@@ -71,6 +71,6 @@ def test_nchw_pools_are_left_to_the_generic_rules() -> None:
 
     sch = Schedule(_fused_pool((1, 16, 14, 14), "NCHW", (3, 3), (2, 2), (1, 1, 1, 1), False))
     block = _pool_block(sch)
-    (space,) = pool_nchwc._rule(sch, block)
+    (space,) = pool_nchwc.schedule_rule(sch, block)
     assert "schedule_rule" not in space.get(block).annotations
     assert space.trace is None or len(space.trace.insts) <= len(sch.trace.insts)

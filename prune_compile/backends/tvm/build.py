@@ -22,14 +22,12 @@ import numpy as np
 import onnx
 
 from ...errors import BackendError, UsageError
-from . import parallel_launcher
+from . import conv_nchwc, conv_winograd, parallel_launcher, pool_nchwc
 from .clip_ops import clips_as_min_max
-from .conv_nchwc import convert_layout, pairs_half_blocks, register_schedule_rule, vector_lanes
+from .conv_nchwc import convert_layout, pairs_half_blocks, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
-from .conv_winograd import register_schedule_rule as register_winograd_rule
 from .conv_winograd import winograd_kernels
 from .layout_transforms import legalize_layout_transform
-from .pool_nchwc import register_schedule_rule as register_pool_rule
 from .recurrent_steps import recurrent_steps_frontend
 from .recurrent_unroll import has_recurrences, unrolled_recurrences
 from .stack_ops import stacks_as_concats
@@ -107,6 +105,16 @@ def converted_layouts(mod, layout: str, lanes: int):
     return convert_layout(mod, lanes)
 
 
+def register_schedule_rules() -> None:
+    """Make our CPU schedule rules visible to MetaSchedule, which calls the one a block's `schedule_rule`
+    annotation names as `s_tir.meta_schedule.cpu.<name>` (the CPU target key)."""
+    import tvm
+
+    for name, rule in ((conv_nchwc.RULE, conv_nchwc.schedule_rule), (conv_winograd.RULE, conv_winograd.schedule_rule),
+                       (pool_nchwc.TAG, pool_nchwc.schedule_rule)):
+        tvm.register_global_func(f"s_tir.meta_schedule.cpu.{name}", rule, override=True)
+
+
 def own_lowerings(lanes: int, winograd: bool = True) -> dict:
     """The ops tuned builds lower with our computes (LegalizeOps hooks) instead of TVM's: blocked convs (when
     `lanes`; half-width blocks in pairs where this CPU's wide FMAs pay, `pairs_half_blocks`; with `winograd`, 3x3
@@ -150,9 +158,7 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
         if layout == "NHWC":
             pipeline = "NHWC, default (untuned)"
         if lanes:
-            register_schedule_rule()
-            register_winograd_rule()
-            register_pool_rule()
+            register_schedule_rules()
         if tvm_target.kind.name == "llvm":
             mod = vectorized_math(mod)  # else exp, tanh, erf are a libm call per vector lane
         if tuned:

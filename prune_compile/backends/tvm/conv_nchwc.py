@@ -47,7 +47,6 @@ PAIRED = "prune_compile_paired_blocks"  # block annotation: the conv computes pa
 UNPAIR = "conv2d_nchwc_unpair"  # the block that puts a paired conv's result back into half-width blocks
 MAX_SPACES = 12
 MIN_PARALLEL = 8  # parallel iterations a schedule should leave (2 cores here: 4 each)
-_registered = False
 
 
 def vector_lanes(target) -> int:
@@ -482,7 +481,7 @@ def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False,
     return sch
 
 
-def _rule(sch, block):
+def schedule_rule(sch, block):
     loops = sch.get_loops(block)
     if PAIRED in sch.get(block).annotations:  # the two lane axes of a pair (see `_conv2d_nchwc`) are one vector
         sch.fuse(*loops[-6:-4])
@@ -510,14 +509,3 @@ def _rule(sch, block):
                 passes.append(None)
         spaces += [_schedule(sch.copy(), block, tile, pad, p) for pad in placements for p in passes]
     return spaces
-
-
-def register_schedule_rule() -> None:
-    """Make the rule visible to MetaSchedule (`s_tir.meta_schedule.cpu.<RULE>`, the CPU target key)."""
-    global _registered
-    if _registered:
-        return
-    import tvm
-
-    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", _rule, override=True)
-    _registered = True

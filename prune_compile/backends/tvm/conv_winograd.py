@@ -238,7 +238,7 @@ def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
     return sch
 
 
-def _rule(sch, products):
+def schedule_rule(sch, products):
     from .conv_nchwc import register_tiles, vector_registers
 
     extents = [int(sch.get(loop).extent) for loop in sch.get_loops(products)]
@@ -253,17 +253,3 @@ def winograd_kernels(mod) -> int:
     """How many kernels of a lowered module compute a conv by F(4x4, 3x3) (its name says so; fused epilogues
     add to the name)."""
     return sum(1 for gv in mod.get_global_vars() if "conv2d_winograd" in gv.name_hint)
-
-
-_registered = False
-
-
-def register_schedule_rule() -> None:
-    """Make the rule visible to MetaSchedule (`s_tir.meta_schedule.cpu.<RULE>`, the CPU target key)."""
-    global _registered
-    if _registered:
-        return
-    import tvm
-
-    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", _rule, override=True)
-    _registered = True

@@ -16,10 +16,9 @@ from __future__ import annotations
 from .conv_nchwc import inline_all, inline_epilogue
 
 TAG = "meta_schedule.pool_max"
-_registered = False
 
 
-def _rule(sch, block):
+def schedule_rule(sch, block):
     loops = sch.get_loops(block)
     if len(loops) != 7:  # blocked: (n, channel blocks, rows, columns, channels in block) and the window's two
         sch.unannotate(block, "schedule_rule")  # what TVM does with an unknown tag: the generic rules apply
@@ -42,14 +41,3 @@ def _rule(sch, block):
     sch.annotate(block, "schedule_rule", "None")
     sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
     return [sch]
-
-
-def register_schedule_rule() -> None:
-    """Make the rule visible to MetaSchedule (`s_tir.meta_schedule.cpu.<TAG>`, the CPU target key)."""
-    global _registered
-    if _registered:
-        return
-    import tvm
-
-    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{TAG}", _rule, override=True)
-    _registered = True
