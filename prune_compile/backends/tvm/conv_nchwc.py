@@ -396,6 +396,24 @@ def _parallel_rows(sch, block) -> None:
     sch.annotate(block, "schedule_rule", "None")
 
 
+def sampled_unroll(sch, loop) -> None:
+    """The one choice our rules leave to the search besides the design space (tuning.distinct_schedules counts
+    it): how far `loop` and the loops inside it unroll."""
+    sch.annotate(loop, "pragma_auto_unroll_max_step", sch.sample_categorical([0, 16, 512], [0.34, 0.33, 0.33]))
+    sch.annotate(loop, "pragma_unroll_explicit", 1)
+
+
+def scheduled(sch, rule_block, *others) -> None:
+    """Mark a function one of our rules scheduled: `rule_block` (its annotation named the rule), the `others` and
+    the root as "None", which MetaSchedule's generic rules (and the root's parallelize / vectorize / unroll
+    postprocessing) leave alone."""
+    for block in others:
+        sch.annotate(block, "schedule_rule", "None")
+    sch.unannotate(rule_block, "schedule_rule")
+    sch.annotate(rule_block, "schedule_rule", "None")
+    sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
+
+
 def in_block_passes(kernel_pixels: int, in_blocks: int) -> list[int | None]:
     """How many input-channel blocks a dense conv's pass over a strip of output rows reduces (None: all of them,
     tile by tile): the choices a design space is offered. MLAS's loop order (one block per pass: that pass's
@@ -457,9 +475,7 @@ def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False,
     for loop in (ocb_i, *inner):
         sch.unroll(loop)
     sch.vectorize(oci)
-    unrolled = reductions[-2]  # kw of a dense conv (unrolls the in-channel loop), kh of a depthwise one
-    sch.annotate(unrolled, "pragma_auto_unroll_max_step", sch.sample_categorical([0, 16, 512], [0.34, 0.33, 0.33]))
-    sch.annotate(unrolled, "pragma_unroll_explicit", 1)
+    sampled_unroll(sch, reductions[-2])  # kw of a dense conv (unrolls the in-channel loop), kh of a depthwise one
     sch.reverse_compute_at(write, rows if flat or in_blocks else outer[-1], preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(write)[-1])
     # The padded input: its own parallel pass. Left to the generic rules it was sometimes computed inside the
@@ -472,12 +488,7 @@ def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False,
             sch.annotate(producer, "schedule_rule", "None")
         else:
             _parallel_rows(sch, producer)
-    # Everything in this function is scheduled: MetaSchedule's generic rules (and the root's parallelize /
-    # vectorize / unroll postprocessing) leave blocks marked "None" alone.
-    sch.annotate(write, "schedule_rule", "None")
-    sch.unannotate(block, "schedule_rule")
-    sch.annotate(block, "schedule_rule", "None")
-    sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
+    scheduled(sch, block, write)
     return sch
 
 

@@ -180,7 +180,7 @@ def legalize(bb, call):
 def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
     """One design space: the products' register tile (`tile`: output-channel blocks, tiles) fixed; parallel over
     the 36 products and output-channel block groups, and over groups of tiles too when `tiles_parallel`."""
-    from .conv_nchwc import inline_epilogue
+    from .conv_nchwc import inline_epilogue, sampled_unroll, scheduled
 
     (inputs,) = sch.get_producers(products)
     (rows,) = sch.get_producers(inputs)
@@ -212,8 +212,7 @@ def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
     sch.unroll(o_inner)
     sch.unroll(t_inner)
     sch.vectorize(oc)
-    sch.annotate(ici, "pragma_auto_unroll_max_step", sch.sample_categorical([0, 16, 512], [0.34, 0.33, 0.33]))
-    sch.annotate(ici, "pragma_unroll_explicit", 1)
+    sampled_unroll(sch, ici)
     sch.reverse_compute_at(write, parallel if tiles_parallel else t_outer, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(write)[-1])
     # output transform and epilogue: per tile its rows' columns, then the tile's outputs
@@ -230,11 +229,7 @@ def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
     sch.unroll(y_in)
     sch.unroll(x_in)
     sch.vectorize(oc)
-    # everything here is scheduled: MetaSchedule's generic rules leave blocks marked "None" alone
-    for block in (rows, inputs, write, columns, output, sch.get_sblock("root")):
-        sch.annotate(block, "schedule_rule", "None")
-    sch.unannotate(products, "schedule_rule")
-    sch.annotate(products, "schedule_rule", "None")
+    scheduled(sch, products, rows, inputs, write, columns, output)
     return sch
 
 

@@ -13,7 +13,7 @@ channel block vectorized, any elementwise epilogue fused. Pools in NCHW keep Met
 
 from __future__ import annotations
 
-from .conv_nchwc import inline_all, inline_epilogue
+from .conv_nchwc import inline_all, inline_epilogue, scheduled
 
 TAG = "meta_schedule.pool_max"
 
@@ -36,8 +36,7 @@ def schedule_rule(sch, block):
         inline_epilogue(sch, write)
         sch.reverse_compute_at(write, ow)
         sch.vectorize(sch.get_loops(write)[-1])
-        sch.annotate(write, "schedule_rule", "None")
-    sch.unannotate(block, "schedule_rule")
-    sch.annotate(block, "schedule_rule", "None")
-    sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
+        scheduled(sch, block, write)
+    else:
+        scheduled(sch, block)
     return [sch]
