@@ -6,6 +6,7 @@ has no workers at all: TVM's static split would wait forever). Timing under a bu
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -234,8 +235,11 @@ def test_a_board_tuned_over_rpc_times_candidates_with_our_launcher(tmp_path) -> 
     exec(_PARALLEL_FUNC, scope)  # noqa: S102 (the same function as the subprocess tests)
     target = tvm.target.Target({"kind": "llvm"})
     artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None))
-    with rpc_board("board") as port:
-        _time_on_board("cpu", port, "board", artifact, scope["func"], scope)
+    try:
+        with rpc_board("board") as port:
+            _time_on_board("cpu", port, "board", artifact, scope["func"], scope)
+    finally:  # in a tuning run MetaSchedule's RemoveBuildArtifact callback does this
+        shutil.rmtree(os.path.dirname(artifact))
 
 
 @pytest.mark.big
@@ -252,5 +256,8 @@ def test_an_aarch64_board_under_qemu_times_candidates_with_our_launcher(tmp_path
     artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None),
                                      ARM_CROSS_COMPILER)
     python, env = qemu_python(arm_sysroot, str(tmp_path))
-    with rpc_board("aarch64-board", python, env, timeout=300) as port:
-        _time_on_board("arm", port, "aarch64-board", artifact, scope["func"], scope)
+    try:
+        with rpc_board("aarch64-board", python, env, timeout=300) as port:
+            _time_on_board("arm", port, "aarch64-board", artifact, scope["func"], scope)
+    finally:
+        shutil.rmtree(os.path.dirname(artifact))

@@ -125,16 +125,17 @@ def _ort_kernels(model: str, opts, feeds: dict, runs: int) -> dict:
     import onnxruntime as ort
 
     opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ort-profile-"), "p")
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    sess.run(None, feeds)
-    spent: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for _ in range(runs):
+    with tempfile.TemporaryDirectory(prefix="ort-profile-") as directory:
+        opts.profile_file_prefix = os.path.join(directory, "p")
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         sess.run(None, feeds)
-    wall = time.perf_counter() - t0
-    with open(sess.end_profiling()) as f:
-        events = json.load(f)
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, feeds)
+        wall = time.perf_counter() - t0
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    spent: dict[str, float] = {}
     kernel_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     for e in kernel_events[len(kernel_events) // (runs + 1):]:  # drop the warm-up run
         name = f"{e['args'].get('op_name', '?')} {e['name'][:-len('_kernel_time')]}"
