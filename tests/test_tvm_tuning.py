@@ -196,6 +196,29 @@ def test_distinct_schedules_multiply_categorical_choices_and_give_up_on_any_othe
     assert tuning.distinct_schedules([two, tiled]) is None
 
 
+def test_a_task_a_revised_rule_schedules_has_a_new_ledger_key(monkeypatch) -> None:
+    """A database tuned before the Winograd rule gained its tile-group spaces says its tasks are tuned: their ledger
+    key carries the rule's revision, so they are tuned again (other tasks keep their keys and records)."""
+    from types import SimpleNamespace
+
+    import tvm
+    from tvm import te, topi
+
+    from prune_compile.backends.tvm import conv_winograd
+
+    data = te.placeholder((1, 2, 8, 8, 16), name="data")
+    weights = te.placeholder((36, 2, 2, 16, 16), name="weights")
+    conv = conv_winograd.conv2d_winograd(data, weights, (1, 1, 1, 1), "float32")
+    winograd = SimpleNamespace(task_name="conv2d_winograd",
+                               dispatched=[tvm.IRModule({"main": te.create_prim_func([data, weights, conv])})])
+    plain = SimpleNamespace(task_name="relu",
+                            dispatched=[tvm.IRModule({"main": te.create_prim_func([data, topi.nn.relu(data)])})])
+    key, plain_key = tuning.task_key(winograd), tuning.task_key(plain)
+    assert key.endswith(f":{conv_winograd.RULE}={conv_winograd.SPACES_REVISION}") and plain_key.count(":") == 1
+    monkeypatch.setattr(conv_winograd, "SPACES_REVISION", conv_winograd.SPACES_REVISION - 1)
+    assert tuning.task_key(winograd) != key and tuning.task_key(plain) == plain_key
+
+
 @pytest.mark.serial  # tuning times candidates
 def test_a_task_is_tuned_for_no_more_schedules_than_its_design_spaces_hold(tmp_path, monkeypatch) -> None:
     """The tiny model's convs, which our rule schedules, with a budget of 400: no task is asked for more trials than

@@ -19,7 +19,9 @@ How (channel blocks are the vector lanes throughout):
   256->256 7x7 convs stay direct (by F(4, 3) the model ran 0.84x ONNX Runtime's latency, without them 0.73x).
 - The schedule rule: the input transform parallel over (image, channel block, tile), the products tiled into
   registers as the direct conv's (output-channel blocks x tiles, `register_tiles`) and parallel over the 36
-  products, the output transform and the epilogue parallel over rows of tiles.
+  products, the output transform and the epilogue parallel over rows of tiles. Or, for large maps, parallel over
+  groups of tiles, each group's input tiles transformed into the cache right before its 36 products
+  (`fused_group`): otherwise the transformed input, 2.25x the input, goes to memory and back.
 Numerics: the transforms scale values by up to 8 and by 1/24: about 1e-5 relative error per conv in float32 (the
 direct conv ~1e-7); `--no-winograd` computes every conv directly.
 """
@@ -27,6 +29,7 @@ direct conv ~1e-7); `--no-winograd` computes every conv directly.
 from __future__ import annotations
 
 RULE = "prune_compile_conv2d_winograd"
+SPACES_REVISION = 2  # of the rule's design spaces (tuning.rule_revisions): 2 added tile groups (`fused_group`)
 TILE = 4  # outputs per tile side: m of F(m x m, 3 x 3)
 ALPHA = TILE + 2  # input tile side
 # Lavin & Gray's F(4, 3) matrices, interpolation points 0, 1, -1, 2, -2 and infinity.
@@ -50,6 +53,7 @@ MIN_TILES = 4  # one tile (a 4x4 output) ran 10% slower than the direct conv; fo
 MIN_SAVING = 2.0  # multiplies saved after padding to whole tiles: 4x for whole tiles, 3.1x at 7x7 and 14x14
 CACHED_WEIGHTS = 1 << 20  # bytes of transformed weights a core's L2 keeps between calls (Zen 4 and 5: 1 MiB)
 FMAS_PER_BYTE = 8  # FMAs the cores run per byte of weights streamed from memory (2 Zen 5 cores: 275 G/s, ~30 GB/s)
+GROUP_BYTES = 256 << 10  # a tile group's transformed inputs: a quarter of a core's L2 (Zen 4 and 5: 1 MiB)
 
 
 def tiles(out_h: int, out_w: int) -> tuple[int, int]:
@@ -177,44 +181,70 @@ def legalize(bb, call):
                       primfunc_name_hint="conv2d_winograd")
 
 
-def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
+def fused_group(count: int, tiles_per_step: int, in_channels: int, min_groups: int = 2) -> int:
+    """Tiles per group for the design space that transforms each group's input tiles right before its products:
+    the most that divide the `count` tiles in steps of the register tile's `tiles_per_step` and whose transformed
+    inputs (36 floats per tile and input channel) fit in GROUP_BYTES, with at least `min_groups` groups to run in
+    parallel; 0 when none does. Transforming all tiles first writes 2.25x the input to memory and reads it back:
+    a 48->16 conv at 160x160 (PP-OCRv4 det's pruned FPN, 1600 tiles) took 1.14 ms so, 0.51 in groups of 20-32."""
+    fits = [g for g in range(tiles_per_step, count // min_groups + 1, tiles_per_step)
+            if count % g == 0 and ALPHA * ALPHA * 4 * in_channels * g <= GROUP_BYTES]
+    return max(fits, default=0)
+
+
+def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool, group: int = 0):
     """One design space: the products' register tile (`tile`: output-channel blocks, tiles) fixed; parallel over
-    the 36 products and output-channel block groups, and over groups of tiles too when `tiles_parallel`."""
+    the 36 products and output-channel block groups, and over groups of tiles too when `tiles_parallel`. `group` > 0:
+    parallel over groups of that many tiles instead, each group's input tiles transformed right before its products
+    (`fused_group`)."""
     from .conv_nchwc import inline_epilogue, sampled_unroll, scheduled
 
     (inputs,) = sch.get_producers(products)
     (rows,) = sch.get_producers(inputs)
     (columns,) = sch.get_consumers(products)
     (output,) = sch.get_consumers(columns)
-    # input transform: each (image, channel block, tile) its rows then columns, ξ, ν and the rows unrolled
-    xi, nu, n, c, t, ci = sch.get_loops(inputs)
-    sch.reorder(n, c, t, xi, nu, ci)
-    per_tile = sch.fuse(n, c, t)
-    sch.parallel(per_tile)
-    sch.compute_at(rows, per_tile)
-    for pad in sch.get_producers(rows):
-        sch.compute_inline(pad)  # reads past the input are zeros in the transform itself: no pass of its own
-    for loop in sch.get_loops(rows)[1:-1]:
-        sch.unroll(loop)
-    sch.vectorize(sch.get_loops(rows)[-1])
-    sch.unroll(xi)
-    sch.unroll(nu)
-    sch.vectorize(ci)
     # the products: register tiles as the direct conv's, the tile's accumulators written back after the reduction
     a, b = tile
     e, n, o, t, oc, icb, ici = sch.get_loops(products)
     o_outer, o_inner = sch.split(o, [None, a])
-    t_outer, t_inner = sch.split(t, [None, b])
     write = sch.cache_write(products, 0, "global")
-    sch.reorder(e, n, o_outer, t_outer, icb, ici, o_inner, t_inner, oc)
-    parallel = sch.fuse(e, n, o_outer, t_outer) if tiles_parallel else sch.fuse(e, n, o_outer)
+    if group:
+        t_group, t_outer, t_inner = sch.split(t, [None, group // b, b])
+        sch.reorder(n, t_group, e, o_outer, t_outer, icb, ici, o_inner, t_inner, oc)
+        parallel = sch.fuse(n, t_group)
+        write_at = t_outer
+    else:
+        t_outer, t_inner = sch.split(t, [None, b])
+        sch.reorder(e, n, o_outer, t_outer, icb, ici, o_inner, t_inner, oc)
+        parallel = sch.fuse(e, n, o_outer, t_outer) if tiles_parallel else sch.fuse(e, n, o_outer)
+        write_at = parallel if tiles_parallel else t_outer
     sch.parallel(parallel)
     sch.unroll(o_inner)
     sch.unroll(t_inner)
     sch.vectorize(oc)
     sampled_unroll(sch, ici)
-    sch.reverse_compute_at(write, parallel if tiles_parallel else t_outer, preserve_unit_loops=True)
+    sch.reverse_compute_at(write, write_at, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(write)[-1])
+    # input transform: each (image, channel block, tile) its rows then columns, ξ, ν and the rows unrolled
+    if group:
+        sch.compute_at(inputs, parallel, preserve_unit_loops=True)
+        xi, nu, n, c, t, ci = sch.get_loops(inputs)[-6:]
+        sch.reorder(n, c, t, xi, nu, ci)
+        per_tile = t
+    else:
+        xi, nu, n, c, t, ci = sch.get_loops(inputs)
+        sch.reorder(n, c, t, xi, nu, ci)
+        per_tile = sch.fuse(n, c, t)
+        sch.parallel(per_tile)
+    sch.compute_at(rows, per_tile)
+    for pad in sch.get_producers(rows):
+        sch.compute_inline(pad)  # reads past the input are zeros in the transform itself: no pass of its own
+    for loop in sch.get_loops(rows)[-3:-1]:  # ξ and the row
+        sch.unroll(loop)
+    sch.vectorize(sch.get_loops(rows)[-1])
+    sch.unroll(xi)
+    sch.unroll(nu)
+    sch.vectorize(ci)
     # output transform and epilogue: per tile its rows' columns, then the tile's outputs
     inline_epilogue(sch, output)
     n, o, y, x, oc = sch.get_loops(output)
@@ -238,9 +268,13 @@ def schedule_rule(sch, products):
 
     extents = [int(sch.get(loop).extent) for loop in sch.get_loops(products)]
     out_blocks, count, lanes = extents[2:5]
+    in_channels = extents[5] * extents[6]
     spaces = []
     for a, _, b in register_tiles(out_blocks, 1, count, vector_registers(lanes)) or [(1, 1, 1)]:
         spaces += [_schedule(sch.copy(), products, (a, b), parallel) for parallel in (False, True)]
+        group = fused_group(count, b, in_channels)
+        if group:
+            spaces.append(_schedule(sch.copy(), products, (a, b), False, group))
     return spaces
 
 

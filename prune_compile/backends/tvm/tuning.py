@@ -286,9 +286,26 @@ def _save_ledger(directory: str, ledger: dict[str, int]) -> None:
 
 
 def task_key(task) -> str:
+    """The ledger's name for a task: its name, the hash of its function and, for a task one of our rules with
+    revised design spaces schedules, that revision (`rule_revisions`)."""
     import tvm_ffi
 
-    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+    key = f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+    text = task.dispatched[0].script()
+    for rule, revision in rule_revisions().items():
+        if f'"{rule}"' in text:
+            key += f":{rule}={revision}"
+    return key
+
+
+def rule_revisions() -> dict[str, int]:
+    """Our schedule rules whose design spaces grew after databases were tuned with them, and the revision: a task
+    such a rule schedules gets a new ledger entry, so a database tuned before is tuned again for it, up to the
+    schedules its records do not hold (`distinct_schedules`). Its records stay valid: the old spaces are still
+    offered. A rule that changes what its spaces do bumps CPU_RULES instead."""
+    from . import conv_winograd
+
+    return {conv_winograd.RULE: conv_winograd.SPACES_REVISION}
 
 
 def _runner(target_name: str, rpc: RPCSettings | None):
