@@ -48,16 +48,18 @@ def test_winograd_streaming_its_weights_pays_only_where_enough_tiles_share_them(
     assert pays(7, 7, 256 * 256, images=8)  # so do 8 images' tiles
 
 
-def test_tile_groups_are_the_largest_whose_transformed_inputs_fit_the_cache_share() -> None:
-    """A group: a multiple of the register tile's tiles that divides the tile count, its transformed inputs (36 floats
-    per tile and input channel) within GROUP_BYTES, at least two groups."""
+def test_tile_groups_are_the_largest_rectangles_whose_transformed_inputs_fit_the_cache_share() -> None:
+    """A group: a multiple of the register tile's tiles, part of a tile row or whole rows (a rectangle of the map),
+    its transformed inputs (36 floats per tile and input channel) within GROUP_BYTES, at least two groups."""
     per_tile = 36 * 4 * 48  # bytes of one tile's transformed inputs, 48 input channels
-    assert conv_winograd.fused_group(1600, 16, 48) == 32  # 37 tiles fit; 32 is the largest multiple of 16 dividing
     assert 37 * per_tile <= conv_winograd.GROUP_BYTES < 38 * per_tile
-    assert conv_winograd.fused_group(1600, 10, 48) == 20  # 30 does not divide 1600
-    assert conv_winograd.fused_group(49, 7, 32) == 7  # two groups at least: not 49
-    assert conv_winograd.fused_group(16, 16, 128) == 0  # one step is all the tiles: one group
-    assert conv_winograd.fused_group(400, 8, 2048) == 0  # one step of tiles is past the budget
+    assert conv_winograd.fused_group(40, 40, 4, 48) == 20  # 37 fit; 20 divides the row
+    assert conv_winograd.fused_group(40, 40, 8, 48) == 8  # the most within a row, in steps of 8
+    assert conv_winograd.fused_group(40, 40, 8, 16) == 80  # 2 rows (113 tiles fit)
+    assert conv_winograd.fused_group(14, 14, 7, 32) == 28  # 2 of 14 rows (56 fit; 42 is 3 rows, no divisor of 196)
+    assert conv_winograd.fused_group(7, 7, 7, 32) == 7  # two groups at least: one row, not all 49
+    assert conv_winograd.fused_group(4, 4, 16, 128) == 0  # one step is all the tiles: one group
+    assert conv_winograd.fused_group(20, 20, 8, 2048) == 0  # one step of tiles is past the budget
 
 
 def _conv(data_shape, kernel_shape, strides=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1,
@@ -142,12 +144,13 @@ def test_every_design_space_computes_the_conv_with_its_epilogue(channels, size, 
     spaces = conv_winograd.schedule_rule(sch, sch.get_sblock("winograd_products"))
     tile_rows, tile_columns = conv_winograd.tiles(out_h, out_w)
     tile_count = tile_rows * tile_columns
-    steps = [b for _, _, b in register_tiles(cout // lanes, 1, tile_count, vector_registers(lanes))]
-    groups = [conv_winograd.fused_group(tile_count, b, cin) for b in steps]
+    steps = [b for _, _, b in register_tiles(cout // lanes, 1, tile_count, vector_registers(lanes))
+             if tile_columns % b == 0 or b % tile_columns == 0] or [1]
+    groups = [conv_winograd.fused_group(tile_rows, tile_columns, b, cin) for b in steps]
     assert len(spaces) == 2 * len(steps) + sum(1 for g in groups if g)
-    # grouped (`fused_group`): the input transform inside the products' loop nest, not a nest of its own
+    # grouped (`fused_group`): the three steps inside one loop nest over the groups, not a nest each
     nests = [len(_top_level_loops(space.mod["main"])) for space in spaces]
-    assert nests.count(2) == sum(1 for g in groups if g) and nests.count(3) == 2 * len(steps), nests
+    assert nests.count(1) == sum(1 for g in groups if g) and nests.count(3) == 2 * len(steps), nests
     feeds = [tvm.runtime.tensor(a, dev) for a in (_blocked(x, lanes), u.numpy(), bias.reshape(1, -1, 1, 1, lanes),
                                                    _blocked(skip, lanes))]
     for space in spaces:

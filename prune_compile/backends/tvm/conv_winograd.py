@@ -19,9 +19,10 @@ How (channel blocks are the vector lanes throughout):
   256->256 7x7 convs stay direct (by F(4, 3) the model ran 0.84x ONNX Runtime's latency, without them 0.73x).
 - The schedule rule: the input transform parallel over (image, channel block, tile), the products tiled into
   registers as the direct conv's (output-channel blocks x tiles, `register_tiles`) and parallel over the 36
-  products, the output transform and the epilogue parallel over rows of tiles. Or, for large maps, parallel over
-  groups of tiles, each group's input tiles transformed into the cache right before its 36 products
-  (`fused_group`): otherwise the transformed input, 2.25x the input, goes to memory and back.
+  products, the output transform and the epilogue parallel over rows of tiles. Or parallel over groups of tiles
+  (a rectangle of the map), each group's input transform, products and output transform in turn, in the cache
+  (`fused_group`, `_grouped`): otherwise the transformed input (2.25x the input) and the products go to memory
+  and back.
 Numerics: the transforms scale values by up to 8 and by 1/24: about 1e-5 relative error per conv in float32 (the
 direct conv ~1e-7); `--no-winograd` computes every conv directly.
 """
@@ -144,33 +145,32 @@ def conv2d_winograd(data, weights, padding, out_dtype):
     # whole tiles read ALPHA input rows from each TILE-th: zeros past the conv's own padding (outputs dropped)
     padded = topi.nn.pad(data, (0, 0, pt, pl, 0), (0, 0, TILE * th + 2 - h - pt, TILE * tw + 2 - w - pl, 0),
                          name="winograd_pad")
-    count = th * tw
-
-    def window(t, a, b):
-        return t // tw * TILE + a, t % tw * TILE + b
-
+    # tiles by (row, column) and transforms by (ξ, ν) on axes of their own: each buffer index one loop variable,
+    # which lets the schedule place a group of tiles' transforms inside the products' loop over groups
     rows = te.compute(
-        (ALPHA, ALPHA, n_, cb_, count, ib),
-        lambda xi, b, n, c, t, ci: _combination(B_T, xi, lambda a: padded[n, c, *window(t, a, b), ci]),
+        (ALPHA, ALPHA, n_, cb_, th, tw, ib),
+        lambda xi, b, n, c, ty, tx, ci: _combination(
+            B_T, xi, lambda a: padded[n, c, ty * TILE + a, tx * TILE + b, ci]),
         name="winograd_input_rows")
     inputs = te.compute(
-        (ALPHA, ALPHA, n_, cb_, count, ib),
-        lambda xi, nu, n, c, t, ci: _combination(B_T, nu, lambda b: rows[xi, b, n, c, t, ci]),
+        (ALPHA, ALPHA, n_, cb_, th, tw, ib),
+        lambda xi, nu, n, c, ty, tx, ci: _combination(B_T, nu, lambda b: rows[xi, b, n, c, ty, tx, ci]),
         name="winograd_input")
     icb, ici = te.reduce_axis((0, cb_), "icb"), te.reduce_axis((0, ib), "ici")
     products = te.compute(
-        (ALPHA * ALPHA, n_, kb_, count, ob),
-        lambda e, n, o, t, oc: te.sum(inputs[e // ALPHA, e % ALPHA, n, icb, t, ici].astype(out_dtype)
-                                      * weights[e, o, icb, ici, oc].astype(out_dtype), axis=[icb, ici]),
+        (ALPHA, ALPHA, n_, kb_, th, tw, ob),
+        lambda xi, nu, n, o, ty, tx, oc: te.sum(
+            inputs[xi, nu, n, icb, ty, tx, ici].astype(out_dtype)
+            * weights[xi * ALPHA + nu, o, icb, ici, oc].astype(out_dtype), axis=[icb, ici]),
         name="winograd_products", attrs={"schedule_rule": RULE})
     columns = te.compute(
-        (n_, kb_, count, TILE, ALPHA, ob),
-        lambda n, o, t, i, nu, oc: _combination(A_T, i, lambda xi: products[xi * ALPHA + nu, n, o, t, oc]),
+        (n_, kb_, th, tw, TILE, ALPHA, ob),
+        lambda n, o, ty, tx, i, nu, oc: _combination(A_T, i, lambda xi: products[xi, nu, n, o, ty, tx, oc]),
         name="winograd_output_rows")
     return te.compute(
         (n_, kb_, out_h, out_w, ob),
         lambda n, o, y, x, oc: _combination(
-            A_T, x % TILE, lambda nu: columns[n, o, y // TILE * tw + x // TILE, y % TILE, nu, oc]),
+            A_T, x % TILE, lambda nu: columns[n, o, y // TILE, x // TILE, y % TILE, nu, oc]),
         name="winograd_output")
 
 
@@ -181,61 +181,112 @@ def legalize(bb, call):
                       primfunc_name_hint="conv2d_winograd")
 
 
-def fused_group(count: int, tiles_per_step: int, in_channels: int, min_groups: int = 2) -> int:
-    """Tiles per group for the design space that transforms each group's input tiles right before its products:
-    the most that divide the `count` tiles in steps of the register tile's `tiles_per_step` and whose transformed
-    inputs (36 floats per tile and input channel) fit in GROUP_BYTES, with at least `min_groups` groups to run in
-    parallel; 0 when none does. Transforming all tiles first writes 2.25x the input to memory and reads it back:
-    a 48->16 conv at 160x160 (PP-OCRv4 det's pruned FPN, 1600 tiles) took 1.14 ms so, 0.51 in groups of 20-32."""
+def fused_group(tile_rows: int, tile_columns: int, tiles_per_step: int, in_channels: int,
+                min_groups: int = 2) -> int:
+    """Tiles per group for the design space that runs each group of tiles' three steps in turn, its transformed
+    inputs and products kept in the cache: the most whose transformed inputs (36 floats per tile and input channel)
+    fit in GROUP_BYTES, in steps of the register tile's `tiles_per_step`, a rectangle of tiles (part of a row or
+    whole rows: its input and output are rectangles of the maps) and at least `min_groups` groups to run in
+    parallel; 0 when none does. Transforming all tiles first writes the transformed input, 2.25x the input, to
+    memory and reads it back: a 48->16 conv at 160x160 (PP-OCRv4 det's pruned FPN, 40x40 tiles) took 1.14 ms so,
+    0.51 with the inputs transformed in groups of 20."""
+    count = tile_rows * tile_columns
     fits = [g for g in range(tiles_per_step, count // min_groups + 1, tiles_per_step)
-            if count % g == 0 and ALPHA * ALPHA * 4 * in_channels * g <= GROUP_BYTES]
+            if (tile_columns % g == 0 or (g % tile_columns == 0 and count % g == 0))
+            and ALPHA * ALPHA * 4 * in_channels * g <= GROUP_BYTES]
     return max(fits, default=0)
 
 
-def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool, group: int = 0):
+def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
     """One design space: the products' register tile (`tile`: output-channel blocks, tiles) fixed; parallel over
-    the 36 products and output-channel block groups, and over groups of tiles too when `tiles_parallel`. `group` > 0:
-    parallel over groups of that many tiles instead, each group's input tiles transformed right before its products
-    (`fused_group`)."""
-    from .conv_nchwc import inline_epilogue, sampled_unroll, scheduled
+    the 36 products and output-channel block groups, and over groups of tiles too when `tiles_parallel`; each of
+    the three steps a loop nest over all tiles."""
+    from .conv_nchwc import inline_epilogue, scheduled
 
+    inputs, rows, columns, output = _steps(sch, products)
+    a, b = tile
+    xi, nu, n, o, ty, tx, oc, icb, ici = sch.get_loops(products)
+    e, t = sch.fuse(xi, nu), sch.fuse(ty, tx)
+    o_outer, o_inner = sch.split(o, [None, a])
+    t_outer, t_inner = sch.split(t, [None, b])
+    sch.reorder(e, n, o_outer, t_outer, icb, ici, o_inner, t_inner, oc)
+    parallel = sch.fuse(e, n, o_outer, t_outer) if tiles_parallel else sch.fuse(e, n, o_outer)
+    sch.parallel(parallel)
+    write = _register_tile(sch, products, parallel if tiles_parallel else t_outer, icb, ici, o_inner, t_inner, oc)
+    xi, nu, n, c, ty, tx, ci = sch.get_loops(inputs)
+    sch.reorder(n, c, ty, tx, xi, nu, ci)
+    per_tile = sch.fuse(n, c, ty, tx)
+    sch.parallel(per_tile)
+    _input_tile(sch, inputs, rows, per_tile)
+    inline_epilogue(sch, output)
+    n, o, y, x, oc = sch.get_loops(output)
+    y_tile, y_in = sch.split(y, [None, TILE])
+    x_tile, x_in = sch.split(x, [None, TILE])
+    sch.reorder(n, o, y_tile, x_tile, y_in, x_in, oc)
+    sch.parallel(sch.fuse(n, o, y_tile))
+    _output_tile(sch, columns, x_tile, y_in, x_in, oc)
+    scheduled(sch, products, rows, inputs, write, columns, output)
+    return sch
+
+
+def _grouped(sch, products, tile: tuple[int, int], group: tuple[int, int]):
+    """One design space: parallel over groups of (`group`: rows, columns) tiles, each group's input transform,
+    products (register tile `tile`) and output transform in turn, in the cache (`fused_group`). Built from the
+    output inwards: each step is computed where the next one reads it (the other way, TVM cannot place the
+    output transform, which reads all 36 products of a tile)."""
+    from .conv_nchwc import inline_epilogue, scheduled
+
+    inputs, rows, columns, output = _steps(sch, products)
+    a, b = tile
+    inline_epilogue(sch, output)
+    n, o, y, x, oc = sch.get_loops(output)
+    y_group, y_tile, y_in = sch.split(y, [None, group[0], TILE])
+    x_group, x_tile, x_in = sch.split(x, [None, group[1], TILE])
+    sch.reorder(n, y_group, x_group, o, y_tile, x_tile, y_in, x_in, oc)
+    parallel = sch.fuse(n, y_group, x_group)
+    sch.parallel(parallel)
+    _output_tile(sch, columns, x_tile, y_in, x_in, oc)
+    sch.compute_at(products, parallel, preserve_unit_loops=True)
+    xi, nu, n, o, ty, tx, oc, icb, ici = sch.get_loops(products)[-9:]
+    e, t = sch.fuse(xi, nu), sch.fuse(ty, tx)
+    o_outer, o_inner = sch.split(o, [None, a])
+    t_outer, t_inner = sch.split(t, [None, b])
+    sch.reorder(n, e, o_outer, t_outer, icb, ici, o_inner, t_inner, oc)
+    write = _register_tile(sch, products, t_outer, icb, ici, o_inner, t_inner, oc)
+    sch.compute_at(inputs, parallel, preserve_unit_loops=True)
+    xi, nu, n, c, ty, tx, ci = sch.get_loops(inputs)[-7:]
+    sch.reorder(n, c, ty, tx, xi, nu, ci)
+    _input_tile(sch, inputs, rows, tx)
+    scheduled(sch, products, rows, inputs, write, columns, output)
+    return sch
+
+
+def _steps(sch, products):
+    """The blocks around the products: (input transform, its rows, output transform's rows, output)."""
     (inputs,) = sch.get_producers(products)
     (rows,) = sch.get_producers(inputs)
     (columns,) = sch.get_consumers(products)
     (output,) = sch.get_consumers(columns)
-    # the products: register tiles as the direct conv's, the tile's accumulators written back after the reduction
-    a, b = tile
-    e, n, o, t, oc, icb, ici = sch.get_loops(products)
-    o_outer, o_inner = sch.split(o, [None, a])
-    write = sch.cache_write(products, 0, "global")
-    if group:
-        t_group, t_outer, t_inner = sch.split(t, [None, group // b, b])
-        sch.reorder(n, t_group, e, o_outer, t_outer, icb, ici, o_inner, t_inner, oc)
-        parallel = sch.fuse(n, t_group)
-        write_at = t_outer
-    else:
-        t_outer, t_inner = sch.split(t, [None, b])
-        sch.reorder(e, n, o_outer, t_outer, icb, ici, o_inner, t_inner, oc)
-        parallel = sch.fuse(e, n, o_outer, t_outer) if tiles_parallel else sch.fuse(e, n, o_outer)
-        write_at = parallel if tiles_parallel else t_outer
-    sch.parallel(parallel)
+    return inputs, rows, columns, output
+
+
+def _register_tile(sch, products, write_at, icb, ici, o_inner, t_inner, oc):
+    """The products' register tile, as the direct conv's: its accumulators written back after the reduction."""
+    from .conv_nchwc import sampled_unroll
+
     sch.unroll(o_inner)
     sch.unroll(t_inner)
     sch.vectorize(oc)
     sampled_unroll(sch, ici)
+    write = sch.cache_write(products, 0, "global")
     sch.reverse_compute_at(write, write_at, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(write)[-1])
-    # input transform: each (image, channel block, tile) its rows then columns, ξ, ν and the rows unrolled
-    if group:
-        sch.compute_at(inputs, parallel, preserve_unit_loops=True)
-        xi, nu, n, c, t, ci = sch.get_loops(inputs)[-6:]
-        sch.reorder(n, c, t, xi, nu, ci)
-        per_tile = t
-    else:
-        xi, nu, n, c, t, ci = sch.get_loops(inputs)
-        sch.reorder(n, c, t, xi, nu, ci)
-        per_tile = sch.fuse(n, c, t)
-        sch.parallel(per_tile)
+    return write
+
+
+def _input_tile(sch, inputs, rows, per_tile) -> None:
+    """Each tile's input transform under `per_tile`: its rows, then its columns, ξ, ν and the rows unrolled."""
+    xi, nu, ci = sch.get_loops(inputs)[-3:]
     sch.compute_at(rows, per_tile)
     for pad in sch.get_producers(rows):
         sch.compute_inline(pad)  # reads past the input are zeros in the transform itself: no pass of its own
@@ -245,13 +296,10 @@ def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool, group:
     sch.unroll(xi)
     sch.unroll(nu)
     sch.vectorize(ci)
-    # output transform and epilogue: per tile its rows' columns, then the tile's outputs
-    inline_epilogue(sch, output)
-    n, o, y, x, oc = sch.get_loops(output)
-    y_tile, y_in = sch.split(y, [None, TILE])
-    x_tile, x_in = sch.split(x, [None, TILE])
-    sch.reorder(n, o, y_tile, x_tile, y_in, x_in, oc)
-    sch.parallel(sch.fuse(n, o, y_tile))
+
+
+def _output_tile(sch, columns, x_tile, y_in, x_in, oc) -> None:
+    """Each tile's output transform under `x_tile`: its rows' columns, then its outputs with the epilogue."""
     sch.compute_at(columns, x_tile)
     for loop in sch.get_loops(columns)[-3:-1]:
         sch.unroll(loop)
@@ -259,22 +307,25 @@ def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool, group:
     sch.unroll(y_in)
     sch.unroll(x_in)
     sch.vectorize(oc)
-    scheduled(sch, products, rows, inputs, write, columns, output)
-    return sch
 
 
 def schedule_rule(sch, products):
     from .conv_nchwc import register_tiles, vector_registers
 
     extents = [int(sch.get(loop).extent) for loop in sch.get_loops(products)]
-    out_blocks, count, lanes = extents[2:5]
-    in_channels = extents[5] * extents[6]
+    out_blocks, tile_rows, tile_columns, lanes = extents[3:7]
+    count, in_channels = tile_rows * tile_columns, extents[7] * extents[8]
+    # a register tile within one row of tiles or of whole rows: a rectangle, which is what TVM writes back (the
+    # tiles of a row and a half would write back two rows, one of them half computed)
+    steps = [(a, b) for a, _, b in register_tiles(out_blocks, 1, count, vector_registers(lanes))
+             if tile_columns % b == 0 or b % tile_columns == 0] or [(1, 1)]
     spaces = []
-    for a, _, b in register_tiles(out_blocks, 1, count, vector_registers(lanes)) or [(1, 1, 1)]:
+    for a, b in steps:
         spaces += [_schedule(sch.copy(), products, (a, b), parallel) for parallel in (False, True)]
-        group = fused_group(count, b, in_channels)
+        group = fused_group(tile_rows, tile_columns, b, in_channels)
         if group:
-            spaces.append(_schedule(sch.copy(), products, (a, b), False, group))
+            rectangle = (group // tile_columns, tile_columns) if group >= tile_columns else (1, group)
+            spaces.append(_grouped(sch.copy(), products, (a, b), rectangle))
     return spaces
 
 
