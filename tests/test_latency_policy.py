@@ -629,7 +629,9 @@ def test_tvm_latency_engine_measures_tuned_kernels_and_reuses_records(tmp_path) 
     proto = export_onnx(g)
     layer_feeds = {"x": np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)}
     kernel_ms, model_ms = again.layer(proto, layer_feeds), again(proto, layer_feeds, 0.3)
-    assert 0.3 * model_ms <= kernel_ms <= 1.1 * model_ms, (kernel_ms, model_ms)
+    # the kernel is a share of the model (a sanity bound, not a speed claim): since Winograd (3x3 convs, session 48)
+    # and its tile groups (49) it reads ~0.4 of it alone, 0.30 next to a second test worker
+    assert 0.15 * model_ms <= kernel_ms <= 1.1 * model_ms, (kernel_ms, model_ms)
     again(timed_proto(graph), feeds, 0.1)
     assert again.trials_run == 0  # the layer shape and the whole model: records from the first search
 
