@@ -193,9 +193,14 @@ def fused_group(tile_rows: int, tile_columns: int, tiles_per_step: int, in_chann
     took another 5-10% off (same seeds, alone)."""
     count = tile_rows * tile_columns
     fits = [g for g in range(tiles_per_step, count // min_groups + 1, tiles_per_step)
-            if (tile_columns % g == 0 or (g % tile_columns == 0 and count % g == 0))
-            and ALPHA * ALPHA * 4 * in_channels * g <= GROUP_BYTES]
+            if rectangle(tile_rows, tile_columns, g) and ALPHA * ALPHA * 4 * in_channels * g <= GROUP_BYTES]
     return max(fits, default=0)
+
+
+def rectangle(tile_rows: int, tile_columns: int, tiles: int) -> bool:
+    """Whether runs of `tiles` consecutive tiles (row by row) are rectangles: part of one row, or whole rows. TVM
+    writes back and transforms the bounding box of what a loop computes: a row and a half would be two rows."""
+    return tile_columns % tiles == 0 or (tiles % tile_columns == 0 and tile_rows * tile_columns % tiles == 0)
 
 
 def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
@@ -316,17 +321,17 @@ def schedule_rule(sch, products):
     extents = [int(sch.get(loop).extent) for loop in sch.get_loops(products)]
     out_blocks, tile_rows, tile_columns, lanes = extents[3:7]
     count, in_channels = tile_rows * tile_columns, extents[7] * extents[8]
-    # a register tile within one row of tiles or of whole rows: a rectangle, which is what TVM writes back (the
-    # tiles of a row and a half would write back two rows, one of them half computed)
+    # register tiles over tiles are rectangles: the write-back of a row and a half would write two rows, one of
+    # them half computed
     steps = [(a, b) for a, _, b in register_tiles(out_blocks, 1, count, vector_registers(lanes))
-             if tile_columns % b == 0 or b % tile_columns == 0] or [(1, 1)]
+             if rectangle(tile_rows, tile_columns, b)] or [(1, 1)]
     spaces = []
     for a, b in steps:
         spaces += [_schedule(sch.copy(), products, (a, b), parallel) for parallel in (False, True)]
         group = fused_group(tile_rows, tile_columns, b, in_channels)
         if group:
-            rectangle = (group // tile_columns, tile_columns) if group >= tile_columns else (1, group)
-            spaces.append(_grouped(sch.copy(), products, (a, b), rectangle))
+            shape = (group // tile_columns, tile_columns) if group >= tile_columns else (1, group)
+            spaces.append(_grouped(sch.copy(), products, (a, b), shape))
     return spaces
 
 
