@@ -44,3 +44,44 @@ def hidden_features(llvm_features: set[str], flags: set[str] | None) -> list[str
     present = {f.replace("_", "") for f in flags}
     checked = [f for f in llvm_features if f in _ISA or f.startswith("avx512")]
     return sorted(f for f in checked if _KERNEL_FLAG.get(f, f).replace("_", "").replace(".", "") not in present)
+
+
+def l2_bytes_per_core(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Bytes of level-2 cache per core of this CPU (cpu0's, divided among the CPUs that share it: Intel's E-cores
+    share one per four), from the kernel's cache description (`cache_dir`); None where it gives none."""
+    import os
+
+    try:
+        entries = sorted(os.listdir(cache_dir))
+    except OSError:
+        return None
+    for entry in entries:
+        fields = {}
+        for name in ("level", "type", "size", "shared_cpu_list"):
+            try:
+                with open(os.path.join(cache_dir, entry, name), encoding="utf-8") as f:
+                    fields[name] = f.read().strip()
+            except OSError:
+                pass
+        if fields.get("level") != "2" or fields.get("type") == "Instruction" or "size" not in fields:
+            continue
+        size = _bytes(fields["size"])
+        sharing = _cpu_count(fields.get("shared_cpu_list", ""))
+        return size // max(sharing, 1) if size else None
+    return None
+
+
+def _bytes(size: str) -> int | None:
+    """'1024K' -> 1048576 (the kernel's cache sizes); None when unreadable."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    digits, unit = (size[:-1], units[size[-1]]) if size[-1:] in units else (size, 1)
+    return int(digits) * unit if digits.isdigit() else None
+
+
+def _cpu_count(cpu_list: str) -> int:
+    """CPUs in a kernel CPU list ('0-3,8'); 1 when empty."""
+    count = 0
+    for part in filter(None, cpu_list.split(",")):
+        low, _, high = part.partition("-")
+        count += int(high) - int(low) + 1 if high else 1
+    return count or 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from prune_compile.host_cpu import _ISA, cpu_flags, hidden_features
+from prune_compile.host_cpu import _ISA, cpu_flags, hidden_features, l2_bytes_per_core
 
 # A Zen 4 guest's /proc/cpuinfo (flags trimmed to the instruction sets) and what LLVM's "znver4" implies.
 ZEN4_GUEST = ("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu sse sse2 pni pclmulqdq ssse3 fma cx16 "
@@ -59,3 +59,23 @@ def test_an_odd_width_matmul_compiled_for_the_host_runs(tmp_path) -> None:
     tvm_backend.build(model, "cpu", lib)
     feeds = {"x": np.random.default_rng(1).standard_normal((4, 3, 3)).astype(np.float32)}
     assert ort.relative_error(ort.run(model, feeds), tvm_backend.run_library(lib, feeds, ["x"])) <= 1e-5
+
+
+def _cache(root, entries) -> str:
+    for i, (level, kind, size, shared) in enumerate(entries):
+        d = root / f"index{i}"
+        d.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+            (d / name).write_text(value + "\n")
+    return str(root)
+
+
+def test_l2_per_core_is_the_level_2_cache_divided_among_the_cpus_sharing_it(tmp_path) -> None:
+    own = _cache(tmp_path / "zen5", [("1", "Data", "48K", "0"), ("1", "Instruction", "32K", "0"),
+                                     ("2", "Unified", "1024K", "0"), ("3", "Unified", "32768K", "0-1")])
+    assert l2_bytes_per_core(own) == 1 << 20
+    shared = _cache(tmp_path / "ecores", [("1", "Data", "32K", "4"), ("2", "Unified", "2048K", "4-7")])
+    assert l2_bytes_per_core(shared) == 512 << 10
+    assert l2_bytes_per_core(_cache(tmp_path / "mixed", [("2", "Unified", "2M", "0,2")])) == 1 << 20
+    assert l2_bytes_per_core(_cache(tmp_path / "l1only", [("1", "Data", "32K", "0")])) is None
+    assert l2_bytes_per_core(str(tmp_path / "absent")) is None

@@ -50,9 +50,10 @@ def test_winograd_streaming_its_weights_pays_only_where_enough_tiles_share_them(
 
 def test_tile_groups_are_the_largest_rectangles_whose_transformed_inputs_fit_the_cache_share() -> None:
     """A group: a multiple of the register tile's tiles, part of a tile row or whole rows (a rectangle of the map),
-    its transformed inputs (36 floats per tile and input channel) within GROUP_BYTES, at least two groups."""
+    its transformed inputs (36 floats per tile and input channel) within a quarter of a core's L2, a group per core
+    at least (the measured hosts: 2 cores, 1 MiB)."""
     per_tile = 36 * 4 * 48  # bytes of one tile's transformed inputs, 48 input channels
-    assert 37 * per_tile <= conv_winograd.GROUP_BYTES < 38 * per_tile
+    assert 37 * per_tile <= conv_winograd.HOST_MEASURED.group_bytes < 38 * per_tile
     assert conv_winograd.fused_group(40, 40, 4, 48) == 20  # 37 fit; 20 divides the row
     assert conv_winograd.fused_group(40, 40, 8, 48) == 8  # the most within a row, in steps of 8
     assert conv_winograd.fused_group(40, 40, 8, 16) == 80  # 2 rows (113 tiles fit)
@@ -60,6 +61,59 @@ def test_tile_groups_are_the_largest_rectangles_whose_transformed_inputs_fit_the
     assert conv_winograd.fused_group(7, 7, 7, 32) == 7  # two groups at least: one row, not all 49
     assert conv_winograd.fused_group(4, 4, 16, 128) == 0  # one step is all the tiles: one group
     assert conv_winograd.fused_group(20, 20, 8, 2048) == 0  # one step of tiles is past the budget
+
+
+def test_tile_groups_are_sized_by_the_machine_cores_and_l2() -> None:
+    """More cores: at least as many groups (else cores idle in the grouped space); a smaller L2: smaller groups."""
+    machine = conv_winograd.Machine
+    assert conv_winograd.fused_group(14, 14, 7, 32, machine(cores=8)) == 14  # 196 / 8 = 24: one row, not two
+    assert conv_winograd.fused_group(7, 7, 7, 32, machine(cores=8)) == 0  # a row per group is 7 groups
+    assert conv_winograd.fused_group(40, 40, 4, 48, machine(cores=16)) == 20  # 100 groups: the cache limits
+    assert conv_winograd.fused_group(14, 14, 7, 32, machine(l2_bytes=256 << 10)) == 14  # 14 tiles fit in 64 KiB
+    assert conv_winograd.fused_group(40, 40, 8, 16, machine(cores=1)) == 80  # one core: the cache limits
+
+
+def test_schedule_rule_offers_a_group_per_core() -> None:
+    """The grouped design spaces' parallel loop has at least one group per core of the machine the rule is
+    registered for (build.register_schedule_rules)."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    data = te.placeholder((1, 2, 58, 58, 16), name="data")  # 32 -> 32 channels at 56x56: 14x14 tiles
+    weights = te.placeholder((36, 2, 2, 16, 16), name="weights")
+    y = conv_winograd.conv2d_winograd(data, weights, (0, 0, 0, 0), "float32")
+    for cores in (2, 8, 16):
+        sch = Schedule(te.create_prim_func([data, weights, y]))
+        spaces = conv_winograd.schedule_rule(sch, sch.get_sblock("winograd_products"), conv_winograd.Machine(cores))
+        grouped = [space for space in spaces if len(_top_level_loops(space.mod["main"])) == 1]
+        assert grouped, cores
+        for space in grouped:
+            (loop,) = _top_level_loops(space.mod["main"])
+            assert int(loop.extent) >= cores, (cores, space.mod["main"].script())
+
+
+def test_winograd_pays_where_a_core_l2_keeps_the_transformed_weights() -> None:
+    """The choice follows the machine's L2: 256->256 at 7x7 (9.4 MB transformed) streams its weights on the
+    measured hosts (direct), not where 16 MiB of L2 keeps them."""
+    assert not pays(7, 7, 256 * 256)
+    assert pays(7, 7, 256 * 256, machine=conv_winograd.Machine(l2_bytes=16 << 20))
+    assert not pays(4, 4, 32 * 32, machine=conv_winograd.Machine(l2_bytes=16 << 20))  # one tile: never
+
+
+def test_a_build_sizes_winograd_by_its_target_cores_and_the_host_l2() -> None:
+    """`cpu` builds: the target's num-cores and this host's L2 per core; other targets: the cores they name and the
+    measured hosts' L2 (a board preset does not give its cache)."""
+    import tvm
+
+    from prune_compile.backends.tvm.build import winograd_machine
+    from prune_compile.host_cpu import l2_bytes_per_core
+
+    host = winograd_machine(tvm.target.Target({"kind": "llvm", "num-cores": 16}), "cpu")
+    assert host == conv_winograd.Machine(16, l2_bytes_per_core() or conv_winograd.HOST_MEASURED.l2_bytes)
+    board = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "num-cores": 4})
+    assert winograd_machine(board, "arm") == conv_winograd.Machine(4, conv_winograd.HOST_MEASURED.l2_bytes)
+    bare = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    assert winograd_machine(bare, "arm") == conv_winograd.HOST_MEASURED
 
 
 def _conv(data_shape, kernel_shape, strides=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1,

@@ -12,6 +12,7 @@ aarch64 cross compiler; `gpu` embeds a fatbin compiled by nvcc (see cuda_embed).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -105,25 +106,40 @@ def converted_layouts(mod, layout: str, lanes: int):
     return convert_layout(mod, lanes)
 
 
-def register_schedule_rules() -> None:
+def register_schedule_rules(machine: conv_winograd.Machine = conv_winograd.HOST_MEASURED) -> None:
     """Make our CPU schedule rules visible to MetaSchedule, which calls the one a block's `schedule_rule`
-    annotation names as `s_tir.meta_schedule.cpu.<name>` (the CPU target key)."""
+    annotation names as `s_tir.meta_schedule.cpu.<name>` (the CPU target key). The Winograd rule sizes its tile
+    groups for `machine` (a rule sees the schedule, not the target)."""
     import tvm
 
-    for name, rule in ((conv_nchwc.RULE, conv_nchwc.schedule_rule), (conv_winograd.RULE, conv_winograd.schedule_rule),
+    winograd = functools.partial(conv_winograd.schedule_rule, machine=machine)
+    for name, rule in ((conv_nchwc.RULE, conv_nchwc.schedule_rule), (conv_winograd.RULE, winograd),
                        (pool_nchwc.TAG, pool_nchwc.schedule_rule)):
         tvm.register_global_func(f"s_tir.meta_schedule.cpu.{name}", rule, override=True)
 
 
-def own_lowerings(lanes: int, winograd: bool = True) -> dict:
+def winograd_machine(tvm_target, target_name: str) -> conv_winograd.Machine:
+    """The cores and L2 cache Winograd's choices are sized for: the target's num-cores, and the host's L2 per core
+    when the build is for the host (`cpu`); the measured hosts' otherwise (the board presets do not say)."""
+    from ...host_cpu import l2_bytes_per_core
+
+    default = conv_winograd.HOST_MEASURED
+    cores = int(tvm_target.attrs["num-cores"]) if "num-cores" in tvm_target.attrs else default.cores
+    l2 = l2_bytes_per_core() if target_name == "cpu" else None
+    return conv_winograd.Machine(max(cores, 1), l2 or default.l2_bytes)
+
+
+def own_lowerings(lanes: int, winograd: bool = True,
+                  machine: conv_winograd.Machine = conv_winograd.HOST_MEASURED) -> dict:
     """The ops tuned builds lower with our computes (LegalizeOps hooks) instead of TVM's: blocked convs (when
     `lanes`; half-width blocks in pairs where this CPU's wide FMAs pay, `pairs_half_blocks`; with `winograd`, 3x3
-    stride-1 ones by F(4x4, 3x3) where it pays, conv_winograd), layout transforms as gathers that fuse with their
-    neighbours."""
+    stride-1 ones by F(4x4, 3x3) where it pays on `machine`, conv_winograd), layout transforms as gathers that fuse
+    with their neighbours."""
     lowerings = {"relax.layout_transform": legalize_layout_transform}
     if lanes:
         paired = lanes if pairs_half_blocks(lanes) else 0
-        lowerings["relax.nn.conv2d"] = lambda bb, call: legalize_nchwc(bb, call, paired, winograd)
+        on = machine if winograd else None
+        lowerings["relax.nn.conv2d"] = lambda bb, call: legalize_nchwc(bb, call, paired, on)
     return lowerings
 
 
@@ -157,13 +173,14 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
         mod = converted_layouts(mod, layout, lanes)
         if layout == "NHWC":
             pipeline = "NHWC, default (untuned)"
+        machine = winograd_machine(tvm_target, target)
         if lanes:
-            register_schedule_rules()
+            register_schedule_rules(machine)
         if tvm_target.kind.name == "llvm":
             mod = vectorized_math(mod)  # else exp, tanh, erf are a libm call per vector lane
         if tuned:
             passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-                      relax.transform.LegalizeOps(own_lowerings(lanes, target_options.winograd))]
+                      relax.transform.LegalizeOps(own_lowerings(lanes, target_options.winograd, machine))]
             with tvm_target:
                 mod = tvm.transform.Sequential([*passes, relax.get_pipeline("zero")])(mod)
             database, summary = tune(mod, tvm_target, target, tuning)

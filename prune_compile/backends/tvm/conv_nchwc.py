@@ -263,16 +263,17 @@ def _depthwise_nchwc(data, kernel, strides, padding, dilation, out_dtype):
         name="depthwise_nchwc", attrs={"schedule_rule": RULE})
 
 
-def legalize(bb, call, lanes: int = 0, winograd: bool = False):
+def legalize(bb, call, lanes: int = 0, winograd=None):
     """LegalizeOps hook for relax.nn.conv2d: blocked convs get our computes; the rest are left to TVM's default.
     `lanes`: the vector width when dense convs in half-width blocks compute them in pairs (`pairs_half_blocks`).
-    `winograd`: 3x3 stride-1 convs where it pays by F(4x4, 3x3) (conv_winograd)."""
+    `winograd` (a conv_winograd.Machine, None: off): 3x3 stride-1 convs where it pays on that machine by F(4x4, 3x3)
+    (conv_winograd)."""
     from . import conv_winograd
 
     attrs = call.attrs
     if len(call.args[1].ty.shape) != 6:  # only `conv_layouts` blocks kernels
         return call
-    if winograd and conv_winograd.applies(call):
+    if winograd is not None and conv_winograd.applies(call, winograd):
         return conv_winograd.legalize(bb, call)
     kernel_shape = [int(d) for d in call.args[1].ty.shape]
     out_dtype = str(attrs.out_dtype) if attrs.out_dtype else str(call.args[0].ty.dtype)

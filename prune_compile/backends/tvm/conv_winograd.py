@@ -22,15 +22,19 @@ How (channel blocks are the vector lanes throughout):
   products, the output transform and the epilogue parallel over rows of tiles. Or parallel over groups of tiles
   (a rectangle of the map), each group's input transform, products and output transform in turn, in the cache
   (`fused_group`, `_grouped`): otherwise the transformed input (2.25x the input) and the products go to memory
-  and back.
+  and back. Groups and the choice of convs are sized by the machine (`Machine`: cores, a core's L2).
 Numerics: the transforms scale values by up to 8 and by 1/24: about 1e-5 relative error per conv in float32 (the
 direct conv ~1e-7); `--no-winograd` computes every conv directly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 RULE = "prune_compile_conv2d_winograd"
-SPACES_REVISION = 2  # of the rule's design spaces (tuning.rule_revisions): 2 added tile groups (`fused_group`)
+# of the rule's design spaces (tuning.rule_revisions): 2 added tile groups (`fused_group`), 3 sized them by the
+# machine's cores and L2 (`Machine`)
+SPACES_REVISION = 3
 TILE = 4  # outputs per tile side: m of F(m x m, 3 x 3)
 ALPHA = TILE + 2  # input tile side
 # Lavin & Gray's F(4, 3) matrices, interpolation points 0, 1, -1, 2, -2 and infinity.
@@ -52,9 +56,25 @@ A_T = ((1, 1, 1, 1, 1, 0),
        (0, 1, -1, 8, -8, 1))
 MIN_TILES = 4  # one tile (a 4x4 output) ran 10% slower than the direct conv; four (7x7) 2x faster
 MIN_SAVING = 2.0  # multiplies saved after padding to whole tiles: 4x for whole tiles, 3.1x at 7x7 and 14x14
-CACHED_WEIGHTS = 1 << 20  # bytes of transformed weights a core's L2 keeps between calls (Zen 4 and 5: 1 MiB)
 FMAS_PER_BYTE = 8  # FMAs the cores run per byte of weights streamed from memory (2 Zen 5 cores: 275 G/s, ~30 GB/s)
-GROUP_BYTES = 256 << 10  # a tile group's transformed inputs: a quarter of a core's L2 (Zen 4 and 5: 1 MiB)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the choice of convs and the tile groups are sized by: the cores the kernels run on (a tile group per
+    core at least) and a core's L2 cache (the transformed weights that stay in it between calls; a group's
+    transformed inputs take a quarter of it). The defaults are the 2-core Zen 4 and 5 hosts everything here was
+    measured on (1 MiB of L2 each); builds for the host read its own (`build.winograd_machine`)."""
+
+    cores: int = 2
+    l2_bytes: int = 1 << 20
+
+    @property
+    def group_bytes(self) -> int:
+        return self.l2_bytes // 4
+
+
+HOST_MEASURED = Machine()
 
 
 def tiles(out_h: int, out_w: int) -> tuple[int, int]:
@@ -62,11 +82,11 @@ def tiles(out_h: int, out_w: int) -> tuple[int, int]:
     return -(-out_h // TILE), -(-out_w // TILE)
 
 
-def pays(out_h: int, out_w: int, channel_pairs: int, images: int = 1) -> bool:
+def pays(out_h: int, out_w: int, channel_pairs: int, images: int = 1, machine: Machine = HOST_MEASURED) -> bool:
     """Whether F(4, 3) beats the direct conv on an output of this size with `channel_pairs` (input x output
     channels, blocks padded). Compute: 36 multiplies per tile and channel pair instead of 144 per 4x4 outputs, on
     every tile, whole or not (MIN_TILES, MIN_SAVING). Memory: the transformed weights are 4x the kernel's (36 floats
-    per pair instead of 9) and each is used once per tile; past the cache (CACHED_WEIGHTS) each call streams them,
+    per pair instead of 9) and each is used once per tile; past a core's L2 (`machine`) each call streams them,
     so the cost per pair is the larger of FMAs and bytes x FMAS_PER_BYTE, for both algorithms. Pruned resnet18 on
     Zen 5, the same rounds: its 256->256 7x7 convs (9.4 MB, 4 tiles) by F(4, 3) took the model from 0.73x ONNX
     Runtime's latency to 0.84x; its 128->128 14x14 ones (2.4 MB, 16 tiles) from 0.77x to 0.73x."""
@@ -74,12 +94,12 @@ def pays(out_h: int, out_w: int, channel_pairs: int, images: int = 1) -> bool:
     tile_count, outputs = th * tw * images, out_h * out_w * images
     if th * tw < MIN_TILES or 4 * outputs / (TILE * TILE * tile_count) < MIN_SAVING:
         return False
-    if ALPHA * ALPHA * 4 * channel_pairs <= CACHED_WEIGHTS:
+    if ALPHA * ALPHA * 4 * channel_pairs <= machine.l2_bytes:
         return True
     return max(ALPHA * ALPHA * tile_count, ALPHA * ALPHA * 4 * FMAS_PER_BYTE) < max(9 * outputs, 9 * 4 * FMAS_PER_BYTE)
 
 
-def applies(call) -> bool:
+def applies(call, machine: Machine = HOST_MEASURED) -> bool:
     """Whether a relax.nn.conv2d call in the blocked layout (a 6-D kernel, see conv_nchwc) is one F(4, 3) computes:
     dense, 3x3, stride 1, no dilation, float32, a blocked input, and a shape `pays` for."""
     attrs = call.attrs
@@ -94,7 +114,7 @@ def applies(call) -> bool:
     pt, pl, pb, pr = (int(v) for v in attrs.padding)
     n, h, w = data_shape[0], *data_shape[2:4]
     pairs = data_shape[1] * data_shape[4] * kernel_shape[0] * kernel_shape[5]
-    return pays(h + pt + pb - 2, w + pl + pr - 2, pairs, n)
+    return pays(h + pt + pb - 2, w + pl + pr - 2, pairs, n, machine)
 
 
 def _combination(matrix, row, value):
@@ -182,18 +202,18 @@ def legalize(bb, call):
 
 
 def fused_group(tile_rows: int, tile_columns: int, tiles_per_step: int, in_channels: int,
-                min_groups: int = 2) -> int:
+                machine: Machine = HOST_MEASURED) -> int:
     """Tiles per group for the design space that runs each group of tiles' three steps in turn, its transformed
     inputs and products kept in the cache: the most whose transformed inputs (36 floats per tile and input channel)
-    fit in GROUP_BYTES, in steps of the register tile's `tiles_per_step`, a rectangle of tiles (part of a row or
-    whole rows: its input and output are rectangles of the maps) and at least `min_groups` groups to run in
-    parallel; 0 when none does. Transforming all tiles first writes the transformed input, 2.25x the input, to
-    memory and reads it back: a 48->16 conv at 160x160 (PP-OCRv4 det's pruned FPN, 40x40 tiles) took 1.14 ms so,
-    0.51 with its input transforms in groups of 20 or 32 tiles (tuned); the output transforms in the groups too
-    took another 5-10% off (same seeds, alone)."""
+    fit in a quarter of a core's L2 (`machine`), in steps of the register tile's `tiles_per_step`, a rectangle of
+    tiles (part of a row or whole rows: its input and output are rectangles of the maps) and a group per core at
+    least, so that every core has one; 0 when none does. Transforming all tiles first writes the transformed
+    input, 2.25x the input, to memory and reads it back: a 48->16 conv at 160x160 (PP-OCRv4 det's pruned FPN,
+    40x40 tiles) took 1.14 ms so, 0.51 with its input transforms in groups of 20 or 32 tiles (tuned); the output
+    transforms in the groups too took another 5-10% off (same seeds, alone)."""
     count = tile_rows * tile_columns
-    fits = [g for g in range(tiles_per_step, count // min_groups + 1, tiles_per_step)
-            if rectangle(tile_rows, tile_columns, g) and ALPHA * ALPHA * 4 * in_channels * g <= GROUP_BYTES]
+    fits = [g for g in range(tiles_per_step, count // max(machine.cores, 1) + 1, tiles_per_step)
+            if rectangle(tile_rows, tile_columns, g) and ALPHA * ALPHA * 4 * in_channels * g <= machine.group_bytes]
     return max(fits, default=0)
 
 
@@ -315,7 +335,7 @@ def _output_tile(sch, columns, x_tile, y_in, x_in, oc) -> None:
     sch.vectorize(oc)
 
 
-def schedule_rule(sch, products):
+def schedule_rule(sch, products, machine: Machine = HOST_MEASURED):
     from .conv_nchwc import register_tiles, vector_registers
 
     extents = [int(sch.get(loop).extent) for loop in sch.get_loops(products)]
@@ -328,7 +348,7 @@ def schedule_rule(sch, products):
     spaces = []
     for a, b in steps:
         spaces += [_schedule(sch.copy(), products, (a, b), parallel) for parallel in (False, True)]
-        group = fused_group(tile_rows, tile_columns, b, in_channels)
+        group = fused_group(tile_rows, tile_columns, b, in_channels, machine)
         if group:
             shape = (group // tile_columns, tile_columns) if group >= tile_columns else (1, group)
             spaces.append(_grouped(sch.copy(), products, (a, b), shape))
