@@ -310,8 +310,10 @@ def _summary(result: api.RunResult) -> str:
             lines.append("  untuned  TVM's default schedules, often 20-100x slower than ONNX Runtime on a CPU; "
                          "--tune N tunes them (resnet18, mobilenet_v2 here: 2000-3200, 10-25 min on 2 cores)")
         if tu:
+            unneeded = (f"; {tu['trials_unneeded']} not needed: every schedule of {tu['tasks_exhausted']} tasks "
+                        "measured" if tu.get("trials_unneeded") else "")
             lines.append(f"  tuning   {tu['trials_run']} trials run on {tu['tasks_tuned']}/{tu['tasks']} tasks "
-                         f"(budget {tu['trials_requested']}); database {tu['database']}")
+                         f"(budget {tu['trials_requested']}{unneeded}); database {tu['database']}")
         if t.get("device_code"):
             d = t["device_code"]
             lines.append(f"  device   {d['format']} for {d['arch']} ({d['bytes']:,} bytes, {d['compiler']})")

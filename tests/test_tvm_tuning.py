@@ -246,9 +246,13 @@ def test_a_task_is_tuned_for_no_more_schedules_than_its_design_spaces_hold(tmp_p
     convs = [(name, trials, held) for name, trials, held in asked if "conv2d" in name]
     assert convs and all(held is not None and trials <= held for _, trials, held in convs), convs
     assert summary.trials_run < 400
+    # the summary says why: the trials the exhausted tasks' shares held and were not needed
+    assert summary.tasks_exhausted >= 1
+    assert summary.trials_unneeded > 0 and summary.trials_run + summary.trials_unneeded <= 400
     asked.clear()
-    lower_model(model, "cpu", tuning=tvm_backend.TuningOptions(trials=800, database=db))
+    again = lower_model(model, "cpu", tuning=tvm_backend.TuningOptions(trials=800, database=db))[3]
     assert not [name for name, *_ in asked if "conv2d" in name], asked
+    assert again.trials_unneeded > 0 and again.to_json()["tasks_exhausted"] == again.tasks_exhausted >= 1
 
 
 def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:

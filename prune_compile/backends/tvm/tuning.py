@@ -92,11 +92,16 @@ class TuningSummary:
     tasks_tuned: int
     database: str
     per_task: list[dict] = field(default_factory=list)
+    # trials a task's share held that its design spaces had no unmeasured schedule for (`distinct_schedules`), and
+    # how many tasks that was: why a run can end well under its budget
+    trials_unneeded: int = 0
+    tasks_exhausted: int = 0
 
     def to_json(self) -> dict:
         return {"trials_requested": self.trials_requested, "trials_run": self.trials_run,
                 "trials_valid": self.trials_valid, "tasks": self.tasks,
-                "tasks_tuned": self.tasks_tuned, "database": self.database, "per_task": self.per_task}
+                "tasks_tuned": self.tasks_tuned, "database": self.database, "per_task": self.per_task,
+                "trials_unneeded": self.trials_unneeded, "tasks_exhausted": self.tasks_exhausted}
 
 
 def default_database_root() -> str:
@@ -470,6 +475,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
         todo_keys: set[str] = set()  # tasks trials ran for
         valid_before = _valid_records(database, tasks)
         run_per_task = [0] * len(tasks)
+        session = None
         if any(first_needs) or second_budget:
             # Runner workers start inside: they inherit the thread count they measure with.
             stack.enter_context(thread_env(threads))
@@ -500,7 +506,8 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
             per_task.append({"task": task.task_name, "flops": int(w), "calls": int(task.weight), "already": done,
                              "run": run, "best_ms": None if best is None else round(best * 1e3, 6)})
         summary = TuningSummary(options.trials, len(database) - before, valid, len(tasks), len(todo_keys),
-                                directory, per_task)
+                                directory, per_task, session.unneeded if session else 0,
+                                len(session.exhausted) if session else 0)
     return database, summary
 
 
@@ -514,6 +521,7 @@ class _Session:
         self.target_name, self.options, self.directory = target_name, options, directory
         self.database, self.ledger, self.report = database, ledger, report
         self.total, self.spent, self.count = max(total, 1), 0, 0
+        self.unneeded, self.exhausted = 0, set()  # see TuningSummary
         self.started = time.monotonic()
         self.builder, self.runner = _workers(target_name, options.rpc)
         self.work_dir = os.path.join(directory, "logs")
@@ -544,6 +552,9 @@ class _Session:
         distinct = distinct_schedules(contexts[0].generate_design_space())
         if distinct is not None:
             trials = min(need, distinct - len(_measured_records(self.database, task, distinct)))
+            if trials < need:
+                self.unneeded += need - max(trials, 0)
+                self.exhausted.add(key)
         if trials <= 0:
             self._spent(key, need)
             return 0
