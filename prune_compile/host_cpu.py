@@ -8,6 +8,7 @@ kernel's flags list what the guest may use.
 
 from __future__ import annotations
 
+import os
 import platform
 
 # LLVM's name of an x86 feature -> the kernel's flag, where they differ beyond underscores (avx512_vnni is
@@ -49,26 +50,27 @@ def hidden_features(llvm_features: set[str], flags: set[str] | None) -> list[str
 def l2_bytes_per_core(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
     """Bytes of level-2 cache per core of this CPU (cpu0's, divided among the CPUs that share it: Intel's E-cores
     share one per four), from the kernel's cache description (`cache_dir`); None where it gives none."""
-    import os
-
     try:
         entries = sorted(os.listdir(cache_dir))
     except OSError:
         return None
     for entry in entries:
-        fields = {}
-        for name in ("level", "type", "size", "shared_cpu_list"):
-            try:
-                with open(os.path.join(cache_dir, entry, name), encoding="utf-8") as f:
-                    fields[name] = f.read().strip()
-            except OSError:
-                pass
-        if fields.get("level") != "2" or fields.get("type") == "Instruction" or "size" not in fields:
+        level, kind, size, shared = (_read(os.path.join(cache_dir, entry, name))
+                                     for name in ("level", "type", "size", "shared_cpu_list"))
+        if level != "2" or kind == "Instruction" or size is None:
             continue
-        size = _bytes(fields["size"])
-        sharing = _cpu_count(fields.get("shared_cpu_list", ""))
-        return size // max(sharing, 1) if size else None
+        size_bytes = _bytes(size)
+        return size_bytes // _cpu_count(shared or "") if size_bytes else None
     return None
+
+
+def _read(path: str) -> str | None:
+    """A sysfs file's text, stripped; None when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _bytes(size: str) -> int | None:

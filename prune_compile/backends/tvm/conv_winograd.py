@@ -212,7 +212,7 @@ def fused_group(tile_rows: int, tile_columns: int, tiles_per_step: int, in_chann
     40x40 tiles) took 1.14 ms so, 0.51 with its input transforms in groups of 20 or 32 tiles (tuned); the output
     transforms in the groups too took another 5-10% off (same seeds, alone)."""
     count = tile_rows * tile_columns
-    fits = [g for g in range(tiles_per_step, count // max(machine.cores, 1) + 1, tiles_per_step)
+    fits = [g for g in range(tiles_per_step, count // machine.cores + 1, tiles_per_step)
             if rectangle(tile_rows, tile_columns, g) and ALPHA * ALPHA * 4 * in_channels * g <= machine.group_bytes]
     return max(fits, default=0)
 
