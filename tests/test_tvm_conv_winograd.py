@@ -100,20 +100,33 @@ def test_winograd_pays_where_a_core_l2_keeps_the_transformed_weights() -> None:
     assert not pays(4, 4, 32 * 32, machine=conv_winograd.Machine(l2_bytes=16 << 20))  # one tile: never
 
 
-def test_a_build_sizes_winograd_by_its_target_cores_and_the_host_l2() -> None:
-    """`cpu` builds: the target's num-cores and this host's L2 per core; other targets: the cores they name and the
-    measured hosts' L2 (a board preset does not give its cache)."""
+def test_a_build_sizes_winograd_by_its_target_cores_and_l2() -> None:
+    """`cpu` builds: the target's num-cores and this host's L2 per core; `arm`: the cores the target names and the
+    board preset's L2 per core (a shared L2 divided among its cores); a board without one: the measured hosts'."""
     import tvm
 
     from prune_compile.backends.tvm.build import winograd_machine
+    from prune_compile.backends.tvm.targets import TargetOptions
     from prune_compile.host_cpu import l2_bytes_per_core
 
     host = winograd_machine(tvm.target.Target({"kind": "llvm", "num-cores": 16}), "cpu")
     assert host == conv_winograd.Machine(16, l2_bytes_per_core() or conv_winograd.HOST_MEASURED.l2_bytes)
     board = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "num-cores": 4})
     assert winograd_machine(board, "arm") == conv_winograd.Machine(4, conv_winograd.HOST_MEASURED.l2_bytes)
+    assert winograd_machine(board, "arm", TargetOptions(arm_board="rasp4")) == conv_winograd.Machine(4, 256 << 10)
+    graviton = winograd_machine(board, "arm", TargetOptions(arm_board="graviton3"))
+    assert graviton == conv_winograd.Machine(4, 1 << 20)
     bare = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
     assert winograd_machine(bare, "arm") == conv_winograd.HOST_MEASURED
+
+
+def test_board_l2_changes_what_pays() -> None:
+    """A Raspberry Pi 4's 256 KiB per core: 64->64 on 7x7 (576 KiB transformed) no longer stays cached, and its 4
+    tiles do not save the FMAs that streaming them costs; on 1 MiB it pays. 14x14 (16 tiles) pays either way."""
+    rasp4 = conv_winograd.Machine(4, 256 << 10)
+    assert pays(7, 7, 64 * 64)
+    assert not pays(7, 7, 64 * 64, machine=rasp4)
+    assert pays(14, 14, 64 * 64, machine=rasp4)
 
 
 def _conv(data_shape, kernel_shape, strides=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1,

@@ -33,6 +33,7 @@ from .recurrent_steps import recurrent_steps_frontend
 from .recurrent_unroll import has_recurrences, unrolled_recurrences
 from .stack_ops import stacks_as_concats
 from .targets import (
+    ARM_BOARDS,
     ARM_CROSS_COMPILER,
     DEFAULT_OPTIONS,
     TargetOptions,
@@ -118,14 +119,19 @@ def register_schedule_rules(machine: conv_winograd.Machine = conv_winograd.HOST_
         tvm.register_global_func(f"s_tir.meta_schedule.cpu.{name}", rule, override=True)
 
 
-def winograd_machine(tvm_target, target_name: str) -> conv_winograd.Machine:
-    """The cores and L2 cache Winograd's choices are sized for: the target's num-cores, and the host's L2 per core
-    when the build is for the host (`cpu`); the measured hosts' otherwise (the board presets do not say)."""
+def winograd_machine(tvm_target, target_name: str,
+                     target_options: TargetOptions = DEFAULT_OPTIONS) -> conv_winograd.Machine:
+    """The cores and L2 cache Winograd's choices are sized for: the target's num-cores; the L2 per core of the host
+    when the build is for it (`cpu`), of the board preset (`arm`, `ARM_BOARDS`), the measured hosts' otherwise."""
     from ...host_cpu import l2_bytes_per_core
 
     default = conv_winograd.HOST_MEASURED
     cores = int(tvm_target.attrs["num-cores"]) if "num-cores" in tvm_target.attrs else default.cores
-    l2 = l2_bytes_per_core() if target_name == "cpu" else None
+    l2 = None
+    if target_name == "cpu":
+        l2 = l2_bytes_per_core()
+    elif target_name == "arm" and ARM_BOARDS.get(target_options.arm_board, {}).get("l2_kib"):
+        l2 = ARM_BOARDS[target_options.arm_board]["l2_kib"] << 10
     return conv_winograd.Machine(max(cores, 1), l2 or default.l2_bytes)
 
 
@@ -173,7 +179,7 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
         mod = converted_layouts(mod, layout, lanes)
         if layout == "NHWC":
             pipeline = "NHWC, default (untuned)"
-        machine = winograd_machine(tvm_target, target)
+        machine = winograd_machine(tvm_target, target, target_options)
         if lanes:
             register_schedule_rules(machine)
         if tvm_target.kind.name == "llvm":

@@ -64,7 +64,8 @@ class Machine:
     """What the choice of convs and the tile groups are sized by: the cores the kernels run on (a tile group per
     core at least) and a core's L2 cache (the transformed weights that stay in it between calls; a group's
     transformed inputs take a quarter of it). The defaults are the 2-core Zen 4 and 5 hosts everything here was
-    measured on (1 MiB of L2 each); builds for the host read its own (`build.winograd_machine`)."""
+    measured on (1 MiB of L2 each); builds for the host read its own, board presets give theirs
+    (`build.winograd_machine`)."""
 
     cores: int = 2
     l2_bytes: int = 1 << 20

@@ -20,14 +20,16 @@ ARM_APT_PACKAGE = "gcc-aarch64-linux-gnu"
 CUDA_APT_PACKAGE = "nvidia-cuda-toolkit"
 DEFAULT_GPU_ARCH = "sm_90"
 
-# Named aarch64 boards: the core LLVM should schedule for, its extensions, and how many cores it has.
+# Named aarch64 boards: the core LLVM should schedule for, its extensions, how many cores it has and the L2 cache
+# per core in KiB (the vendors' specifications; a shared L2 divided among its cores), which sizes Winograd's choices
+# (conv_winograd.Machine) when convs are blocked.
 ARM_BOARDS: dict[str, dict] = {
-    "generic": {"mcpu": None, "mattr": ["+neon"], "cores": None},
-    "rasp4": {"mcpu": "cortex-a72", "mattr": ["+neon"], "cores": 4},
-    "rasp5": {"mcpu": "cortex-a76", "mattr": ["+neon"], "cores": 4},
-    "graviton2": {"mcpu": "neoverse-n1", "mattr": ["+neon"], "cores": None},
-    "graviton3": {"mcpu": "neoverse-v1", "mattr": ["+neon", "+sve"], "cores": None},
-    "jetson-orin": {"mcpu": "cortex-a78ae", "mattr": ["+neon"], "cores": None},
+    "generic": {"mcpu": None, "mattr": ["+neon"], "cores": None, "l2_kib": None},
+    "rasp4": {"mcpu": "cortex-a72", "mattr": ["+neon"], "cores": 4, "l2_kib": 256},  # 1 MiB shared by 4
+    "rasp5": {"mcpu": "cortex-a76", "mattr": ["+neon"], "cores": 4, "l2_kib": 512},
+    "graviton2": {"mcpu": "neoverse-n1", "mattr": ["+neon"], "cores": None, "l2_kib": 1024},
+    "graviton3": {"mcpu": "neoverse-v1", "mattr": ["+neon", "+sve"], "cores": None, "l2_kib": 1024},
+    "jetson-orin": {"mcpu": "cortex-a78ae", "mattr": ["+neon"], "cores": None, "l2_kib": 256},
 }
 _SM = re.compile(r"^sm_(\d{2,3})[a-z]?$")
 
