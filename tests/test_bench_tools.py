@@ -65,6 +65,36 @@ def test_bench_latency_profile_accounts_for_the_model_time() -> None:
             expected = 2 * result["macs"][variant] / (measured["median_ms"] * 1e-3) / (peak["gflops"] * 1e9)
             assert fraction == pytest.approx(expected, abs=1e-4)
             assert 0 < fraction < 1, (engine, variant, fraction)  # a model cannot outrun the FMA pipes
+    # TVM's outputs (of the BN-folded graph) checked against ONNX Runtime's on the same feeds, per variant
+    errors = result["max_relative_error_vs_ort"]
+    assert set(errors) == {"tvm_untuned"} and set(errors["tvm_untuned"]) == {"unpruned", "pruned"}
+    assert all(0 <= e < 1e-4 for e in errors["tvm_untuned"].values()), errors
+
+
+def test_bench_latency_names_an_engine_whose_outputs_disagree_with_onnx_runtime(tmp_path) -> None:
+    """`agreement`: each engine's saved outputs against ONNX Runtime's of the same variant; a wrong output (one
+    element off by 1% of the output's scale, or a wrong shape) is named, rounding differences are not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_latency", os.path.join(TOOLS, "bench_latency.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    reference = [rng.standard_normal((1, 10)).astype(np.float32), rng.standard_normal((1, 4, 3)).astype(np.float32)]
+    rounded = [r + np.float32(1e-7) * rng.standard_normal(r.shape).astype(np.float32) for r in reference]
+    off = [r.copy() for r in reference]
+    off[1][0, 2, 1] += 0.01 * np.abs(off[1]).max()
+    outputs = {}
+    for (engine, label), arrays in {("ort", "pruned"): reference, ("tvm_tuned", "pruned"): rounded,
+                                    ("torch", "pruned"): off, ("ort", "unpruned"): reference,
+                                    ("tvm_tuned", "unpruned"): [reference[0], reference[1][:, :2]]}.items():
+        outputs[engine, label] = str(tmp_path / f"{engine}.{label}.npz")
+        np.savez(outputs[engine, label], *arrays)
+    outputs["tvm_untuned", "pruned"] = str(tmp_path / "missing.npz")  # its worker failed: nothing to compare
+    errors, wrong = bench.agreement(outputs)
+    assert errors["tvm_tuned"]["pruned"] < 1e-5 and errors["torch"]["pruned"] == pytest.approx(0.01, rel=1e-3)
+    assert errors["tvm_tuned"]["unpruned"] == float("inf")
+    assert sorted(wrong) == ["torch pruned", "tvm_tuned unpruned"] and "tvm_untuned" not in errors
 
 
 def test_fma_peak_runs_fused_multiply_adds_as_wide_as_this_cpu_has() -> None:

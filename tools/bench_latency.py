@@ -16,6 +16,9 @@ ratio towards 1, so only quiet rounds count: a reading within 10% of that engine
 compares, which use 4%), a ratio over the rounds quiet for both sides (all rounds when fewer than half are).
 Rounds go on until `--rounds` are quiet for every engine and variant, at most 2x as many. An engine's `median_ms`
 is the median of its quiet rounds' medians, `rounds_ms` every round's median.
+Every engine's outputs of the first round are checked against ONNX Runtime's on the same variant and feeds
+(`max_relative_error_vs_ort`; TVM builds get the BN-folded graph): past AGREEMENT the JSON is still printed and
+the exit code is 1, naming the engine and variant.
 
 Run: .venv/bin/python tools/bench_latency.py resnet18 --ratio 0.5 --tune 2000 [--tune-db DIR] [--repeat 50]
      MODEL is a torchvision name or crnn / crnn_gru (tests/zoo.py; random weights), or an .onnx file (then pass
@@ -46,6 +49,9 @@ from prune_compile.passes.latency import quiet_indices, quiet_or_all
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # for tests/zoo.py
 # a round is quiet when its median is within this of the fastest round's (the module doc)
 ROUND_QUIET = 1.10
+# Max relative error to ONNX Runtime's outputs past which an engine's code is wrong, not rounded differently: float32
+# kernels agree to ~1e-6, Winograd F(4, 3) to ~1e-5 per conv (1e-6 on whole models measured).
+AGREEMENT = 1e-3
 
 
 def _median_ms(fn, repeat: int, warmup: int = 5) -> dict:
@@ -154,6 +160,8 @@ def worker(args: argparse.Namespace) -> dict:
         opts.inter_op_num_threads = 1
         sess = ort.InferenceSession(args.artifact, opts, providers=["CPUExecutionProvider"])
         result = _median_ms(lambda: sess.run(None, feeds), args.repeat)
+        if args.outputs:
+            np.savez(args.outputs, *sess.run(None, feeds))
         if args.profile:
             result["kernels"] = _ort_kernels(args.artifact, opts, feeds, max(3, args.repeat // 3))
         return result
@@ -161,12 +169,14 @@ def worker(args: argparse.Namespace) -> dict:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
         import tvm
 
-        from prune_compile.backends.tvm import load_library
+        from prune_compile.backends.tvm import load_library, numpy_outputs
 
         vm, dev = load_library(args.artifact)
         inputs = [tvm.runtime.tensor(feeds[k], dev) for k in json.loads(args.order)]
         f = vm["main"]
         result = _median_ms(lambda: f(*inputs), args.repeat)
+        if args.outputs:
+            np.savez(args.outputs, *numpy_outputs(f(*inputs)))
         if args.profile:
             result["kernels"] = tvm_kernels(vm, lambda: f(*inputs), max(3, args.repeat // 3))
         return result
@@ -178,15 +188,40 @@ def worker(args: argparse.Namespace) -> dict:
         module = torch.load(args.artifact, weights_only=False).eval()
         xs = [torch.from_numpy(feeds[k]) for k in json.loads(args.order)]
         with torch.inference_mode():
-            return _median_ms(lambda: module(*xs), args.repeat)
+            result = _median_ms(lambda: module(*xs), args.repeat)
+            if args.outputs:
+                out = module(*xs)
+                np.savez(args.outputs, *[o.numpy() for o in ([out] if torch.is_tensor(out) else out)])
+        return result
     raise SystemExit(f"unknown engine {args.engine}")
 
 
+def agreement(outputs: dict[tuple[str, str], str], tolerance: float = AGREEMENT) -> tuple[dict, list[str]]:
+    """Each engine's outputs (saved by its first round) against ONNX Runtime's on the same variant and feeds: {engine:
+    {variant: max relative error}}, and the (engine, variant) pairs past `tolerance`. A benchmark of wrong code says
+    nothing; bench_latency exits non-zero on one."""
+    from prune_compile.backends.ort import relative_error
+
+    def load(path: str) -> list[np.ndarray]:
+        with np.load(path) as z:
+            return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+    errors: dict[str, dict[str, float]] = {}
+    for (engine, label), path in sorted(outputs.items()):
+        reference = outputs.get(("ort", label))
+        if engine == "ort" or reference is None or not os.path.exists(path) or not os.path.exists(reference):
+            continue
+        errors.setdefault(engine, {})[label] = float(f"{relative_error(load(reference), load(path)):.3e}")
+    wrong = [f"{engine} {label}" for engine, per in errors.items() for label, e in per.items() if not e <= tolerance]
+    return errors, wrong
+
+
 def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: int, repeat: int,
-             profile: bool = False, env: dict[str, str] | None = None) -> dict:
+             profile: bool = False, env: dict[str, str] | None = None, outputs: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--artifact", artifact, "--feeds", feeds,
            "--order", json.dumps(order), "--threads", str(threads), "--repeat", str(repeat)]
     cmd += ["--profile"] if profile else []
+    cmd += ["--outputs", outputs] if outputs else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
                           env=dict(os.environ, **env) if env else None)
     if proc.returncode != 0:
@@ -195,10 +230,11 @@ def _measure(engine: str, artifact: str, feeds: str, order: list[str], threads: 
 
 
 def _timed_rounds(runs: list[tuple[str, str, str, str, int, dict | None]], feeds: str, order: list[str],
-                  args: argparse.Namespace) -> dict[tuple[str, str], list[dict]]:
+                  args: argparse.Namespace, outputs: dict[tuple[str, str], str] | None = None
+                  ) -> dict[tuple[str, str], list[dict]]:
     """Each run (engine, label, worker kind, artifact, repeat, environment or None) once per round, interleaved,
     until --rounds are quiet for every run (at most 2x --rounds; see the module doc). {(engine, label): every round's
-    reading}."""
+    reading}. The first round saves each run's outputs where `outputs` says ({(engine, label): .npz path})."""
     measured: dict[tuple[str, str], list[dict]] = {}
 
     def quiet_everywhere() -> int:
@@ -212,8 +248,9 @@ def _timed_rounds(runs: list[tuple[str, str, str, str, int, dict | None]], feeds
         r += 1
         for engine, label, kind, artifact, repeat, env in runs:
             profile = args.profile and r == 1 and engine != "torch"
+            saved = (outputs or {}).get((engine, label)) if r == 1 else None
             measured.setdefault((engine, label), []).append(
-                _measure(kind, artifact, feeds, order, args.threads, repeat, profile, env))
+                _measure(kind, artifact, feeds, order, args.threads, repeat, profile, env, saved))
     return measured
 
 
@@ -325,6 +362,7 @@ def main() -> None:
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     ap.add_argument("--feeds", help="with --compare: the inputs (.npz, in the graph's input order)")
     ap.add_argument("--order", help=argparse.SUPPRESS)
+    ap.add_argument("--outputs", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         args.engine = args.worker
@@ -420,8 +458,10 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
     # Every build is done: now time each (engine, variant) once per round, interleaved.
     runs = [run for run in runs if "error" not in result["builds"].get(f"{run[0]}.{run[1]}", {})]
     before = _fma_peak(args.threads)
-    measured = _timed_rounds(runs, feeds_path, order, args)
+    outputs = {(engine, label): os.path.join(work, f"outputs.{engine}.{label}.npz") for engine, label, *_ in runs}
+    measured = _timed_rounds(runs, feeds_path, order, args, outputs)
     result["fma_peak"] = _fma_peak(args.threads, before)
+    result["max_relative_error_vs_ort"], wrong = agreement(outputs)
     for (engine, label), rounds in measured.items():
         result["latency_ms"].setdefault(engine, {})[label] = _summary(rounds)
     macs_ratio = (graph_cost(graph)["macs"] / graph_cost(pruned_copy(graph, plan, deps))["macs"])
@@ -449,6 +489,9 @@ def _run(args: argparse.Namespace, engines: set[str], work: str) -> None:
                      for label, m in per_variant.items() if "median_ms" in m}
             for engine, per_variant in result["latency_ms"].items()}
     print(json.dumps(result, indent=1, sort_keys=True))
+    if wrong:
+        raise SystemExit(f"outputs disagree with ONNX Runtime's (max relative error > {AGREEMENT:g}): "
+                         f"{', '.join(wrong)}; see max_relative_error_vs_ort")
 
 
 if __name__ == "__main__":

@@ -302,5 +302,9 @@ def run_library(path: str, inputs: Mapping[str, np.ndarray], input_order: list[s
         out = vm["main"](*args)
     except Exception as e:
         raise BackendError(f"TVM failed to run '{path}': {_last_line(e)}") from e
-    outs = [out] if hasattr(out, "numpy") else list(out)  # one output: a tensor; several: a tuple
-    return [o.numpy() for o in outs]
+    return numpy_outputs(out)
+
+
+def numpy_outputs(out) -> list[np.ndarray]:
+    """What the VM's `main` returned, as arrays: one output is a tensor, several a tuple."""
+    return [o.numpy() for o in ([out] if hasattr(out, "numpy") else list(out))]
