@@ -4,6 +4,7 @@ tools/bench_latency_plan.py), and the CLI end to end with real ONNX Runtime timi
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -337,14 +338,23 @@ def test_the_trajectory_is_extended_while_its_deepest_step_is_too_slow(resnet) -
         def __call__(self, proto, feeds, seconds=None) -> float:
             return 0.6 * super().__call__(proto, feeds) + 0.4 * full
 
+    lines = []
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.6), calibration=feeds,
-                       latency_timer=DampedTimer())
+                       latency_timer=DampedTimer(), progress=lambda line, *_a, **_k: lines.append(line))
     search = result.latency
     fraction = DampedTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / full
     assert abs(fraction / 0.6 - 1) <= 0.10, fraction
     timed = sorted((t for t in search["trajectory"] if "move" not in t and t["step"] > 0), key=lambda t: t["step"])
     first = min(t["step"] for t in timed if t["predicted_ms"] <= 0.6 * full)
     assert any(t["step"] > first for t in timed), timed  # timed past the table's first step at the target
+    # the progress says, as each step is timed, what it measured against what the table predicted
+    base = next(t["predicted_ms"] for t in search["trajectory"] if t["step"] == 0)
+    for t in timed:
+        said = [re.search(r"measured ([\d.]+)x .*the table predicted ([\d.]+)x", line) for line in lines
+                if line.startswith(f"latency: step {t['step']} of ")]
+        assert said and said[-1], (t, lines)
+        assert float(said[-1][1]) == pytest.approx(t["measured_ms"] / t["original_ms"], abs=2e-3)
+        assert float(said[-1][2]) == pytest.approx(t["predicted_ms"] / base, abs=2e-3)
     assert oracle_error(graph, deps, result.plan, feeds) <= 1e-4
 
 

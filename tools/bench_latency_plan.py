@@ -143,9 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         timer = Timer()
     started = time.perf_counter()
 
-    def log(line, final=False, fraction=None):
-        if final:
-            print(line, file=sys.stderr)
+    def log(line, final=False, fraction=None):  # every step of the search, timed: a TVM search runs for an hour
+        print(f"[{time.perf_counter() - started:7.0f} s] {line}", file=sys.stderr, flush=True)
 
     lat_options = PlanningOptions(policy="latency", target_latency=args.target_latency, round_to=args.round_to,
                                   importance=args.importance, max_ratio=args.max_ratio, latency_engine=args.engine,

@@ -475,6 +475,8 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
 
     def time_step(i: int, slices: list | None = None) -> None:
         measured[i], slices_of[i] = paired(trajectory[i]["kept"], slices)
+        report(f"latency: step {i} of {len(trajectory) - 1} measured {measured[i][0] / measured[i][1]:.3f}x of the "
+               f"original (the table predicted {trajectory[i]['predicted_ms'] / base_ms:.3f}x; target {target:g}x)")
 
     def fast_enough(i: int) -> bool:
         return measured[i][0] <= target * measured[i][1]
