@@ -196,6 +196,27 @@ def test_distinct_schedules_multiply_categorical_choices_and_give_up_on_any_othe
     assert tuning.distinct_schedules([two, tiled]) is None
 
 
+def test_the_database_is_parsed_again_only_when_its_files_changed(tmp_path) -> None:
+    """A process that tuned in a directory reuses its JSONDatabase while the files are as it left them (the
+    latency table opens it once per layer shape: parsing 60 MB each time was most of a TVM search); records
+    another process appended are read."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    directory = str(tmp_path)
+    first = tuning._open_database(directory)
+    tuning._opened[directory] = (first, tuning._files_signature(directory))  # what tune() leaves
+    assert tuning._open_database(directory) is first
+    a = te.placeholder((8,), name="a")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((8,), lambda i: a[i] * 2, name="b")])})
+    other = ms.database.JSONDatabase(path_workload=os.path.join(directory, tuning.DATABASE_FILES[0]),
+                                     path_tuning_record=os.path.join(directory, tuning.DATABASE_FILES[1]))
+    other.commit_workload(mod)  # another process's workload
+    again = tuning._open_database(directory)
+    assert again is not first and again.has_workload(mod) and not first.has_workload(mod)
+
+
 def test_a_task_a_revised_rule_schedules_has_a_new_ledger_key(monkeypatch) -> None:
     """A database tuned before the Winograd rule gained its tile-group spaces says its tasks are tuned: their ledger
     key carries the rule's revision, so they are tuned again (other tasks keep their keys and records)."""
