@@ -127,11 +127,8 @@ def winograd_machine(tvm_target, target_name: str,
 
     default = conv_winograd.HOST_MEASURED
     cores = int(tvm_target.attrs["num-cores"]) if "num-cores" in tvm_target.attrs else default.cores
-    l2 = None
-    if target_name == "cpu":
-        l2 = l2_bytes_per_core()
-    elif target_name == "arm" and ARM_BOARDS.get(target_options.arm_board, {}).get("l2_kib"):
-        l2 = ARM_BOARDS[target_options.arm_board]["l2_kib"] << 10
+    board = ARM_BOARDS.get(target_options.arm_board, {}) if target_name == "arm" else {}
+    l2 = l2_bytes_per_core() if target_name == "cpu" else (board.get("l2_kib") or 0) << 10
     return conv_winograd.Machine(max(cores, 1), l2 or default.l2_bytes)
 
 
