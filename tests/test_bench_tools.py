@@ -209,6 +209,20 @@ def test_bench_latency_times_a_zoo_models_torch_module(tmp_path) -> None:
     assert measured["engine"] == "torch" and "error" not in measured and measured["median_ms"] > 0, measured
 
 
+def test_bench_latency_plan_without_uniform_plans_reports_the_search_alone() -> None:
+    """`--uniform-candidates 0`: what a search costs and what its plan measures, no uniform bisection (on TVM seven
+    tuned builds): the JSON has the original and the latency plan, and no comparison."""
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency_plan.py"), "demo", "--rounds", "2",
+                           "--uniform-candidates", "0", "--target-latency", "0.7"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert set(result["rows"]) == {"original", "latency_plan"} and result["uniform_curve"] == []
+    assert result["macs_kept_latency_over_uniform"] is None and result["latency_vs_target"] > 0
+    assert result["search"]["table_entries"] > 0 and result["search"]["step"] == 8
+    assert 0 < result["rows"]["latency_plan"]["macs_kept"] < 1
+
+
 def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:
     """The uniform plan of "equal latency" is picked from interleaved re-measurements, not from a single bisection
     timing; fractions are medians of per-round ratios; the interpolated MACs lie on the re-measured curve."""

@@ -120,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-trials", type=int, default=16, help="tvm: tuning trials per weight layer")
     ap.add_argument("--tune-db", default=None, help="tvm: tuning database root")
     ap.add_argument("--uniform-candidates", type=int, default=3,
-                    help="uniform plans (nearest in latency in the bisection) re-measured in the rounds")
+                    help="uniform plans (nearest in latency in the bisection) re-measured in the rounds; 0: no "
+                         "uniform plan, the search and its plan only (what a search costs: a TVM uniform "
+                         "bisection is seven tuned builds)")
     args = ap.parse_args(argv)
     uniform_round_to = args.round_to if args.uniform_round_to is None else args.uniform_round_to
-    if args.uniform_candidates < 1:
-        ap.error("--uniform-candidates must be at least 1")
+    if args.uniform_candidates < 0:
+        ap.error("--uniform-candidates must be 0 or more")
 
     from prune_compile.passes.cost import graph_cost
     from prune_compile.passes.deps import analyze
@@ -154,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     lat_graph = pruned_copy(graph, lat.plan, deps)
     lat_ms = timer(timed_proto(lat_graph), feeds, 2.0)
 
-    candidates = uniform_bisection(graph, deps, timer, feeds, lat_ms, round_to=uniform_round_to,
-                                   importance=args.importance, steps=12 if args.engine == "ort" else 7)
+    candidates = {} if not args.uniform_candidates else uniform_bisection(
+        graph, deps, timer, feeds, lat_ms, round_to=uniform_round_to, importance=args.importance,
+        steps=12 if args.engine == "ort" else 7)
     # one timing in the bisection can be off by 10-20% (on TVM the first timing after a tuning run reads slow), so
     # the uniform plans nearest in latency are re-measured with the others and compared by per-round ratios
     nearest = sorted(candidates, key=lambda r: abs(candidates[r][1] - lat_ms))[:args.uniform_candidates]
@@ -184,13 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         rows[k]["ratio"] = float(k.split("@")[1])
     # the uniform plan of equal latency: its per-round ratio to the latency plan nearest 1
     over_latency_plan = {k: float(np.median(per_round("latency_plan", k))) for k in uniform}
-    closest = min(uniform, key=lambda k: abs(over_latency_plan[k] - 1))
+    closest = min(uniform, key=lambda k: abs(over_latency_plan[k] - 1)) if uniform else None
     curve = [{"ratio": rows[k]["ratio"], "latency_ms": rows[k]["latency_ms"],
               "latency_fraction": rows[k]["latency_fraction"], "macs_kept": rows[k]["macs_kept"],
               "rounds_ms": rows[k]["rounds_ms"]} for k in uniform]
-    rows = {"original": rows["original"], "latency_plan": rows["latency_plan"], "uniform_plan": rows[closest]}
-    for k, key in (("original", "original"), ("latency_plan", "latency_plan"), ("uniform_plan", closest)):
-        rows[k]["weight_shapes"] = weight_shapes(graphs[key])
+    shown = {"original": "original", "latency_plan": "latency_plan"} | ({"uniform_plan": closest} if closest else {})
+    rows = {k: rows[key] | {"weight_shapes": weight_shapes(graphs[key])} for k, key in shown.items()}
     # MACs a uniform plan keeps at exactly the latency plan's fraction of the original: linear between the
     # re-measured uniform plans that bracket it (None when none does)
     interpolated, lat_fraction = None, rows["latency_plan"]["latency_fraction"]
@@ -204,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "round_to": args.round_to, "uniform_round_to": uniform_round_to, "importance": args.importance,
         "max_ratio": lat_options.group_max_ratio, "rows": rows,
         "latency_vs_target": round(rows["latency_plan"]["latency_fraction"] / args.target_latency, 4),
-        "latency_plan_over_uniform_latency": round(over_latency_plan[closest], 4),
-        "macs_kept_latency_over_uniform": round(rows["latency_plan"]["macs_kept"] / rows["uniform_plan"]["macs_kept"],
-                                                4),
+        "latency_plan_over_uniform_latency": round(over_latency_plan[closest], 4) if closest else None,
+        "macs_kept_latency_over_uniform": (
+            round(rows["latency_plan"]["macs_kept"] / rows["uniform_plan"]["macs_kept"], 4) if closest else None),
         "macs_kept_latency_over_uniform_interpolated": (
             None if interpolated is None else round(rows["latency_plan"]["macs_kept"] / interpolated, 4)),
         "uniform_curve": curve,
