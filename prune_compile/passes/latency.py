@@ -12,9 +12,8 @@ of the vector width waste lanes, and small layers are dominated by overheads. So
    latency minus the full-width layer times plus the current ones (elementwise work follows roughly).
 2. **Greedy search** (NetAdapt-like, with the table in place of retraining): from the full model, repeatedly
    shrink the group whose next candidate count loses the least importance per millisecond saved. Candidates
-   are multiples of a step (`--round-to`, else the timer's `channel_step` on groups of 8 such steps or more, 8
-   on narrower ones), so a count whose kernel is no faster than its neighbour's is never worth taking. The
-   trajectory goes as far as the first step the table predicts at the target.
+   are multiples of the vector width `step`, so a count whose kernel is no faster than its neighbour's is
+   never worth taking. The trajectory goes as far as the first step the table predicts at the target.
 3. **Calibration on the real model**: the trajectory's deepest step is timed as a whole pruned model; while it is
    slower than the target, the trajectory is extended (by what that measurement says the table is off); then
    bisection over the trajectory on the *measured* latency, so the target is met on the real graph, not on the
@@ -58,12 +57,6 @@ TARGET_SLACK, REFINE_WITHIN, REFINE_MOVES = 0.02, 0.05, 3
 # the trajectory is extended at most this many times past the first step the table predicts at the target, each time
 # aiming at this fraction of the target by the last measurement (see latency_plan)
 MAX_EXTENSIONS, EXTEND_AIM = 8, 0.9
-# kept counts are multiples of this unless --round-to or the timer says otherwise (`channel_step`): 8 fp32 lanes fill
-# an AVX2 register and half an AVX-512 one, and ONNX Runtime's searches in steps of 8 measured as well as in 16s
-CHANNEL_STEP = 8
-# a timer's larger `channel_step` applies to groups of at least this many of its steps: a step stays at most 1/8 of
-# a group (16 channels of 64 would make each move a quarter of a stem, and leave a 16-channel group no move at all)
-STEPS_PER_GROUP = 8
 # the ONNX Runtime table times a conv as this many copies of itself (see Timer.layer)
 LAYER_COPIES = 8
 
@@ -136,7 +129,6 @@ class Timer:
     backends/tvm/latency_timer.py); `engine` names what measures, `models_timed` counts."""
 
     engine = "onnxruntime"
-    channel_step = CHANNEL_STEP
 
     def __init__(self, threads: int | None = None, min_seconds: float = 0.15, min_runs: int = 7) -> None:
         self.threads, self.min_seconds, self.min_runs = threads, min_seconds, min_runs
@@ -333,7 +325,7 @@ class LatencySearch:
     engine: str = "onnxruntime"
     tuning_trials_run: int = 0  # TVM engine: MetaSchedule trials this search ran (0 when the database had them)
     waited_slices: int = 0  # slices pairs added waiting for the fast phase (at most SEARCH_WAIT_SLICES)
-    step: int = CHANNEL_STEP  # kept counts were multiples of this (of CHANNEL_STEP in groups under 8 steps wide)
+    step: int = 8  # kept counts were multiples of this (--round-to, else the policy's LATENCY_STEP)
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -360,12 +352,10 @@ REACHES = (8, 4, 2)
 
 
 def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], scores: dict[int, np.ndarray],
-                 target: float, feeds: dict[str, np.ndarray], *, step: int | None = None, min_channels: int = 1,
+                 target: float, feeds: dict[str, np.ndarray], *, step: int = 8, min_channels: int = 1,
                  max_ratio: float, timer: Timer | None = None,
                  progress: Callable[..., None] | None = None) -> tuple[dict[int, int], LatencySearch]:
-    """Kept counts per group whose measured model latency is `target` × the original's (within ~5–10%), in multiples
-    of `step` (None: the timer's `channel_step` on groups at least STEPS_PER_GROUP of them wide, CHANNEL_STEP on
-    narrower ones)."""
+    """Kept counts per group whose measured model latency is `target` × the original's (within ~5–10%)."""
     from .plan import Plan
     from .policy import lowest
     from .rewrite import pruned_copy
@@ -374,12 +364,6 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
         raise UsageError(f"--target-latency {target}: must be a fraction of the original latency in (0, 1)")
     started = time.perf_counter()
     timer = timer or Timer()
-    if step is None:
-        step = getattr(timer, "channel_step", CHANNEL_STEP)
-        narrow = min(step, CHANNEL_STEP)
-        steps = {g.id: step if g.size >= STEPS_PER_GROUP * step else narrow for g in groups}
-    else:
-        steps = {g.id: step for g in groups}
     table = LatencyTable(graph, deps, timer)
     if not table.layers:
         raise UsageError("the latency policy found no prunable weight layer (conv, linear, gemm, matmul)")
@@ -424,7 +408,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
                     if not touching:
                         continue
                     now = sum(table.layer_ms(layer, current) for layer in touching)
-                    for k in _candidates(g.size, kept[g.id], steps[g.id], floor[g.id], reach):
+                    for k in _candidates(g.size, kept[g.id], step, floor[g.id], reach):
                         trial = dict(current)
                         trial[g.id] = g.size - k
                         saved = now - sum(table.layer_ms(layer, trial) for layer in touching)
@@ -575,7 +559,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     if hi - lo == 1 and not any(meets(pair) for _, _, pair, _ in candidates):
         for move, kept_counts, predicted in _boundary_moves(
                 (lo, trajectory[lo], measured[lo]), (hi, trajectory[hi], measured[hi]), target, base_ms, size,
-                table, steps, floor, overhead):
+                table, step, floor, overhead):
             pair, slices = paired(kept_counts)
             timed.append(entry(move["from_step"], kept_counts, pair, predicted, slices) | {"move": move})
             candidates.append((move["from_step"], kept_counts, pair, predicted))
@@ -597,15 +581,15 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
 
 
 def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tuple[int, dict, tuple[float, float]],
-                    target: float, base_ms: float, size: dict[int, int], table: LatencyTable, steps: dict[int, int],
+                    target: float, base_ms: float, size: dict[int, int], table: LatencyTable, step: int,
                     floor: dict[int, int], overhead: float) -> list[tuple[dict, dict[int, int], float]]:
     """The REFINE_MOVES single-group moves nearest the target between two adjacent trajectory steps, `lo` (slower
     than the target) and `hi` (faster): from either step, one group to one of its candidate counts down or one
-    multiple of its step (`steps`) up. Both directions from both steps: latency is not monotonic in the counts
-    (with 16-wide vectors at full speed and other counts slow, keeping 24 of 48 channels ran at 0.468x where 32
-    ran at 0.447x), so the count nearest the target can lie below the faster step. The table's prediction is
-    mapped to a fraction of the original by the two steps' measurements (on TVM the table's sums are off by 2x, but
-    the difference between two nearby plans scales like what was measured).
+    multiple of `step` up. Both directions from both steps: latency is not monotonic in the counts (with 16-wide
+    vectors at full speed and other counts slow, keeping 24 of 48 channels ran at 0.468x where 32 ran at 0.447x),
+    so the count nearest the target can lie below the faster step. The table's prediction is mapped to a fraction
+    of the original by the two steps' measurements (on TVM the table's sums are off by 2x, but the difference
+    between two nearby plans scales like what was measured).
     Steps come as (index, trajectory entry, (ms, original ms)); moves as (move, kept counts, predicted ms)."""
     (lo_i, lo, lo_pair), (hi_i, hi, hi_pair) = lo_step, hi_step
     r_lo, r_hi = lo_pair[0] / lo_pair[1], hi_pair[0] / hi_pair[1]
@@ -617,7 +601,6 @@ def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tup
             if not table.by_group.get(gid):
                 continue
             now = start["kept"][gid]
-            step = steps[gid]
             counts = _candidates(full, now, step, floor[gid]) + \
                 [k for k in (min(full, (now // step + 1) * step),) if k > now]
             for k in counts:

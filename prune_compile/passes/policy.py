@@ -283,7 +283,7 @@ def _latency(graph, deps, options: PlanningOptions, planner: _Planner, calibrati
     if graph is None or calibration is None:
         raise UsageError("the latency policy needs the graph and example inputs to time")
     kept, search = latency_plan(graph, deps, planner.groups, planner.scores, options.target_latency, calibration,
-                                step=options.round_to if options.round_to > 1 else None,
+                                step=options.round_to if options.round_to > 1 else LATENCY_STEP,
                                 min_channels=options.min_channels, max_ratio=options.group_max_ratio, timer=timer,
                                 progress=progress)
     plan = Plan()
@@ -293,6 +293,11 @@ def _latency(graph, deps, options: PlanningOptions, planner: _Planner, calibrati
     result.plan, result.latency = plan, search.to_json()
     result.group_ratios = {g.id: 1 - kept[g.id] / g.size for g in planner.groups}
     return result
+
+
+# kept counts the latency policy tries are multiples of this unless --round-to says otherwise: 8 fp32 lanes
+# fill an AVX2 register (and half an AVX-512 one); the latency table decides which multiples are worth it
+LATENCY_STEP = 8
 
 
 def _sensitivity(graph, deps, options: PlanningOptions, planner: _Planner, calibration, metric, progress):

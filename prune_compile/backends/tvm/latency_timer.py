@@ -49,20 +49,6 @@ class TvmTimer:
             raise BackendError(f"--latency-trials {self.trials_per_layer}: TVM latencies need at least "
                                f"{MIN_TRIALS_PER_TASK} trials per layer (one search round)")
 
-    @property
-    def channel_step(self) -> int:
-        """Kept counts the search tries are multiples of this: the vector width the tuned cpu builds block convs by
-        (16 on AVX-512, at least the latency search's 8). Each count the table asks for is a tuning run of seconds,
-        not ONNX Runtime's fraction of one, and on AVX-512 a count 8 off a 16-block pairs half blocks (conv_nchwc):
-        16-channel steps halve the layer shapes and the steps of a search. A build in another layout keeps 8."""
-        from ...passes.latency import CHANNEL_STEP
-        from .conv_nchwc import vector_lanes
-        from .targets import make_target, resolve_conv_layout
-
-        if resolve_conv_layout(self.target_options.conv_layout, "cpu", tuned=True) != "NCHWc":
-            return CHANNEL_STEP
-        return max(CHANNEL_STEP, vector_lanes(make_target("cpu", self.target_options)))
-
     def _tuning(self, proto) -> TuningOptions:
         layers = sum(1 for n in proto.graph.node if n.op_type in WEIGHT_OPS)
         return TuningOptions(trials=self.trials_per_layer * max(layers, 1), database=self.database)
