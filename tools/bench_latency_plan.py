@@ -4,6 +4,7 @@
     python tools/bench_latency_plan.py mobilenet_v2 --target-latency 0.5 --round-to 8
     python tools/bench_latency_plan.py resnet18 --uniform-round-to 16   # uniform plans aligned to ORT's blocks
     python tools/bench_latency_plan.py demo --engine tvm --latency-trials 16 --tune-db DIR
+    python tools/bench_latency_plan.py resnet18 --engine tvm --uniform-candidates 0   # what the search alone costs
 
 `--engine tvm` measures everything (the search's table and bisection, the uniform bisection, the final rounds) on
 TVM's tuned cpu code: every model timed is a tuned build (`--latency-trials` per weight layer, records kept in
