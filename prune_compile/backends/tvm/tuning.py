@@ -516,9 +516,9 @@ _opened: dict[str, tuple[object, tuple]] = {}
 
 
 def _files_signature(directory: str) -> tuple:
-    stats = [os.stat(os.path.join(directory, f)) if os.path.exists(os.path.join(directory, f)) else None
-             for f in DATABASE_FILES]
-    return tuple((st.st_size, st.st_mtime_ns) if st else None for st in stats)
+    """Each database file's (size, mtime), None for a file not there yet."""
+    paths = [os.path.join(directory, f) for f in DATABASE_FILES]
+    return tuple((os.path.getsize(p), os.path.getmtime(p)) if os.path.exists(p) else None for p in paths)
 
 
 def _open_database(directory: str):
