@@ -211,15 +211,16 @@ def test_bench_latency_times_a_zoo_models_torch_module(tmp_path) -> None:
 
 def test_bench_latency_plan_without_uniform_plans_reports_the_search_alone() -> None:
     """`--uniform-candidates 0`: what a search costs and what its plan measures, no uniform bisection (on TVM seven
-    tuned builds): the JSON has the original and the latency plan, and no comparison."""
+    tuned builds): the JSON has the original and the latency plan, and no comparison. `--table` picks the table."""
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_latency_plan.py"), "demo", "--rounds", "2",
-                           "--uniform-candidates", "0", "--target-latency", "0.7"],
+                           "--uniform-candidates", "0", "--target-latency", "0.7", "--table", "lazy"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert set(result["rows"]) == {"original", "latency_plan"} and result["uniform_curve"] == []
     assert result["macs_kept_latency_over_uniform"] is None and result["latency_vs_target"] > 0
     assert result["search"]["table_entries"] > 0 and result["search"]["step"] == 8
+    assert result["search"]["lazy_table"]  # --table lazy on ONNX Runtime, whose table is exact by default
     assert 0 < result["rows"]["latency_plan"]["macs_kept"] < 1
 
 

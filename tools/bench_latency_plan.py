@@ -5,6 +5,7 @@
     python tools/bench_latency_plan.py resnet18 --uniform-round-to 16   # uniform plans aligned to ORT's blocks
     python tools/bench_latency_plan.py demo --engine tvm --latency-trials 16 --tune-db DIR
     python tools/bench_latency_plan.py resnet18 --engine tvm --uniform-candidates 0   # what the search alone costs
+    python tools/bench_latency_plan.py resnet18 --engine tvm --uniform-candidates 0 --table exact   # ... unlazily
 
 `--engine tvm` measures everything (the search's table and bisection, the uniform bisection, the final rounds) on
 TVM's tuned cpu code: every model timed is a tuned build (`--latency-trials` per weight layer, records kept in
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="uniform plans (nearest in latency in the bisection) re-measured in the rounds; 0: no "
                          "uniform plan, the search and its plan only (what a search costs: a TVM uniform "
                          "bisection is seven tuned builds)")
+    ap.add_argument("--table", choices=("lazy", "exact"), default=None,
+                    help="the search's latency table: lazy measures only the moves its estimates rank first, exact "
+                         "every candidate (default: the engine's, lazy on tvm where an entry is a tuning run)")
     args = ap.parse_args(argv)
     uniform_round_to = args.round_to if args.uniform_round_to is None else args.uniform_round_to
     if args.uniform_candidates < 0:
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         timer = TvmTimer(database=args.tune_db, trials_per_layer=args.latency_trials)
     else:
         timer = Timer()
+    if args.table:
+        timer.lazy_table = args.table == "lazy"
     started = time.perf_counter()
 
     def log(line, final=False, fraction=None):  # every step of the search, timed: a TVM search runs for an hour

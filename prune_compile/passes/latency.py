@@ -13,7 +13,9 @@ of the vector width waste lanes, and small layers are dominated by overheads. So
 2. **Greedy search** (NetAdapt-like, with the table in place of retraining): from the full model, repeatedly
    shrink the group whose next candidate count loses the least importance per millisecond saved. Candidates
    are multiples of the vector width `step`, so a count whose kernel is no faster than its neighbour's is
-   never worth taking. The trajectory goes as far as the first step the table predicts at the target.
+   never worth taking. The trajectory goes as far as the first step the table predicts at the target. When an
+   entry is expensive (TVM: a tuning run), the table is lazy: candidates are ranked by estimates scaled from
+   the layer's measured shapes, and only those ranked ahead of the best measured one are measured.
 3. **Calibration on the real model**: the trajectory's deepest step is timed as a whole pruned model; while it is
    slower than the target, the trajectory is extended (by what that measurement says the table is off); then
    bisection over the trajectory on the *measured* latency, so the target is met on the real graph, not on the
@@ -23,6 +25,7 @@ of the vector width waste lanes, and small layers are dominated by overheads. So
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -129,6 +132,7 @@ class Timer:
     backends/tvm/latency_timer.py); `engine` names what measures, `models_timed` counts."""
 
     engine = "onnxruntime"
+    lazy_table = False  # an entry takes ~0.2 s: the greedy measures every candidate (see latency_plan's best_move)
 
     def __init__(self, threads: int | None = None, min_seconds: float = 0.15, min_runs: int = 7) -> None:
         self.threads, self.min_seconds, self.min_runs = threads, min_seconds, min_runs
@@ -218,6 +222,8 @@ class LatencyTable:
             for gid, _, _ in layer.terms:
                 self.by_group.setdefault(gid, []).append(layer)
         self.cache: dict[tuple, float] = {}
+        # per layer, (weight elements, ms) of every shape of it measured: what estimate_ms scales from
+        self.measured: dict[int, dict[tuple, tuple[int, float]]] = {}
         self.rng = np.random.default_rng(0)
 
     def _shapes(self, layer: Layer, removed: dict[int, int]) -> tuple[tuple, tuple, int]:
@@ -239,18 +245,45 @@ class LatencyTable:
             x[-1] = w[1] if (n.op == "gemm" and n.attrs.get("transB")) else w[0]
         return tuple(x), tuple(w), group
 
-    def layer_ms(self, layer: Layer, removed: dict[int, int]) -> float:
+    def _key(self, layer: Layer, removed: dict[int, int]) -> tuple[tuple, dict, tuple, tuple] | None:
+        """(memo key, attributes, input shape, weight shape) of `layer` at `removed`; None when no channel is left."""
         x, w, group = self._shapes(layer, removed)
         n = layer.node
         if min(x) <= 0 or min(w) <= 0:
-            return 0.0
+            return None
         attrs = dict(n.attrs)
         if n.op == "conv":
             attrs["group"] = group
-        key = (n.op, tuple(sorted((k, str(v)) for k, v in attrs.items())), x, w, len(n.inputs))
+        return (n.op, tuple(sorted((k, str(v)) for k, v in attrs.items())), x, w, len(n.inputs)), attrs, x, w
+
+    def layer_ms(self, layer: Layer, removed: dict[int, int]) -> float:
+        shaped = self._key(layer, removed)
+        if shaped is None:
+            return 0.0
+        key, attrs, x, w = shaped
         if key not in self.cache:
-            self.cache[key] = self._measure(n, attrs, x, w)
+            self.cache[key] = self._measure(layer.node, attrs, x, w)
+        self.measured.setdefault(id(layer), {})[key] = (math.prod(w), self.cache[key])
         return self.cache[key]
+
+    def is_measured(self, layer: Layer, removed: dict[int, int]) -> bool:
+        shaped = self._key(layer, removed)
+        return shaped is None or shaped[0] in self.cache
+
+    def estimate_ms(self, layer: Layer, removed: dict[int, int]) -> float:
+        """`layer_ms` when the shape was measured, else an estimate that measures nothing: the shape's MACs at the
+        lowest ms per MAC of the shapes of this layer measured so far (its MACs follow its weight's size; the
+        spatial sizes are the layer's own). Lowest, so that an estimate is rarely slower than what the kernel
+        measures: the lazy greedy (latency_plan) trusts a move whose measured cost beats every other's estimate."""
+        shaped = self._key(layer, removed)
+        if shaped is None:
+            return 0.0
+        key, _, _, w = shaped
+        if key in self.cache:
+            return self.cache[key]
+        if id(layer) not in self.measured:
+            self.layer_ms(layer, {})  # the full width: the search measures it first anyway
+        return math.prod(w) * min(ms / size for size, ms in self.measured[id(layer)].values())
 
     def _measure(self, node: Node, attrs: dict, x: tuple, w: tuple) -> float:
         g = Graph(name="layer")
@@ -296,8 +329,9 @@ class LatencyTable:
     def full_sum(self) -> float:
         return sum(self.layer_ms(layer, {}) for layer in self.layers)
 
-    def layers_sum(self, removed: dict[int, int]) -> float:
-        return sum(self.layer_ms(layer, removed) for layer in self.layers)
+    def layers_sum(self, removed: dict[int, int], estimate: bool = False) -> float:
+        per_layer = self.estimate_ms if estimate else self.layer_ms
+        return sum(per_layer(layer, removed) for layer in self.layers)
 
 
 @dataclass
@@ -326,6 +360,7 @@ class LatencySearch:
     tuning_trials_run: int = 0  # TVM engine: MetaSchedule trials this search ran (0 when the database had them)
     waited_slices: int = 0  # slices pairs added waiting for the fast phase (at most SEARCH_WAIT_SLICES)
     step: int = 8  # kept counts were multiples of this (--round-to, else the policy's LATENCY_STEP)
+    lazy_table: bool = False  # the greedy measured only the moves its estimates ranked first (see best_move)
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -389,6 +424,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     kept = {g.id: g.size for g in groups}
     size = {g.id: g.size for g in groups}
     overhead = base_ms - table.full_sum()  # what the weight layers do not account for (elementwise, pooling...)
+    lazy = bool(getattr(timer, "lazy_table", False))  # stand-in timers in tests may not say
 
     def removed() -> dict[int, int]:
         return {gid: size[gid] - k for gid, k in kept.items()}
@@ -396,33 +432,52 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     trajectory = [{"kept": dict(kept), "predicted_ms": base_ms}]
     exhausted = False
 
+    def move_cost(gid: int, k: int, now: float, trial: dict[int, int], exact: bool) -> float | None:
+        """Importance lost per ms saved when group `gid` keeps `k` (None: the table says it saves nothing); `now` is
+        what the group's layers take at the current counts. `exact`: the layers measured, else estimated."""
+        per_layer = table.layer_ms if exact else table.estimate_ms
+        saved = now - sum(per_layer(layer, trial) for layer in table.by_group[gid])
+        if saved <= 0.002 * now + 1e-4:  # within measurement noise: this count is not faster
+            return None
+        return (lost[gid][size[gid] - k] - lost[gid][size[gid] - kept[gid]]) / saved
+
+    def best_move(reach: int) -> tuple[int, int] | None:
+        """(group, kept count): of each group's candidates within 1/`reach` of it, the one losing the least
+        importance per ms saved. A lazy table (`timer.lazy_table`: an entry is a tuning run) ranks the candidates by
+        estimated costs and measures them in that order until a measured cost is the lowest: with estimates no
+        slower than the kernels (see estimate_ms) that is the move the measured table would choose, and the
+        candidates ranked behind it are never measured."""
+        current, options = removed(), []
+        for g in groups:
+            touching = table.by_group.get(g.id, [])
+            if not touching:
+                continue
+            now = sum(table.layer_ms(layer, current) for layer in touching)
+            for k in _candidates(g.size, kept[g.id], step, floor[g.id], reach):
+                trial = current | {g.id: g.size - k}
+                exact = not lazy or all(table.is_measured(layer, trial) for layer in touching)
+                cost = move_cost(g.id, k, now, trial, exact)
+                if cost is not None:
+                    options.append((cost, len(options), g.id, k, exact, now, trial))
+        heapq.heapify(options)  # ties go to the earlier candidate, as they did in one pass over the groups
+        while options:
+            cost, order, gid, k, exact, now, trial = heapq.heappop(options)
+            if exact:
+                return gid, k
+            cost = move_cost(gid, k, now, trial, True)
+            if cost is not None:
+                heapq.heappush(options, (cost, order, gid, k, True, now, trial))
+        return None
+
     def extend(stop_ms: float) -> None:
         """Greedy steps appended to the trajectory until the table predicts `stop_ms` or less, or no move is left."""
         nonlocal exhausted
         while trajectory[-1]["predicted_ms"] > stop_ms and not exhausted:
-            best = None
-            current = removed()
-            for reach in REACHES:
-                for g in groups:
-                    touching = table.by_group.get(g.id, [])
-                    if not touching:
-                        continue
-                    now = sum(table.layer_ms(layer, current) for layer in touching)
-                    for k in _candidates(g.size, kept[g.id], step, floor[g.id], reach):
-                        trial = dict(current)
-                        trial[g.id] = g.size - k
-                        saved = now - sum(table.layer_ms(layer, trial) for layer in touching)
-                        if saved <= 0.002 * now + 1e-4:  # within measurement noise: this count is not faster
-                            continue
-                        cost = (lost[g.id][g.size - k] - lost[g.id][g.size - kept[g.id]]) / saved
-                        if best is None or cost < best[0]:
-                            best = (cost, g.id, k)
-                if best is not None:
-                    break
+            best = next((move for move in map(best_move, REACHES) if move is not None), None)
             if best is None:
                 exhausted = True
                 break
-            kept[best[1]] = best[2]
+            kept[best[0]] = best[1]
             predicted = overhead + table.layers_sum(removed())
             trajectory.append({"kept": dict(kept), "predicted_ms": predicted})
             report(f"latency: step {len(trajectory) - 1}, predicted {predicted:.2f} ms (target {target_ms:.2f} ms), "
@@ -559,7 +614,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     if hi - lo == 1 and not any(meets(pair) for _, _, pair, _ in candidates):
         for move, kept_counts, predicted in _boundary_moves(
                 (lo, trajectory[lo], measured[lo]), (hi, trajectory[hi], measured[hi]), target, base_ms, size,
-                table, step, floor, overhead):
+                table, step, floor, overhead, estimate=lazy):
             pair, slices = paired(kept_counts)
             timed.append(entry(move["from_step"], kept_counts, pair, predicted, slices) | {"move": move})
             candidates.append((move["from_step"], kept_counts, pair, predicted))
@@ -576,20 +631,22 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     search = LatencySearch(base_ms, target_ms, chosen_ms, chosen_predicted, len(trajectory) - 1, choice,
                            len(table.layers), len(table.cache), timer.models_timed, time.perf_counter() - started,
                            timed, getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)),
-                           waited[0], step)
+                           waited[0], step, lazy)
     return chosen_kept, search
 
 
 def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tuple[int, dict, tuple[float, float]],
                     target: float, base_ms: float, size: dict[int, int], table: LatencyTable, step: int,
-                    floor: dict[int, int], overhead: float) -> list[tuple[dict, dict[int, int], float]]:
+                    floor: dict[int, int], overhead: float,
+                    estimate: bool = False) -> list[tuple[dict, dict[int, int], float]]:
     """The REFINE_MOVES single-group moves nearest the target between two adjacent trajectory steps, `lo` (slower
     than the target) and `hi` (faster): from either step, one group to one of its candidate counts down or one
     multiple of `step` up. Both directions from both steps: latency is not monotonic in the counts (with 16-wide
     vectors at full speed and other counts slow, keeping 24 of 48 channels ran at 0.468x where 32 ran at 0.447x),
     so the count nearest the target can lie below the faster step. The table's prediction is mapped to a fraction
     of the original by the two steps' measurements (on TVM the table's sums are off by 2x, but the difference
-    between two nearby plans scales like what was measured).
+    between two nearby plans scales like what was measured). `estimate`: a lazy table ranks the moves by its
+    estimates (their whole models are timed next; tuning every layer shape of every move would cost more).
     Steps come as (index, trajectory entry, (ms, original ms)); moves as (move, kept counts, predicted ms)."""
     (lo_i, lo, lo_pair), (hi_i, hi, hi_pair) = lo_step, hi_step
     r_lo, r_hi = lo_pair[0] / lo_pair[1], hi_pair[0] / hi_pair[1]
@@ -608,7 +665,7 @@ def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tup
                 key = tuple(sorted(kept_counts.items()))
                 if kept_counts in (lo["kept"], hi["kept"]) or key in options:
                     continue
-                predicted = overhead + table.layers_sum({g: size[g] - c for g, c in kept_counts.items()})
+                predicted = overhead + table.layers_sum({g: size[g] - c for g, c in kept_counts.items()}, estimate)
                 estimate = r0 + scale * (predicted - p0)
                 options[key] = (abs(estimate / target - 1),
                                 {"from_step": origin, "group": gid, "kept": k}, kept_counts, predicted)

@@ -38,6 +38,9 @@ class TvmTimer:
     target_options: TargetOptions = DEFAULT_OPTIONS
     database: str | None = None
     trials_per_layer: int = 16
+    # a table entry is a tuning run (~7 s with Winograd): the search measures only the moves its estimates rank
+    # first (passes/latency.py, best_move); False measures every candidate, as the ONNX Runtime table does
+    lazy_table: bool = True
     engine: str = ENGINE
     models_timed: int = 0
     trials_run: int = 0
