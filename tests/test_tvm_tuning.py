@@ -240,6 +240,33 @@ def test_a_task_a_revised_rule_schedules_has_a_new_ledger_key(monkeypatch) -> No
     assert tuning.task_key(winograd) != key and tuning.task_key(plain) == plain_key
 
 
+def test_one_function_numbered_differently_in_two_models_has_one_ledger_key(tmp_path) -> None:
+    """Relax numbers a module's functions: the latency table's one-layer model calls its fused conv
+    fused_conv2d_winograd_add_relu, the whole model fused_conv2d_winograd1_add3_relu2, same function. The ledger
+    key drops the numbers (the hash says which function it is), so the whole-model build finds the table's trials;
+    a ledger written with numbered keys reads as the same families (the larger count where two merge)."""
+    from types import SimpleNamespace
+
+    import tvm
+    from tvm import te, topi
+
+    data = te.placeholder((1, 2, 8, 8, 16), name="data")
+    relu = tvm.IRModule({"main": te.create_prim_func([data, topi.nn.relu(data)])})
+    sigmoid = tvm.IRModule({"main": te.create_prim_func([data, topi.sigmoid(data)])})
+    table = tuning.task_key(SimpleNamespace(task_name="fused_conv2d_nchwc_add_relu", dispatched=[relu]))
+    whole = tuning.task_key(SimpleNamespace(task_name="fused_conv2d_nchwc6_add7_relu4", dispatched=[relu]))
+    other = tuning.task_key(SimpleNamespace(task_name="fused_conv2d_nchwc6_add7_relu4", dispatched=[sigmoid]))
+    assert table == whole and other != whole and table.startswith("fused_conv2d_nchwc_add_relu:")
+    assert tuning.task_family("max_pool2d") == "max_pool2d" and tuning.task_family("layout_transform15") == \
+        "layout_transform"
+    digest = whole.split(":")[1]
+    (tmp_path / tuning.LEDGER).write_text(json.dumps({"trials": {
+        f"fused_conv2d_nchwc1_add3_relu2:{digest}": 8, f"fused_conv2d_nchwc6_add7_relu4:{digest}": 24,
+        f"conv2d_winograd2:{digest}:prune_compile_conv2d_winograd=3": 16}}))
+    assert tuning._load_ledger(str(tmp_path)) == {
+        f"fused_conv2d_nchwc_add_relu:{digest}": 24, f"conv2d_winograd:{digest}:prune_compile_conv2d_winograd=3": 16}
+
+
 @pytest.mark.serial  # tuning times candidates
 def test_a_task_is_tuned_for_no_more_schedules_than_its_design_spaces_hold(tmp_path, monkeypatch) -> None:
     """The tiny model's convs, which our rule schedules, with a budget of 400: no task is asked for more trials than

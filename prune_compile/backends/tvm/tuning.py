@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -277,7 +278,11 @@ def _load_ledger(directory: str) -> dict[str, int]:
     try:
         with open(path) as f:
             data = json.load(f)
-        return {str(k): int(v) for k, v in data.get("trials", {}).items()}
+        ledger: dict[str, int] = {}
+        for k, v in data.get("trials", {}).items():  # ledgers written before task_family kept Relax's numbers
+            family = _family_key(str(k))
+            ledger[family] = max(ledger.get(family, 0), int(v))
+        return ledger
     except (OSError, ValueError, AttributeError) as e:
         raise BackendError(f"tuning database ledger '{path}' is unreadable: {e}") from e
 
@@ -290,12 +295,25 @@ def _save_ledger(directory: str, ledger: dict[str, int]) -> None:
                                  sort_keys=True) + "\n")
 
 
+def task_family(name: str) -> str:
+    """A task's name without the numbers Relax appends to tell a module's functions apart
+    (fused_conv2d_nchwc6_add7_relu4 → fused_conv2d_nchwc_add_relu). One function is numbered differently in each
+    model it is part of: the latency table's one-layer models and the whole model share their fused conv kernels
+    (same hash), and the ledger must say so, or every whole-model build tunes them again."""
+    return re.sub(r"(?<=[a-z])\d+(?=_|$)", "", name)
+
+
+def _family_key(key: str) -> str:
+    name, _, rest = key.partition(":")
+    return f"{task_family(name)}:{rest}" if rest else key
+
+
 def task_key(task) -> str:
-    """The ledger's name for a task: its name, the hash of its function and, for a task one of our rules with
-    revised design spaces schedules, that revision (`rule_revisions`)."""
+    """The ledger's name for a task: its family (`task_family`), the hash of its function and, for a task one of our
+    rules with revised design spaces schedules, that revision (`rule_revisions`)."""
     import tvm_ffi
 
-    key = f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+    key = f"{task_family(task.task_name)}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
     text = task.dispatched[0].script()
     for rule, revision in rule_revisions().items():
         if f'"{rule}"' in text:
