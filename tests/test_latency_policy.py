@@ -543,6 +543,93 @@ def test_layers_map_every_conv_and_the_classifier(resnet) -> None:
     assert len(layers) == len(convs) + 1
 
 
+def test_a_conv_entry_holds_the_epilogue_the_whole_model_fuses_into_it(resnet) -> None:
+    """For timers that ask (TVM), a conv is timed with what its kernel computes in the whole model: the folded batch
+    norm's bias, the residual add and the relu. resnet18: the stem and every block's first conv end in bias + relu,
+    every block's second conv in bias + residual add + relu (the add goes to the main branch, not to the downsample
+    conv, which keeps its bias alone). The one-layer models are built that way, a residual as a second input."""
+    from collections import Counter
+
+    from prune_compile.passes.latency import LatencyTable, conv_epilogue
+
+    graph, deps, _ = resnet
+    convs = [n for n in graph.nodes if n.op == "conv"]
+    epilogues = Counter(tuple(op[0] for op in conv_epilogue(graph, n)) for n in convs)
+    assert epilogues == {("bias", "relu"): 9, ("bias", "add", "relu"): 8, ("bias",): 3}, epilogues
+
+    class RecordingTimer:
+        layer_epilogues = True
+
+        def __init__(self) -> None:
+            self.models = []
+
+        def __call__(self, proto, feeds, seconds=None) -> float:
+            assert set(feeds) == {i.name for i in proto.graph.input}
+            self.models.append((tuple(n.op_type for n in proto.graph.node), len(proto.graph.input),
+                                len(proto.graph.node[0].input)))
+            return 1.0
+
+    timer = RecordingTimer()
+    table = LatencyTable(graph, deps, timer)
+    table.full_sum()
+    assert set(timer.models) == {(("Conv", "Relu"), 1, 3), (("Conv", "Add", "Relu"), 2, 3), (("Conv",), 1, 3),
+                                 (("Gemm",), 1, 3)}  # (ops, model inputs, conv inputs); the classifier alone
+    plain = RecordingTimer()
+    plain.layer_epilogues = False  # ONNX Runtime's table: a conv alone, as its summed copies need
+    LatencyTable(graph, deps, plain).full_sum()
+    assert {m[0] for m in plain.models} == {("Conv",), ("Gemm",)}
+
+
+def test_tvm_builds_the_table_entries_kernels_in_the_whole_model() -> None:
+    """The point of the epilogues on TVM: every conv kernel the whole (folded) resnet18 tunes is a task some table
+    entry tuned, same function and same ledger key (task_family drops Relax's numbering), so the bisection's
+    whole-model builds and the final build reuse the table's records instead of tuning every conv again. Lowered
+    only, the tuner stopped at its task list. Fails when an entry's epilogue differs from the fused kernel."""
+    pytest.importorskip("tvm")
+    import importlib
+
+    import torch
+    import torchvision
+
+    from prune_compile.backends.tvm import tuning
+    from prune_compile.backends.tvm.tuning import TuningOptions
+    from prune_compile.errors import BackendError
+    from prune_compile.ir.fx_importer import import_torch_module
+    from prune_compile.passes.latency import LatencyTable
+
+    build = importlib.import_module("prune_compile.backends.tvm.build")
+    torch.manual_seed(0)
+    graph = import_torch_module(torchvision.models.resnet18(num_classes=10).eval(), (torch.randn(1, 3, 56, 56),))
+    keys: list[str] = []
+
+    def task_list(mod, target, target_name, options):
+        from tvm.s_tir import meta_schedule as ms
+
+        keys.extend(tuning.task_key(t) for t in ms.relax_integration.extract_tasks(mod, target))
+        raise BackendError("task list taken")
+
+    def lowered(proto) -> list[str]:
+        keys.clear()
+        with pytest.raises(BackendError, match="task list taken"):
+            build.lower_model(proto, "cpu", tuning=TuningOptions(trials=8))
+        return [k for k in keys if "conv2d" in k]
+
+    class TaskTimer:
+        layer_epilogues = True
+        tasks: set[str] = set()
+
+        def layer(self, proto, feeds) -> float:
+            self.tasks.update(lowered(proto))
+            return 1.0
+
+    timer = TaskTimer()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(build, "tune", task_list)
+        LatencyTable(graph, analyze(graph), timer).full_sum()
+        whole = lowered(timed_proto(graph))
+    assert len(set(whole)) >= 8 and set(whole) <= timer.tasks, sorted(set(whole) - timer.tasks)
+
+
 @pytest.mark.parametrize("options,needle", [
     ({"policy": "latency"}, "go together"),
     ({"target_latency": 0.5}, "go together"),

@@ -14,7 +14,8 @@ from ..ir import Graph
 from ..ir.graph import Node, Provenance, Value
 
 
-def _foldable(graph: Graph, bn: Node) -> Node | None:
+def folded_into(graph: Graph, bn: Node) -> Node | None:
+    """The conv `bn` folds into, None when it does not fold (see the module doc)."""
     if bn.op != "batch_norm" or len(bn.inputs) != 5 or not all(v is not None and v.is_constant for v in bn.inputs[1:]):
         return None
     x = bn.inputs[0]
@@ -34,7 +35,7 @@ def fold_batch_norms(graph: Graph) -> int:
     """Fold in place; returns the number of batch_norm nodes removed."""
     folded = 0
     for bn in list(graph.nodes):
-        conv = _foldable(graph, bn)
+        conv = folded_into(graph, bn)
         if conv is None:
             continue
         gamma, beta, mean, var = (v.data.astype(np.float64) for v in bn.inputs[1:])

@@ -62,6 +62,8 @@ TARGET_SLACK, REFINE_WITHIN, REFINE_MOVES = 0.02, 0.05, 3
 MAX_EXTENSIONS, EXTEND_AIM = 8, 0.9
 # the ONNX Runtime table times a conv as this many copies of itself (see Timer.layer)
 LAYER_COPIES = 8
+# elementwise ops a compiler fuses into the conv before them (TVM's FuseOps: one kernel computes them on its output)
+EPILOGUE_OPS = ("relu", "clip", "leaky_relu", "sigmoid", "hard_sigmoid", "hard_swish", "silu", "gelu")
 
 
 def quiet_indices(readings: Sequence[float], fastest: float | None = None, within: float = QUIET) -> list[int]:
@@ -199,6 +201,44 @@ def summed_copies(proto, copies: int):
     return model
 
 
+def conv_epilogue(graph: Graph, conv: Node) -> tuple[tuple, ...]:
+    """What the model's kernel for `conv` computes on its output once batch norms are folded, as TVM fuses it:
+    ("bias",) for the conv's bias or a batch_norm folded into it, ("add",) for a residual add, (op, attrs) for an
+    elementwise activation, along values each used by one node. A residual add of two conv chains goes to the chain
+    of its first operand (torchvision's `out += identity`: TVM fused resnet18's second 3x3 conv with it, and the
+    1x1 downsample conv with its bias alone)."""
+    from .fold_bn import folded_into
+
+    ops: list[tuple] = [("bias",)] if len(conv.inputs) > 2 and conv.inputs[2] is not None else []
+    v = conv.outputs[0]
+    while len(v.users) == 1 and v not in graph.outputs:
+        (user,) = v.users
+        if user.op == "batch_norm" and folded_into(graph, user) is conv:
+            ops[:1] = [("bias",)]
+        elif user.op == "add" and len(user.inputs) == 2 and all(
+                i is not None and not i.is_constant and i.shape == v.shape for i in user.inputs) and (
+                user.inputs[0] is v or not _fusable_chain(graph, user.inputs[0])):
+            ops.append(("add",))
+        elif user.op in EPILOGUE_OPS and len(user.inputs) == 1:
+            ops.append((user.op, tuple(sorted(user.attrs.items()))))
+        else:
+            break
+        v = user.outputs[0]
+    return tuple(ops)
+
+
+def _fusable_chain(graph: Graph, value: Value) -> bool:
+    """Whether `value` comes from a conv through values each used by one node (a kernel an add can join)."""
+    while value.producer is not None and len(value.users) == 1 and value not in graph.outputs:
+        node = value.producer
+        if node.op == "conv":
+            return True
+        if node.op not in ("batch_norm", "add", *EPILOGUE_OPS) or node.inputs[0] is None:
+            return False
+        value = node.inputs[0]
+    return False
+
+
 def timed_proto(graph: Graph):
     """The ONNX model a whole-model timing runs: `graph` as the backends build it, batch_norms folded into their
     convs (ONNX Runtime folds them itself, the TVM compile step with passes/fold_bn; TVM timing the unfolded graph
@@ -221,6 +261,10 @@ class LatencyTable:
         for layer in self.layers:
             for gid, _, _ in layer.terms:
                 self.by_group.setdefault(gid, []).append(layer)
+        # a timer whose layer entries should be the whole model's kernels (TVM: the tuning records the whole model's
+        # build reuses) has each conv's fused epilogue timed with it
+        self.epilogue = {id(layer): conv_epilogue(graph, layer.node) for layer in self.layers
+                         if layer.node.op == "conv" and getattr(timer, "layer_epilogues", False)}
         self.cache: dict[tuple, float] = {}
         # per layer, (weight elements, ms) of every shape of it measured: what estimate_ms scales from
         self.measured: dict[int, dict[tuple, tuple[int, float]]] = {}
@@ -254,7 +298,9 @@ class LatencyTable:
         attrs = dict(n.attrs)
         if n.op == "conv":
             attrs["group"] = group
-        return (n.op, tuple(sorted((k, str(v)) for k, v in attrs.items())), x, w, len(n.inputs)), attrs, x, w
+        epilogue = self.epilogue.get(id(layer), ())
+        key = (n.op, tuple(sorted((k, str(v)) for k, v in attrs.items())), x, w, len(n.inputs), repr(epilogue))
+        return key, attrs, x, w
 
     def layer_ms(self, layer: Layer, removed: dict[int, int]) -> float:
         shaped = self._key(layer, removed)
@@ -262,7 +308,7 @@ class LatencyTable:
             return 0.0
         key, attrs, x, w = shaped
         if key not in self.cache:
-            self.cache[key] = self._measure(layer.node, attrs, x, w)
+            self.cache[key] = self._measure(layer.node, attrs, x, w, self.epilogue.get(id(layer), ()))
         self.measured.setdefault(id(layer), {})[key] = (math.prod(w), self.cache[key])
         return self.cache[key]
 
@@ -285,7 +331,7 @@ class LatencyTable:
             self.layer_ms(layer, {})  # the full width: the search measures it first anyway
         return math.prod(w) * min(ms / size for size, ms in self.measured[id(layer)].values())
 
-    def _measure(self, node: Node, attrs: dict, x: tuple, w: tuple) -> float:
+    def _measure(self, node: Node, attrs: dict, x: tuple, w: tuple, epilogue: tuple[tuple, ...] = ()) -> float:
         g = Graph(name="layer")
         xv = Value("x", x, np.float32)
         inputs = [xv, Value("w", w, np.float32, _random(w, self.rng))]
@@ -299,9 +345,31 @@ class LatencyTable:
             if shape and node.op in ("conv", "linear", "gemm"):
                 shape[-1] = w[0] if node.op != "gemm" or attrs.get("transB") else w[1]
             inputs.append(Value(f"b{i}", tuple(shape), np.float32, _random(shape, self.rng)))
+        if ("bias",) in epilogue and (len(inputs) < 3 or inputs[2] is None):  # a folded batch_norm gives it one
+            inputs[2:3] = [Value("b", (w[0],), np.float32, _random((w[0],), self.rng))]
         out_shape = OPS[node.op].infer(_Shaped(node.op, attrs), [v.shape if v is not None else None
                                                                 for v in inputs])[0]
-        return self._time(g, node.op, attrs, inputs, [Value("y", out_shape, np.float32)])
+        outputs = [Value("y", out_shape, np.float32)]
+        if any(op != ("bias",) for op in epilogue):
+            return self._time_fused(g, node.op, attrs, inputs, outputs[0], epilogue)
+        return self._time(g, node.op, attrs, inputs, outputs)
+
+    def _time_fused(self, g: Graph, op: str, attrs: dict, inputs: list, y: Value, epilogue: tuple[tuple, ...]) -> float:
+        """The layer and the residual adds and activations after it (`conv_epilogue`), a residual operand as a
+        second input."""
+        g.inputs = [inputs[0]]
+        g.add_node(op, inputs, [y], attrs)
+        for i, (kind, *rest) in enumerate(e for e in epilogue if e != ("bias",)):
+            out = Value(f"y{i}", y.shape, np.float32)
+            if kind == "add":
+                g.inputs.append(Value(f"r{i}", y.shape, np.float32))
+                g.add_node("add", [y, g.inputs[-1]], [out], {})
+            else:
+                g.add_node(kind, [y], [out], dict(rest[0]))
+            y = out
+        g.outputs = [y]
+        feeds = {v.name: _random(v.shape, self.rng) for v in g.inputs}
+        return self._timed(export_onnx(g), feeds)
 
     def _recurrent_layer(self, node: Node, attrs: dict, inputs: list) -> tuple[str, dict, list, list]:
         """A recurrent layer at W's shape: R, B and the peepholes follow its hidden size; the initial states and
@@ -322,7 +390,9 @@ class LatencyTable:
         g.inputs, g.outputs = [inputs[0]], outputs
         g.add_node(op, inputs, outputs, attrs)
         x = inputs[0].shape
-        proto, feeds = export_onnx(g), {"x": _random(x, self.rng)}
+        return self._timed(export_onnx(g), {"x": _random(x, self.rng)})
+
+    def _timed(self, proto, feeds: dict[str, np.ndarray]) -> float:
         layer = getattr(self.timer, "layer", None)  # stand-in timers in tests may be bare callables
         return layer(proto, feeds) if layer else self.timer(proto, feeds)
 

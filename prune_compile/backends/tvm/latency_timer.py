@@ -41,6 +41,9 @@ class TvmTimer:
     # a table entry is a tuning run (~7 s with Winograd): the search measures only the moves its estimates rank
     # first (passes/latency.py, best_move); False measures every candidate, as the ONNX Runtime table does
     lazy_table: bool = True
+    # a conv's entry is its kernel as the whole model fuses it (bias, residual add, activation: passes/latency.py,
+    # conv_epilogue): the same tuning task, so whole-model builds reuse the table's records
+    layer_epilogues: bool = True
     engine: str = ENGINE
     models_timed: int = 0
     trials_run: int = 0
