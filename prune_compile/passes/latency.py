@@ -8,7 +8,8 @@ of the vector width waste lanes, and small layers are dominated by overheads. So
    memoized by shape, so repeated blocks cost one measurement. Engines: ONNX Runtime (`Timer`; a conv is timed
    among copies of itself, as it runs inside a model, see `Timer.layer`), or TVM's tuned
    code for the cpu target (`backends/tvm/latency_timer.py`: a layer's time is what tuning measured for its
-   kernels, records persist in the tuning database). The model's predicted latency is its measured
+   kernels, a conv's with the epilogue the whole model fuses into it, `conv_epilogue`; records persist in the
+   tuning database). The model's predicted latency is its measured
    latency minus the full-width layer times plus the current ones (elementwise work follows roughly).
 2. **Greedy search** (NetAdapt-like, with the table in place of retraining): from the full model, repeatedly
    shrink the group whose next candidate count loses the least importance per millisecond saved. Candidates
