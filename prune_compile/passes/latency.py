@@ -350,27 +350,7 @@ class LatencyTable:
             inputs[2:3] = [Value("b", (w[0],), np.float32, _random((w[0],), self.rng))]
         out_shape = OPS[node.op].infer(_Shaped(node.op, attrs), [v.shape if v is not None else None
                                                                 for v in inputs])[0]
-        outputs = [Value("y", out_shape, np.float32)]
-        if any(op != ("bias",) for op in epilogue):
-            return self._time_fused(g, node.op, attrs, inputs, outputs[0], epilogue)
-        return self._time(g, node.op, attrs, inputs, outputs)
-
-    def _time_fused(self, g: Graph, op: str, attrs: dict, inputs: list, y: Value, epilogue: tuple[tuple, ...]) -> float:
-        """The layer and the residual adds and activations after it (`conv_epilogue`), a residual operand as a
-        second input."""
-        g.inputs = [inputs[0]]
-        g.add_node(op, inputs, [y], attrs)
-        for i, (kind, *rest) in enumerate(e for e in epilogue if e != ("bias",)):
-            out = Value(f"y{i}", y.shape, np.float32)
-            if kind == "add":
-                g.inputs.append(Value(f"r{i}", y.shape, np.float32))
-                g.add_node("add", [y, g.inputs[-1]], [out], {})
-            else:
-                g.add_node(kind, [y], [out], dict(rest[0]))
-            y = out
-        g.outputs = [y]
-        feeds = {v.name: _random(v.shape, self.rng) for v in g.inputs}
-        return self._timed(export_onnx(g), feeds)
+        return self._time(g, node.op, attrs, inputs, [Value("y", out_shape, np.float32)], epilogue)
 
     def _recurrent_layer(self, node: Node, attrs: dict, inputs: list) -> tuple[str, dict, list, list]:
         """A recurrent layer at W's shape: R, B and the peepholes follow its hidden size; the initial states and
@@ -387,13 +367,21 @@ class LatencyTable:
             inputs.pop()
         return node.op, attrs, inputs, [Value("y", recurrent_shapes(x.shape, w.shape, hidden)[0], np.float32)]
 
-    def _time(self, g: Graph, op: str, attrs: dict, inputs: list, outputs: list) -> float:
+    def _time(self, g: Graph, op: str, attrs: dict, inputs: list, outputs: list,
+              epilogue: tuple[tuple, ...] = ()) -> float:
+        """The layer, then the residual adds and activations of its `epilogue` (`conv_epilogue`; a residual operand
+        is a second model input), timed as a model."""
         g.inputs, g.outputs = [inputs[0]], outputs
         g.add_node(op, inputs, outputs, attrs)
-        x = inputs[0].shape
-        return self._timed(export_onnx(g), {"x": _random(x, self.rng)})
-
-    def _timed(self, proto, feeds: dict[str, np.ndarray]) -> float:
+        for i, (kind, *rest) in enumerate(e for e in epilogue if e != ("bias",)):
+            y, out = g.outputs[0], Value(f"y{i}", g.outputs[0].shape, np.float32)
+            if kind == "add":
+                g.inputs.append(Value(f"r{i}", y.shape, np.float32))
+                g.add_node("add", [y, g.inputs[-1]], [out], {})
+            else:
+                g.add_node(kind, [y], [out], dict(rest[0]))
+            g.outputs = [out]
+        proto, feeds = export_onnx(g), {v.name: _random(v.shape, self.rng) for v in g.inputs}
         layer = getattr(self.timer, "layer", None)  # stand-in timers in tests may be bare callables
         return layer(proto, feeds) if layer else self.timer(proto, feeds)
 
