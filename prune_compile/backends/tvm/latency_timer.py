@@ -5,7 +5,8 @@ that the final build uses too:
 - **a layer** (`layer`): the one-layer model is lowered as the build lowers it (layouts, legalization, fusion)
   and tuned with `trials_per_layer` trials; its latency is what MetaSchedule measured for the layer's kernels
   (best schedule × calls). A conv comes with the bias, residual add and activation the whole model fuses into its
-  kernel (`layer_epilogues`), so the entry is a task of the whole model's build too, which reuses its records. The layout transforms at the one-layer model's borders are not tuned and not counted:
+  kernel (`layer_epilogues`), so the entry is a task of the whole model's build too, which reuses its records.
+  The layout transforms at the one-layer model's borders are not tuned and not counted:
   inside a whole model they are not there. No code is generated, nothing else runs.
 - **a whole model** (`__call__`): compiled with `trials_per_layer` × its weight layers, then timed in this
   process with TVM's time evaluator (the fastest of the repeats, like the ONNX Runtime timer), its parallel loops
