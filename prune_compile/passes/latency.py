@@ -267,8 +267,8 @@ class LatencyTable:
         self.epilogue = {id(layer): conv_epilogue(graph, layer.node) for layer in self.layers
                          if layer.node.op == "conv" and getattr(timer, "layer_epilogues", False)}
         self.cache: dict[tuple, float] = {}
-        # per layer, (weight elements, ms) of every shape of it measured: what estimate_ms scales from
-        self.measured: dict[int, dict[tuple, tuple[int, float]]] = {}
+        # per layer, the lowest ms per weight element of the shapes of it measured: what estimate_ms scales by
+        self.lowest_rate: dict[int, float] = {}
         self.rng = np.random.default_rng(0)
 
     def _shapes(self, layer: Layer, removed: dict[int, int]) -> tuple[tuple, tuple, int]:
@@ -310,7 +310,8 @@ class LatencyTable:
         key, attrs, x, w = shaped
         if key not in self.cache:
             self.cache[key] = self._measure(layer.node, attrs, x, w, self.epilogue.get(id(layer), ()))
-        self.measured.setdefault(id(layer), {})[key] = (math.prod(w), self.cache[key])
+        rate = self.cache[key] / math.prod(w)
+        self.lowest_rate[id(layer)] = min(rate, self.lowest_rate.get(id(layer), rate))
         return self.cache[key]
 
     def is_measured(self, layer: Layer, removed: dict[int, int]) -> bool:
@@ -328,9 +329,9 @@ class LatencyTable:
         key, _, _, w = shaped
         if key in self.cache:
             return self.cache[key]
-        if id(layer) not in self.measured:
+        if id(layer) not in self.lowest_rate:
             self.layer_ms(layer, {})  # the full width: the search measures it first anyway
-        return math.prod(w) * min(ms / size for size, ms in self.measured[id(layer)].values())
+        return math.prod(w) * self.lowest_rate[id(layer)]
 
     def _measure(self, node: Node, attrs: dict, x: tuple, w: tuple, epilogue: tuple[tuple, ...] = ()) -> float:
         g = Graph(name="layer")
