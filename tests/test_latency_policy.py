@@ -201,14 +201,14 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, slower, e
     and a search that judged its steps there pruned far past the target (chosen at 0.45x, ran at 0.30x). Milder
     phases do the same on a smaller scale (CREPE tiny's original read 0.884 ms, then 0.94 ms for 10 s and more, and a
     0.439x plan read 0.474x in them: half the searches chose a step that removed more). Slow phases alternating with
-    fast ones every 8 pairs, one the search starts in (its first timing of the original too, then 15 pairs), or a
-    mild one (6% of the original) from just after the first timing for 30 pairs, or a long one from the first pair
-    on for 150 slices, where every run is also 28% slower (mobilenet_v2's original read 2.50-2.57 ms for ~118
-    slices, 1.73 ms around them, and its 0.432x plan 0.498x: 1.28x each run, plus 17% of the original):
-    the plan meets the target as the fast machine runs it, within the search's own tolerance (+2%, -5%; in the
-    mild phase the plan ran at 0.369x for 0.4x when a slice within 10% of the fastest original counted as fast; in
-    the long one, judged against the fastest of the 60 originals before and after it, mobilenet_v2's 0.5x plan ran
-    at 0.432x and this one at 0.321x for 0.4x)."""
+    fast ones every 6 pairs (a search that times fewer steps saw one slow phase of 8 pairs only), one the search
+    starts in (its first timing of the original too, then 15 pairs), or a mild one (6% of the original) from just
+    after the first timing for 30 pairs, or a long one from the first pair on for 150 slices, where every run is
+    also 28% slower (mobilenet_v2's original read 2.50-2.57 ms for ~118 slices, 1.73 ms around them, and its 0.432x
+    plan 0.498x: 1.28x each run, plus 17% of the original): the plan meets the target as the fast machine runs it,
+    within the search's own tolerance (+2%, -5%; in the mild phase the plan ran at 0.369x for 0.4x when a slice
+    within 10% of the fastest original counted as fast; in the long one, judged against the fastest of the 60
+    originals before and after it, mobilenet_v2's 0.5x plan ran at 0.432x and this one at 0.321x for 0.4x)."""
     graph, deps, feeds = resnet
     whole = timed_proto(graph)
     nodes = len(whole.graph.node)
@@ -219,7 +219,7 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, slower, e
 
         def slow(self) -> bool:
             if schedule == "alternating":
-                return (self.whole_calls // 16) % 2 == 1
+                return (self.whole_calls // 12) % 2 == 1
             if schedule == "after_base":
                 return 1 <= self.whole_calls <= 60
             if schedule == "long":
@@ -238,7 +238,7 @@ def test_steps_are_judged_in_the_machines_fast_phase(resnet, schedule, slower, e
     timer = SlowPhaseTimer()
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=0.4), calibration=feeds,
                        latency_timer=timer)
-    assert timer.slow_calls >= 20, timer.slow_calls
+    assert timer.slow_calls >= 20, (timer.slow_calls, timer.whole_calls)
     fraction = ShapeTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / ShapeTimer()(whole, feeds)
     assert 0.95 <= fraction / 0.4 <= 1.02, fraction
     assert result.latency["measured_ms"] / result.latency["base_ms"] == pytest.approx(fraction, rel=ROUNDED)
@@ -386,6 +386,31 @@ def test_a_table_off_by_a_factor_is_scaled_at_a_checkpoint(resnet) -> None:
     assert deepest["predicted_ms"] > 0.55 * search["base_ms"], deepest  # the table alone would have gone to 0.5x
     fraction = AmplifiedTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / full
     assert abs(fraction / 0.5 - 1) <= 0.10, fraction
+
+
+@pytest.mark.parametrize("amplified, target", [(1.0, 0.4), (1.3, 0.5)])
+def test_the_bracket_is_searched_by_interpolation(resnet, amplified, target) -> None:
+    """Each step timed is a whole model (on TVM a tuned build, 60-80 s for resnet18). Between a step slower than the
+    target and one fast enough, the next one timed is where their measured ratios, interpolated along the table's
+    predictions, put the target: with a table right up to a factor on its saving that is at most one step more than
+    the checkpoint and the deepest step (bisection timed 7 steps here at 0.4x, and 5 at 1.3x for 0.5x)."""
+    graph, deps, feeds = resnet
+    full = ShapeTimer()(timed_proto(graph), feeds)
+
+    class AmplifiedTimer(ShapeTimer):
+        def layer(self, proto, feeds) -> float:
+            return super().__call__(proto, feeds)
+
+        def __call__(self, proto, feeds, seconds=None) -> float:
+            return full - amplified * (full - super().__call__(proto, feeds))
+
+    lines = []
+    result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=target), calibration=feeds,
+                       latency_timer=AmplifiedTimer(), progress=lambda line, *_a, **_k: lines.append(line))
+    timed = [line for line in lines if re.match(r"latency: step \d+ of \d+ measured", line)]
+    assert len(timed) <= 4, timed
+    fraction = AmplifiedTimer()(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / full
+    assert 0.95 <= fraction / target <= 1.02, fraction
 
 
 def test_a_plateau_in_the_table_is_crossed_by_larger_moves(resnet) -> None:

@@ -17,9 +17,11 @@ of the vector width waste lanes, and small layers are dominated by overheads. So
    never worth taking. The trajectory goes as far as the first step the table predicts at the target. When an
    entry is expensive (TVM: a tuning run), the table is lazy: candidates are ranked by estimates scaled from
    the layer's measured shapes, and only those ranked ahead of the best measured one are measured.
-3. **Calibration on the real model**: the trajectory's deepest step is timed as a whole pruned model; while it is
-   slower than the target, the trajectory is extended (by what that measurement says the table is off); then
-   bisection over the trajectory on the *measured* latency, so the target is met on the real graph, not on the
+3. **Calibration on the real model**: a step part of the way to the target is timed as a whole pruned model, and
+   the greedy goes on to where the table's saving, scaled by what that measurement says it is off, reaches the
+   target; that deepest step is timed, and while it is slower than the target the trajectory is extended (by what
+   its measurement says the table is off); then a search over the trajectory on the *measured* latency
+   (interpolating between the bracketing steps' measurements), so the target is met on the real graph, not on the
    table's sum. Of the timed plans that meet the target (at most 2% over, 5% under), the one that loses the least
    importance is kept. The table holds only the layer shapes that this needed.
 """
@@ -653,11 +655,23 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
                          f"of the original latency with these groups (ignored or frozen groups, max ratio)")
     lo = max((i for i in measured if i < hi and not fast_enough(i)), default=0)
 
-    for _ in range(3):  # bisect; then re-time the bracket's steps timed before a faster phase, and bisect again
+    def interpolated(lo: int, hi: int) -> int:
+        """The step strictly between `lo` (slower than the target) and `hi` (fast enough) whose predicted latency is
+        nearest where the two steps' measured ratios, interpolated along the table's predictions, put the target:
+        the table's error is mostly a factor on its saving (see CALIBRATE_AT), which this cancels."""
+        (r_lo, r_hi), (p_lo, p_hi) = ([measured[i][0] / measured[i][1] for i in (lo, hi)],
+                                      [trajectory[i]["predicted_ms"] for i in (lo, hi)])
+        aim = p_lo + (target - r_lo) / min(r_hi - r_lo, -1e-9) * (p_hi - p_lo)
+        return min(range(lo + 1, hi), key=lambda i: (abs(trajectory[i]["predicted_ms"] - aim), i))
+
+    for _ in range(3):  # search; then re-time the bracket's steps timed before a faster phase, and search again
+        halve = False  # an interpolated step that did not halve the bracket is followed by a bisection step
         while hi - lo > 1:
-            mid = (lo + hi) // 2
+            width = hi - lo
+            mid = (lo + hi) // 2 if halve else interpolated(lo, hi)
             time_step(mid)
             lo, hi = (lo, mid) if fast_enough(mid) else (mid, hi)
+            halve = not halve and hi - lo > width // 2
         retimed = [i for i in (lo, hi) if i in slices_of and stale(slices_of[i])]
         if not retimed:
             break
