@@ -538,9 +538,11 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
                 heapq.heappush(options, (cost, order, gid, k, True, now, trial))
         return None
 
-    def extend(stop_ms: float) -> None:
-        """Greedy steps appended to the trajectory until the table predicts `stop_ms` or less, or no move is left."""
+    def extend(stop_ms: float, heading_ms: float | None = None) -> None:
+        """Greedy steps appended to the trajectory until the table predicts `stop_ms` or less, or no move is left;
+        the progress shows the way to `heading_ms` (the checkpoint's stop is part of the way to the target)."""
         nonlocal exhausted
+        heading_ms = stop_ms if heading_ms is None else heading_ms
         while trajectory[-1]["predicted_ms"] > stop_ms and not exhausted:
             best = next((move for move in map(best_move, REACHES) if move is not None), None)
             if best is None:
@@ -549,9 +551,9 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
             kept[best[0]] = best[1]
             predicted = overhead + table.layers_sum(removed())
             trajectory.append({"kept": dict(kept), "predicted_ms": predicted})
-            report(f"latency: step {len(trajectory) - 1}, predicted {predicted:.2f} ms (target {target_ms:.2f} ms), "
-                   f"{len(table.cache)} layer shapes timed", False,
-                   min(1.0, (base_ms - predicted) / max(base_ms - target_ms, 1e-9)))
+            report(f"latency: step {len(trajectory) - 1}, predicted {predicted:.2f} ms (table's aim {heading_ms:.2f} "
+                   f"ms), {len(table.cache)} layer shapes timed", False,
+                   min(1.0, (base_ms - predicted) / max(base_ms - heading_ms, 1e-9)))
 
     # bisection on the measured latency of the whole model along the trajectory, each step judged by its ratio to
     # the original timed beside it: these machines change speed by up to 2x within minutes (against an original
@@ -615,7 +617,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # A table that is off by a factor at every depth (see CALIBRATE_AT) is scaled at a checkpoint first: the
     # greedy's stop is where the table's saving, scaled, reaches the target, and the checkpoint is a step the
     # bisection would time anyway.
-    extend(base_ms - CALIBRATE_AT * (base_ms - target_ms))
+    extend(base_ms - CALIBRATE_AT * (base_ms - target_ms), target_ms)
     checkpoint, stop_ms, scale = len(trajectory) - 1, target_ms, 1.0
     if 0 < checkpoint and trajectory[checkpoint]["predicted_ms"] > target_ms and not exhausted:
         time_step(checkpoint)
