@@ -614,7 +614,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # where the table predicts the target and its deepest step is timed; while that is slower than the target, the
     # trajectory is extended to where the measured ratio, scaled along the table's prediction from the original,
     # puts EXTEND_AIM x the target.
-    # A table that is off by a factor at every depth (see CALIBRATE_AT) is scaled at a checkpoint first: the
+    # A table that is off by a factor on its saving (see CALIBRATE_AT) is scaled at a checkpoint first: the
     # greedy's stop is where the table's saving, scaled, reaches the target, and the checkpoint is a step the
     # bisection would time anyway.
     extend(base_ms - CALIBRATE_AT * (base_ms - target_ms), target_ms)
