@@ -555,7 +555,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
                    f"ms), {len(table.cache)} layer shapes timed", False,
                    min(1.0, (base_ms - predicted) / max(base_ms - heading_ms, 1e-9)))
 
-    # bisection on the measured latency of the whole model along the trajectory, each step judged by its ratio to
+    # the search on the measured latency of the whole model along the trajectory, each step judged by its ratio to
     # the original timed beside it: these machines change speed by up to 2x within minutes (against an original
     # timed when the search began, a plan chosen at 0.52x measured 0.60x), and also for seconds at a time (one
     # TVM search read the original at 0.51, 0.71, 0.93 and 0.51 ms across four back-to-back pairs, and judged two
@@ -616,7 +616,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # puts EXTEND_AIM x the target.
     # A table that is off by a factor on its saving (see CALIBRATE_AT) is scaled at a checkpoint first: the
     # greedy's stop is where the table's saving, scaled, reaches the target, and the checkpoint is a step the
-    # bisection would time anyway.
+    # bracket search would time anyway.
     extend(base_ms - CALIBRATE_AT * (base_ms - target_ms), target_ms)
     checkpoint, stop_ms, scale = len(trajectory) - 1, target_ms, 1.0
     if 0 < checkpoint and trajectory[checkpoint]["predicted_ms"] > target_ms and not exhausted:
