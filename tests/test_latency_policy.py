@@ -333,6 +333,36 @@ def test_a_trajectory_step_that_jumps_over_the_target_is_refined_by_single_group
     assert oracle_error(graph, deps, result.plan, feeds) <= 1e-4
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_boundary_moves_are_ranked_by_measured_layers_unless_the_table_is_lazy(resnet, lazy) -> None:
+    """The single-group moves between two bracketing steps are ranked by the table's measured layers (ONNX
+    Runtime: an entry is milliseconds), by its estimates only where an entry is a tuning run (lazy). Fails when
+    the ranking's own arithmetic leaks into the table's `estimate` switch (it once did: after the first move, a
+    measured table ranked the rest by estimates)."""
+    from prune_compile.passes.latency import LatencyTable, _boundary_moves
+
+    graph, deps, _ = resnet
+    table = LatencyTable(graph, deps, ShapeTimer())
+    groups = [g for g in deps.prunable() if table.by_group.get(g.id)]
+    size = {g.id: g.size for g in groups}
+    floor = {g.id: 1 for g in groups}
+    hi_kept = {gid: n - 8 if n > 16 else n for gid, n in size.items()}
+    overhead = 0.01
+    steps = [(i, {"kept": kept, "predicted_ms": overhead + table.layers_sum({g: size[g] - k for g, k in kept.items()})})
+             for i, kept in enumerate((size, hi_kept))]
+    base = steps[0][1]["predicted_ms"]
+    estimated = []
+    measured_estimate = table.estimate_ms
+    table.estimate_ms = lambda layer, removed: estimated.append(1) or measured_estimate(layer, removed)
+    moves = _boundary_moves((*steps[0], (base, base)), (*steps[1], (steps[1][1]["predicted_ms"], base)), 0.98, base,
+                            size, table, 8, floor, overhead, estimate=lazy)
+    assert len(moves) == latency.REFINE_MOVES
+    assert bool(estimated) == lazy
+    for _, kept, predicted in moves:
+        assert predicted == pytest.approx(overhead + table.layers_sum({g: size[g] - k for g, k in kept.items()},
+                                                                      estimate=lazy))
+
+
 def test_the_table_is_built_only_as_deep_as_the_target_needs(resnet) -> None:
     """Every table entry is a layer shape timed (on TVM a tuning run). When the table predicts well, the greedy
     stops at the first step it predicts at the target: nothing deeper is timed. (It used to go on to 0.6x the

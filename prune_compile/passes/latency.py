@@ -773,8 +773,8 @@ def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tup
                 if kept_counts in (lo["kept"], hi["kept"]) or key in options:
                     continue
                 predicted = overhead + table.layers_sum({g: size[g] - c for g, c in kept_counts.items()}, estimate)
-                estimate = r0 + scale * (predicted - p0)
-                options[key] = (abs(estimate / target - 1),
+                expected = r0 + scale * (predicted - p0)
+                options[key] = (abs(expected / target - 1),
                                 {"from_step": origin, "group": gid, "kept": k}, kept_counts, predicted)
     best = sorted(options.values(), key=lambda o: o[0])[:REFINE_MOVES]
     return [(move, kept_counts, predicted) for _, move, kept_counts, predicted in best]
