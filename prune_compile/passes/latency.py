@@ -69,6 +69,9 @@ MAX_EXTENSIONS, EXTEND_AIM = 8, 0.9
 # 16: 0.687x predicted, 0.593x measured; step 33: 0.491x, 0.372x), so the greedy tuned 315 layer shapes to reach a
 # step at 0.37x for a 0.5x target, where 236 reached the chosen one
 CALIBRATE_AT, CALIBRATE_SCALE = 0.6, (0.5, 2.0)
+# checkpoints at most: the factor drifts with depth (the same run: 1.16 at 0.69x predicted, 1.22 at 0.61x, 1.33 at
+# 0.56x), so a second checkpoint, nearer the target, scales the rest of the way by what it measures there
+CHECKPOINTS = 2
 # the ONNX Runtime table times a conv as this many copies of itself (see Timer.layer)
 LAYER_COPIES = 8
 # elementwise ops a compiler fuses into the conv before them (TVM's FuseOps: one kernel computes them on its output)
@@ -429,7 +432,7 @@ class LatencySearch:
     waited_slices: int = 0  # slices pairs added waiting for the fast phase (at most SEARCH_WAIT_SLICES)
     step: int = 8  # kept counts were multiples of this (--round-to, else the policy's LATENCY_STEP)
     lazy_table: bool = False  # the greedy measured only the moves its estimates ranked first (see best_move)
-    calibration_scale: float = 1.0  # the whole model's saving over the table's at the checkpoint (CALIBRATE_AT)
+    calibration_scale: float = 1.0  # the whole model's saving over the table's at the last checkpoint (CALIBRATE_AT)
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -614,16 +617,23 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     # where the table predicts the target and its deepest step is timed; while that is slower than the target, the
     # trajectory is extended to where the measured ratio, scaled along the table's prediction from the original,
     # puts EXTEND_AIM x the target.
-    # A table that is off by a factor on its saving (see CALIBRATE_AT) is scaled at a checkpoint first: the
-    # greedy's stop is where the table's saving, scaled, reaches the target, and the checkpoint is a step the
-    # bracket search would time anyway.
-    extend(base_ms - CALIBRATE_AT * (base_ms - target_ms), target_ms)
-    checkpoint, stop_ms, scale = len(trajectory) - 1, target_ms, 1.0
-    if 0 < checkpoint and trajectory[checkpoint]["predicted_ms"] > target_ms and not exhausted:
+    # A table that is off by a factor on its saving (see CALIBRATE_AT) is scaled at checkpoints first: the
+    # greedy's stop is where the table's saving, scaled by the latest checkpoint's factor, reaches the target; each
+    # checkpoint is CALIBRATE_AT of the way from the last one to the stop, and a step the bracket search would
+    # time anyway.
+    stop_ms, scale, aim = target_ms, 1.0, base_ms - CALIBRATE_AT * (base_ms - target_ms)
+    for _ in range(CHECKPOINTS):
+        extend(aim, stop_ms)
+        checkpoint = len(trajectory) - 1
+        predicted = trajectory[checkpoint]["predicted_ms"]
+        if checkpoint in measured or exhausted or predicted <= stop_ms:
+            break
         time_step(checkpoint)
-        scale = calibration_scale(measured[checkpoint], trajectory[checkpoint]["predicted_ms"] / base_ms)
-        stop_ms = trajectory[checkpoint]["predicted_ms"] if fast_enough(checkpoint) else \
-            base_ms - (base_ms - target_ms) / scale
+        scale = calibration_scale(measured[checkpoint], predicted / base_ms)
+        # a checkpoint fast enough is where the greedy stops (the bracket search takes it on); else the stop is
+        # deeper than the checkpoint, and the next checkpoint on the way there
+        stop_ms = predicted if fast_enough(checkpoint) else base_ms - (base_ms - target_ms) / scale
+        aim = predicted - CALIBRATE_AT * (predicted - stop_ms)
         report(f"latency: the whole model saves {scale:.2f}x what the table predicts at step {checkpoint}; the "
                f"greedy goes on to {stop_ms / base_ms:.3f}x by the table")
     extend(stop_ms)
