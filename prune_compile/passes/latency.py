@@ -69,8 +69,8 @@ MAX_EXTENSIONS, EXTEND_AIM = 8, 0.9
 # 16: 0.687x predicted, 0.593x measured; step 33: 0.491x, 0.372x), so the greedy tuned 315 layer shapes to reach a
 # step at 0.37x for a 0.5x target, where 236 reached the chosen one
 CALIBRATE_AT, CALIBRATE_SCALE = 0.6, (0.5, 2.0)
-# checkpoints at most: the factor drifts with depth (the same run: 1.16 at 0.69x predicted, 1.22 at 0.61x, 1.33 at
-# 0.56x), so a second checkpoint, nearer the target, scales the rest of the way by what it measures there
+# checkpoints at most: the factor drifts with depth (another resnet18 run on TVM: 1.16 at 0.69x predicted, 1.22 at
+# 0.61x, 1.33 at 0.56x), so a second checkpoint, nearer the target, scales the rest of the way by what it measures
 CHECKPOINTS = 2
 # the ONNX Runtime table times a conv as this many copies of itself (see Timer.layer)
 LAYER_COPIES = 8
