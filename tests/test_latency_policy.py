@@ -57,7 +57,6 @@ class ShapeTimer:
         return ms
 
 
-
 class SavingScaledTimer(ShapeTimer):
     """The table's layers as ShapeTimer times them; a whole model saves `factor` x what they predict (below 1: work
     the one-layer models do not have, which pruning shrinks less; above 1: TVM's resnet18 table), plus `drift` x
@@ -84,6 +83,7 @@ def saving_scaled_search(resnet, factor: float, target: float, drift: float = 0.
     result = make_plan(graph, deps, PlanningOptions(policy="latency", target_latency=target), calibration=feeds,
                        latency_timer=timer, progress=lambda line, *_a, **_k: lines.append(line))
     return result, lines, timer(timed_proto(pruned_copy(graph, result.plan, deps)), feeds) / timer.full_ms
+
 
 @pytest.fixture(scope="module")
 def resnet():
@@ -350,19 +350,21 @@ def test_boundary_moves_are_ranked_by_measured_layers_unless_the_table_is_lazy(r
     floor = {g.id: 1 for g in groups}
     hi_kept = {gid: n - 8 if n > 16 else n for gid, n in size.items()}
     overhead = 0.01
-    steps = [(i, {"kept": kept, "predicted_ms": overhead + table.layers_sum({g: size[g] - k for g, k in kept.items()})})
-             for i, kept in enumerate((size, hi_kept))]
+
+    def predicted_ms(kept: dict[int, int], estimate: bool = False) -> float:
+        return overhead + table.layers_sum({g: size[g] - k for g, k in kept.items()}, estimate)
+
+    steps = [(i, {"kept": kept, "predicted_ms": predicted_ms(kept)}) for i, kept in enumerate((size, hi_kept))]
     base = steps[0][1]["predicted_ms"]
     estimated = []
-    measured_estimate = table.estimate_ms
-    table.estimate_ms = lambda layer, removed: estimated.append(1) or measured_estimate(layer, removed)
+    estimate_ms = table.estimate_ms
+    table.estimate_ms = lambda layer, removed: estimated.append(1) or estimate_ms(layer, removed)
     moves = _boundary_moves((*steps[0], (base, base)), (*steps[1], (steps[1][1]["predicted_ms"], base)), 0.98, base,
                             size, table, 8, floor, overhead, estimate=lazy)
     assert len(moves) == latency.REFINE_MOVES
     assert bool(estimated) == lazy
     for _, kept, predicted in moves:
-        assert predicted == pytest.approx(overhead + table.layers_sum({g: size[g] - k for g, k in kept.items()},
-                                                                      estimate=lazy))
+        assert predicted == pytest.approx(predicted_ms(kept, estimate=lazy))
 
 
 def test_the_table_is_built_only_as_deep_as_the_target_needs(resnet) -> None:
