@@ -443,7 +443,7 @@ def test_a_factor_that_drifts_with_depth_is_scaled_again_nearer_the_target(resne
 
 class KernelsSlowerInTheModelTimer(ShapeTimer):
     """TVM's table: each layer timed alone (as ShapeTimer times it), and a whole model that runs every kernel
-    `slowdown` x slower (resnet18 at 224²: 1.3-1.45x, its kernels' weights and inputs no longer in cache), so that
+    `slowdown` x slower (resnet18 at 224²: 1.3-1.45x their tuning runs' times), so that
     what it takes beyond the table's sum is a share of its layers' time. `overhead_scales`: whether it says so."""
 
     def __init__(self, slowdown: float, overhead_scales: bool = True) -> None:
@@ -462,7 +462,7 @@ def test_a_table_of_kernels_timed_alone_scales_what_the_model_adds_to_them(resne
     """A timer whose entries are kernels timed alone (TVM's tuning runs) has the original's time beyond the table's
     sum scaled with the layers: then the table predicts every timed step (the first checkpoint, CALIBRATE_AT of the
     way to the target, measures what was predicted there; the search reports `overhead_scales`). Kept constant, as
-    for ONNX Runtime's in-model timings, the table predicts 1/1.4 of the saving here (TVM's resnet18: 0.65-0.70),
+    for ONNX Runtime's in-model timings, the table predicts 1/1.4 of the saving here (TVM's resnet18: 0.61-0.72),
     which only the checkpoints correct."""
     graph, deps, feeds = resnet
     timer = KernelsSlowerInTheModelTimer(1.4, overhead_scales)
