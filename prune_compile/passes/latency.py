@@ -67,7 +67,8 @@ MAX_EXTENSIONS, EXTEND_AIM = 8, 0.9
 # whole model; the rest of the way is scaled by how far the table's predicted saving was off there (clamped to
 # CALIBRATE_SCALE). TVM's resnet18 table predicted 0.75-0.86 of the measured saving, less the deeper the plan (step
 # 16: 0.687x predicted, 0.593x measured; step 33: 0.491x, 0.372x), so the greedy tuned 315 layer shapes to reach a
-# step at 0.37x for a 0.5x target, where 236 reached the chosen one
+# step at 0.37x for a 0.5x target, where 236 reached the chosen one. (That table kept the original's time beyond its
+# kernels constant; scaled with them (table_ms), it still erred 0.94-1.23 in one run, drifting with depth)
 CALIBRATE_AT, CALIBRATE_SCALE = 0.6, (0.5, 2.0)
 # checkpoints at most: the factor drifts with depth (another resnet18 run on TVM: 1.16 at 0.69x predicted, 1.22 at
 # 0.61x, 1.33 at 0.56x), so a second checkpoint, nearer the target, scales the rest of the way by what it measures
