@@ -360,7 +360,7 @@ def test_boundary_moves_are_ranked_by_measured_layers_unless_the_table_is_lazy(r
     estimate_ms = table.estimate_ms
     table.estimate_ms = lambda layer, removed: estimated.append(1) or estimate_ms(layer, removed)
     moves = _boundary_moves((*steps[0], (base, base)), (*steps[1], (steps[1][1]["predicted_ms"], base)), 0.98, base,
-                            size, table, 8, floor, lambda layers_ms: overhead + layers_ms, estimate=lazy)
+                            size, table, 8, floor, estimate=lazy)
     assert len(moves) == latency.REFINE_MOVES
     assert bool(estimated) == lazy
     for _, kept, predicted in moves:
@@ -874,7 +874,7 @@ def test_tvm_latency_engine_measures_tuned_kernels_and_reuses_records(tmp_path) 
     assert first.trials_run > 0 and first.layers_tuned == 4  # 2 layers x kept {16, 8}
     if result is not None:
         assert result.latency["engine"] == "tvm-cpu" and result.latency["tuning_trials_run"] == first.trials_run
-        assert result.latency["overhead_scales"] is True  # its entries are kernels tuned alone (see table_ms)
+        assert result.latency["overhead_scales"] is True  # entries are kernels tuned alone (LatencyTable.predicted_ms)
         assert result.latency["table_entries"] == 4
         assert oracle_error(graph, deps, result.plan, feeds) <= 1e-4
 

@@ -68,7 +68,7 @@ MAX_EXTENSIONS, EXTEND_AIM = 8, 0.9
 # CALIBRATE_SCALE). TVM's resnet18 table predicted 0.75-0.86 of the measured saving, less the deeper the plan (step
 # 16: 0.687x predicted, 0.593x measured; step 33: 0.491x, 0.372x), so the greedy tuned 315 layer shapes to reach a
 # step at 0.37x for a 0.5x target, where 236 reached the chosen one. (That table kept the original's time beyond its
-# kernels constant; scaled with them (table_ms), it still erred 0.94-1.23 in one run, drifting with depth)
+# kernels constant; scaled with them (LatencyTable.predicted_ms), it still erred 0.94-1.23 in one run, by depth)
 CALIBRATE_AT, CALIBRATE_SCALE = 0.6, (0.5, 2.0)
 # checkpoints at most: the factor drifts with depth (another resnet18 run on TVM: 1.16 at 0.69x predicted, 1.22 at
 # 0.61x, 1.33 at 0.56x), so a second checkpoint, nearer the target, scales the rest of the way by what it measures
@@ -148,7 +148,7 @@ class Timer:
 
     engine = "onnxruntime"
     lazy_table = False  # an entry takes ~0.2 s: the greedy measures every candidate (see latency_plan's best_move)
-    # what the whole model takes beyond the table's layers is the same for every plan (see latency_plan's table_ms):
+    # what the whole model takes beyond the table's layers is the same for every plan (see LatencyTable.predicted_ms):
     # the layers are timed in models like the whole one, and what is left (pools, session overhead) shrinks little
     overhead_scales = False
 
@@ -281,6 +281,9 @@ class LatencyTable:
         # build reuses) has each conv's fused epilogue timed with it
         self.epilogue = {id(layer): conv_epilogue(graph, layer.node) for layer in self.layers
                          if layer.node.op == "conv" and getattr(timer, "layer_epilogues", False)}
+        # how the original's time beyond its layers changes with them (see predicted_ms); stand-in timers may not say
+        self.overhead_scales = bool(getattr(timer, "overhead_scales", False))
+        self._full: float | None = None
         self.cache: dict[tuple, float] = {}
         # per layer, the lowest ms per weight element of the shapes of it measured: what estimate_ms scales by
         self.lowest_rate: dict[int, float] = {}
@@ -402,11 +405,23 @@ class LatencyTable:
         return layer(proto, feeds) if layer else self.timer(proto, feeds)
 
     def full_sum(self) -> float:
-        return sum(self.layer_ms(layer, {}) for layer in self.layers)
+        if self._full is None:
+            self._full = sum(self.layer_ms(layer, {}) for layer in self.layers)
+        return self._full
 
     def layers_sum(self, removed: dict[int, int], estimate: bool = False) -> float:
         per_layer = self.estimate_ms if estimate else self.layer_ms
         return sum(per_layer(layer, removed) for layer in self.layers)
+
+    def predicted_ms(self, base_ms: float, removed: dict[int, int], estimate: bool = False) -> float:
+        """The whole model's ms by the table, the original's being `base_ms`. What the layers do not account for in
+        the original (base_ms - full_sum) stays the same in every plan (elementwise ops, pools and session overhead
+        in ONNX Runtime: resnet18's checkpoints measured 1.05-1.06x the saving so predicted), or, for a timer whose
+        `overhead_scales`, is a share of the layers' time: TVM's entries are kernels tuned alone, which the whole
+        model runs 1.3-1.45x slower, and it has little else. Measured on TVM, the saving so predicted was 0.89-0.94
+        of resnet18's (kept constant: 0.61-0.72) and 1.10 of a uniform 0.5 mobilenet_v2's (constant: 0.84)."""
+        full, layers = self.full_sum(), self.layers_sum(removed, estimate)
+        return base_ms * layers / full if self.overhead_scales and full > 0 else base_ms - full + layers
 
 
 @dataclass
@@ -503,17 +518,6 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     kept = {g.id: g.size for g in groups}
     size = {g.id: g.size for g in groups}
     lazy = bool(getattr(timer, "lazy_table", False))  # stand-in timers in tests may not say
-    scales = bool(getattr(timer, "overhead_scales", False))
-    full = table.full_sum()
-
-    def table_ms(layers_ms: float) -> float:
-        """The whole model's ms by the table, from its layers' sum. What the layers do not account for in the
-        original (base_ms - full) stays the same in every plan (elementwise ops, pools and session overhead in ONNX
-        Runtime: resnet18's checkpoints measured 1.05-1.06x the saving so predicted), or, for a timer whose
-        `overhead_scales`, is a share of the layers' time: TVM's entries are kernels tuned alone, which the whole
-        model runs 1.3-1.45x slower, and it has little else. Measured on TVM, the saving so predicted was 0.89-0.94
-        of resnet18's (kept constant: 0.61-0.72) and 1.10 of a uniform 0.5 mobilenet_v2's (constant: 0.84)."""
-        return base_ms * layers_ms / full if scales and full > 0 else base_ms - full + layers_ms
 
     def removed() -> dict[int, int]:
         return {gid: size[gid] - k for gid, k in kept.items()}
@@ -569,7 +573,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
                 exhausted = True
                 break
             kept[best[0]] = best[1]
-            predicted_ms = table_ms(table.layers_sum(removed()))
+            predicted_ms = table.predicted_ms(base_ms, removed())
             trajectory.append({"kept": dict(kept), "predicted_ms": predicted_ms})
             report(f"latency: step {len(trajectory) - 1}, predicted {predicted_ms:.2f} ms (table's aim "
                    f"{heading_ms:.2f} ms), {len(table.cache)} layer shapes timed", False,
@@ -737,7 +741,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     if hi - lo == 1 and not any(meets(pair) for _, _, pair, _ in candidates):
         for move, kept_counts, predicted in _boundary_moves(
                 (lo, trajectory[lo], measured[lo]), (hi, trajectory[hi], measured[hi]), target, base_ms, size,
-                table, step, floor, table_ms, estimate=lazy):
+                table, step, floor, estimate=lazy):
             pair, slices = paired(kept_counts)
             timed.append(entry(move["from_step"], kept_counts, pair, predicted, slices) | {"move": move})
             candidates.append((move["from_step"], kept_counts, pair, predicted))
@@ -754,7 +758,7 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     search = LatencySearch(base_ms, target_ms, chosen_ms, chosen_predicted, len(trajectory) - 1, choice,
                            len(table.layers), len(table.cache), timer.models_timed, time.perf_counter() - started,
                            timed, getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)),
-                           waited[0], step, lazy, scale, scales)
+                           waited[0], step, lazy, scale, table.overhead_scales)
     return chosen_kept, search
 
 
@@ -771,8 +775,7 @@ def calibration_scale(pair: tuple[float, float], predicted_fraction: float) -> f
 
 def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tuple[int, dict, tuple[float, float]],
                     target: float, base_ms: float, size: dict[int, int], table: LatencyTable, step: int,
-                    floor: dict[int, int], table_ms: Callable[[float], float],
-                    estimate: bool = False) -> list[tuple[dict, dict[int, int], float]]:
+                    floor: dict[int, int], estimate: bool = False) -> list[tuple[dict, dict[int, int], float]]:
     """The REFINE_MOVES single-group moves nearest the target between two adjacent trajectory steps, `lo` (slower
     than the target) and `hi` (faster): from either step, one group to one of its candidate counts down or one
     multiple of `step` up. Both directions from both steps: latency is not monotonic in the counts (with 16-wide
@@ -781,8 +784,7 @@ def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tup
     of the original by the two steps' measurements (on TVM the table's sums are off by 2x, but the difference
     between two nearby plans scales like what was measured). `estimate`: a lazy table ranks the moves by its
     estimates (their whole models are timed next; tuning every layer shape of every move would cost more).
-    `table_ms`: the whole model's ms by the table, from its layers' sum (latency_plan's). Steps come as (index,
-    trajectory entry, (ms, original ms)); moves as (move, kept counts, predicted ms)."""
+    Steps come as (index, trajectory entry, (ms, original ms)); moves as (move, kept counts, predicted ms)."""
     (lo_i, lo, lo_pair), (hi_i, hi, hi_pair) = lo_step, hi_step
     r_lo, r_hi = lo_pair[0] / lo_pair[1], hi_pair[0] / hi_pair[1]
     p_lo, p_hi = lo["predicted_ms"], hi["predicted_ms"]
@@ -800,7 +802,7 @@ def _boundary_moves(lo_step: tuple[int, dict, tuple[float, float]], hi_step: tup
                 key = tuple(sorted(kept_counts.items()))
                 if kept_counts in (lo["kept"], hi["kept"]) or key in options:
                     continue
-                predicted_ms = table_ms(table.layers_sum({g: size[g] - c for g, c in kept_counts.items()}, estimate))
+                predicted_ms = table.predicted_ms(base_ms, {g: size[g] - c for g, c in kept_counts.items()}, estimate)
                 expected = r0 + scale * (predicted_ms - p0)
                 options[key] = (abs(expected / target - 1),
                                 {"from_step": origin, "group": gid, "kept": k}, kept_counts, predicted_ms)

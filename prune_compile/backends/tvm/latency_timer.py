@@ -49,7 +49,7 @@ class TvmTimer:
     # the whole model runs each kernel ~1.3-1.45x slower than its tuning run measured it alone (resnet18, 224²: 10.0
     # ms whole; its kernels 6.9 ms as tuned, 7.6 ms timed alone hot, 11.4 ms with all but their input flushed from
     # cache), and has little besides its kernels: what it takes beyond the table's sum is a share of the kernels'
-    # time, not a constant (passes/latency.py, table_ms)
+    # time, not a constant (passes/latency.py, LatencyTable.predicted_ms)
     overhead_scales: bool = True
     engine: str = ENGINE
     models_timed: int = 0
