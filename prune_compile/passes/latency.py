@@ -418,8 +418,9 @@ class LatencyTable:
         the original (base_ms - full_sum) stays the same in every plan (elementwise ops, pools and session overhead
         in ONNX Runtime: resnet18's checkpoints measured 1.05-1.06x the saving so predicted), or, for a timer whose
         `overhead_scales`, is a share of the layers' time: TVM's entries are kernels tuned alone, which the whole
-        model runs 1.3-1.45x slower, and it has little else. Measured on TVM, the saving so predicted was 0.89-0.94
-        of resnet18's (kept constant: 0.61-0.72) and 1.10 of a uniform 0.5 mobilenet_v2's (constant: 0.84)."""
+        model runs slower (resnet18: 1.06-1.45x in all, by the hour), and it has little else. Measured on TVM, the
+        saving so predicted was 0.89-0.94 of resnet18's (kept constant: 0.61-0.72) and 1.10 of a uniform 0.5
+        mobilenet_v2's (constant: 0.84)."""
         full, layers = self.full_sum(), self.layers_sum(removed, estimate)
         return base_ms * layers / full if self.overhead_scales and full > 0 else base_ms - full + layers
 

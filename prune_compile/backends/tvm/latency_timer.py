@@ -46,10 +46,11 @@ class TvmTimer:
     # a conv's entry is its kernel as the whole model fuses it (bias, residual add, activation: passes/latency.py,
     # conv_epilogue): the same tuning task, so whole-model builds reuse the table's records
     layer_epilogues: bool = True
-    # the whole model runs each kernel ~1.3-1.45x slower than its tuning run measured it alone (resnet18, 224²: 10.0
-    # ms whole; its kernels 6.9 ms as tuned, 7.6 ms timed alone hot, 11.4 ms with all but their input flushed from
-    # cache), and has little besides its kernels: what it takes beyond the table's sum is a share of the kernels'
-    # time, not a constant (passes/latency.py, LatencyTable.predicted_ms)
+    # the whole model runs its kernels slower than their tuning runs measured them alone, and has little besides its
+    # kernels (resnet18, 224², against 6.9 ms as tuned: 10.0 ms whole in session 56's hour, 7.3-7.7 ms in session
+    # 57's; per kernel 1.0-1.1x for most convs, 1.7-1.8x for Winograd convs streaming 9.6 MB of weights, 3.7x for
+    # the classifier): what it takes beyond the table's sum is a share of the kernels' time, not a constant
+    # (passes/latency.py, LatencyTable.predicted_ms)
     overhead_scales: bool = True
     engine: str = ENGINE
     models_timed: int = 0
