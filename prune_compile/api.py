@@ -372,6 +372,18 @@ def run(
                 tvm_backend.check_tunable(t, backend_options)
         if values.get("tune", 0) < 0:
             raise UsageError(f"option 'tune' of pass 'compile': {values['tune']} must be >= 0")
+    if planning.latency_engine == "tvm-arm":  # said before any work is done, as for --tune --target arm
+        from .backends import tvm as tvm_backend
+
+        if rpc is None:
+            raise UsageError("--latency-engine tvm-arm measures on the board: pass --rpc-tracker HOST:PORT and "
+                             "--rpc-key KEY of a TVM RPC tracker that has it")
+        arm_options = target_options or tvm_backend.TargetOptions()
+        try:
+            tvm_backend.check_tunable("arm", arm_options)
+        except UsageError as e:
+            raise UsageError(f"--latency-engine tvm-arm tunes every layer it times: {e}") from None
+        tvm_backend.check_toolchain("arm", arm_options)
     outdir = os.fspath(outdir)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UsageError(f"output directory '{outdir}' exists and is not a directory")

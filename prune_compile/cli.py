@@ -84,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune until MACs fall by X times (e.g. 2.5); replaces --ratio")
     p.add_argument("--target-latency", type=_latency_factor, default=None, metavar="F[x]",
                    help="latency policy: prune until the measured latency is F times the original's (e.g. 0.5x)")
-    p.add_argument("--latency-engine", choices=("ort", "tvm"), default="ort",
+    p.add_argument("--latency-engine", choices=("ort", "tvm", "tvm-arm"), default="ort",
                    help="latency policy: what measures the layers and the model: ONNX Runtime (ort), or the code "
-                        "TVM compiles for the cpu target, tuned (tvm; uses --tune-db, --num-cores, --conv-layout)")
+                        "TVM compiles, tuned, for the cpu target (tvm) or the arm target (tvm-arm); uses --tune-db, "
+                        "--num-cores, --conv-layout, --arm-board, and measures on the --rpc-tracker/--rpc-key device "
+                        "when given (tvm-arm needs one)")
     p.add_argument("--latency-trials", type=int, default=16, metavar="N",
                    help="latency policy with --latency-engine tvm: tuning trials per layer shape (whole models "
                         "get N per weight layer); records persist in the tuning database")
@@ -293,7 +295,10 @@ def _summary(result: api.RunResult) -> str:
                  f"parameters {c['before']['parameters']:,} -> {c['after']['parameters']:,}")
     searched = result.timings.get("planning")
     if searched:
-        lines.append(f"  latency  measured {searched['measured_ms']:.3f} ms for target {searched['target_ms']:.3f} ms "
+        where = searched.get("measured_on", "this machine")
+        where = "" if where == "this machine" else f" on {where}"
+        lines.append(f"  latency  measured {searched['measured_ms']:.3f} ms{where} for target "
+                     f"{searched['target_ms']:.3f} ms "
                      f"(original {searched['base_ms']:.3f} ms; {searched['table_entries']} layer shapes timed, "
                      f"{searched['steps']} search steps)")
     if "verification" in r:

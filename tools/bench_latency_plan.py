@@ -6,11 +6,14 @@
     python tools/bench_latency_plan.py demo --engine tvm --latency-trials 16 --tune-db DIR
     python tools/bench_latency_plan.py resnet18 --engine tvm --uniform-candidates 0   # what the search alone costs
     python tools/bench_latency_plan.py resnet18 --engine tvm --uniform-candidates 0 --table exact   # ... unlazily
+    python tools/bench_latency_plan.py resnet18 --engine tvm-arm --rpc-tracker HOST:PORT --rpc-key KEY --num-cores 4
 
 `--engine tvm` measures everything (the search's table and bisection, the uniform bisection, the final rounds) on
 TVM's tuned cpu code: every model timed is a tuned build (`--latency-trials` per weight layer, records kept in
-`--tune-db`, so a rerun re-tunes nothing). MODEL `demo` is the bundled default model. On every engine the models
-timed have their batch norms folded, as the compile step builds them.
+`--tune-db`, so a rerun re-tunes nothing). `--engine tvm-arm` does the same on an aarch64 board over TVM's RPC (and
+`--engine tvm` with `--rpc-tracker`/`--rpc-key` on a remote x86 one): tuning and every timing run on the device.
+MODEL `demo` is the bundled default model. On every engine the models timed have their batch norms folded, as the
+compile step builds them.
 
 1. The latency policy plans for `--target-latency` (fraction of the original's measured latency).
 2. A uniform plan is searched (bisection on the ratio) whose *measured* latency equals the latency plan's.
@@ -118,9 +121,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="the most of a group the latency plan may remove (default: the policy's, 0.7; runs before "
                          "2026-11-30 used 0.9)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
-    ap.add_argument("--engine", choices=("ort", "tvm"), default="ort", help="what measures (see the module doc)")
+    ap.add_argument("--engine", choices=("ort", "tvm", "tvm-arm"), default="ort",
+                    help="what measures (see the module doc)")
     ap.add_argument("--latency-trials", type=int, default=16, help="tvm: tuning trials per weight layer")
     ap.add_argument("--tune-db", default=None, help="tvm: tuning database root")
+    ap.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="tvm: measure on this tracker's device")
+    ap.add_argument("--rpc-key", default=None, help="tvm: the device's key at --rpc-tracker")
+    ap.add_argument("--num-cores", type=int, default=None, help="tvm: threads (the board's, for tvm-arm)")
+    ap.add_argument("--arm-board", default="generic", help="tvm-arm: the board preset (as the CLI's --arm-board)")
     ap.add_argument("--uniform-candidates", type=int, default=3,
                     help="uniform plans (nearest in latency in the bisection) re-measured in the rounds; 0: no "
                          "uniform plan, the search and its plan only (what a search costs: a TVM uniform "
@@ -142,10 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     loaded = bench_model(args.model)
     graph, feeds = loaded.graph, loaded.example_inputs
     deps = analyze(graph)
-    if args.engine == "tvm":
+    if args.engine != "ort":
         from prune_compile.backends.tvm.latency_timer import TvmTimer
+        from prune_compile.backends.tvm.targets import TargetOptions
+        from prune_compile.backends.tvm.tuning import RPCSettings
+        from prune_compile.errors import UsageError
 
-        timer = TvmTimer(database=args.tune_db, trials_per_layer=args.latency_trials)
+        if (args.rpc_tracker is None) != (args.rpc_key is None):
+            ap.error("--rpc-tracker and --rpc-key go together")
+        rpc = RPCSettings(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
+        try:
+            timer = TvmTimer(TargetOptions(arm_board=args.arm_board, num_cores=args.num_cores), args.tune_db,
+                             args.latency_trials, "arm" if args.engine == "tvm-arm" else "cpu", rpc)
+        except UsageError as e:
+            ap.error(str(e))
     else:
         timer = Timer()
     if args.table:
@@ -224,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": dict(lat.latency) | {"seconds": round(search_s, 1)},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if args.engine == "tvm":
+    if args.engine != "ort":
         out["tuning"] = {"trials_per_layer": args.latency_trials, "trials_run": timer.trials_run,
                          "layer_shapes_tuned": timer.layers_tuned}
     print(json.dumps(out, indent=2))

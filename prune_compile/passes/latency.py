@@ -456,6 +456,7 @@ class LatencySearch:
     # the table's predictions scaled the original's time beyond its layers with them (the timer's overhead_scales:
     # TVM), rather than keeping it constant (ONNX Runtime)
     overhead_scales: bool = False
+    measured_on: str = "this machine"  # or the RPC device the TVM engine measured on (key and tracker)
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -759,7 +760,8 @@ def latency_plan(graph: Graph, deps: DependencyResult, groups: Sequence[Group], 
     search = LatencySearch(base_ms, target_ms, chosen_ms, chosen_predicted, len(trajectory) - 1, choice,
                            len(table.layers), len(table.cache), timer.models_timed, time.perf_counter() - started,
                            timed, getattr(timer, "engine", "custom"), int(getattr(timer, "trials_run", 0)),
-                           waited[0], step, lazy, scale, table.overhead_scales)
+                           waited[0], step, lazy, scale, table.overhead_scales,
+                           getattr(timer, "measured_on", "this machine"))
     return chosen_kept, search
 
 

@@ -180,7 +180,8 @@ _PLAN_OPTIONS = (
     Option("max-ratio", "float", "global, latency: the most one group may lose (0.9 global, 0.7 latency)"),
     Option("target-macs", "float", "prune until MACs fall by this factor (replaces ratio)"),
     Option("target-latency", "float", "latency policy: measured latency as a fraction of the original's"),
-    Option("latency-engine", "str", "latency policy: what measures, ort | tvm (tuned cpu code)", ("ort", "tvm")),
+    Option("latency-engine", "str", "latency policy: what measures, ort | tvm (tuned cpu code) | tvm-arm (tuned arm "
+           "code, on the RPC device)", ("ort", "tvm", "tvm-arm")),
     Option("latency-trials", "int", "latency policy on tvm: tuning trials per layer shape"),
     Option("ignore", "list", "parameter globs whose groups stay whole"),
     Option("override", "list", "GLOB=RATIO per-group ratios (uniform)"),

@@ -55,13 +55,15 @@ def _plan(state: JobState, opts: dict) -> None:
     metric = damage_metric(planning.sensitivity_metric, calibration.labels if calibration else None,
                            lambda: model_outputs(state.graph, feeds))
     timer = None
-    if planning.policy == "latency" and planning.latency_engine == "tvm":
+    if planning.policy == "latency" and planning.latency_engine != "ort":
         from ..backends.tvm.latency_timer import TvmTimer
         from ..backends.tvm.targets import DEFAULT_OPTIONS
 
         ctx = state.context
-        timer = TvmTimer(ctx.target_options or DEFAULT_OPTIONS, ctx.tune_db, planning.latency_trials) if ctx \
-            else TvmTimer(trials_per_layer=planning.latency_trials)
+        target = "arm" if planning.latency_engine == "tvm-arm" else "cpu"
+        # with an RPC device (--rpc-tracker, --rpc-key) the engine measures there, as --tune does
+        timer = TvmTimer(ctx.target_options or DEFAULT_OPTIONS, ctx.tune_db, planning.latency_trials, target,
+                         ctx.rpc) if ctx else TvmTimer(trials_per_layer=planning.latency_trials, target=target)
     gradients = _taylor_gradients(state, calibration) if planning.importance == "taylor" else None
     state.planned = make_plan(state.graph, state.deps, planning, gradients=gradients, calibration=feeds,
                               metric=metric, progress=progress, latency_timer=timer)

@@ -32,7 +32,9 @@ POLICIES = ("uniform", "global", "sensitivity", "latency")
 # On a trained model that costs accuracy at equal measured latency (tools/bench_accuracy_latency.py, MNIST ResNet
 # at 0.30x: BN-recalibrated 9.2% at 0.9 against 51.1% at 0.7 and 45.4% for the aligned uniform plan)
 DEFAULT_MAX_RATIO = {"global": 0.9, "latency": 0.7}
-LATENCY_ENGINES = ("ort", "tvm")  # ONNX Runtime; TVM's tuned code for the cpu target (backends/tvm/latency_timer)
+# ONNX Runtime; TVM's tuned code for the cpu target, or for the arm target on a board over RPC
+# (backends/tvm/latency_timer)
+LATENCY_ENGINES = ("ort", "tvm", "tvm-arm")
 
 
 @dataclass
@@ -47,7 +49,7 @@ class PlanningOptions:
     overrides: Mapping[str, float] = field(default_factory=dict)  # parameter glob → ratio (uniform)
     target_macs: float | None = None  # wanted MACs reduction factor (before / after), replaces `ratio`
     target_latency: float | None = None  # latency policy: wanted latency as a fraction of the original's
-    latency_engine: str = "ort"  # latency policy: what measures, ONNX Runtime or TVM's tuned cpu code
+    latency_engine: str = "ort"  # latency policy: what measures, ONNX Runtime or TVM's tuned cpu (or arm) code
     latency_trials: int = 16  # latency policy on TVM: tuning trials per layer shape (whole models: × layers)
     seed: int = 0
     sensitivity_grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

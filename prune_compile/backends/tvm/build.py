@@ -207,8 +207,6 @@ def build(model: onnx.ModelProto, target: str, path: str, target_options: Target
         executable, tvm_target, pipeline, summary = compile_model(model, target, target_options, tuning)
         export_kwargs: dict[str, Any] = {}
         device_code: dict[str, Any] = {}
-        if target in ("cpu", "arm"):  # the library carries our parallel launcher (load_library installs it)
-            export_kwargs["fcompile"] = parallel_launcher.fcompile(ARM_CROSS_COMPILER if target == "arm" else None)
         if target == "gpu":
             from .cuda_embed import compile_fatbin, cuda_source_of, make_fpack_imports
 
@@ -222,16 +220,25 @@ def build(model: onnx.ModelProto, target: str, path: str, target_options: Target
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=directory)
         os.close(fd)
         try:
-            executable.export_library(tmp, **export_kwargs)
+            export_library(executable, target, tmp, **export_kwargs)
             os.replace(tmp, path)
-        except (UsageError, BackendError):
-            raise
-        except Exception as e:
-            raise BackendError(f"TVM failed to export the {target} library: {_last_line(e)}") from e
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return BuildResult(target, path, str(tvm_target), pipeline, summary.to_json() if summary else None, device_code)
+
+
+def export_library(executable, target: str, path: str, **export_kwargs: Any) -> None:
+    """Write `executable` as a shared library for `target`; CPU libraries carry our parallel launcher (load_library
+    installs it), arm ones cross-compiled."""
+    if target in ("cpu", "arm"):
+        export_kwargs["fcompile"] = parallel_launcher.fcompile(ARM_CROSS_COMPILER if target == "arm" else None)
+    try:
+        executable.export_library(path, **export_kwargs)
+    except (UsageError, BackendError):
+        raise
+    except Exception as e:
+        raise BackendError(f"TVM failed to export the {target} library: {_last_line(e)}") from e
 
 
 def cuda_device():

@@ -1,4 +1,5 @@
-"""Latencies for the latency-aware planner measured on what TVM compiles for the `cpu` target, tuned.
+"""Latencies for the latency-aware planner measured on what TVM compiles for a CPU target, tuned: this machine's
+(`cpu`), or a board's (`arm`, or `cpu` on another machine) over TVM's RPC.
 
 The planner (passes/latency.py) asks for two kinds of numbers, and this answers both from the tuning database
 that the final build uses too:
@@ -11,6 +12,9 @@ that the final build uses too:
 - **a whole model** (`__call__`): compiled with `trials_per_layer` × its weight layers, then timed in this
   process with TVM's time evaluator (the fastest of the repeats, like the ONNX Runtime timer), its parallel loops
   run by our launcher as in the libraries we build (parallel_launcher.register).
+With `rpc` (a tracker and a device key, as `--tune` uses them) both are measured on the board: tuning's runner times
+the candidates there, and a whole model is exported as the build exports it (cross-compiled, our launcher linked
+in), uploaded and timed by the board's time evaluator (`BoardModels`).
 Records persist in the database (`database`, keyed by target, threads and timing): a second plan for the same model, or
 a model sharing layer shapes, re-tunes nothing, and the final `--tune` build of the chosen plan starts from the
 records its bisection steps left.
@@ -20,17 +24,21 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...errors import BackendError
+from ...errors import BackendError, UsageError
 from .targets import DEFAULT_OPTIONS, TargetOptions
-from .tuning import MIN_TRIALS_PER_TASK, TuningOptions
+from .tuning import MIN_TRIALS_PER_TASK, RPCSettings, TuningOptions
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 ENGINE = "tvm-cpu"
+TIMED_TARGETS = ("cpu", "arm")  # CPU targets: their kernels' time is what tuning measured (a GPU's is not, yet)
+WARMUP_S = 0.1  # the first runs after a tuning run in this process were 1.5-2x slow, for longer than one call
 
 
 @dataclass
@@ -40,6 +48,8 @@ class TvmTimer:
     target_options: TargetOptions = DEFAULT_OPTIONS
     database: str | None = None
     trials_per_layer: int = 16
+    target: str = "cpu"
+    rpc: RPCSettings | None = None  # measure on this board (layers and whole models); None: this machine
     # a table entry is a tuning run (~7 s with Winograd): the search measures only the moves its estimates rank
     # first (passes/latency.py, best_move); False measures every candidate, as the ONNX Runtime table does
     lazy_table: bool = True
@@ -53,24 +63,37 @@ class TvmTimer:
     # (passes/latency.py, LatencyTable.predicted_ms)
     overhead_scales: bool = True
     engine: str = ENGINE
+    measured_on: str = "this machine"
     models_timed: int = 0
     trials_run: int = 0
     layers_tuned: int = 0
     _compiled: dict = field(default_factory=dict, repr=False)  # model bytes' digest → executable (re-timing)
+    _board: BoardModels | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.trials_per_layer < MIN_TRIALS_PER_TASK:
             raise BackendError(f"--latency-trials {self.trials_per_layer}: TVM latencies need at least "
                                f"{MIN_TRIALS_PER_TASK} trials per layer (one search round)")
+        if self.target not in TIMED_TARGETS:
+            raise UsageError(f"the TVM latency engine times {' and '.join(TIMED_TARGETS)} code, not {self.target}")
+        if self.target != "cpu" and self.rpc is None:
+            raise UsageError(f"--latency-engine tvm-{self.target} measures on the board: pass --rpc-tracker "
+                             "HOST:PORT and --rpc-key KEY of a TVM RPC tracker that has it")
+        self.engine = f"tvm-{self.target}"
+        if self.rpc is not None:
+            self.measured_on = f"RPC device '{self.rpc.key}' at tracker {self.rpc.tracker}"
+            self._board = BoardModels(self.rpc, self.target)
 
     def _tuning(self, proto) -> TuningOptions:
         layers = sum(1 for n in proto.graph.node if n.op_type in WEIGHT_OPS)
-        return TuningOptions(trials=self.trials_per_layer * max(layers, 1), database=self.database)
+        if self._board is not None:  # tuning's runner needs the board: a session held here would keep it waiting
+            self._board.release()
+        return TuningOptions(trials=self.trials_per_layer * max(layers, 1), database=self.database, rpc=self.rpc)
 
     def layer(self, proto, feeds) -> float:
         from .build import lower_model
 
-        _, _, _, summary = lower_model(proto, "cpu", self.target_options, self._tuning(proto))
+        _, _, _, summary = lower_model(proto, self.target, self.target_options, self._tuning(proto))
         self.trials_run += summary.trials_run
         self.layers_tuned += 1
         kernels = [t for t in summary.per_task if t["best_ms"] is not None]
@@ -85,30 +108,108 @@ class TvmTimer:
         from . import parallel_launcher
         from .build import compile_model
 
-        parallel_launcher.register()  # before the executable is JIT-compiled: TVM fills its launcher in then
+        if self._board is None:
+            parallel_launcher.register()  # before the executable is JIT-compiled: TVM fills its launcher in then
         digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
         if digest not in self._compiled:
-            executable, _, _, summary = compile_model(proto, "cpu", self.target_options, self._tuning(proto))
+            executable, _, _, summary = compile_model(proto, self.target, self.target_options, self._tuning(proto))
             self.trials_run += summary.trials_run if summary else 0
             self._compiled[digest] = executable
         executable = self._compiled[digest]
+        seconds = 0.15 if min_seconds is None else min_seconds
+        if self._board is not None:
+            ms = self._board.time(digest, executable, _inputs(proto, feeds), seconds)
+            self.models_timed += 1
+            return ms
         dev = tvm.cpu()
         vm = relax.VirtualMachine(executable, dev)
-        initializers = {i.name for i in proto.graph.initializer}
-        names = [i.name for i in proto.graph.input if i.name not in initializers]
-        try:
-            args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), dev) for name in names]
-        except KeyError as e:
-            raise BackendError(f"no example input for model input {e}") from None
-        # warm up for ~0.1 s: the first runs after a tuning run in this process were 1.5-2x slow, for longer than
-        # the time evaluator's single warm-up call
+        args = [tvm.runtime.tensor(a, dev) for a in _inputs(proto, feeds)]
         main, started, runs = vm["main"], time.perf_counter(), 0
-        while runs < 3 or (time.perf_counter() - started < 0.1 and runs < 1000):
+        while runs < 3 or (time.perf_counter() - started < WARMUP_S and runs < 1000):
             main(*args)
             runs += 1
         each = max((time.perf_counter() - started) / runs, 1e-6)
-        seconds = 0.15 if min_seconds is None else min_seconds
-        repeat = int(min(max(7, math.ceil(seconds / each)), 2000))
-        result = vm.time_evaluator("main", dev, number=1, repeat=repeat)(*args)
+        result = vm.time_evaluator("main", dev, number=1, repeat=_repeats(seconds, each))(*args)
         self.models_timed += 1
         return float(min(result.results)) * 1e3
+
+
+def _inputs(proto, feeds) -> list[np.ndarray]:
+    """The model's inputs in its order (initializers listed as inputs excluded)."""
+    initializers = {i.name for i in proto.graph.initializer}
+    try:
+        return [np.ascontiguousarray(feeds[i.name]) for i in proto.graph.input if i.name not in initializers]
+    except KeyError as e:
+        raise BackendError(f"no example input for model input {e}") from None
+
+
+def _repeats(seconds: float, each: float) -> int:
+    return int(min(max(7, math.ceil(seconds / each)), 2000))
+
+
+class BoardModels:
+    """Whole models timed on a board over TVM's RPC: each executable exported once as `build` exports it for the
+    target (cross-compiled, our launcher linked in, since the board's server runs plain TVM), uploaded once per
+    session, its launcher installed through the library's own function, and timed by the board's time evaluator.
+    The session is held between timings (the search alternates two models in 0.2 s slices) and released before
+    any tuning: the tracker hands the board to one session at a time, and tuning's runner asks it for one."""
+
+    def __init__(self, rpc: RPCSettings, target: str) -> None:
+        self.rpc, self.target = rpc, target
+        self._directory = tempfile.TemporaryDirectory(prefix="prune-compile-board-")
+        self._exported: dict[str, str] = {}  # digest → library path here
+        self._session = None
+        self._loaded: dict[str, tuple] = {}  # digest → (VM, device) in the current session
+
+    def release(self) -> None:
+        """End the session (every remote object goes with it): the board is free for the tracker's next request."""
+        self._loaded.clear()
+        self._session = None
+
+    def time(self, digest: str, executable, inputs: list[np.ndarray], seconds: float) -> float:
+        import tvm
+
+        from .build import _last_line
+
+        vm, dev = self._load(digest, executable)
+        try:
+            vm.set_input("main", *[tvm.runtime.tensor(a, dev) for a in inputs])
+            # the stateful call: a function that returns a tuple cannot come back over RPC
+            probe = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=3)("main")
+            each = max(float(np.median(probe.results)), 1e-6)
+            vm.time_evaluator("invoke_stateful", dev, number=1, repeat=_repeats(WARMUP_S, each))("main")
+            timed = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=_repeats(seconds, each))("main")
+        except Exception as e:
+            self.release()
+            raise BackendError(f"timing a model on RPC device '{self.rpc.key}' failed: {_last_line(e)}") from e
+        return float(min(timed.results)) * 1e3
+
+    def _load(self, digest: str, executable) -> tuple:
+        from tvm import relax, rpc
+
+        from . import parallel_launcher
+        from .build import _last_line, export_library
+
+        if digest not in self._exported:
+            path = os.path.join(self._directory.name, f"{digest[:24]}.so")
+            export_library(executable, self.target, path)
+            self._exported[digest] = path
+        if digest in self._loaded:
+            return self._loaded[digest]
+        try:
+            if self._session is None:
+                host, port = self.rpc.host_port()
+                self._session = rpc.connect_tracker(host, port).request(self.rpc.key)
+            path = self._exported[digest]
+            self._session.upload(path)
+            library = self._session.load_module(os.path.basename(path))
+            if not parallel_launcher.opted_out():
+                library.get_function(parallel_launcher.INSTALL_FUNCTION, query_imports=True)()
+            dev = self._session.cpu(0)
+            self._loaded[digest] = relax.VirtualMachine(library, dev), dev
+        except Exception as e:
+            self.release()
+            raise BackendError(f"loading a model on RPC device '{self.rpc.key}' (tracker {self.rpc.tracker}) "
+                               f"failed: {_last_line(e)}") from e
+        return self._loaded[digest]
+
