@@ -357,6 +357,7 @@ def run(
     resolved = resolve(parse_pipeline(pipeline_text),
                        _pass_defaults(planning, attention, compile_targets, tune, verify, plan))
     backend_options = target_options  # --num-cores, --conv-layout: the TVM latency engine reads them too
+    tuned_targets: list[str] = []
     for info, values in resolved:
         if info.name != "compile":
             continue
@@ -370,6 +371,7 @@ def run(
                                  "HOST:PORT and --rpc-key KEY")
             if values.get("tune"):
                 tvm_backend.check_tunable(t, backend_options)
+                tuned_targets.append(t)
         if values.get("tune", 0) < 0:
             raise UsageError(f"option 'tune' of pass 'compile': {values['tune']} must be >= 0")
     if planning.latency_engine == "tvm-arm":  # said before any work is done, as for --tune --target arm
@@ -384,6 +386,8 @@ def run(
         except UsageError as e:
             raise UsageError(f"--latency-engine tvm-arm tunes every layer it times: {e}") from None
         tvm_backend.check_toolchain("arm", arm_options)
+    if rpc is not None and (tuned_targets or (planning.policy == "latency" and planning.latency_engine != "ort")):
+        rpc.check_device()  # last: every option error comes first
     outdir = os.fspath(outdir)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UsageError(f"output directory '{outdir}' exists and is not a directory")

@@ -14,7 +14,7 @@ from prune_compile.ir import export_onnx
 from prune_compile.passes.policy import PlanningOptions, make_plan
 
 from .oracle import oracle_error
-from .rpc_board import qemu_python, rpc_board
+from .rpc_board import free_port, qemu_python, rpc_board
 from .test_cli import DEFAULT_MODEL
 from .test_latency_policy import _one_group_net
 
@@ -107,3 +107,22 @@ def test_cli_tvm_arm_latency_engine_needs_a_board(tmp_path, capsys) -> None:
     assert main(["--latency-engine", "tvm-arm", "--policy", "uniform", *args[:3], "--ratio", "0.5"]) == 2
     assert "policy 'uniform' does not measure latency" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_an_absent_tracker_or_device_exits_2_before_any_work(tmp_path, capsys) -> None:
+    """TVM's client retries an absent tracker every 5 s for as long as the run lasts, and a request for a key no
+    server has waits for good: both are said up front (tuning over RPC as well as the latency engine)."""
+    from prune_compile.cli import main
+
+    out = tmp_path / "e"
+    args = [DEFAULT_MODEL, "-o", str(out), "--policy", "latency", "--target-latency", "0.5x", "--latency-engine",
+            "tvm", "--rpc-key", "board", "--rpc-tracker"]
+    assert main([*args, f"127.0.0.1:{free_port()}"]) == 2
+    assert "no tracker answers there" in capsys.readouterr().err
+    with rpc_board("board") as port:
+        assert main([*args, f"127.0.0.1:{port}", "--rpc-key", "other"]) == 2
+        assert "--rpc-key other: no device registered under it at tracker 127.0.0.1:" in capsys.readouterr().err
+        assert main([DEFAULT_MODEL, "-o", str(out), "--target", "cpu", "--tune", "8", "--rpc-tracker",
+                     f"127.0.0.1:{port}", "--rpc-key", "other"]) == 2
+        assert "(registered: board)" in capsys.readouterr().err
+    assert not out.exists()

@@ -74,6 +74,28 @@ class RPCSettings:
             raise UsageError(f"--rpc-tracker {self.tracker}: expected HOST:PORT")
         return host, int(port)
 
+    def check_device(self, timeout_s: float = 10.0) -> None:
+        """Raise before any work when the tracker does not answer or has no server under the key: TVM's client
+        retries an absent tracker every 5 s for as long as the run goes on (a mistyped port hung a run for 10
+        minutes), and a request for an absent key waits for good. A busy device is still registered."""
+        import socket
+
+        host, port = self.host_port()
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError as e:
+            raise UsageError(f"--rpc-tracker {self.tracker}: no tracker answers there ({e.strerror or e})") from None
+        from tvm import rpc
+
+        try:
+            servers = rpc.connect_tracker(host, port).summary().get("server_info", [])
+        except Exception as e:
+            raise UsageError(f"--rpc-tracker {self.tracker}: not a TVM RPC tracker ({e})") from None
+        keys = sorted({s["key"].split(":", 1)[1] for s in servers if str(s.get("key", "")).startswith("server:")})
+        if self.key not in keys:
+            raise UsageError(f"--rpc-key {self.key}: no device registered under it at tracker {self.tracker} "
+                             f"(registered: {', '.join(keys) or 'none'})")
+
 
 @dataclass
 class TuningOptions:
