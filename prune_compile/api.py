@@ -324,7 +324,8 @@ def run(
     ignore globs, overrides, target MACs reduction); its ratio is `ratio`. `plan` replays a plan.json instead of
     planning. `passes` is a textual pipeline (see passes/pipeline.py) whose unset options default to the
     arguments above; without it, the arguments describe the pipeline (`default_pipeline`). `measure_latency`
-    times the original and the pruned model on ONNX Runtime and each cpu library (results in timings.json).
+    times the original and the pruned model on ONNX Runtime and each cpu library (and the arm library on the RPC
+    device when `rpc` names one; results in timings.json).
     `static_shapes` writes the pruned ONNX at `input_shapes` even where the original's dims were symbolic;
     `symbolic_dims` (input → axis → symbol) asks for more symbolic dims than the original has (a torch model's
     batch), kept where they hold like the original's."""
@@ -386,7 +387,9 @@ def run(
         except UsageError as e:
             raise UsageError(f"--latency-engine tvm-arm tunes every layer it times: {e}") from None
         tvm_backend.check_toolchain("arm", arm_options)
-    if rpc is not None and (tuned_targets or (planning.policy == "latency" and planning.latency_engine != "ort")):
+    board_timings = planning.policy == "latency" and planning.latency_engine != "ort" or (
+        measure_latency and "arm" in compile_targets)
+    if rpc is not None and (tuned_targets or board_timings):
         rpc.check_device()  # last: every option error comes first
     outdir = os.fspath(outdir)
     if os.path.exists(outdir) and not os.path.isdir(outdir):

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass (stderr)")
     p.add_argument("--dump-ir", metavar="DIR", default=None, help="write the IR after every pass to DIR/NN-pass.ir")
     p.add_argument("--measure-latency", action="store_true",
-                   help="time the original and pruned model on ONNX Runtime and each cpu library (timings.json)")
+                   help="time the original and pruned model on ONNX Runtime and each cpu library, and the arm "
+                        "library on the --rpc-tracker/--rpc-key device (timings.json)")
     p.add_argument("--policy", choices=("uniform", "global", "sensitivity", "latency"), default="uniform",
                    help="uniform: every group loses the ratio; global: channels ranked across groups; "
                         "sensitivity: measure each group's damage, prune where it hurts least; "
@@ -325,8 +326,9 @@ def _summary(result: api.RunResult) -> str:
     for engine, t in sorted(result.timings.get("engines", {}).items()):
         used = t.get("fma_peak_fraction")
         of_peak = f"; {used['before']:.2f} -> {used['after']:.2f} of the FMA peak" if used else ""
+        where = f" on {t['measured_on']}" if "measured_on" in t else ""
         lines.append(f"latency    {engine}: {t['before']['median_ms']:.3f} -> {t['after']['median_ms']:.3f} ms "
-                     f"({t['speedup']:.2f}x, median of {t['after']['runs']} runs{of_peak})")
+                     f"({t['speedup']:.2f}x, median of {t['after']['runs']} runs{where}{of_peak})")
     peak = result.timings.get("fma_peak")
     if peak and "gflops" in peak:
         lines.append(f"           FMA peak {peak['gflops']:.0f} GFLOP/s ({peak['threads']} threads, measured); a "

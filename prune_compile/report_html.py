@@ -149,7 +149,8 @@ def _latency(timings: dict[str, Any]) -> str:
         b, a = t["before"]["median_ms"], t["after"]["median_ms"]
         used = t.get("fma_peak_fraction")
         of_peak = f"{used['before']:.2f} &rarr; {used['after']:.2f}" if used else "-"
-        rows.append(f"<tr><td>{escape(name)}</td><td class=num>{b:.3f}</td><td class=num>{a:.3f}</td>"
+        where = f"<br><span class=muted>on {escape(t['measured_on'])}</span>" if "measured_on" in t else ""
+        rows.append(f"<tr><td>{escape(name)}{where}</td><td class=num>{b:.3f}</td><td class=num>{a:.3f}</td>"
                     f"<td class=num>{t['speedup']:.2f}x</td><td class=num>{of_peak}</td><td>"
                     f'<div class="bar" title="before"><div class="frozen" style="width:{100 * b / slowest:.1f}%">'
                     f'</div></div><div class="bar" title="after" style="margin-top:2px"><div class="kept" '
@@ -159,7 +160,8 @@ def _latency(timings: dict[str, Any]) -> str:
                  f"({peak['gflops']:.0f} GFLOP/s, {peak['threads']} threads); near 1, only fewer MACs make it faster."
                  if "gflops" in peak else
                  f" FMA peak not measured: {escape(peak['error'])}." if "error" in peak else "")
-    rows.append("</table><p class=muted>Median of timed runs in one process on this machine "
+    rows.append("</table><p class=muted>Median of timed runs in one process on this machine (or on the RPC device "
+                "named) "
                 f"(measured {escape(timings.get('created', ''))}); grey: before, blue: after.{peak_note}</p>")
     return "<h2>Latency</h2>" + "\n".join(rows)
 

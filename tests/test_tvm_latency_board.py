@@ -66,7 +66,8 @@ def test_tvm_latency_engine_measures_layers_and_models_on_an_rpc_device(tmp_path
 @pytest.mark.serial  # tuning times candidates on the emulated board
 def test_tvm_arm_latency_engine_plans_on_an_aarch64_board(tmp_path, arm_sysroot: str, capsys) -> None:
     """`--latency-engine tvm-arm`: an aarch64 board under qemu measures every layer and whole model (an aarch64
-    library cannot run here), and the arm library of the chosen plan is built from the same database."""
+    library cannot run here), the arm library of the chosen plan is built from the same database, and
+    `--measure-latency` times it and the original's on the board."""
     import onnx
 
     from prune_compile.cli import main
@@ -80,7 +81,7 @@ def test_tvm_arm_latency_engine_plans_on_an_aarch64_board(tmp_path, arm_sysroot:
         rc = main([str(model), "-o", str(out), "--policy", "latency", "--target-latency", "0.7x", "--latency-engine",
                    "tvm-arm", "--latency-trials", "8", "--num-cores", "2", "--tune-db", str(tmp_path / "db"),
                    "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "aarch64-board", "--target", "arm",
-                   "--tune", "16"])
+                   "--tune", "16", "--measure-latency"])
     shown = capsys.readouterr()
     assert rc == 0 or (rc == 2 and "unreachable" in shown.err), shown.err  # 2 steps may not reach 0.7x (noise)
     if rc == 0:
@@ -90,8 +91,14 @@ def test_tvm_arm_latency_engine_plans_on_an_aarch64_board(tmp_path, arm_sysroot:
         assert planning["measured_on"] == f"RPC device 'aarch64-board' at tracker 127.0.0.1:{port}"
         assert planning["tuning_trials_run"] > 0 and planning["models_timed"] >= 2
         assert (out / "model.arm.so").read_bytes()[:4] == b"\x7fELF"
+        timings = json.loads((out / "timings.json").read_text())
         # the whole-model builds of the search tuned every task of the chosen plan on the board already
-        assert json.loads((out / "timings.json").read_text())["tuning"]["arm"]["trials_run"] == 0
+        assert timings["tuning"]["arm"]["trials_run"] == 0
+        # --measure-latency: both arm libraries timed on the board (this machine's FMA peak says nothing there)
+        board = timings["engines"]["tvm-arm"]
+        assert board["measured_on"] == planning["measured_on"] and "fma_peak_fraction" not in board
+        assert board["before"]["runs"] >= 7 and board["after"]["median_ms"] < board["before"]["median_ms"], board
+        assert f"runs on RPC device 'aarch64-board' at tracker 127.0.0.1:{port})" in shown.out
 
 
 def test_cli_tvm_arm_latency_engine_needs_a_board(tmp_path, capsys) -> None:

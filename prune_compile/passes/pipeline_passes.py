@@ -65,8 +65,12 @@ def _plan(state: JobState, opts: dict) -> None:
         timer = TvmTimer(ctx.target_options or DEFAULT_OPTIONS, ctx.tune_db, planning.latency_trials, target,
                          ctx.rpc) if ctx else TvmTimer(trials_per_layer=planning.latency_trials, target=target)
     gradients = _taylor_gradients(state, calibration) if planning.importance == "taylor" else None
-    state.planned = make_plan(state.graph, state.deps, planning, gradients=gradients, calibration=feeds,
-                              metric=metric, progress=progress, latency_timer=timer)
+    try:
+        state.planned = make_plan(state.graph, state.deps, planning, gradients=gradients, calibration=feeds,
+                                  metric=metric, progress=progress, latency_timer=timer)
+    finally:
+        if timer is not None:
+            timer.close()
     state.planned.calibration = calibration.describe() if calibration else None
     state.plan = state.planned.plan
     if state.planned.latency:
@@ -244,6 +248,10 @@ def _median_ms(fn, runs: int) -> dict[str, float]:
         times.append((time.perf_counter() - t) * 1e3)
         if not runs and len(times) >= 1000:
             break
+    return _run_summary(times)
+
+
+def _run_summary(times: list[float]) -> dict[str, float]:
     a = np.asarray(times)
     return {"median_ms": round(float(np.median(a)), 4), "p10_ms": round(float(np.percentile(a, 10)), 4),
             "p90_ms": round(float(np.percentile(a, 90)), 4), "runs": len(times)}
@@ -266,20 +274,23 @@ def _measure(state: JobState, opts: dict) -> None:
         sess = ort.session(proto)
         timings[label] = _median_ms(lambda s=sess: s.run(None, feeds), runs)
     engines["onnxruntime"] = timings
+    ctx = state.context
     for target, (fold, tune) in sorted(state.compiled.items()):
-        if target != "cpu":
-            continue  # other targets run on their device, not here
+        # cpu libraries run here; arm ones on the RPC device when there is one (a GPU's: not yet)
+        board = target == "arm" and ctx.rpc is not None
+        if target != "cpu" and not board:
+            continue
         from ..backends import tvm as tvm_backend
 
-        ctx = state.context
         fd, tmp = tempfile.mkstemp(prefix=".before-", suffix=".so", dir=ctx.staging_dir)
         os.close(fd)
         try:
             proto, _ = _compiled_proto(state.initial, fold)
             tvm_backend.build(proto, target, tmp, ctx.target_options, _tuning(ctx, tune))
-            timings = {label: _median_ms(tvm_backend.library_runner(path, feeds, list(feeds)), runs)
-                       for label, path in (("before", tmp), ("after", state.staged[target]))}
-            engines[f"tvm-{target}"] = timings
+            libraries = (("before", tmp), ("after", state.staged[target]))
+            engines[f"tvm-{target}"] = _board_timings(ctx.rpc, libraries, feeds, runs) if board else {
+                label: _median_ms(tvm_backend.library_runner(path, feeds, list(feeds)), runs)
+                for label, path in libraries}
         finally:
             os.unlink(tmp)
     for t in engines.values():
@@ -287,19 +298,35 @@ def _measure(state: JobState, opts: dict) -> None:
     state.latency["engines"] = engines
     # how much of the cores each engine uses: what is left to gain in its kernels, and what only fewer MACs can buy
     peak = _fma_peak()
+    here = [t for t in engines.values() if "measured_on" not in t]  # the peak is this machine's
     if "gflops" in peak:
         macs = {"before": graph_cost(state.initial)["macs"], "after": graph_cost(state.graph)["macs"]}
         for _ in range(_PEAK_REREADS):
             # A model cannot outrun the FMA pipes: one that seems to means another process slowed every reading
             # of the peak (a long busy loop shares a core fairly, where a model's short runs wake ahead). Read again.
             if all(fma_peak.fraction(macs[label], t[label]["median_ms"], peak) < 1
-                   for t in engines.values() for label in ("before", "after")):
+                   for t in here for label in ("before", "after")):
                 break
             peak = _faster_peak(peak, _fma_peak())
-        for t in engines.values():
+        for t in here:
             t["fma_peak_fraction"] = {label: fma_peak.fraction(macs[label], t[label]["median_ms"], peak)
                                       for label in ("before", "after")}
     state.latency["fma_peak"] = peak
+
+
+def _board_timings(rpc, libraries, feeds: dict, runs: int) -> dict[str, Any]:
+    """`_median_ms`'s numbers for each (label, library) timed on the RPC device (about a second of runs each
+    when `runs` is 0), one session for all."""
+    from ..backends.tvm.latency_timer import BoardModels
+
+    board = BoardModels(rpc)
+    out: dict[str, Any] = {"measured_on": board.measured_on}
+    try:
+        for label, path in libraries:
+            out[label] = _run_summary(board.times(path, list(feeds.values()), 1.0, runs or None))
+    finally:
+        board.release()
+    return out
 
 
 _PEAK_REREADS = 3

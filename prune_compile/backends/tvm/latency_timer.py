@@ -22,6 +22,7 @@ records its bisection steps left.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
@@ -69,6 +70,7 @@ class TvmTimer:
     layers_tuned: int = 0
     _compiled: dict = field(default_factory=dict, repr=False)  # model bytes' digest → executable (re-timing)
     _board: BoardModels | None = field(default=None, repr=False)
+    _directory: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # board libraries, by digest
 
     def __post_init__(self) -> None:
         if self.trials_per_layer < MIN_TRIALS_PER_TASK:
@@ -81,8 +83,15 @@ class TvmTimer:
                              "HOST:PORT and --rpc-key KEY of a TVM RPC tracker that has it")
         self.engine = f"tvm-{self.target}"
         if self.rpc is not None:
-            self.measured_on = f"RPC device '{self.rpc.key}' at tracker {self.rpc.tracker}"
-            self._board = BoardModels(self.rpc, self.target)
+            self._board = BoardModels(self.rpc)
+            self.measured_on = self._board.measured_on
+            self._directory = tempfile.TemporaryDirectory(prefix="prune-compile-board-")
+
+    def close(self) -> None:
+        """Free the board for others (tuning and timing after the search ask the tracker for it): a session the
+        timer still held, until Python collected it, kept the compile step's tuning waiting for good."""
+        if self._board is not None:
+            self._board.release()
 
     def _tuning(self, proto) -> TuningOptions:
         layers = sum(1 for n in proto.graph.node if n.op_type in WEIGHT_OPS)
@@ -106,7 +115,7 @@ class TvmTimer:
         from tvm import relax
 
         from . import parallel_launcher
-        from .build import compile_model
+        from .build import compile_model, export_library
 
         if self._board is None:
             parallel_launcher.register()  # before the executable is JIT-compiled: TVM fills its launcher in then
@@ -118,7 +127,10 @@ class TvmTimer:
         executable = self._compiled[digest]
         seconds = 0.15 if min_seconds is None else min_seconds
         if self._board is not None:
-            ms = self._board.time(digest, executable, _inputs(proto, feeds), seconds)
+            path = os.path.join(self._directory.name, f"{digest[:24]}.so")
+            if not os.path.exists(path):
+                export_library(executable, self.target, path)
+            ms = min(self._board.times(path, _inputs(proto, feeds), seconds))
             self.models_timed += 1
             return ms
         dev = tvm.cpu()
@@ -148,68 +160,69 @@ def _repeats(seconds: float, each: float) -> int:
 
 
 class BoardModels:
-    """Whole models timed on a board over TVM's RPC: each executable exported once as `build` exports it for the
-    target (cross-compiled, our launcher linked in, since the board's server runs plain TVM), uploaded once per
-    session, its launcher installed through the library's own function, and timed by the board's time evaluator.
-    The session is held between timings (the search alternates two models in 0.2 s slices) and released before
-    any tuning: the tracker hands the board to one session at a time, and tuning's runner asks it for one."""
+    """Libraries timed on a board over TVM's RPC. The board's server runs plain TVM, so a library is one `build`
+    (or `export_library`) wrote for the board's target, with our launcher linked in: uploaded once per session,
+    its launcher installed through the library's own function, then timed by the board's time evaluator. The
+    session is held between timings (the search alternates two models in 0.2 s slices) and released before any
+    tuning: the tracker hands the board to one session at a time, and tuning's runner asks it for one."""
 
-    def __init__(self, rpc: RPCSettings, target: str) -> None:
-        self.rpc, self.target = rpc, target
-        self._directory = tempfile.TemporaryDirectory(prefix="prune-compile-board-")
-        self._exported: dict[str, str] = {}  # digest → library path here
+    def __init__(self, rpc: RPCSettings) -> None:
+        self.rpc = rpc
+        self.measured_on = f"RPC device '{rpc.key}' at tracker {rpc.tracker}"
         self._session = None
-        self._loaded: dict[str, tuple] = {}  # digest → (VM, device) in the current session
+        self._loaded: dict[str, tuple] = {}  # library path → (VM, device) in the current session
 
     def release(self) -> None:
         """End the session (every remote object goes with it): the board is free for the tracker's next request."""
+        if self._session is None:
+            return
         self._loaded.clear()
         self._session = None
+        gc.collect()  # the connection closes when its last reference goes: one in a cycle would hold the board
 
-    def time(self, digest: str, executable, inputs: list[np.ndarray], seconds: float) -> float:
+    def times(self, path: str, inputs: list[np.ndarray], seconds: float, runs: int | None = None) -> list[float]:
+        """Milliseconds of each timed run of the library at `path` on `inputs`, after ~WARMUP_S of warm-up: `runs`
+        runs, or as many as fill `seconds` (7 to 2000)."""
         import tvm
 
         from .build import _last_line
 
-        vm, dev = self._load(digest, executable)
+        vm, dev = self._load(path)
         try:
             vm.set_input("main", *[tvm.runtime.tensor(a, dev) for a in inputs])
             # the stateful call: a function that returns a tuple cannot come back over RPC
             probe = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=3)("main")
             each = max(float(np.median(probe.results)), 1e-6)
             vm.time_evaluator("invoke_stateful", dev, number=1, repeat=_repeats(WARMUP_S, each))("main")
-            timed = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=_repeats(seconds, each))("main")
+            timed = vm.time_evaluator("invoke_stateful", dev, number=1,
+                                      repeat=runs or _repeats(seconds, each))("main")
         except Exception as e:
             self.release()
-            raise BackendError(f"timing a model on RPC device '{self.rpc.key}' failed: {_last_line(e)}") from e
-        return float(min(timed.results)) * 1e3
+            raise BackendError(f"timing a model on {self.measured_on} failed: {_last_line(e)}") from e
+        return [float(t) * 1e3 for t in timed.results]
 
-    def _load(self, digest: str, executable) -> tuple:
+    def _load(self, path: str) -> tuple:
         from tvm import relax, rpc
 
         from . import parallel_launcher
-        from .build import _last_line, export_library
+        from .build import _last_line
 
-        if digest not in self._exported:
-            path = os.path.join(self._directory.name, f"{digest[:24]}.so")
-            export_library(executable, self.target, path)
-            self._exported[digest] = path
-        if digest in self._loaded:
-            return self._loaded[digest]
+        if path in self._loaded:
+            return self._loaded[path]
         try:
             if self._session is None:
                 host, port = self.rpc.host_port()
                 self._session = rpc.connect_tracker(host, port).request(self.rpc.key)
-            path = self._exported[digest]
-            self._session.upload(path)
-            library = self._session.load_module(os.path.basename(path))
+            # one name per library in a session: the server's process caches what it loaded by file name
+            name = f"{len(self._loaded)}-{os.path.basename(path)}"
+            self._session.upload(path, name)
+            library = self._session.load_module(name)
             if not parallel_launcher.opted_out():
                 library.get_function(parallel_launcher.INSTALL_FUNCTION, query_imports=True)()
             dev = self._session.cpu(0)
-            self._loaded[digest] = relax.VirtualMachine(library, dev), dev
+            self._loaded[path] = relax.VirtualMachine(library, dev), dev
         except Exception as e:
             self.release()
-            raise BackendError(f"loading a model on RPC device '{self.rpc.key}' (tracker {self.rpc.tracker}) "
-                               f"failed: {_last_line(e)}") from e
-        return self._loaded[digest]
-
+            raise BackendError(f"loading '{os.path.basename(path)}' on {self.measured_on} failed: "
+                               f"{_last_line(e)}") from e
+        return self._loaded[path]
