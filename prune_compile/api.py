@@ -387,7 +387,7 @@ def run(
         except UsageError as e:
             raise UsageError(f"--latency-engine tvm-arm tunes every layer it times: {e}") from None
         tvm_backend.check_toolchain("arm", arm_options)
-    board_timings = planning.policy == "latency" and planning.latency_engine != "ort" or (
+    board_timings = (planning.policy == "latency" and planning.latency_engine != "ort") or (
         measure_latency and "arm" in compile_targets)
     if rpc is not None and (tuned_targets or board_timings):
         rpc.check_device()  # last: every option error comes first
