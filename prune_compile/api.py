@@ -377,10 +377,9 @@ def run(
             raise UsageError(f"option 'tune' of pass 'compile': {values['tune']} must be >= 0")
     if planning.latency_engine == "tvm-arm":  # said before any work is done, as for --tune --target arm
         from .backends import tvm as tvm_backend
+        from .backends.tvm.latency_timer import require_board
 
-        if rpc is None:
-            raise UsageError("--latency-engine tvm-arm measures on the board: pass --rpc-tracker HOST:PORT and "
-                             "--rpc-key KEY of a TVM RPC tracker that has it")
+        require_board("arm", rpc)
         arm_options = target_options or tvm_backend.TargetOptions()
         try:
             tvm_backend.check_tunable("arm", arm_options)

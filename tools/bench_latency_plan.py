@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     graph, feeds = loaded.graph, loaded.example_inputs
     deps = analyze(graph)
     if args.engine != "ort":
-        from prune_compile.backends.tvm.latency_timer import TvmTimer
+        from prune_compile.backends.tvm.latency_timer import ENGINE_TARGETS, TvmTimer
         from prune_compile.backends.tvm.targets import TargetOptions
         from prune_compile.backends.tvm.tuning import RPCSettings
         from prune_compile.errors import UsageError
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         rpc = RPCSettings(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
         try:
             timer = TvmTimer(TargetOptions(arm_board=args.arm_board, num_cores=args.num_cores), args.tune_db,
-                             args.latency_trials, "arm" if args.engine == "tvm-arm" else "cpu", rpc)
+                             args.latency_trials, ENGINE_TARGETS[args.engine], rpc)
         except UsageError as e:
             ap.error(str(e))
     else:

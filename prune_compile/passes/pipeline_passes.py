@@ -56,11 +56,11 @@ def _plan(state: JobState, opts: dict) -> None:
                            lambda: model_outputs(state.graph, feeds))
     timer = None
     if planning.policy == "latency" and planning.latency_engine != "ort":
-        from ..backends.tvm.latency_timer import TvmTimer
+        from ..backends.tvm.latency_timer import ENGINE_TARGETS, TvmTimer
         from ..backends.tvm.targets import DEFAULT_OPTIONS
 
         ctx = state.context
-        target = "arm" if planning.latency_engine == "tvm-arm" else "cpu"
+        target = ENGINE_TARGETS[planning.latency_engine]
         # with an RPC device (--rpc-tracker, --rpc-key) the engine measures there, as --tune does
         timer = TvmTimer(ctx.target_options or DEFAULT_OPTIONS, ctx.tune_db, planning.latency_trials, target,
                          ctx.rpc) if ctx else TvmTimer(trials_per_layer=planning.latency_trials, target=target)
@@ -317,7 +317,7 @@ def _measure(state: JobState, opts: dict) -> None:
 def _board_timings(rpc, libraries, feeds: dict, runs: int) -> dict[str, Any]:
     """`_median_ms`'s numbers for each (label, library) timed on the RPC device (about a second of runs each
     when `runs` is 0), one session for all."""
-    from ..backends.tvm.latency_timer import BoardModels
+    from ..backends.tvm.board_timing import BoardModels
 
     board = BoardModels(rpc)
     out: dict[str, Any] = {"measured_on": board.measured_on}

@@ -22,9 +22,7 @@ records its bisection steps left.
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import math
 import os
 import tempfile
 import time
@@ -33,13 +31,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import BackendError, UsageError
+from .board_timing import WARMUP_S, BoardModels, repeats
 from .targets import DEFAULT_OPTIONS, TargetOptions
 from .tuning import MIN_TRIALS_PER_TASK, RPCSettings, TuningOptions
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 ENGINE = "tvm-cpu"
 TIMED_TARGETS = ("cpu", "arm")  # CPU targets: their kernels' time is what tuning measured (a GPU's is not, yet)
-WARMUP_S = 0.1  # the first runs after a tuning run in this process were 1.5-2x slow, for longer than one call
+# the latency engines and the target whose code each times
+ENGINE_TARGETS = {"tvm": "cpu", "tvm-arm": "arm"}
 
 
 @dataclass
@@ -78,9 +78,7 @@ class TvmTimer:
                                f"{MIN_TRIALS_PER_TASK} trials per layer (one search round)")
         if self.target not in TIMED_TARGETS:
             raise UsageError(f"the TVM latency engine times {' and '.join(TIMED_TARGETS)} code, not {self.target}")
-        if self.target != "cpu" and self.rpc is None:
-            raise UsageError(f"--latency-engine tvm-{self.target} measures on the board: pass --rpc-tracker "
-                             "HOST:PORT and --rpc-key KEY of a TVM RPC tracker that has it")
+        require_board(self.target, self.rpc)
         self.engine = f"tvm-{self.target}"
         if self.rpc is not None:
             self._board = BoardModels(self.rpc)
@@ -141,9 +139,16 @@ class TvmTimer:
             main(*args)
             runs += 1
         each = max((time.perf_counter() - started) / runs, 1e-6)
-        result = vm.time_evaluator("main", dev, number=1, repeat=_repeats(seconds, each))(*args)
+        result = vm.time_evaluator("main", dev, number=1, repeat=repeats(seconds, each))(*args)
         self.models_timed += 1
         return float(min(result.results)) * 1e3
+
+
+def require_board(target: str, rpc: RPCSettings | None) -> None:
+    """Code for a target other than this machine's `cpu` is timed on its device: an RPC one must be named."""
+    if target != "cpu" and rpc is None:
+        raise UsageError(f"--latency-engine tvm-{target} measures on the board: pass --rpc-tracker HOST:PORT and "
+                         "--rpc-key KEY of a TVM RPC tracker that has it")
 
 
 def _inputs(proto, feeds) -> list[np.ndarray]:
@@ -153,76 +158,3 @@ def _inputs(proto, feeds) -> list[np.ndarray]:
         return [np.ascontiguousarray(feeds[i.name]) for i in proto.graph.input if i.name not in initializers]
     except KeyError as e:
         raise BackendError(f"no example input for model input {e}") from None
-
-
-def _repeats(seconds: float, each: float) -> int:
-    return int(min(max(7, math.ceil(seconds / each)), 2000))
-
-
-class BoardModels:
-    """Libraries timed on a board over TVM's RPC. The board's server runs plain TVM, so a library is one `build`
-    (or `export_library`) wrote for the board's target, with our launcher linked in: uploaded once per session,
-    its launcher installed through the library's own function, then timed by the board's time evaluator. The
-    session is held between timings (the search alternates two models in 0.2 s slices) and released before any
-    tuning: the tracker hands the board to one session at a time, and tuning's runner asks it for one."""
-
-    def __init__(self, rpc: RPCSettings) -> None:
-        self.rpc = rpc
-        self.measured_on = f"RPC device '{rpc.key}' at tracker {rpc.tracker}"
-        self._session = None
-        self._loaded: dict[str, tuple] = {}  # library path → (VM, device) in the current session
-
-    def release(self) -> None:
-        """End the session (every remote object goes with it): the board is free for the tracker's next request."""
-        if self._session is None:
-            return
-        self._loaded.clear()
-        self._session = None
-        gc.collect()  # the connection closes when its last reference goes: one in a cycle would hold the board
-
-    def times(self, path: str, inputs: list[np.ndarray], seconds: float, runs: int | None = None) -> list[float]:
-        """Milliseconds of each timed run of the library at `path` on `inputs`, after ~WARMUP_S of warm-up: `runs`
-        runs, or as many as fill `seconds` (7 to 2000)."""
-        import tvm
-
-        from .build import _last_line
-
-        vm, dev = self._load(path)
-        try:
-            vm.set_input("main", *[tvm.runtime.tensor(a, dev) for a in inputs])
-            # the stateful call: a function that returns a tuple cannot come back over RPC
-            probe = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=3)("main")
-            each = max(float(np.median(probe.results)), 1e-6)
-            vm.time_evaluator("invoke_stateful", dev, number=1, repeat=_repeats(WARMUP_S, each))("main")
-            timed = vm.time_evaluator("invoke_stateful", dev, number=1,
-                                      repeat=runs or _repeats(seconds, each))("main")
-        except Exception as e:
-            self.release()
-            raise BackendError(f"timing a model on {self.measured_on} failed: {_last_line(e)}") from e
-        return [float(t) * 1e3 for t in timed.results]
-
-    def _load(self, path: str) -> tuple:
-        from tvm import relax, rpc
-
-        from . import parallel_launcher
-        from .build import _last_line
-
-        if path in self._loaded:
-            return self._loaded[path]
-        try:
-            if self._session is None:
-                host, port = self.rpc.host_port()
-                self._session = rpc.connect_tracker(host, port).request(self.rpc.key)
-            # one name per library in a session: the server's process caches what it loaded by file name
-            name = f"{len(self._loaded)}-{os.path.basename(path)}"
-            self._session.upload(path, name)
-            library = self._session.load_module(name)
-            if not parallel_launcher.opted_out():
-                library.get_function(parallel_launcher.INSTALL_FUNCTION, query_imports=True)()
-            dev = self._session.cpu(0)
-            self._loaded[path] = relax.VirtualMachine(library, dev), dev
-        except Exception as e:
-            self.release()
-            raise BackendError(f"loading '{os.path.basename(path)}' on {self.measured_on} failed: "
-                               f"{_last_line(e)}") from e
-        return self._loaded[path]

@@ -153,6 +153,14 @@ def install(path: str) -> bool:
     return True
 
 
+def install_remote(module) -> None:
+    """Point a library loaded on a board over TVM's RPC at the launcher it carries, through its own
+    INSTALL_FUNCTION (nothing of ours runs in the board's server to do it otherwise); nothing when
+    PRUNE_COMPILE_TVM_LAUNCHER=tvm."""
+    if not opted_out():
+        module.get_function(INSTALL_FUNCTION, query_imports=True)()
+
+
 def installed(path: str) -> bool:
     """Whether the loaded library at `path` runs its parallel loops through our launcher (its own or a registered
     one)."""

@@ -237,8 +237,7 @@ def _time_remote_candidate(_session, rt_mod, device, config, repeated_args) -> l
     server is plain TVM, nothing of ours runs there to register it, so the candidate carries the launcher
     (`_export_remote`) and one call of its install function points its parallel loops at it (a candidate without
     parallel loops keeps TVM's, which it never calls)."""
-    if not parallel_launcher.opted_out():
-        rt_mod.get_function(parallel_launcher.INSTALL_FUNCTION, query_imports=True)()
+    parallel_launcher.install_remote(rt_mod)
     return _time_candidate(rt_mod, device, config, repeated_args)
 
 
