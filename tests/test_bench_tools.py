@@ -386,3 +386,19 @@ def test_bench_memory_reports_the_jobs_peak_over_the_models_bytes() -> None:
     assert 0 < base < large  # the job on 8 MiB of weights holds more than on 32 KiB
     assert result["peak_over_model"] == round(large / weights, 2)
     assert result["peak_above_baseline_over_model"] == round((large - base) / weights, 2)
+
+
+@pytest.mark.big
+def test_bench_tuning_search_times_both_builders_and_searches_on_the_same_shapes() -> None:
+    """Each variant tunes the same layer shapes for the same trials in its own process; the JSON has both, and
+    the ratios are of the numbers beside them."""
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_tuning_search.py"), "--shapes", "1",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["shapes"] == [[64, 64, 56, 3, 1]] and result["trials_per_shape"] == 8
+    stock, ours = result["stock"], result["ours"]
+    assert all(len(v["seconds"]) == 1 and v["total_s"] > 0 and v["best_ms"][0] > 0 for v in (stock, ours))
+    ratios = result["ours_over_stock"]
+    assert ratios["time"] == pytest.approx(ours["total_s"] / stock["total_s"], abs=1e-3)
+    assert ratios["best_ms_geomean"] == pytest.approx(ours["best_ms"][0] / stock["best_ms"][0], abs=1e-3)

@@ -2,7 +2,10 @@
 
 - **Builder**: MetaSchedule's default builder imports `tvm.s_tir.tensor_intrin` in every worker (~25 s here) and
   hits its 30 s timeout. Ours (`_build_candidate`) only strips layout-rewrite blocks and calls `tvm.tirx.build`,
-  with a longer timeout.
+  with a longer timeout, in workers kept between batches (candidate_builder.py).
+- **Search**: a task is searched by MetaSchedule's evolutionary search with its XGBoost cost model only when its
+  trials can train the model; below the model's warm-up its predictions are random, and the population is sampled
+  once without breeding (search_strategy.py).
 - **Budget**: half the trial budget is split across tasks by their share of FLOPs (× how often each runs), the other
   half by their share of the measured run time once every task has had a round, with a floor so that every task
   that gets trials gets enough for one search round. Tasks are tuned one at a time, which gives an honest progress
@@ -410,17 +413,17 @@ _WORKERS: dict[tuple, tuple] = {}
 
 def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
     """The builder and runner, started once per process and kept: each start costs 5-20 s here (every worker
-    process imports TVM), which the TVM latency table, tuning one small model per layer shape, paid per shape.
-    Keyed by the thread count and the launcher too: runner workers keep the ones they started with."""
-    from tvm.s_tir import meta_schedule as ms
+    process imports TVM), which the TVM latency table, tuning one small model per layer shape, paid per shape; the
+    builder keeps its workers between batches too (candidate_builder.py). Keyed by the thread count and the launcher
+    too: runner workers keep the ones they started with."""
+    from .candidate_builder import KeptPoolBuilder
 
     key = (target_name, rpc, os.environ.get(THREADS_ENV), parallel_launcher.opted_out())
     if key not in _WORKERS:
         export = None  # MetaSchedule's default: this machine's compiler, for the local runner
         if rpc is not None and target_name in CPU_TARGETS:
             export = functools.partial(_export_remote, compiler=ARM_CROSS_COMPILER if target_name == "arm" else None)
-        builder = ms.builder.LocalBuilder(f_build=_build_candidate, f_export=export,
-                                          timeout_sec=BUILD_TIMEOUT_S, max_workers=os.cpu_count() or 1)
+        builder = KeptPoolBuilder(_build_candidate, export, BUILD_TIMEOUT_S, os.cpu_count() or 1)
         _WORKERS[key] = (builder, _runner(target_name, rpc))
     return _WORKERS[key]
 
@@ -600,16 +603,20 @@ class _Session:
         nothing is left to measure)."""
         from tvm.s_tir import meta_schedule as ms
 
+        from .search_strategy import TRIALS_PER_BATCH, search_for
+
         self.count += 1
         self.report(f"tuning {self.target_name}: task {self.count} {task.task_name} ({need} trials, "
                     f"{self.elapsed():.0f} s)", False, min(self.spent / self.total, 1.0))
         self.spent += need
         _quiet_meta_schedule()
-        # A population sized to the budget: the default (512) costs minutes per round on 2 cores.
-        strategy = ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 8 * need)),
-                                                         init_min_unmeasured=min(50, max(16, need)))
-        contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [task], self.work_dir, strategy=strategy, seed=self.options.seed)
+
+        def contexts_for(trials: int) -> tuple[list, list, object]:
+            strategy, cost_model = search_for(trials, self.options.seed)
+            return *ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [task], self.work_dir, strategy=strategy, seed=self.options.seed), cost_model
+
+        contexts, task_weights, cost_model = contexts_for(need)
         if not contexts:  # already scheduled: TVM skips it, and so does a rebuild
             self._spent(key, need)
             return 0
@@ -623,10 +630,13 @@ class _Session:
         if trials <= 0:
             self._spent(key, need)
             return 0
+        if trials < need:  # searched for what it will run (whether its cost model can learn: search_strategy.py)
+            contexts, task_weights, cost_model = contexts_for(trials)
         try:
             ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=self.work_dir,
-                          max_trials_global=trials, max_trials_per_task=trials, num_trials_per_iter=min(trials, 32),
-                          builder=self.builder, runner=self.runner, database=self.database,
+                          max_trials_global=trials, max_trials_per_task=trials,
+                          num_trials_per_iter=min(trials, TRIALS_PER_BATCH), builder=self.builder,
+                          runner=self.runner, database=self.database, cost_model=cost_model,
                           task_scheduler="round-robin")
         except Exception as e:  # TVM raises the exception types tvm_ffi maps its errors to
             raise BackendError(f"MetaSchedule failed on task {task.task_name}: "
