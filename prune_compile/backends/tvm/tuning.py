@@ -609,10 +609,10 @@ class _Session:
         self.report(f"tuning {self.target_name}: task {self.count} {task.task_name} ({need} trials, "
                     f"{self.elapsed():.0f} s)", False, min(self.spent / self.total, 1.0))
         self.spent += need
-        _quiet_meta_schedule()
 
         def contexts_for(trials: int) -> tuple[list, list, object]:
             strategy, cost_model = search_for(trials, self.options.seed)
+            _quiet_meta_schedule()  # before every configuration of the task's loggers
             return *ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [task], self.work_dir, strategy=strategy, seed=self.options.seed), cost_model
 
