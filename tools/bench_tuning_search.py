@@ -55,18 +55,15 @@ def use_stock() -> None:
     """MetaSchedule's own builder and search, as tuning.py used them before session 59."""
     from tvm.s_tir import meta_schedule as ms
 
-    from prune_compile.backends.tvm import candidate_builder, tuning
+    from prune_compile.backends.tvm import candidate_builder, search_strategy
 
     def stock_builder(f_build, f_export, timeout_sec, max_workers):
         return ms.builder.LocalBuilder(f_build=f_build, f_export=f_export, timeout_sec=timeout_sec,
                                        max_workers=max_workers)
 
-    def stock_search(trials: int, _seed: int):
-        return ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 8 * trials)),
-                                                     init_min_unmeasured=min(50, max(16, trials))), "xgb"
-
+    # tuning imports both when it runs: what these modules hold then is what it uses
     candidate_builder.KeptPoolBuilder = stock_builder
-    tuning.search_for = stock_search
+    search_strategy.search_for = lambda trials, _seed: (search_strategy.evolutionary(trials), "xgb")
 
 
 def run_variant(variant: str, trials: int, seed: int, shapes: list[tuple]) -> dict:

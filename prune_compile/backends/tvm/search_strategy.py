@@ -44,6 +44,15 @@ class Unguided(PyCostModel):
         return self.rng.random(len(candidates))
 
 
+def evolutionary(trials: int):
+    """MetaSchedule's evolutionary search with a population sized to the budget: the default (512) costs minutes
+    per round on 2 cores."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 8 * trials)),
+                                                 init_min_unmeasured=min(50, max(16, trials)))
+
+
 def search_for(trials: int, seed: int) -> tuple[object, object]:
     """(search strategy, cost model) for a task tuned for `trials` in one call."""
     from tvm.s_tir import meta_schedule as ms
@@ -53,7 +62,4 @@ def search_for(trials: int, seed: int) -> tuple[object, object]:
         strategy = ms.search_strategy.EvolutionarySearch(population_size=max(16, 2 * batch), genetic_num_iters=0,
                                                          init_min_unmeasured=max(16, 2 * batch))
         return strategy, Unguided(seed)
-    # A population sized to the budget: the default (512) costs minutes per round on 2 cores.
-    strategy = ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 8 * trials)),
-                                                     init_min_unmeasured=min(50, max(16, trials)))
-    return strategy, "xgb"
+    return evolutionary(trials), "xgb"
