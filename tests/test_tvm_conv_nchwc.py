@@ -245,6 +245,62 @@ def test_in_block_passes_follow_the_kernel_size() -> None:
     assert in_block_passes(1, 5) == [None, 1]
 
 
+def count_inlines_in_spaces(monkeypatch, module, space_functions: tuple[str, ...]) -> list[int]:
+    """Patch `module`'s per-design-space functions to count the compute_inline / reverse_compute_inline calls made
+    while they run; returns the counter (one item per call). Each such call analyses the whole function (30 ms for
+    a Winograd conv's pad), so a rule does them once, before its spaces are copied."""
+    from tvm.s_tir import Schedule
+
+    calls, inside = [], []
+    for name in ("compute_inline", "reverse_compute_inline"):
+        original = getattr(Schedule, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if inside:
+                calls.append(1)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(Schedule, name, counted)
+    for name in space_functions:
+        original = getattr(module, name)
+
+        def space(*args, _original=original, **kwargs):
+            inside.append(1)
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                inside.pop()
+        monkeypatch.setattr(module, name, space)
+    return calls
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_the_epilogue_is_fused_once_before_the_design_spaces_are_copied(monkeypatch, depthwise) -> None:
+    """The write-back block and the epilogue fused into it are the same in every design space: the rule does the
+    inlining once (each call analyses the whole function), and the spaces still hold the epilogue in the write-back
+    (no separate bias or ReLU loop nest)."""
+    from tvm import te, topi
+    from tvm.s_tir import Schedule
+
+    from prune_compile.backends.tvm import conv_nchwc
+
+    calls = count_inlines_in_spaces(monkeypatch, conv_nchwc, ("_schedule",))
+    lanes, blocks, size = 8, 2, 10
+    data = te.placeholder((1, blocks, size, size, lanes), name="data")
+    if depthwise:
+        kernel = te.placeholder((blocks, 1, 3, 3, 1, lanes), name="kernel")
+        out = conv_nchwc._depthwise_nchwc(data, kernel, (1, 1), (1, 1, 1, 1), (1, 1), "float32")
+    else:
+        kernel = te.placeholder((blocks, blocks, 3, 3, lanes, lanes), name="kernel")
+        out = conv_nchwc._conv2d_nchwc(data, kernel, (1, 1), (1, 1, 1, 1), (1, 1), "float32")
+    bias = te.placeholder((1, blocks, 1, 1, lanes), name="bias")
+    y = topi.nn.relu(topi.add(out, bias))
+    sch = Schedule(te.create_prim_func([data, kernel, bias, y]))
+    spaces = conv_nchwc.schedule_rule(sch, sch.get_sblock("depthwise_nchwc" if depthwise else "conv2d_nchwc"))
+    assert len(spaces) >= 4 and not calls
+    for space in spaces:
+        assert "T_add" not in space.mod["main"].script() and "T_relu" not in space.mod["main"].script()
+
+
 @pytest.mark.parametrize(("depthwise", "stride", "size", "kernel_size", "in_blocks"),
                          [(True, 1, 12, 3, 2), (True, 2, 11, 3, 2), (False, 1, 10, 3, 2), (False, 1, 7, 3, 2),
                           (False, 2, 13, 3, 2), (False, 1, 10, 1, 6), (False, 1, 7, 1, 6), (False, 2, 12, 3, 0)])

@@ -432,31 +432,41 @@ def in_block_passes(kernel_pixels: int, in_blocks: int) -> list[int | None]:
     return [None] if per_pass == in_blocks else [None, per_pass]
 
 
-def _schedule(sch, block, tile: tuple[int, int, int], pad_in_tile: bool = False, in_blocks: int | None = None):
-    """One design space: `tile` fixed, the unrolling of the kernel loop left to the search. `pad_in_tile`: the
-    padded input rows each parallel iteration reads are written under that iteration (still in cache when the
-    conv reads them) instead of in a pass of their own over the whole input. `in_blocks` (dense convs, see
-    `in_block_passes`): each parallel iteration (a strip of rows; flat pixels: every pixel of its channel blocks)
-    reduces that many input-channel blocks per pass over its tiles, the strip written back (and its epilogue run)
-    after the last pass. Convs over flat pixels (see `pixel_count`) tile (channel blocks, pixels) with `tile`'s
-    rows 1, and their epilogue runs in the pass that unflattens the pixels, since a tile's pixels are not a
-    rectangle of the output."""
-    a, b, c = tile
-    loops = sch.get_loops(block)
-    flat = len(loops) == 8  # (n, ocb, pixel, oci) + 4 reductions; dense: 5 + 4, depthwise: 5 + (kh, kw)
+def _write_back(sch, block):
+    """The accumulators' write-back block, the conv's epilogue fused into it (or, over flat pixels, into the pass
+    that unflattens them): the same in every design space, so done once before they are copied (each compute_inline
+    analyses the whole function)."""
     write = sch.cache_write(block, 0, "global")
-    if flat:
+    if len(sch.get_loops(block)) == 8:  # flat pixels
         (unflatten,) = sch.get_consumers(write)
         inline_epilogue(sch, unflatten)
         _parallel_rows(sch, unflatten)
+        return write
+    later = sch.get_consumers(write)  # none: the conv is the function's output
+    if later and sch.get(later[0]).name_hint == UNPAIR:  # paired blocks: back to half-width ones
+        sch.compute_inline(write)  # from the accumulators, in the tile's write-back
+        write = later[0]
+    inline_epilogue(sch, write)
+    return write
+
+
+def _schedule(sch, block, write, tile: tuple[int, int, int], pad_in_tile: bool = False,
+              in_blocks: int | None = None):
+    """One design space (`write`: `_write_back`'s block): `tile` fixed, the unrolling of the kernel loop left to
+    the search. `pad_in_tile`: the padded input rows each parallel iteration reads are written under that iteration
+    (still in cache when the conv reads them) instead of in a pass of their own over the whole input. `in_blocks`
+    (dense convs, see `in_block_passes`): each parallel iteration (a strip of rows; flat pixels: every pixel of its
+    channel blocks) reduces that many input-channel blocks per pass over its tiles, the strip written back (and its
+    epilogue run) after the last pass. Convs over flat pixels (see `pixel_count`) tile (channel blocks, pixels)
+    with `tile`'s rows 1, and their epilogue runs in the pass that unflattens the pixels, since a tile's pixels are
+    not a rectangle of the output."""
+    a, b, c = tile
+    loops = sch.get_loops(block)
+    flat = len(loops) == 8  # (n, ocb, pixel, oci) + 4 reductions; dense: 5 + 4, depthwise: 5 + (kh, kw)
+    if flat:
         n, ocb, ow, oci, *reductions = loops
         pixels = (ow,)
     else:
-        later = sch.get_consumers(write)  # none: the conv is the function's output
-        if later and sch.get(later[0]).name_hint == UNPAIR:  # paired blocks: back to half-width ones
-            sch.compute_inline(write)  # from the accumulators, in the tile's write-back
-            write = later[0]
-        inline_epilogue(sch, write)
         n, ocb, oh, ow, oci, *reductions = loops
         pixels = (oh, ow)
     ocb_o, ocb_i = sch.split(ocb, [None, a])
@@ -509,6 +519,7 @@ def schedule_rule(sch, block):
     # group of output-channel blocks). Flat pixels run parallel over channel-block groups only: every group would
     # re-pad the whole input, so they keep the pass.
     placements = (False, True) if sch.get_producers(block) and (depthwise or not flat) else (False,)
+    write = _write_back(sch, block)
     spaces = []
     for tile in tiles or [(1, 1, 1)]:
         passes: list[int | None] = [None]
@@ -519,5 +530,5 @@ def schedule_rule(sch, block):
             # tile-by-tile order too
             if flat and None not in passes and extents[0] * extents[1] // tile[0] < MIN_PARALLEL:
                 passes.append(None)
-        spaces += [_schedule(sch.copy(), block, tile, pad, p) for pad in placements for p in passes]
+        spaces += [_schedule(sch.copy(), block, write, tile, pad, p) for pad in placements for p in passes]
     return spaces

@@ -228,7 +228,7 @@ def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
     """One design space: the products' register tile (`tile`: output-channel blocks, tiles) fixed; parallel over
     the 36 products and output-channel block groups, and over groups of tiles too when `tiles_parallel`; each of
     the three steps a loop nest over all tiles."""
-    from .conv_nchwc import inline_epilogue, scheduled
+    from .conv_nchwc import scheduled
 
     inputs, rows, columns, output = _steps(sch, products)
     a, b = tile
@@ -245,7 +245,6 @@ def _schedule(sch, products, tile: tuple[int, int], tiles_parallel: bool):
     per_tile = sch.fuse(n, c, ty, tx)
     sch.parallel(per_tile)
     _input_tile(sch, inputs, rows, per_tile)
-    inline_epilogue(sch, output)
     n, o, y, x, oc = sch.get_loops(output)
     y_tile, y_in = sch.split(y, [None, TILE])
     x_tile, x_in = sch.split(x, [None, TILE])
@@ -261,11 +260,10 @@ def _grouped(sch, products, tile: tuple[int, int], group: tuple[int, int]):
     products (register tile `tile`) and output transform in turn, in the cache (`fused_group`). Built from the
     output inwards: each step is computed where the next one reads it (the other way, TVM cannot place the
     output transform, which reads all 36 products of a tile)."""
-    from .conv_nchwc import inline_epilogue, scheduled
+    from .conv_nchwc import scheduled
 
     inputs, rows, columns, output = _steps(sch, products)
     a, b = tile
-    inline_epilogue(sch, output)
     n, o, y, x, oc = sch.get_loops(output)
     y_group, y_tile, y_in = sch.split(y, [None, group[0], TILE])
     x_group, x_tile, x_in = sch.split(x, [None, group[1], TILE])
@@ -315,8 +313,6 @@ def _input_tile(sch, inputs, rows, per_tile) -> None:
     """Each tile's input transform under `per_tile`: its rows, then its columns, ξ, ν and the rows unrolled."""
     xi, nu, ci = sch.get_loops(inputs)[-3:]
     sch.compute_at(rows, per_tile)
-    for pad in sch.get_producers(rows):
-        sch.compute_inline(pad)  # reads past the input are zeros in the transform itself: no pass of its own
     for loop in sch.get_loops(rows)[-3:-1]:  # ξ and the row
         sch.unroll(loop)
     sch.vectorize(sch.get_loops(rows)[-1])
@@ -337,7 +333,14 @@ def _output_tile(sch, columns, x_tile, y_in, x_in, oc) -> None:
 
 
 def schedule_rule(sch, products, machine: Machine = HOST_MEASURED):
-    from .conv_nchwc import register_tiles, vector_registers
+    from .conv_nchwc import inline_epilogue, register_tiles, vector_registers
+
+    # The pad and the epilogue are the same in every design space: inlined once, before the spaces are copied (each
+    # compute_inline analyses the whole function; the pad's took 30 ms a space under the rows' loops, 6-18 spaces)
+    _, rows, _, output = _steps(sch, products)
+    for pad in sch.get_producers(rows):
+        sch.compute_inline(pad)  # reads past the input are zeros in the transform itself: no pass of its own
+    inline_epilogue(sch, output)
 
     extents = [int(sch.get(loop).extent) for loop in sch.get_loops(products)]
     out_blocks, tile_rows, tile_columns, lanes = extents[3:7]
