@@ -432,12 +432,12 @@ def in_block_passes(kernel_pixels: int, in_blocks: int) -> list[int | None]:
     return [None] if per_pass == in_blocks else [None, per_pass]
 
 
-def _write_back(sch, block):
-    """The accumulators' write-back block, the conv's epilogue fused into it (or, over flat pixels, into the pass
+def _write_back(sch, block, flat: bool):
+    """The accumulators' write-back block, the conv's epilogue fused into it (or, over `flat` pixels, into the pass
     that unflattens them): the same in every design space, so done once before they are copied (each compute_inline
     analyses the whole function)."""
     write = sch.cache_write(block, 0, "global")
-    if len(sch.get_loops(block)) == 8:  # flat pixels
+    if flat:
         (unflatten,) = sch.get_consumers(write)
         inline_epilogue(sch, unflatten)
         _parallel_rows(sch, unflatten)
@@ -519,7 +519,7 @@ def schedule_rule(sch, block):
     # group of output-channel blocks). Flat pixels run parallel over channel-block groups only: every group would
     # re-pad the whole input, so they keep the pass.
     placements = (False, True) if sch.get_producers(block) and (depthwise or not flat) else (False,)
-    write = _write_back(sch, block)
+    write = _write_back(sch, block, flat)
     spaces = []
     for tile in tiles or [(1, 1, 1)]:
         passes: list[int | None] = [None]
