@@ -402,3 +402,24 @@ def test_bench_tuning_search_times_both_builders_and_searches_on_the_same_shapes
     ratios = result["ours_over_stock"]
     assert ratios["time"] == pytest.approx(ours["total_s"] / stock["total_s"], abs=1e-3)
     assert ratios["best_ms_geomean"] == pytest.approx(ours["best_ms"][0] / stock["best_ms"][0], abs=1e-3)
+
+
+def test_bench_tuning_database_times_both_databases_on_the_same_answers(tmp_path) -> None:
+    """Both databases open the same directory in processes of their own, answer alike, and the ratios are of the
+    medians beside them."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .test_tvm_tuning_database import RUN_SECS, commit_all, database_paths, workload_module
+
+    commit_all(ms.database.JSONDatabase(*database_paths(tmp_path)), [workload_module(rows) for rows in (8, 12)])
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_tuning_database.py"), str(tmp_path),
+                           "--rounds", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["same_answers"] is True and result["workloads"] == 2 and result["records"] == 2 * len(RUN_SECS)
+    for step in ("open", "tune", "build"):
+        assert result["ours_over_tvm"][step] == pytest.approx(result["ours"][step] / result["tvm"][step], rel=1e-2,
+                                                              abs=1e-3)
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_tuning_database.py"), str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "holds no tuning database" in proc.stderr

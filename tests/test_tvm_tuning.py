@@ -18,7 +18,7 @@ from prune_compile.backends import ort
 from prune_compile.backends import tvm as tvm_backend
 from prune_compile.backends.tvm import allocate_trials, tuning
 from prune_compile.backends.tvm.targets import resolve_conv_layout
-from prune_compile.backends.tvm.tuning import always_tuned, first_round, memory_heavy, task_traffic
+from prune_compile.backends.tvm.tuning import DATABASE_FILES, always_tuned, first_round, memory_heavy, task_traffic
 
 from .rpc_board import rpc_board
 
@@ -346,6 +346,24 @@ def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:
     expected = ort.run(str(tmp_path / "b" / "model.pruned.onnx"), x)
     got = tvm_backend.run_library(str(tmp_path / "b" / "model.cpu.so"), x, ["image"])
     assert ort.relative_error(expected, got) <= RTOL
+    # The records MetaSchedule committed through our database (tuning_database.py), read by TVM's JSONDatabase:
+    # every workload's best schedule is the same module either way.
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from prune_compile.backends.tvm.tuning_database import open_database
+
+    (directory,) = [os.path.join(db, d) for d in os.listdir(db)]
+    paths = [os.path.join(directory, f) for f in DATABASE_FILES]
+    ours, theirs = open_database(*paths), ms.database.JSONDatabase(*paths)
+    assert len(ours) == len(theirs) >= 8
+    with open(paths[0]) as f:
+        workloads = [ms.database.Workload.from_json(json.loads(line)).mod for line in f]
+    target = tvm.target.Target({"kind": "llvm"})
+    best = [(ours.query_schedule(mod, target, "main"), theirs.query_schedule(mod, target, "main")) for mod in workloads]
+    assert sum(a is not None for a, _ in best) >= 1
+    assert all((a is None) == (b is None) and (a is None or tvm_ffi.structural_equal(a.mod, b.mod)) for a, b in best)
 
 
 def test_a_failing_tuning_task_is_a_backend_error_naming_the_task(tmp_path, monkeypatch) -> None:

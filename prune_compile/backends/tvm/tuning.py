@@ -11,8 +11,9 @@
   that gets trials gets enough for one search round. Tasks are tuned one at a time, which gives an honest progress
   bar and keeps each task to its share.
 - **Database**: one directory per target (JSON workloads + records, shared by every graph built for that target,
-  so pruned variants with repeated shapes reuse records) plus a ledger of trials already spent per task. A rebuild
-  asks only for the trials a task has not had yet: the same graph and target a second time runs 0 trials.
+  so pruned variants with repeated shapes reuse records; read a workload at a time, tuning_database.py) plus a
+  ledger of trials already spent per task. A rebuild asks only for the trials a task has not had yet: the same
+  graph and target a second time runs 0 trials.
 - **Runner**: local, or TVM RPC through a tracker (`RPCSettings`) to measure on a real board or a device farm. The
   local runner measures with the target's `num-cores` threads (see threads.py: TVM's default here is one), and the
   database directory is keyed by that count too: a record measured with other threads ranks schedules wrongly. Its
@@ -472,18 +473,15 @@ def first_round(weights: list[float], total: int, already: list[int],
     return needs, left if left >= MIN_TRIALS_PER_TASK else 0
 
 
-def _measured_records(database, task, k: int) -> list:
-    """The task's `k` fastest records with measured run times (failed candidates are stored too, and skipped)."""
-    mod = task.dispatched[0]
-    return list(database.get_top_k(database.commit_workload(mod), k)) if database.has_workload(mod) else []
+def _measured_seconds(database, task) -> list[float]:
+    """Mean run times of the task's measured records, fastest first (failed candidates are stored too, and
+    skipped); no schedule is rebuilt for it."""
+    return database.valid_means(task.dispatched[0])
 
 
 def _best_seconds(database, task) -> float | None:
     """Mean run time of the task's best measured schedule, None when it has none."""
-    top = _measured_records(database, task, 1)
-    if not top or not top[0].run_secs:
-        return None
-    return sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
+    return next(iter(_measured_seconds(database, task)), None)
 
 
 def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object, TuningSummary]:
@@ -553,7 +551,7 @@ def tune(mod, target, target_name: str, options: TuningOptions) -> tuple[object,
 
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
-# directory -> (the JSONDatabase this process last used there, its files' sizes and times when it was done with it)
+# directory -> (the database this process last used there, its files' sizes and times when it was done with it)
 _opened: dict[str, tuple[object, tuple]] = {}
 
 
@@ -564,19 +562,16 @@ def _files_signature(directory: str) -> tuple:
 
 
 def _open_database(directory: str):
-    """The directory's JSONDatabase, parsed again only when its files changed since this process last used it.
-    Opening parses every record (a resnet18 latency table's database: 2,000 records, 60 MB, seconds), and the
-    latency table tunes one layer shape at a time: opened per call, the search spent most of its time parsing. Our
-    own commits append to the files through the object itself, so unchanged files mean it is current; another
-    process's records change them (callers hold the directory's lock)."""
-    from tvm.s_tir import meta_schedule as ms
+    """The directory's database (tuning_database.open_database: read on demand), opened again only when its files
+    changed since this process last used it: the latency table opens it once per layer shape, and our own commits
+    append to the files through the object itself, so unchanged files mean it is current; another process's
+    records change them (callers hold the directory's lock)."""
+    from .tuning_database import open_database
 
     cached = _opened.get(directory)
     if cached and cached[1] == _files_signature(directory):
         return cached[0]
-    return ms.database.JSONDatabase(path_workload=os.path.join(directory, DATABASE_FILES[0]),
-                                    path_tuning_record=os.path.join(directory, DATABASE_FILES[1]),
-                                    allow_missing=True)
+    return open_database(*(os.path.join(directory, f) for f in DATABASE_FILES))
 
 
 class _Session:
@@ -623,7 +618,7 @@ class _Session:
         trials = need
         distinct = distinct_schedules(contexts[0].generate_design_space())
         if distinct is not None:
-            trials = min(need, distinct - len(_measured_records(self.database, task, distinct)))
+            trials = min(need, distinct - len(_measured_seconds(self.database, task)))
             if trials < need:
                 self.unneeded += need - max(trials, 0)
                 self.exhausted.add(key)
@@ -651,6 +646,6 @@ class _Session:
 
 def _valid_records(database, tasks) -> int:
     """Records with measured run times for these tasks."""
-    return sum(len(_measured_records(database, task, 1 << 30)) for task in tasks)
+    return sum(len(_measured_seconds(database, task)) for task in tasks)
 
 
