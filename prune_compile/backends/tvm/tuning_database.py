@@ -13,7 +13,7 @@ structural equality; records rank by mean run time, ties in commit order; a reco
 times is not the failure stub and its trace has an instruction before post-processing. JSONDatabase rehashes every
 workload when it opens, because a stored hash might come from another environment. This one looks a module up by
 the stored hashes, checks the hash of every workload it parses, and parses them all before it answers that a module
-is not there (a new workload: once per process); at the first stored hash that differs it rehashes them all.
+is not there (a new workload: once per opened database); at the first stored hash that differs it rehashes them all.
 Not kept: a corrupt record line is reported (file and line) when its workload is first asked for, not on opening.
 """
 
@@ -256,8 +256,8 @@ class LazyJSONDatabase(PyDatabase):
         """The workload on `line`, parsed once; its stored hash checked (see the module docstring)."""
         workload = self._workloads.get(line)
         if workload is None:
-            stored, b64 = json.loads(_read_line(self.path_workload, self._workload_at[line]))
             try:
+                stored, b64 = json.loads(_read_lines(self.path_workload, [self._workload_at[line]])[0])
                 workload = Workload.from_json([stored, b64])
             except Exception as e:
                 raise _corrupt(self.path_workload, line + 1, _last_line(e)) from e
@@ -312,9 +312,10 @@ class LazyJSONDatabase(PyDatabase):
         """The records of the workload whose first line is `first`, ranked; read from the file the first time."""
         ranked = self._ranked_of.setdefault(first, [])
         unread = [pair for line in self._lines_of.get(first, [first]) for pair in self._unread.pop(line, [])]
-        for seq, offset in unread:
+        lines = _read_lines(self.path_tuning_record, [offset for _, offset in unread])
+        for (seq, _), text in zip(unread, lines, strict=True):
             try:
-                record_json = json.loads(_read_line(self.path_tuning_record, offset))[1]
+                record_json = json.loads(text)[1]
                 kinds = (inst[0] for inst in record_json[0][0])
                 ranked.append(_Entry(_mean(record_json[1]), seq, _valid(record_json[1], kinds), record_json))
             except (ValueError, TypeError, IndexError) as e:
@@ -352,10 +353,14 @@ def _lines(path: str) -> Iterator[tuple[int, int, bytes]]:
             offset += len(line)
 
 
-def _read_line(path: str, offset: int) -> bytes:
+def _read_lines(path: str, offsets: list[int]) -> list[bytes]:
+    """The lines of `path` that start at `offsets`."""
     with open(path, "rb") as f:
-        f.seek(offset)
-        return f.readline()
+        lines = []
+        for offset in offsets:
+            f.seek(offset)
+            lines.append(f.readline())
+        return lines
 
 
 def _corrupt(path: str, number: int, why: str) -> BackendError:
