@@ -156,7 +156,7 @@ def test_a_module_on_two_lines_and_a_foreign_stored_hash(tmp_path) -> None:
 def test_bad_lines_are_named_and_a_trace_is_replayed_only_when_asked_for(tmp_path) -> None:
     """Opening reads no trace: a record that does not replay on its workload is reported (file, record) only when
     its workload's records are asked for, and other workloads are answered. Lines that are not records, records of
-    a workload the file does not have, and a cut record fail with the file and the line."""
+    a workload the file does not have, a cut record and a cut workload fail with the file and the line."""
     mods = [workload_module(rows) for rows in (8, 12)]
     json_db = ms.database.JSONDatabase(*database_paths(tmp_path))
     commit_all(json_db, mods)
@@ -178,3 +178,9 @@ def test_bad_lines_are_named_and_a_trace_is_replayed_only_when_asked_for(tmp_pat
             f.write(good + bad)
         with pytest.raises(BackendError, match=f"{record_file}, {why}"):
             open_database(*database_paths(tmp_path)).valid_means(mods[0])
+    workload_file = database_paths(tmp_path)[0]
+    first, second = open(workload_file).read().splitlines()
+    with open(workload_file, "w") as f:
+        f.write(f"{first}\n{second[:200]}\n")
+    with pytest.raises(BackendError, match=f"{workload_file}, line 2: "):
+        open_database(*database_paths(tmp_path)).valid_means(mods[1])
