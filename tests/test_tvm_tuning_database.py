@@ -16,10 +16,10 @@ from tvm import te  # noqa: E402
 from tvm.s_tir import Schedule  # noqa: E402
 from tvm.s_tir import meta_schedule as ms  # noqa: E402
 
+from prune_compile.backends.tvm.tuning import DATABASE_FILES  # noqa: E402
 from prune_compile.backends.tvm.tuning_database import LazyJSONDatabase, dumps, open_database  # noqa: E402
 from prune_compile.errors import BackendError  # noqa: E402
 
-FILES = ("database_workload.json", "database_tuning_record.json")
 # run times per record: ranked by mean, ties in commit order; the failure stub, none and an empty list are invalid
 RUN_SECS = [[3e-4], [1e-4, 2e-4], [1.5e-4], [1e10], None, [], [1e10, 2e-4], [1.5e-4], [7e-5]]
 
@@ -61,7 +61,7 @@ def commit_all(database, mods) -> None:
 
 
 def database_paths(directory) -> list[str]:
-    return [os.path.join(directory, f) for f in FILES]
+    return [os.path.join(directory, f) for f in DATABASE_FILES]
 
 
 def _answers(database, mods) -> list:

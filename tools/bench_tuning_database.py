@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 
-FILES = ("database_workload.json", "database_tuning_record.json")
+from prune_compile.backends.tvm.tuning import DATABASE_FILES as FILES
+
 VARIANTS = ("tvm", "ours")
 
 

@@ -74,7 +74,7 @@ def _dump(obj, out: list[str]) -> None:
         out.append(f"{obj:.20g}")
     elif isinstance(obj, str):
         out.append(_escaped(obj))
-    elif isinstance(obj, tvm_ffi.Array | list | tuple):
+    elif isinstance(obj, tvm_ffi.Array | list):
         out.append("[")
         for i, item in enumerate(obj):
             if i:
@@ -269,8 +269,7 @@ class LazyJSONDatabase(PyDatabase):
     def _rehash_all(self) -> None:
         """What JSONDatabase does on opening: every workload parsed and indexed by the hash computed here."""
         self._rehashed = True
-        for line in range(len(self._workload_at)):
-            self._workload(line)
+        self._parse_all()
         self._by_hash = {}
         for line in range(len(self._workload_at)):
             self._workloads[line] = Workload(self._workloads[line].mod)  # recomputes its hash
@@ -292,10 +291,13 @@ class LazyJSONDatabase(PyDatabase):
             if tvm_ffi.structural_equal(workload.mod, mod):
                 return self._first(line)
         if len(self._workloads) < len(self._workload_at):
-            for line in range(len(self._workload_at)):
-                self._workload(line)
+            self._parse_all()
             return self._find(mod)
         return None
+
+    def _parse_all(self) -> None:
+        for line in range(len(self._workload_at)):
+            self._workload(line)
 
     def _first(self, line: int) -> int:
         """The first workload line holding the module on `line`."""
