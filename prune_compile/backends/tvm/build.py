@@ -28,6 +28,7 @@ from .clip_ops import clips_as_min_max
 from .conv_nchwc import convert_layout, pairs_half_blocks, vector_lanes
 from .conv_nchwc import legalize as legalize_nchwc
 from .conv_winograd import winograd_kernels
+from .cpu_passes import build_context
 from .layout_transforms import legalize_layout_transform
 from .recurrent_steps import recurrent_steps_frontend
 from .recurrent_unroll import has_recurrences, unrolled_recurrences
@@ -85,7 +86,7 @@ def compile_model(model: onnx.ModelProto, target: str, target_options: TargetOpt
 
     mod, tvm_target, pipeline, summary = lower_model(model, target, target_options, tuning)
     try:
-        with tvm_target:
+        with tvm_target, build_context(tvm_target):
             executable = tvm.compile(mod, target=tvm_target)
     except Exception as e:
         raise BackendError(f"TVM failed to build for {target}: {_last_line(e)}") from e

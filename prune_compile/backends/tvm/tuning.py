@@ -206,12 +206,16 @@ def allocate_trials(weights: list[float], total: int, floor: int = MIN_TRIALS_PE
 
 
 def _build_candidate(mod, target, _params):
-    """MetaSchedule builder function: what the default does, minus importing every tensor intrinsic."""
+    """MetaSchedule builder function: what the default does, minus importing every tensor intrinsic, and skipping the
+    passes the library's build skips too (cpu_passes.py)."""
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .cpu_passes import build_context
+
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm.tirx.build(mod, target=target)
+    with build_context(target):
+        return tvm.tirx.build(mod, target=target)
 
 
 def _time_candidate(rt_mod, device, _config, repeated_args) -> list[float]:
