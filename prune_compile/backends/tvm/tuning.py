@@ -1,8 +1,9 @@
 """MetaSchedule tuning with a persistent database, sized for small machines.
 
 - **Builder**: MetaSchedule's default builder imports `tvm.s_tir.tensor_intrin` in every worker (~25 s here) and
-  hits its 30 s timeout. Ours (`_build_candidate`) only strips layout-rewrite blocks and calls `tvm.tirx.build`,
-  with a longer timeout, in workers kept between batches (candidate_builder.py).
+  hits its 30 s timeout. Ours (`_build_candidate`) only strips layout-rewrite blocks and calls `tvm.tirx.build`
+  (skipping the passes the library's build skips, cpu_passes.py), with a longer timeout, in workers kept between
+  batches (candidate_builder.py).
 - **Search**: a task is searched by MetaSchedule's evolutionary search with its XGBoost cost model only when its
   trials can train the model; below the model's warm-up its predictions are random, and the population is sampled
   once without breeding (search_strategy.py).
