@@ -44,8 +44,9 @@ def _design_spaces(monkeypatch, work_dir: str) -> list:
     spaces = []
 
     def take_spaces(mod, target, _target_name, _options):
-        contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            ms.relax_integration.extract_tasks(mod, target), work_dir)
+        with tuning._own_handlers_only():  # as tuning configures MetaSchedule's loggers (pytest's is on them)
+            contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                ms.relax_integration.extract_tasks(mod, target), work_dir)
         for context in contexts:
             spaces.extend((space.mod, target) for space in context.generate_design_space())
         raise BackendError("spaces taken")
