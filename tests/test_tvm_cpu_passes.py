@@ -8,7 +8,7 @@ import importlib
 import numpy as np
 import pytest
 
-from prune_compile.backends.tvm import tuning
+from prune_compile.backends.tvm import cpu_passes, tuning
 from prune_compile.backends.tvm.cpu_passes import SKIPPED
 from prune_compile.errors import BackendError
 
@@ -58,14 +58,14 @@ def _design_spaces(monkeypatch, work_dir: str) -> list:
 
 
 def test_candidates_built_without_the_skipped_passes_are_the_same_machine_code(monkeypatch, tmp_path) -> None:
-    import tvm
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
+    """The oracle is the same builder with nothing skipped: TVM's whole pipeline."""
     tuning._import_tensor_intrinsics()
     spaces = _design_spaces(monkeypatch, str(tmp_path))
     assert len(spaces) >= 20
     for mod, target in spaces[::max(1, len(spaces) // 40)]:
-        whole = tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+        with monkeypatch.context() as whole_pipeline:
+            whole_pipeline.setattr(cpu_passes, "SKIPPED", ())
+            whole = tuning._build_candidate(mod, target, None)
         ours = tuning._build_candidate(mod, target, None)
         assert ours.inspect_source("asm") == whole.inspect_source("asm")
 
