@@ -118,14 +118,15 @@ def applies(call, machine: Machine = HOST_MEASURED) -> bool:
     return pays(h + pt + pb - 2, w + pl + pr - 2, pairs, n, machine)
 
 
-def _combination(matrix, row, value):
+def _combination(matrix, row, value, dtype: str | None = None):
     """sum_a matrix[row][a] * value(a) for a loop variable `row`: each row of the matrix a sum of its non-zero terms
-    (no multiply by 0 or 1), the row selected by `row`. The schedule unrolls `row`, which folds the selection."""
+    (no multiply by 0 or 1), the row selected by `row`. The schedule unrolls `row`, which folds the selection.
+    `dtype`: the values' type where they are expressions (a padded read) rather than tensor elements."""
     from tvm import tirx
 
     def term(a, weight):
         v = value(a)
-        return v if weight == 1 else -v if weight == -1 else v * tirx.const(float(weight), v.dtype)
+        return v if weight == 1 else -v if weight == -1 else v * tirx.const(float(weight), dtype or v.dtype)
 
     sums = []
     for weights in matrix:
@@ -154,9 +155,32 @@ def kernel_transform(kernel):
                       name="winograd_kernel")
 
 
+def padded_reader(data, before: tuple[int, int], after: tuple[int, int]):
+    """`data` (NCHW[b]c) read as if padded with zeros by `before` and `after` (rows, columns), with no pad of its own:
+    the reads the input transform makes, as `topi.nn.pad` inlined into it writes them. A pad stage the schedule
+    inlines costs its analysis in every design space the search replays: 26 of the 31 ms a Winograd space's trace
+    took (64 channels, 56x56), and the search replays 16 or more per batch (the evolutionary one, hundreds)."""
+    from tvm import tirx
+
+    h, w = (int(d) for d in data.shape[2:4])
+    zero = tirx.const(0, data.dtype)
+
+    def read(n, c, y, x, ci):
+        inside = []
+        for v, lo, extent, hi in ((y, before[0], h, after[0]), (x, before[1], w, after[1])):
+            if lo:
+                inside.append(v >= lo)
+            if hi:
+                inside.append(v < lo + extent)
+        value = data[n, c, y - before[0] if before[0] else y, x - before[1] if before[1] else x, ci]
+        return tirx.if_then_else(tirx.all(*inside), value, zero) if inside else value
+
+    return read
+
+
 def conv2d_winograd(data, weights, padding, out_dtype):
     """The conv of blocked `data` (NCHW[ib]c) with a transformed kernel (`kernel_transform`), output NCHW[ob]c."""
-    from tvm import te, topi
+    from tvm import te
 
     n_, cb_, h, w, ib = (int(d) for d in data.shape)
     kb_, ob = int(weights.shape[1]), int(weights.shape[4])
@@ -164,14 +188,13 @@ def conv2d_winograd(data, weights, padding, out_dtype):
     out_h, out_w = h + pt + pb - 2, w + pl + pr - 2
     th, tw = tiles(out_h, out_w)
     # whole tiles read ALPHA input rows from each TILE-th: zeros past the conv's own padding (outputs dropped)
-    padded = topi.nn.pad(data, (0, 0, pt, pl, 0), (0, 0, TILE * th + 2 - h - pt, TILE * tw + 2 - w - pl, 0),
-                         name="winograd_pad")
+    padded = padded_reader(data, (pt, pl), (TILE * th + 2 - h - pt, TILE * tw + 2 - w - pl))
     # tiles by (row, column) and transforms by (ξ, ν) on axes of their own: each buffer index one loop variable,
     # which lets the schedule place a group of tiles' transforms inside the products' loop over groups
     rows = te.compute(
         (ALPHA, ALPHA, n_, cb_, th, tw, ib),
         lambda xi, b, n, c, ty, tx, ci: _combination(
-            B_T, xi, lambda a: padded[n, c, ty * TILE + a, tx * TILE + b, ci]),
+            B_T, xi, lambda a: padded(n, c, ty * TILE + a, tx * TILE + b, ci), data.dtype),
         name="winograd_input_rows")
     inputs = te.compute(
         (ALPHA, ALPHA, n_, cb_, th, tw, ib),
@@ -335,11 +358,9 @@ def _output_tile(sch, columns, x_tile, y_in, x_in, oc) -> None:
 def schedule_rule(sch, products, machine: Machine = HOST_MEASURED):
     from .conv_nchwc import inline_epilogue, register_tiles, vector_registers
 
-    # The pad and the epilogue are the same in every design space: inlined once, before the spaces are copied (each
-    # compute_inline analyses the whole function; the pad's took 30 ms a space under the rows' loops, 6-18 spaces)
-    _, rows, _, output = _steps(sch, products)
-    for pad in sch.get_producers(rows):
-        sch.compute_inline(pad)  # reads past the input are zeros in the transform itself: no pass of its own
+    # The epilogue is the same in every design space: fused once, before the spaces are copied (each inlining
+    # analyses the whole function). The input transform reads the input padded in place (`padded_reader`).
+    output = _steps(sch, products)[3]
     inline_epilogue(sch, output)
 
     extents = [int(sch.get(loop).extent) for loop in sch.get_loops(products)]
