@@ -3,7 +3,7 @@
 - **Builder**: MetaSchedule's default builder imports `tvm.s_tir.tensor_intrin` in every worker (~25 s here) and
   hits its 30 s timeout. Ours (`_build_candidate`) only strips layout-rewrite blocks and calls `tvm.tirx.build`
   (skipping the passes the library's build skips, cpu_passes.py), with a longer timeout, in workers kept between
-  batches (candidate_builder.py).
+  batches (candidate_builder.py), which also link local candidates (`_export_local`: the runner only loads them).
 - **Search**: a task is searched by MetaSchedule's evolutionary search with its XGBoost cost model only when its
   trials can train the model; below the model's warm-up its predictions are random, and the population is sampled
   once without breeding (search_strategy.py).
@@ -250,6 +250,17 @@ def _time_remote_candidate(_session, rt_mod, device, config, repeated_args) -> l
     return _time_candidate(rt_mod, device, config, repeated_args)
 
 
+def _export_local(mod) -> str:
+    """MetaSchedule export function for candidates timed here: a shared library, linked in the builder's workers
+    (both cores) rather than by the runner's one worker, which links MetaSchedule's default tar of the object
+    before it can load it (21 ms a Winograd candidate, while nothing else runs)."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="prune-compile-ms-"), "candidate.so")
+    mod.export_library(path)
+    return path
+
+
 def _export_remote(mod, compiler: str | None = None) -> str:
     """MetaSchedule export function for candidates timed over RPC: a shared library linked here (a board has no
     compiler; `compiler`: the cross compiler, None for this machine's), with our launcher linked in."""
@@ -426,7 +437,7 @@ def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
 
     key = (target_name, rpc, os.environ.get(THREADS_ENV), parallel_launcher.opted_out())
     if key not in _WORKERS:
-        export = None  # MetaSchedule's default: this machine's compiler, for the local runner
+        export = _export_local
         if rpc is not None and target_name in CPU_TARGETS:
             export = functools.partial(_export_remote, compiler=ARM_CROSS_COMPILER if target_name == "arm" else None)
         builder = KeptPoolBuilder(_build_candidate, export, BUILD_TIMEOUT_S, os.cpu_count() or 1)
