@@ -154,3 +154,7 @@ def test_local_candidates_come_back_linked_and_the_runner_only_loads_them(monkey
     b = tvm.runtime.tensor(np.zeros(4, np.float32))
     lib["main"](a, b)
     np.testing.assert_array_equal(b.numpy(), a.numpy())
+    # measured elsewhere, a candidate is linked for its device: a board's by our cross export, a GPU's by its server
+    rpc = tuning.RPCSettings("127.0.0.1:9190", "device")
+    assert tuning._workers("arm", rpc)[0].f_export.func is tuning._export_remote
+    assert tuning._workers("gpu", rpc)[0].f_export is None

@@ -437,8 +437,10 @@ def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
 
     key = (target_name, rpc, os.environ.get(THREADS_ENV), parallel_launcher.opted_out())
     if key not in _WORKERS:
-        export = _export_local
-        if rpc is not None and target_name in CPU_TARGETS:
+        export = None  # MetaSchedule's default for a GPU's RPC server: a tar the device links
+        if rpc is None:  # this machine's runner (`cpu`)
+            export = _export_local
+        elif target_name in CPU_TARGETS:
             export = functools.partial(_export_remote, compiler=ARM_CROSS_COMPILER if target_name == "arm" else None)
         builder = KeptPoolBuilder(_build_candidate, export, BUILD_TIMEOUT_S, os.cpu_count() or 1)
         _WORKERS[key] = (builder, _runner(target_name, rpc))
