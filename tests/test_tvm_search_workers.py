@@ -4,6 +4,8 @@ seconds of CPU), and a task whose trials cannot train MetaSchedule's cost model 
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
 
 import pytest
 
@@ -142,18 +144,21 @@ def test_local_candidates_come_back_linked_and_the_runner_only_loads_them(monkey
     builder, _ = tuning._workers("cpu", None)
     (result,) = builder.build(_inputs(1))
     assert result.error_msg is None, result.error_msg
-    with open(result.artifact_path, "rb") as f:
-        assert f.read(4) == b"\x7fELF"
+    try:
+        with open(result.artifact_path, "rb") as f:
+            assert f.read(4) == b"\x7fELF"
 
-    def no_link(*_args, **_kwargs):
-        raise AssertionError("the runner linked the candidate")
+        def no_link(*_args, **_kwargs):
+            raise AssertionError("the runner linked the candidate")
 
-    monkeypatch.setattr(cc, "create_shared", no_link)
-    lib = tvm.runtime.load_module(result.artifact_path)
-    a = tvm.runtime.tensor(np.arange(4, dtype=np.float32))
-    b = tvm.runtime.tensor(np.zeros(4, np.float32))
-    lib["main"](a, b)
-    np.testing.assert_array_equal(b.numpy(), a.numpy())
+        monkeypatch.setattr(cc, "create_shared", no_link)
+        lib = tvm.runtime.load_module(result.artifact_path)
+        a = tvm.runtime.tensor(np.arange(4, dtype=np.float32))
+        b = tvm.runtime.tensor(np.zeros(4, np.float32))
+        lib["main"](a, b)
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
+    finally:  # in a tuning run MetaSchedule's RemoveBuildArtifact callback does this
+        shutil.rmtree(os.path.dirname(result.artifact_path))
     # measured elsewhere, a candidate is linked for its device: a board's by our cross export, a GPU's by its server
     rpc = tuning.RPCSettings("127.0.0.1:9190", "device")
     assert tuning._workers("arm", rpc)[0].f_export.func is tuning._export_remote
