@@ -118,6 +118,24 @@ def test_the_input_is_read_padded_in_place_and_the_epilogue_fused_once_before_th
         assert len(inlined) == 2, space.trace  # the add and the ReLU
 
 
+def test_the_transforms_select_coefficients_not_whole_sums() -> None:
+    """The schedule unrolls the transforms' rows. A sum per row selected by the row left every unrolled row with all
+    six sums until the simplifier dropped five, and TIR's passes after the unrolling walked them all: a 64-channel
+    56x56 candidate built in 444 ms instead of 278. Only constants are selected: each term's coefficient."""
+    import re
+
+    from tvm import te
+
+    data = te.placeholder((1, 2, 28, 28, 16), name="data")
+    weights = te.placeholder((36, 2, 2, 16, 16), name="weights")
+    kernel = te.placeholder((2, 2, 3, 3, 16, 16), name="kernel")
+    conv = conv_winograd.conv2d_winograd(data, weights, (1, 1, 1, 1), "float32")
+    for func in (te.create_prim_func([data, weights, conv]),
+                 te.create_prim_func([kernel, conv_winograd.kernel_transform(kernel)])):
+        selected = re.findall(r"T\.Select\([^,]+, ([^,]+),", func.script())
+        assert selected and all(choice.startswith("T.float32(") for choice in selected), selected[:3]
+
+
 def test_winograd_pays_where_a_core_l2_keeps_the_transformed_weights() -> None:
     """The choice follows the machine's L2: 256->256 at 7x7 (9.4 MB transformed) streams its weights on the
     measured hosts (direct), not where 16 MiB of L2 keeps them."""
