@@ -250,13 +250,18 @@ def _time_remote_candidate(_session, rt_mod, device, config, repeated_args) -> l
     return _time_candidate(rt_mod, device, config, repeated_args)
 
 
+def _candidate_path() -> str:
+    """Where an exported candidate goes: a directory of its own, which MetaSchedule removes once it is measured."""
+    import tempfile
+
+    return os.path.join(tempfile.mkdtemp(prefix="prune-compile-ms-"), "candidate.so")
+
+
 def _export_local(mod) -> str:
     """MetaSchedule export function for candidates timed here: a shared library, linked in the builder's workers
     (both cores) rather than by the runner's one worker, which links MetaSchedule's default tar of the object
     before it can load it (21 ms a Winograd candidate, while nothing else runs)."""
-    import tempfile
-
-    path = os.path.join(tempfile.mkdtemp(prefix="prune-compile-ms-"), "candidate.so")
+    path = _candidate_path()
     mod.export_library(path)
     return path
 
@@ -264,11 +269,9 @@ def _export_local(mod) -> str:
 def _export_remote(mod, compiler: str | None = None) -> str:
     """MetaSchedule export function for candidates timed over RPC: a shared library linked here (a board has no
     compiler; `compiler`: the cross compiler, None for this machine's), with our launcher linked in."""
-    import tempfile
-
     from tvm.support import cc
 
-    path = os.path.join(tempfile.mkdtemp(prefix="prune-compile-ms-"), "candidate.so")
+    path = _candidate_path()
     if parallel_launcher.opted_out():
         mod.export_library(path, fcompile=cc.cross_compiler(compiler) if compiler else None)
     else:
