@@ -19,12 +19,12 @@ from prune_compile.passes.latency import (
     PAIR_SLICES,
     SEARCH_WAIT_SLICES,
     UNREACHABLE_RETRIES,
-    RecentModels,
     find_layers,
     timed_proto,
 )
 from prune_compile.passes.policy import PlanningOptions, make_plan
 from prune_compile.passes.rewrite import pruned_copy
+from prune_compile.recent_models import RecentModels
 
 from .oracle import oracle_error
 from .test_cli import DEFAULT_MODEL
@@ -852,11 +852,12 @@ def _one_group_net():
 
 
 @pytest.mark.big
-def test_tvm_latency_engine_measures_tuned_kernels_and_reuses_records(tmp_path) -> None:
+def test_tvm_latency_engine_measures_tuned_kernels_and_reuses_records(tmp_path, monkeypatch) -> None:
     """The latency policy on TVM's tuned cpu code (mechanics; plans on real models: bench_latency_plan --engine
     tvm): a layer's entry is its tuned kernel, which the whole one-layer model (kernel + layout transforms at its
     borders) cannot beat; a second plan on the same database tunes nothing and measures the same table."""
     pytest.importorskip("tvm")
+    from prune_compile.backends.tvm import latency_timer
     from prune_compile.backends.tvm.latency_timer import TvmTimer
     from prune_compile.ir import Graph
     from prune_compile.ir.graph import Value
@@ -888,7 +889,11 @@ def test_tvm_latency_engine_measures_tuned_kernels_and_reuses_records(tmp_path) 
     g.add_node("conv", [x, *conv.inputs[1:]], [y], dict(conv.attrs))
     proto = export_onnx(g)
     layer_feeds = {"x": np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)}
+    digested = []
+    monkeypatch.setattr(latency_timer, "_digest", lambda p, f=latency_timer._digest: digested.append(p) or f(p))
     kernel_ms, model_ms = again.layer(proto, layer_feeds), again(proto, layer_feeds, 0.3)
+    again(proto, layer_feeds, 0.05)
+    assert digested == [proto]  # a model timed again (the search's slices) is not serialized and hashed again
     # the kernel is a share of the model (a sanity bound, not a speed claim): since Winograd (3x3 convs, session 48)
     # and its tile groups (49) it reads ~0.4 of it alone, 0.30 next to a second test worker
     assert 0.15 * model_ms <= kernel_ms <= 1.1 * model_ms, (kernel_ms, model_ms)

@@ -40,6 +40,7 @@ from ..errors import UsageError
 from ..ir import Graph, export_onnx
 from ..ir.graph import Node, Value
 from ..ir.ops import OPS, RECURRENT_GATES, recurrent_shapes
+from ..recent_models import RecentModels
 from .deps import DependencyResult, Group
 from .importance import normalized
 
@@ -90,22 +91,6 @@ def quiet_or_all(quiet: Sequence[int], count: int, wanted: int) -> list[int]:
     """`quiet` (indices of `count` readings) when it holds at least half of the `wanted` readings, else all of
     them: a slow phase outlasted the measurement, and its readings are all there is."""
     return list(quiet) if len(quiet) >= (wanted + 1) // 2 else list(range(count))
-
-
-class RecentModels:
-    """A value per model object (a session, a reading) for the last `keep` models, each held so that its id stays
-    its own: the search times a plan and the original in alternating slices, and building either again every slice
-    cost up to half a slice. So a model must not be changed in place between two uses."""
-
-    def __init__(self, keep: int = 2) -> None:
-        self.keep, self._by_id = keep, {}
-
-    def get(self, proto, make: Callable):
-        if id(proto) not in self._by_id:
-            if len(self._by_id) >= self.keep:
-                del self._by_id[next(iter(self._by_id))]
-            self._by_id[id(proto)] = (proto, make(proto))
-        return self._by_id[id(proto)][1]
 
 
 @dataclass
