@@ -5,6 +5,7 @@ through the CLI), and the RPC runner through a local tracker."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -181,6 +182,36 @@ def test_candidates_are_timed_by_the_median_of_single_calls() -> None:
     assert slow.repeats == [3, tuning.RUN_CALLS[0]]
 
 
+def test_a_candidate_clearly_slower_than_its_tasks_fastest_is_timed_for_ten_calls(monkeypatch) -> None:
+    """Racing (`race`: the task's key): once a task has a reading, a candidate whose probe and then RUN_CALLS[0]
+    calls both read over RACE_RATIO x it stops there; one near the fastest, or whose first calls only looked slow,
+    is timed in full. Each task races against its own readings; without a key nothing races."""
+    import tvm
+
+    monkeypatch.setattr(tuning, "_FASTEST", {})
+    full = math.ceil(tuning.RUN_SECONDS / 1e-4)
+    first = _Timings([1e-4])
+    assert tuning._time_candidate(first, tvm.cpu(), None, [()], race="a") == [pytest.approx(1e-4)]
+    assert first.repeats == [3, full]  # nothing to race against yet
+    slow = _Timings([2e-4])
+    assert tuning._time_candidate(slow, tvm.cpu(), None, [()], race="a") == [pytest.approx(2e-4)]
+    assert slow.repeats == [3, tuning.RUN_CALLS[0]]
+    near = _Timings([1.2e-4])
+    tuning._time_candidate(near, tvm.cpu(), None, [()], race="a")
+    assert near.repeats == [3, math.ceil(tuning.RUN_SECONDS / 1.2e-4)]
+    # a probe disturbed (two of three calls), then ten quiet calls: timed in full
+    disturbed = _Timings([5e-4, 5e-4, 9e-5] + [9e-5] * 12)
+    assert tuning._time_candidate(disturbed, tvm.cpu(), None, [()], race="a") == [pytest.approx(9e-5)]
+    assert disturbed.repeats[:2] == [3, tuning.RUN_CALLS[0]] and len(disturbed.repeats) == 3
+    assert tuning._FASTEST == {"a": pytest.approx(9e-5)}  # the fastest reading so far, full or not
+    other = _Timings([2e-4])  # another task: its own race
+    tuning._time_candidate(other, tvm.cpu(), None, [()], race="b")
+    assert other.repeats == [3, math.ceil(tuning.RUN_SECONDS / 2e-4)]
+    unkeyed = _Timings([1e-3])
+    tuning._time_candidate(unkeyed, tvm.cpu(), None, [()])
+    assert unkeyed.repeats == [3, math.ceil(tuning.RUN_SECONDS / 1e-3)] and set(tuning._FASTEST) == {"a", "b"}
+
+
 def test_distinct_schedules_multiply_categorical_choices_and_give_up_on_any_other_sample() -> None:
     from tvm import te
     from tvm.s_tir import Schedule
@@ -338,6 +369,43 @@ def test_a_task_design_spaces_are_generated_once_each_time_it_is_tuned(tmp_path,
     assert conv_winograd.RULE in generated and conv_nchwc.RULE in generated  # both rules' tasks tuned
     assert len(generated) == len(convs), (generated, runs)
     assert summary.trials_valid >= 8
+
+
+@pytest.mark.serial  # tuning times candidates
+def test_each_task_races_its_candidates_against_its_own_fastest(tmp_path, monkeypatch) -> None:
+    """Every task is searched with the runner's evaluator keyed by the task's ledger key, and the runner's worker
+    keeps each such task's fastest reading, which is at most the best record the database got for it."""
+    import onnx
+    from tvm.s_tir import meta_schedule as ms
+
+    from prune_compile.backends.tvm.build import lower_model
+
+    raced: dict[str, str] = {}  # task name -> the race key its candidates were timed under
+    tune_tasks, run = ms.tune_tasks, tuning._Session.run
+
+    def spy(*args, runner, tasks, **kwargs):
+        raced[tasks[0].task_name] = runner.f_run_evaluator.keywords["race"]
+        return tune_tasks(*args, runner=runner, tasks=tasks, **kwargs)
+
+    keys: dict[str, str] = {}
+
+    def keyed(self, task, need, key):
+        keys[task.task_name] = key
+        return run(self, task, need, key)
+
+    monkeypatch.setattr(ms, "tune_tasks", spy)
+    monkeypatch.setattr(tuning._Session, "run", keyed)
+    tiny_model_onnx(str(tmp_path / "tiny.onnx"))
+    summary = lower_model(onnx.load(str(tmp_path / "tiny.onnx")), "cpu",
+                          tuning=tvm_backend.TuningOptions(trials=24, database=str(tmp_path / "db")))[3]
+    tuned = {t["task"]: t["best_ms"] for t in summary.per_task if t["run"]}
+    assert tuned and set(raced) == set(tuned) and all(raced[name] == keys[name] for name in tuned), (raced, keys)
+    fastest: dict[str, float] = {}
+    for (target_name, rpc, *_), (_, runner) in tuning._WORKERS.items():
+        if target_name == "cpu" and rpc is None:
+            fastest.update(runner.pool.submit(tuning._fastest_readings).result())
+    for name, best_ms in tuned.items():
+        assert 0 < fastest[raced[name]] * 1e3 <= best_ms * (1 + 1e-9), (name, fastest, best_ms)
 
 
 def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:

@@ -20,7 +20,8 @@
   database directory is keyed by that count too: a record measured with other threads ranks schedules wrongly. Its
   worker runs candidates with our parallel launcher, as the libraries we build do (parallel_launcher.register), and
   reads each as the median of single calls (`_time_candidate`; the directory is keyed by that too), so a neighbour
-  process that takes a core now and then does not make candidates look slow.
+  process that takes a core now and then does not make candidates look slow. A candidate clearly slower than its
+  task's fastest so far is timed for a few calls only (`RACE_RATIO`).
 """
 
 from __future__ import annotations
@@ -54,12 +55,17 @@ BUILD_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 60.0
 RUN_SECONDS = 0.1  # how long a candidate is timed for (MetaSchedule's default evaluator: at least 100 ms of calls)
 RUN_CALLS = (10, 2000)  # single calls timed per candidate, at least and at most
+# A candidate whose first calls read more than RACE_RATIO x the fastest candidate of its task so far is timed for
+# RUN_CALLS[0] calls only (`_time_candidate`): it will not be the task's pick, and the cost model ranks it as well
+# by ten calls. Half the candidates of two pruned-resnet18 tunings read more than 1.25x the best before them.
+RACE_RATIO = 1.25
 # how CPU candidates are timed, here and on a board (`_time_candidate`, with our launcher): part of the database's key
 CPU_TIMING = "median-of-calls"
 # The generation of our CPU schedule rules, also part of the key: a record replays the schedule it was measured with,
 # so when a rule changes what its spaces do, earlier records would keep the old schedules (and a ledger that says the
 # task is tuned). 2: epilogues that branch (hardswish, SiLU) fused into the conv instead of a serial pass after it.
 CPU_RULES = 2
+SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"  # how long TVM's pool threads spin for work before they sleep
 CPU_TARGETS = ("cpu", "arm")  # GPU candidates keep MetaSchedule's export and timing
 LEDGER = "ledger.json"
 MS_LOGGER = "tvm.s_tir.meta_schedule"
@@ -219,26 +225,55 @@ def _build_candidate(mod, target, _params):
         return tvm.tirx.build(mod, target=target)
 
 
-def _time_candidate(rt_mod, device, _config, repeated_args) -> list[float]:
+def _time_candidate(rt_mod, device, _config, repeated_args, race: str | None = None) -> list[float]:
     """MetaSchedule run evaluator: the median of ~RUN_SECONDS of single calls. MetaSchedule's default reports the
     mean over 100 ms of calls, and on a machine where another process takes a core now and then that mean counts
     the other process's share: a candidate timed at such a moment looks slow, is ranked down and trains the cost
     model wrong. The median of single calls is the mean's value on a quiet machine and ignores a minority of
     disturbed calls. Not the fastest call: memory-bound kernels have rare lucky calls (a 400 KB layout transform:
-    14 us in a few calls, 29 us in most), and ranking by those picks the wrong schedule."""
-    import math
+    14 us in a few calls, 29 us in most), and ranking by those picks the wrong schedule.
 
-    import numpy as np
-
+    `race`: the task's key (`_racing`). A candidate whose probe and then RUN_CALLS[0] calls both read more than
+    RACE_RATIO x the task's fastest reading in this worker so far stops there, with that median as its reading
+    (the runner's worker is one process, kept between batches and tasks)."""
     medians = []
     for args in repeated_args:
         device.sync()
-        probe = rt_mod.time_evaluator(rt_mod.entry_name, device, number=1, repeat=3)
-        each = max(float(np.median(probe(*args).results)), 1e-7)
+        each = max(_median_of_calls(rt_mod, device, args, 3), 1e-7)
+        fastest = _FASTEST.get(race) if race else None
+        if fastest is not None and each > RACE_RATIO * fastest:
+            first = _median_of_calls(rt_mod, device, args, RUN_CALLS[0])
+            if first > RACE_RATIO * fastest:
+                medians.append(first)
+                continue
         calls = min(max(math.ceil(RUN_SECONDS / each), RUN_CALLS[0]), RUN_CALLS[1])
-        timed = rt_mod.time_evaluator(rt_mod.entry_name, device, number=1, repeat=calls)
-        medians.append(float(np.median(timed(*args).results)))
+        medians.append(_median_of_calls(rt_mod, device, args, calls))
+    if race and medians:
+        _FASTEST[race] = min(*medians, _FASTEST.get(race, math.inf))
     return medians
+
+
+_FASTEST: dict[str, float] = {}  # the runner worker's fastest reading of each task (`_time_candidate`'s race)
+
+
+def _median_of_calls(rt_mod, device, args, calls: int) -> float:
+    import numpy as np
+
+    timed = rt_mod.time_evaluator(rt_mod.entry_name, device, number=1, repeat=calls)
+    return float(np.median(timed(*args).results))
+
+
+def _fastest_readings() -> dict[str, float]:
+    """`_FASTEST` of the process this runs in (submitted to the runner's worker by tests and tools)."""
+    return dict(_FASTEST)
+
+
+def _racing(runner, key: str) -> None:
+    """Time the next candidates as task `key`'s (`_time_candidate`'s race). Only this machine's runner races: its
+    worker keeps TVM's pool from spinning (`_start_runner_worker`), and a board's RPC server, plain TVM, does not."""
+    evaluator = getattr(runner.f_run_evaluator, "func", runner.f_run_evaluator)
+    if evaluator is _time_candidate:
+        runner.f_run_evaluator = functools.partial(evaluator, race=key)
 
 
 def _time_remote_candidate(_session, rt_mod, device, config, repeated_args) -> list[float]:
@@ -375,6 +410,17 @@ def rule_revisions() -> dict[str, int]:
     return {conv_winograd.RULE: conv_winograd.SPACES_REVISION}
 
 
+def _start_runner_worker(launcher: str) -> None:
+    """The local runner worker's initializer: candidates run their parallel loops with our launcher
+    (parallel_launcher.register), and TVM's own pool, which is left with MetaSchedule's random fill of each
+    candidate's arguments, does not spin after it (`SPIN_ENV`, read when the pool starts, on the first fill).
+    Spinning, its threads held both cores for tens of milliseconds after every fill, and one candidate in three ran
+    its first 10-50 calls 2-4x slow (our launcher's caller took both shares of every loop): the probe then read the
+    candidate slow and timed it for fewer calls, and a race (`RACE_RATIO`) would have stopped good candidates."""
+    os.environ[SPIN_ENV] = "0"
+    parallel_launcher.register(launcher)
+
+
 def _runner(target_name: str, rpc: RPCSettings | None):
     from tvm.s_tir import meta_schedule as ms
 
@@ -385,7 +431,7 @@ def _runner(target_name: str, rpc: RPCSettings | None):
         # the worker times candidates with our launcher, which the libraries we build run with (parallel_launcher)
         initializer = None
         if not parallel_launcher.opted_out():
-            initializer = functools.partial(parallel_launcher.register, parallel_launcher.standalone())
+            initializer = functools.partial(_start_runner_worker, parallel_launcher.standalone())
         return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, f_run_evaluator=_time_candidate,
                                      initializer=initializer)
     host, port = rpc.host_port()
@@ -652,6 +698,7 @@ class _Session:
             return 0
         # searched for what it will run (whether its cost model can learn: search_strategy.py)
         contexts, task_weights, cost_model = contexts_for(trials, ms.space_generator.ScheduleFn(lambda _: spaces))
+        _racing(self.runner, key)
         try:
             ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=self.work_dir,
                           max_trials_global=trials, max_trials_per_task=trials,
