@@ -47,6 +47,7 @@ from .targets import (
 from .threads import ensure_thread_pool
 from .transposed_convs import strided_transposes_as_convs
 from .tuning import TuningOptions, tune
+from .unvalued_constants import unvalued_constants
 from .vector_math import vectorized_math
 
 
@@ -148,10 +149,11 @@ def own_lowerings(lanes: int, winograd: bool = True,
 
 
 def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptions = DEFAULT_OPTIONS,
-                tuning: TuningOptions | None = None):
+                tuning: TuningOptions | None = None, weights_unused: bool = False):
     """Import, change layouts and (with a budget) tune, up to the code generation `compile_model` adds.
     Returns (Relax module, tvm target, pipeline name, tuning summary). The latency table stops here: the tuning
-    records already hold what each kernel measured."""
+    records already hold what each kernel measured. `weights_unused`: the module will not run (the table), so what
+    constant folding would compute from the weights is left zero (unvalued_constants: the same kernels)."""
     if target == "cpu":  # before TVM runs anything (constant folding does): its pool is sized once
         ensure_thread_pool(target_options.num_cores)
     import tvm
@@ -186,7 +188,10 @@ def lower_model(model: onnx.ModelProto, target: str, target_options: TargetOptio
             passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                       relax.transform.LegalizeOps(own_lowerings(lanes, target_options.winograd, machine))]
             with tvm_target:
-                mod = tvm.transform.Sequential([*passes, relax.get_pipeline("zero")])(mod)
+                mod = tvm.transform.Sequential(passes)(mod)
+                if weights_unused:
+                    mod = unvalued_constants(mod)
+                mod = relax.get_pipeline("zero")(mod)
             database, summary = tune(mod, tvm_target, target, tuning)
             with tvm_target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)

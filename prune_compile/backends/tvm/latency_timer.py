@@ -104,7 +104,8 @@ class TvmTimer:
     def layer(self, proto, feeds) -> float:
         from .build import lower_model
 
-        _, _, _, summary = lower_model(proto, self.target, self.target_options, self._tuning(proto))
+        _, _, _, summary = lower_model(proto, self.target, self.target_options, self._tuning(proto),
+                                       weights_unused=True)  # the table reads tuning's measurements only
         self.trials_run += summary.trials_run
         self.layers_tuned += 1
         kernels = [t for t in summary.per_task if t["best_ms"] is not None]
