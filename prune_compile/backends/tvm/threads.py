@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 
 ENV = "TVM_NUM_THREADS"
+SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"  # how long TVM's pool threads spin for work before they sleep
 
 
 def available_cores() -> int:

@@ -43,7 +43,7 @@ from ...errors import BackendError, UsageError
 from . import parallel_launcher
 from .targets import ARM_CROSS_COMPILER
 from .threads import ENV as THREADS_ENV
-from .threads import thread_env
+from .threads import SPIN_ENV, thread_env
 
 MIN_TRIALS_PER_TASK = 8
 MIN_SHARE = 0.005  # of the model's FLOPs or bytes: lighter tasks keep TVM's default schedule, unless `always_tuned`
@@ -65,7 +65,6 @@ CPU_TIMING = "median-of-calls"
 # so when a rule changes what its spaces do, earlier records would keep the old schedules (and a ledger that says the
 # task is tuned). 2: epilogues that branch (hardswish, SiLU) fused into the conv instead of a serial pass after it.
 CPU_RULES = 2
-SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"  # how long TVM's pool threads spin for work before they sleep
 CPU_TARGETS = ("cpu", "arm")  # GPU candidates keep MetaSchedule's export and timing
 LEDGER = "ledger.json"
 MS_LOGGER = "tvm.s_tir.meta_schedule"
@@ -261,11 +260,6 @@ def _median_of_calls(rt_mod, device, args, calls: int) -> float:
 
     timed = rt_mod.time_evaluator(rt_mod.entry_name, device, number=1, repeat=calls)
     return float(np.median(timed(*args).results))
-
-
-def _fastest_readings() -> dict[str, float]:
-    """`_FASTEST` of the process this runs in (submitted to the runner's worker by tests and tools)."""
-    return dict(_FASTEST)
 
 
 def _racing(runner, key: str) -> None:
