@@ -202,8 +202,9 @@ def test_the_tuners_runner_times_candidates_with_our_launcher(tmp_path) -> None:
 
 
 def _time_on_board(target_name: str, port: int, key: str, artifact: str, func, scope: dict) -> None:
-    """What the RPC runner does with `artifact` (a candidate of `func`), then the same in a session of our own (each
-    session is a process of the server's) to read how many launches our launcher ran there."""
+    """What the RPC runner does with `artifact` (a candidate of `func`), raced as a task's candidates are, then the
+    same in a session of our own (each session is a process of the server's, started without a spin count) to read
+    how many launches our launcher ran there and what spin count TVM's pool was left to read."""
     import tvm
     from tvm import rpc
     from tvm.s_tir import meta_schedule as ms
@@ -211,13 +212,21 @@ def _time_on_board(target_name: str, port: int, key: str, artifact: str, func, s
     from prune_compile.backends.tvm import tuning
 
     runner = tuning._runner(target_name, tuning.RPCSettings(f"127.0.0.1:{port}", key))
-    assert runner.f_run_evaluator is tuning._time_remote_candidate
-    (future,) = runner.run([ms.runner.RunnerInput(artifact, "cpu", ms.arg_info.ArgInfo.from_prim_func(func))])
-    result = future.result()
-    assert result.error_msg is None and result.run_secs, result.error_msg
+    try:
+        assert runner.f_upload_module is tuning._upload_remote_candidate
+        tuning._racing(runner, "task")
+        (future,) = runner.run([ms.runner.RunnerInput(artifact, "cpu", ms.arg_info.ArgInfo.from_prim_func(func))])
+        result = future.result()
+        assert result.error_msg is None and result.run_secs, result.error_msg
+        fastest = runner.pool.submit(functools.partial(getattr, tuning, "_FASTEST")).result()
+        # the race's reading, kept in the runner's worker
+        assert fastest.get("task") == min(float(t) for t in result.run_secs), fastest
+    finally:
+        runner.pool.shutdown()
     session = rpc.connect_tracker("127.0.0.1", port).request(key, session_timeout=600)
-    session.upload(artifact)
-    remote = session.load_module(os.path.basename(artifact))
+    remote = tuning._upload_remote_candidate(session, artifact, os.path.basename(artifact))
+    # the spin count TVM's pool will read there, set before MetaSchedule fills the arguments (the pool's first work)
+    assert remote.get_function(parallel_launcher.QUIET_POOL_FUNCTION, query_imports=True)() == 0
     count = remote.get_function(parallel_launcher.LAUNCHES_FUNCTION, query_imports=True)
     device = session.cpu(0)
     x, y = (tvm.runtime.tensor(scope[n].numpy(), device) for n in ("x", "y"))
@@ -226,10 +235,17 @@ def _time_on_board(target_name: str, port: int, key: str, artifact: str, func, s
     assert count() >= 13  # the 3-call probe and at least 10 timed calls, every one through our launcher
 
 
+def _without_spin_count(env: dict[str, str]) -> dict[str, str]:
+    from prune_compile.backends.tvm.threads import SPIN_ENV
+
+    return {k: v for k, v in env.items() if k != SPIN_ENV}
+
+
 def test_a_board_tuned_over_rpc_times_candidates_with_our_launcher(tmp_path) -> None:
     """Over TVM's RPC the board's server loads each candidate with plain TVM: the candidate carries our launcher
-    (`_export_remote`), and the runner's evaluator installs it through the candidate's own function before timing
-    (a tracker and a server on loopback stand in for the board)."""
+    (`_export_remote`), and the runner's upload function installs it through the candidate's own function, which
+    also keeps TVM's pool there from spinning, before MetaSchedule fills the arguments; the board's candidates race
+    as the local runner's do (a tracker and a server on loopback stand in for the board)."""
     import tvm
 
     from prune_compile.backends.tvm import tuning
@@ -239,7 +255,7 @@ def test_a_board_tuned_over_rpc_times_candidates_with_our_launcher(tmp_path) -> 
     target = tvm.target.Target({"kind": "llvm"})
     artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None))
     try:
-        with rpc_board("board") as port:
+        with rpc_board("board", env=_without_spin_count(os.environ)) as port:
             _time_on_board("cpu", port, "board", artifact, scope["func"], scope)
     finally:  # in a tuning run MetaSchedule's RemoveBuildArtifact callback does this
         shutil.rmtree(os.path.dirname(artifact))
@@ -260,7 +276,7 @@ def test_an_aarch64_board_under_qemu_times_candidates_with_our_launcher(tmp_path
                                      ARM_CROSS_COMPILER)
     python, env = qemu_python(arm_sysroot, str(tmp_path))
     try:
-        with rpc_board("aarch64-board", python, env, timeout=300) as port:
+        with rpc_board("aarch64-board", python, _without_spin_count(env), timeout=300) as port:
             _time_on_board("arm", port, "aarch64-board", artifact, scope["func"], scope)
     finally:
         shutil.rmtree(os.path.dirname(artifact))

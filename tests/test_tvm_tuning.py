@@ -405,8 +405,8 @@ def test_each_task_races_its_candidates_against_its_own_fastest(tmp_path, monkey
     for (target_name, rpc, *_), (_, runner) in tuning._WORKERS.items():
         if target_name == "cpu" and rpc is None:
             fastest.update(runner.pool.submit(functools.partial(getattr, tuning, "_FASTEST")).result())
-    for name, best_ms in tuned.items():
-        assert 0 < fastest[raced[name]] * 1e3 <= best_ms * (1 + 1e-9), (name, fastest, best_ms)
+    for name, best_ms in tuned.items():  # at the summary's precision (best_ms is rounded to 6 decimals)
+        assert 0 < round(fastest[raced[name]] * 1e3, 6) <= best_ms, (name, fastest, best_ms)
 
 
 def test_tiny_model_tunes_and_second_build_runs_zero_trials(tmp_path) -> None:

@@ -44,6 +44,7 @@ typedef struct {
  * the board's server loads the library and nothing of ours runs in that process. */
 int __tvm_ffi_prune_compile_install_launcher(void* self, const FFIAny* args, int32_t num_args, FFIAny* result);
 int __tvm_ffi_prune_compile_parallel_launches(void* self, const FFIAny* args, int32_t num_args, FFIAny* result);
+int __tvm_ffi_prune_compile_quiet_tvm_pool(void* self, const FFIAny* args, int32_t num_args, FFIAny* result);
 
 #ifdef __cplusplus
 }
@@ -186,6 +187,21 @@ int __tvm_ffi_prune_compile_parallel_launches(void* self, const FFIAny* args, in
   result->type_index = FFI_INT;
   result->zero_padding = 0;
   result->v_int64 = (int64_t)prune_compile_parallel_launches();
+  return 0;
+}
+
+/* Keeps TVM's own thread pool in this process from spinning after its work (tuning's runner calls it on a board before
+ * MetaSchedule's random fill of the candidate's arguments, the pool's only work there): TVM's workers read
+ * TVM_THREAD_POOL_SPIN_COUNT once, when the pool first runs. Spinning, they held the cores for tens of milliseconds
+ * after the fill, and one candidate in three ran its first calls up to 4x slow. Returns the count TVM would have
+ * read before (-1: none set). */
+int __tvm_ffi_prune_compile_quiet_tvm_pool(void* self, const FFIAny* args, int32_t num_args, FFIAny* result) {
+  (void)self, (void)args, (void)num_args;
+  const char* before = getenv("TVM_THREAD_POOL_SPIN_COUNT");
+  result->type_index = FFI_INT;
+  result->zero_padding = 0;
+  result->v_int64 = before ? atoll(before) : -1;
+  setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 1);
   return 0;
 }
 

@@ -26,7 +26,9 @@ hands every module it loads or JIT-compiles afterwards in that process (tvm-ffi'
 fills its own launcher into when it loads): the tuner then chooses schedules and the planner counts layers with the
 launcher they will run with, and a busy neighbour does not double their readings. On a board tuned over TVM's RPC
 nothing of ours runs in the server's process: there each candidate carries the launcher, and the runner calls the
-candidate's `prune_compile_install_launcher` function (INSTALL_FUNCTION) before it times it.
+candidate's `prune_compile_install_launcher` function (INSTALL_FUNCTION) when it has loaded it, and its
+`prune_compile_quiet_tvm_pool` (QUIET_POOL_FUNCTION), which keeps TVM's pool from spinning there, as the local runner's
+worker does (tuning._start_runner_worker).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ LAUNCHES_SYMBOL = "prune_compile_parallel_launches"
 # library (returns 1, or 0 when it keeps TVM's, as `install`); how many launches ours has run in its process
 INSTALL_FUNCTION = "prune_compile_install_launcher"
 LAUNCHES_FUNCTION = "prune_compile_parallel_launches"
+# sets TVM_THREAD_POOL_SPIN_COUNT=0 in its process (returns the count set before, -1 for none): tuning on a board
+QUIET_POOL_FUNCTION = "prune_compile_quiet_tvm_pool"
 POINTER_SYMBOL = "__TVMBackendParallelLaunch"
 # a library whose code synchronizes inside a parallel region calls TVM's barrier with TVM's own thread group, which
 # our launcher does not create: such a library keeps TVM's launcher
@@ -159,6 +163,14 @@ def install_remote(module) -> None:
     PRUNE_COMPILE_TVM_LAUNCHER=tvm."""
     if not opted_out():
         module.get_function(INSTALL_FUNCTION, query_imports=True)()
+
+
+def quiet_remote_pool(module) -> None:
+    """Keep TVM's pool in the board's process that loaded `module` (over TVM's RPC) from spinning, through the
+    module's QUIET_POOL_FUNCTION, before the pool first runs there; nothing when PRUNE_COMPILE_TVM_LAUNCHER=tvm
+    (TVM's pool then runs the code timed, and spins as it does in use)."""
+    if not opted_out():
+        module.get_function(QUIET_POOL_FUNCTION, query_imports=True)()
 
 
 def installed(path: str) -> bool:
