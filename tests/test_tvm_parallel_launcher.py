@@ -253,7 +253,9 @@ def test_a_board_tuned_over_rpc_times_candidates_with_our_launcher(tmp_path) -> 
     scope: dict = {}
     exec(_PARALLEL_FUNC, scope)  # noqa: S102 (the same function as the subprocess tests)
     target = tvm.target.Target({"kind": "llvm"})
-    artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None))
+    # as tuning's builder exports candidates: the launcher's object compiled once (parallel_launcher.compiled)
+    artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None),
+                                     launcher=parallel_launcher.compiled())
     try:
         with rpc_board("board", env=_without_spin_count(os.environ)) as port:
             _time_on_board("cpu", port, "board", artifact, scope["func"], scope)
@@ -273,7 +275,7 @@ def test_an_aarch64_board_under_qemu_times_candidates_with_our_launcher(tmp_path
     exec(_PARALLEL_FUNC, scope)  # noqa: S102 (the same function as the subprocess tests)
     target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
     artifact = tuning._export_remote(tuning._build_candidate(tvm.IRModule({"main": scope["func"]}), target, None),
-                                     ARM_CROSS_COMPILER)
+                                     ARM_CROSS_COMPILER, parallel_launcher.compiled(ARM_CROSS_COMPILER))
     python, env = qemu_python(arm_sysroot, str(tmp_path))
     try:
         with rpc_board("aarch64-board", python, _without_spin_count(env), timeout=300) as port:

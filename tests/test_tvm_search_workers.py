@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from prune_compile.backends.tvm import candidate_builder
+from prune_compile.backends.tvm import ARM_CROSS_COMPILER, candidate_builder, parallel_launcher
 from prune_compile.backends.tvm.candidate_builder import KeptPoolBuilder
 from prune_compile.backends.tvm.search_strategy import COST_MODEL_WARMUP, TRIALS_PER_BATCH, Unguided, search_for
 
@@ -161,5 +161,9 @@ def test_local_candidates_come_back_linked_and_the_runner_only_loads_them(monkey
         shutil.rmtree(os.path.dirname(result.artifact_path))
     # measured elsewhere, a candidate is linked for its device: a board's by our cross export, a GPU's by its server
     rpc = tuning.RPCSettings("127.0.0.1:9190", "device")
-    assert tuning._workers("arm", rpc)[0].f_export.func is tuning._export_remote
+    export = tuning._workers("arm", rpc)[0].f_export
+    assert export.func is tuning._export_remote and export.keywords["compiler"] == ARM_CROSS_COMPILER
+    # the launcher compiled once for the board, not with every candidate
+    assert export.keywords["launcher"] == parallel_launcher.compiled(ARM_CROSS_COMPILER)
+    assert os.path.isfile(export.keywords["launcher"])
     assert tuning._workers("gpu", rpc)[0].f_export is None

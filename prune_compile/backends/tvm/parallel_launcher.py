@@ -57,12 +57,40 @@ ENV = "PRUNE_COMPILE_TVM_LAUNCHER"
 COMPILE_OPTIONS = ("-O2", "-pthread")
 
 
-def fcompile(compiler=None):
-    """An `export_library` compile function that also compiles and links `parallel_launch.c` (`compiler`: a
-    compiler command, or TVM's default, g++ or cc)."""
+def fcompile(compiler=None, launcher: str | None = None):
+    """An `export_library` compile function that also links our launcher: `launcher`, the object `compiled` made
+    with the same compiler, or else `parallel_launch.c`, compiled with the library (`compiler`: a compiler command,
+    or TVM's default, g++ or cc)."""
     from tvm.support import cc
 
-    return cc.cross_compiler(compiler or cc.create_shared, options=list(COMPILE_OPTIONS), add_files=[SOURCE])
+    return cc.cross_compiler(compiler or cc.create_shared, options=list(COMPILE_OPTIONS),
+                             add_files=[launcher or SOURCE])
+
+
+@functools.cache
+def compiled(compiler: str | None = None) -> str:
+    """`parallel_launch.c` compiled into an object file for `fcompile` (once per process and compiler, removed at
+    exit): tuning on a board links it into every candidate, and compiling the source took ~70 ms of each
+    candidate's build (g++ and the aarch64 cross compiler alike)."""
+    import subprocess
+
+    from tvm.support import cc
+
+    from ...errors import BackendError
+
+    directory = tempfile.mkdtemp(prefix="prune-compile-launcher-")
+    atexit.register(shutil.rmtree, directory, True)
+    path = os.path.join(directory, "parallel_launch.o")
+    command = [compiler or cc.get_cc(), "-c", "-fPIC", *COMPILE_OPTIONS, SOURCE, "-o", path]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True)
+    except OSError as e:
+        raise BackendError(f"compiling our parallel launcher ({SOURCE}) failed: {e} ({ENV}=tvm keeps TVM's "
+                           "launcher)") from e
+    if proc.returncode != 0:
+        raise BackendError(f"compiling our parallel launcher ({SOURCE}) failed: {proc.stderr.strip()[-500:]} "
+                           f"({ENV}=tvm keeps TVM's launcher)")
+    return path
 
 
 _registered: list = []  # the standalone launcher registered in this process (kept loaded for good)

@@ -308,16 +308,17 @@ def _export_local(mod) -> str:
     return path
 
 
-def _export_remote(mod, compiler: str | None = None) -> str:
+def _export_remote(mod, compiler: str | None = None, launcher: str | None = None) -> str:
     """MetaSchedule export function for candidates timed over RPC: a shared library linked here (a board has no
-    compiler; `compiler`: the cross compiler, None for this machine's), with our launcher linked in."""
+    compiler; `compiler`: the cross compiler, None for this machine's), with our launcher linked in (`launcher`: the
+    object `parallel_launcher.compiled` made with that compiler; None compiles its source with each candidate)."""
     from tvm.support import cc
 
     path = _candidate_path()
     if parallel_launcher.opted_out():
         mod.export_library(path, fcompile=cc.cross_compiler(compiler) if compiler else None)
     else:
-        mod.export_library(path, fcompile=parallel_launcher.fcompile(compiler))
+        mod.export_library(path, fcompile=parallel_launcher.fcompile(compiler, launcher))
     return path
 
 
@@ -498,8 +499,10 @@ def _workers(target_name: str, rpc: RPCSettings | None) -> tuple:
         export = None  # MetaSchedule's default for a GPU's RPC server: a tar the device links
         if rpc is None:  # this machine's runner (`cpu`)
             export = _export_local
-        elif target_name in CPU_TARGETS:
-            export = functools.partial(_export_remote, compiler=ARM_CROSS_COMPILER if target_name == "arm" else None)
+        elif target_name in CPU_TARGETS:  # the launcher compiled here once, not by the builder for each candidate
+            compiler = ARM_CROSS_COMPILER if target_name == "arm" else None
+            launcher = None if parallel_launcher.opted_out() else parallel_launcher.compiled(compiler)
+            export = functools.partial(_export_remote, compiler=compiler, launcher=launcher)
         builder = KeptPoolBuilder(_build_candidate, export, BUILD_TIMEOUT_S, os.cpu_count() or 1)
         _WORKERS[key] = (builder, _runner(target_name, rpc))
     return _WORKERS[key]
