@@ -282,3 +282,13 @@ def test_an_aarch64_board_under_qemu_times_candidates_with_our_launcher(tmp_path
             _time_on_board("arm", port, "aarch64-board", artifact, scope["func"], scope)
     finally:
         shutil.rmtree(os.path.dirname(artifact))
+
+
+@pytest.mark.parametrize("compiler", ["prune-compile-no-such-compiler", "false"])
+def test_a_launcher_that_does_not_compile_is_an_error_naming_the_way_out(compiler) -> None:
+    """No such compiler, or one that fails: the error names our source and PRUNE_COMPILE_TVM_LAUNCHER=tvm."""
+    from prune_compile.errors import BackendError
+
+    with pytest.raises(BackendError, match=r"compiling our parallel launcher \(.*parallel_launch\.c\) failed.*"
+                                           r"PRUNE_COMPILE_TVM_LAUNCHER=tvm keeps TVM's launcher"):
+        parallel_launcher.compiled(compiler)

@@ -76,21 +76,29 @@ def compiled(compiler: str | None = None) -> str:
 
     from tvm.support import cc
 
-    from ...errors import BackendError
+    path = os.path.join(_scratch(), "parallel_launch.o")
+    try:
+        proc = subprocess.run([compiler or cc.get_cc(), "-c", "-fPIC", *COMPILE_OPTIONS, SOURCE, "-o", path],
+                              capture_output=True, text=True)
+    except OSError as e:  # no such compiler
+        raise _failed(str(e)) from e
+    if proc.returncode != 0:
+        raise _failed(proc.stderr)
+    return path
 
+
+def _scratch() -> str:
+    """A directory of this process's, removed at exit."""
     directory = tempfile.mkdtemp(prefix="prune-compile-launcher-")
     atexit.register(shutil.rmtree, directory, True)
-    path = os.path.join(directory, "parallel_launch.o")
-    command = [compiler or cc.get_cc(), "-c", "-fPIC", *COMPILE_OPTIONS, SOURCE, "-o", path]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True)
-    except OSError as e:
-        raise BackendError(f"compiling our parallel launcher ({SOURCE}) failed: {e} ({ENV}=tvm keeps TVM's "
-                           "launcher)") from e
-    if proc.returncode != 0:
-        raise BackendError(f"compiling our parallel launcher ({SOURCE}) failed: {proc.stderr.strip()[-500:]} "
-                           f"({ENV}=tvm keeps TVM's launcher)")
-    return path
+    return directory
+
+
+def _failed(output: str):
+    from ...errors import BackendError
+
+    return BackendError(f"compiling our parallel launcher ({SOURCE}) failed: {output.strip()[-500:]} ({ENV}=tvm "
+                        "keeps TVM's launcher)")
 
 
 _registered: list = []  # the standalone launcher registered in this process (kept loaded for good)
@@ -103,18 +111,13 @@ def opted_out() -> bool:
 
 @functools.cache
 def standalone() -> str:
-    """The launcher compiled on its own into a shared library (once per process, removed at exit), by `fcompile`
-    with nothing else to link."""
-    from ...errors import BackendError
-
-    directory = tempfile.mkdtemp(prefix="prune-compile-launcher-")
-    atexit.register(shutil.rmtree, directory, True)
-    path = os.path.join(directory, "parallel_launch.so")
+    """The launcher on its own in a shared library (once per process, removed at exit): the object `compiled`
+    linked by `fcompile` with nothing else."""
+    path = os.path.join(_scratch(), "parallel_launch.so")
     try:
-        fcompile()(path, [])
-    except Exception as e:  # TVM's cc raises RuntimeError with the compiler's output
-        raise BackendError(f"compiling our parallel launcher ({SOURCE}) failed: {str(e).strip()[-500:]} "
-                           f"({ENV}=tvm keeps TVM's launcher)") from e
+        fcompile(launcher=compiled())(path, [])
+    except (RuntimeError, OSError) as e:  # TVM's cc raises RuntimeError with the linker's output
+        raise _failed(str(e)) from e
     return path
 
 
