@@ -13,6 +13,15 @@ from ...errors import BackendError
 from .tuning import RPCSettings
 
 WARMUP_S = 0.1  # the first runs after a tuning run in this process were 1.5-2x slow, for longer than one call
+# ... and after the other model of a pair: for about a dozen runs, 1.1-1.35x at the first, whatever the model's size.
+# A slice's fastest run read the same after 16 runs as after 0.1 s (resnet18, whose 0.1 s is 12 runs, mobilenet_v2
+# 40, the bundled model 740; session 65)
+WARMUP_RUNS = 16
+
+
+def warm_up_runs(each: float) -> int:
+    """Runs of `each` seconds that warm a model up: WARMUP_S of them, at most WARMUP_RUNS (at least 3)."""
+    return max(3, min(math.ceil(WARMUP_S / each), WARMUP_RUNS))
 
 
 def repeats(seconds: float, each: float) -> int:
@@ -42,7 +51,7 @@ class BoardModels:
         gc.collect()  # the connection closes when its last reference goes: one in a cycle would hold the board
 
     def times(self, path: str, inputs: list[np.ndarray], seconds: float, runs: int | None = None) -> list[float]:
-        """Milliseconds of each timed run of the library at `path` on `inputs`, after ~WARMUP_S of warm-up: `runs`
+        """Milliseconds of each timed run of the library at `path` on `inputs`, after its warm-up runs: `runs`
         runs, or as many as fill `seconds` (7 to 2000)."""
         import tvm
 
@@ -54,7 +63,7 @@ class BoardModels:
             # the stateful call: a function that returns a tuple cannot come back over RPC
             probe = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=3)("main")
             each = max(float(np.median(probe.results)), 1e-6)
-            vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeats(WARMUP_S, each))("main")
+            vm.time_evaluator("invoke_stateful", dev, number=1, repeat=warm_up_runs(each))("main")
             timed = vm.time_evaluator("invoke_stateful", dev, number=1,
                                       repeat=runs or repeats(seconds, each))("main")
         except Exception as e:

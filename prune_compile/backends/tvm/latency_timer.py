@@ -22,6 +22,7 @@ records its bisection steps left.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -32,7 +33,7 @@ import numpy as np
 
 from ...errors import BackendError, UsageError
 from ...recent_models import RecentModels
-from .board_timing import WARMUP_S, BoardModels, repeats
+from .board_timing import WARMUP_RUNS, WARMUP_S, BoardModels, repeats
 from .targets import DEFAULT_OPTIONS, TargetOptions
 from .tuning import MIN_TRIALS_PER_TASK, RPCSettings, TuningOptions
 
@@ -139,11 +140,7 @@ class TvmTimer:
         dev = tvm.cpu()
         vm = relax.VirtualMachine(executable, dev)
         args = [tvm.runtime.tensor(a, dev) for a in _inputs(proto, feeds)]
-        main, started, runs = vm["main"], time.perf_counter(), 0
-        while runs < 3 or (time.perf_counter() - started < WARMUP_S and runs < 1000):
-            main(*args)
-            runs += 1
-        each = max((time.perf_counter() - started) / runs, 1e-6)
+        each = _warm_up(functools.partial(vm["main"], *args))
         result = vm.time_evaluator("main", dev, number=1, repeat=repeats(seconds, each))(*args)
         self.models_timed += 1
         return float(min(result.results)) * 1e3
@@ -154,6 +151,15 @@ def require_board(target: str, rpc: RPCSettings | None) -> None:
     if target != "cpu" and rpc is None:
         raise UsageError(f"--latency-engine tvm-{target} measures on the board: pass --rpc-tracker HOST:PORT and "
                          "--rpc-key KEY of a TVM RPC tracker that has it")
+
+
+def _warm_up(run) -> float:
+    """Call `run` for WARMUP_S, at most WARMUP_RUNS times (at least 3, board_timing.warm_up_runs); seconds a call."""
+    started, runs = time.perf_counter(), 0
+    while runs < 3 or (time.perf_counter() - started < WARMUP_S and runs < WARMUP_RUNS):
+        run()
+        runs += 1
+    return max((time.perf_counter() - started) / runs, 1e-6)
 
 
 def _digest(proto) -> str:
