@@ -11,7 +11,7 @@ from prune_compile.backends.tvm import board_timing, latency_timer
 
 
 def _calls(monkeypatch, warm_up_s: float) -> int:
-    monkeypatch.setattr(latency_timer, "WARMUP_S", warm_up_s)
+    monkeypatch.setattr(board_timing, "WARMUP_S", warm_up_s)
     calls: list[int] = []
     assert latency_timer._warm_up(lambda: calls.append(1)) > 0
     return len(calls)

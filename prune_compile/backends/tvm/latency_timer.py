@@ -33,7 +33,7 @@ import numpy as np
 
 from ...errors import BackendError, UsageError
 from ...recent_models import RecentModels
-from .board_timing import WARMUP_RUNS, WARMUP_S, BoardModels, repeats
+from .board_timing import BoardModels, repeats, warm_up_runs
 from .targets import DEFAULT_OPTIONS, TargetOptions
 from .tuning import MIN_TRIALS_PER_TASK, RPCSettings, TuningOptions
 
@@ -154,9 +154,10 @@ def require_board(target: str, rpc: RPCSettings | None) -> None:
 
 
 def _warm_up(run) -> float:
-    """Call `run` for WARMUP_S, at most WARMUP_RUNS times (at least 3, board_timing.warm_up_runs); seconds a call."""
+    """Call `run` as many times as `warm_up_runs` says for the seconds a call has taken so far (a board's rule,
+    without its probe); seconds a call."""
     started, runs = time.perf_counter(), 0
-    while runs < 3 or (time.perf_counter() - started < WARMUP_S and runs < WARMUP_RUNS):
+    while runs == 0 or runs < warm_up_runs(max((time.perf_counter() - started) / runs, 1e-9)):
         run()
         runs += 1
     return max((time.perf_counter() - started) / runs, 1e-6)

@@ -71,7 +71,8 @@ def fcompile(compiler=None, launcher: str | None = None):
 def compiled(compiler: str | None = None) -> str:
     """`parallel_launch.c` compiled into an object file for `fcompile` (once per process and compiler, removed at
     exit): tuning on a board links it into every candidate, and compiling the source took ~70 ms of each
-    candidate's build (g++ and the aarch64 cross compiler alike)."""
+    candidate's build (g++ and the aarch64 cross compiler alike). Tuning's builder workers get its path from the
+    main process: a worker is killed, not exited, so its own would stay behind."""
     import subprocess
 
     from tvm.support import cc

@@ -311,7 +311,8 @@ def _export_local(mod) -> str:
 def _export_remote(mod, compiler: str | None = None, launcher: str | None = None) -> str:
     """MetaSchedule export function for candidates timed over RPC: a shared library linked here (a board has no
     compiler; `compiler`: the cross compiler, None for this machine's), with our launcher linked in (`launcher`: the
-    object `parallel_launcher.compiled` made with that compiler; None compiles its source with each candidate)."""
+    object `parallel_launcher.compiled` made with that compiler, passed from the main process; None compiles the
+    source with each candidate)."""
     from tvm.support import cc
 
     path = _candidate_path()
