@@ -15,10 +15,12 @@ from prune_compile.passes.latency import QUIET
 
 from .test_cli import DEFAULT_MODEL
 
-pytestmark = pytest.mark.serial  # the tools time models on this machine
+# The tools time models on this machine. Tests whose tool's numbers feed what it decides (how long a search goes, which
+# rounds are quiet, what a profile adds up to) are `serial`; the others check mechanics that hold beside other workers.
 TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
 
 
+@pytest.mark.serial  # its kernels add up to the model's time
 def test_bench_latency_profile_accounts_for_the_model_time() -> None:
     """Per-kernel profiles (TVM through the VM instrument hook, ORT from its node profile) name real kernels and
     add up to about the whole model's latency: the table the README's "what limits it" reads from."""
@@ -97,6 +99,7 @@ def test_bench_latency_names_an_engine_whose_outputs_disagree_with_onnx_runtime(
     assert sorted(wrong) == ["torch pruned", "tvm_tuned unpruned"] and "tvm_untuned" not in errors
 
 
+@pytest.mark.serial  # reads this machine's peak
 def test_fma_peak_runs_fused_multiply_adds_as_wide_as_this_cpu_has() -> None:
     """tools/fma_peak.py compiles its probe for this CPU: AVX-512 vectors where the CPU has them, fused multiply-adds
     where it has FMA (a probe built for a baseline x86 would read a third of the peak, and every fraction of it
@@ -118,6 +121,7 @@ def test_fma_peak_runs_fused_multiply_adds_as_wide_as_this_cpu_has() -> None:
     assert min(peak["per_thread_gflops"]) > 0
 
 
+@pytest.mark.serial  # reads this machine's peak
 def test_fma_peak_measures_half_width_vectors_on_avx512_cpus(tmp_path) -> None:
     """The probe built for 256-bit vectors runs them (`wide_vector_speedup` compares the two rates to decide whether
     8-channel conv blocks compute in pairs); its speedup is a rate ratio: 1 without AVX-512, else between the
@@ -131,6 +135,7 @@ def test_fma_peak_measures_half_width_vectors_on_avx512_cpus(tmp_path) -> None:
     assert speedup == 1.0 if wide != 64 else 0.6 < speedup < 2.6
 
 
+@pytest.mark.serial  # reads this machine's peak
 def test_fma_peak_reads_the_quiet_peak_beside_busy_processes() -> None:
     """A thread's rate is its fastest ~0.2 ms block: two busy loops sharing the cores halve the average rate and leave
     the peak as it was quiet (the average read low, and a model timed by its fastest runs seemed to outrun it)."""
@@ -209,6 +214,7 @@ def test_bench_latency_times_a_zoo_models_torch_module(tmp_path) -> None:
     assert measured["engine"] == "torch" and "error" not in measured and measured["median_ms"] > 0, measured
 
 
+@pytest.mark.serial  # a latency search
 def test_bench_latency_plan_without_uniform_plans_reports_the_search_alone() -> None:
     """`--uniform-candidates 0`: what a search costs and what its plan measures, no uniform bisection (on TVM seven
     tuned builds): the JSON has the original and the latency plan, and no comparison. `--table` picks the table."""
@@ -224,6 +230,7 @@ def test_bench_latency_plan_without_uniform_plans_reports_the_search_alone() -> 
     assert 0 < result["rows"]["latency_plan"]["macs_kept"] < 1
 
 
+@pytest.mark.serial  # latency searches
 def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured_latency() -> None:
     """The uniform plan of "equal latency" is picked from interleaved re-measurements, not from a single bisection
     timing; fractions are medians of per-round ratios; the interpolated MACs lie on the re-measured curve."""
@@ -286,6 +293,7 @@ def test_bench_latency_plan_compares_with_the_uniform_plan_nearest_in_remeasured
     assert result["search"]["engine"] == "onnxruntime" and result["search"]["layers"] > 0
 
 
+@pytest.mark.serial  # latency searches; trains on torch's threads
 @pytest.mark.big
 def test_bench_accuracy_latency_compares_plans_of_equal_measured_latency(model_cache_dir) -> None:
     """Latency plans are searched for the aligned uniform plan's measured latency, everything is re-measured
@@ -360,6 +368,7 @@ def test_gpu_check_builds_then_runs_libraries_against_onnx_runtime(tmp_path) -> 
     assert [r["ok"] for r in json.loads(ran.stdout)["libraries"]] == [True, False]
 
 
+@pytest.mark.serial  # measured savings against tables
 def test_bench_latency_table_compares_both_tables_with_whole_model_measurements() -> None:
     """tools/bench_latency_table.py: each plan measured against the original, each table's predicted saving, and a
     correlation per table (what the README's table-fidelity numbers come from)."""

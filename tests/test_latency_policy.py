@@ -30,7 +30,8 @@ from .oracle import oracle_error
 from .test_cli import DEFAULT_MODEL
 
 # the search's record (timings.json) rounds milliseconds to 4 decimals
-pytestmark = pytest.mark.serial  # latency plans are searched by timing models on this machine
+# The stand-in timers below answer from the models' shapes, so those searches are deterministic and run beside other
+# test workers; only the tests that time or tune on this machine are `serial`.
 ROUNDED = 1e-5
 
 
@@ -781,6 +782,7 @@ def test_latency_option_errors(options, needle) -> None:
         PlanningOptions(**options).validate()
 
 
+@pytest.mark.serial  # searched by timing the model on this machine
 def test_cli_latency_policy_end_to_end(tmp_path, capsys) -> None:
     from prune_compile.cli import main
 
@@ -811,6 +813,7 @@ def test_cli_latency_factor_parsing(tmp_path, capsys) -> None:
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.serial  # tunes and times on this machine
 @pytest.mark.big
 def test_cli_tvm_latency_engine_without_a_compile_target(tmp_path, capsys) -> None:
     """--latency-engine tvm needs no --target: it reads --num-cores and --tune-db itself (it crashed on the target
@@ -851,6 +854,7 @@ def _one_group_net():
     return graph, analyze(graph), {graph.inputs[0].name: x.numpy()}
 
 
+@pytest.mark.serial  # tunes and times on this machine
 @pytest.mark.big
 def test_tvm_latency_engine_measures_tuned_kernels_and_reuses_records(tmp_path, monkeypatch) -> None:
     """The latency policy on TVM's tuned cpu code (mechanics; plans on real models: bench_latency_plan --engine
