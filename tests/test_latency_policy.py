@@ -30,9 +30,10 @@ from prune_compile.recent_models import RecentModels
 from .oracle import oracle_error
 from .test_cli import DEFAULT_MODEL
 
-# the search's record (timings.json) rounds milliseconds to 4 decimals
 # The stand-in timers below answer from the models' shapes, so those searches are deterministic and run beside other
 # test workers; only the tests that time or tune on this machine are `serial`.
+
+# the search's record (timings.json) rounds milliseconds to 4 decimals
 ROUNDED = 1e-5
 
 
